@@ -1,0 +1,39 @@
+"""Configuration errors: each one names file:line:col, what was wrong and what was expected."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """One configuration error at a position in a conf file.
+
+    str(err) is the one-line form the CLI prints: ``file:line:col: message``.
+    """
+
+    def __init__(self, file: str, line: int, col: int, message: str):
+        super().__init__(file, line, col, message)
+        self.file = file
+        self.line = line
+        self.col = col
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConfigError):
+            return NotImplemented
+        return self.args == other.args
+
+    def __hash__(self) -> int:
+        return hash(self.args)
+
+
+class ConfigErrors(Exception):
+    """Every error found in a configuration, in file order."""
+
+    def __init__(self, errors: list[ConfigError]):
+        super().__init__(errors)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
