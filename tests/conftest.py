@@ -24,3 +24,10 @@ def impl(request) -> _impl.Impl:
     """A hot-path implementation: the pure-Python twin ("py") and the Cython one ("c")."""
     return request.param
 
+
+
+@pytest.fixture
+def conf_impl(impl, monkeypatch) -> _impl.Impl:
+    """Parse conf files with `impl`'s tokeniser (the parser calls _impl.tokenize)."""
+    monkeypatch.setattr(_impl, "tokenize", impl.tokenize)
+    return impl

@@ -1,0 +1,255 @@
+"""Turn conf files into a tree of stanzas and options, following `include` (no meaning attached yet)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from fastrelay import _impl
+from fastrelay.config import tokens as T
+from fastrelay.config.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Pos:
+    """Where something was written: file, 1-based line and 1-based byte column."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(self.file, self.line, self.col, message)
+
+
+@dataclass(frozen=True, slots=True)
+class Atom:
+    """One written value: a bare word, a number or a quoted string."""
+
+    text: str
+    quoted: bool
+    pos: Pos
+
+
+@dataclass(slots=True)
+class ListValue:
+    """A parenthesised list of values: ( "a" "b" c )."""
+
+    items: list[Atom]
+    pos: Pos
+
+
+Value = Atom | ListValue
+
+
+@dataclass(slots=True)
+class Option:
+    """`name = value`."""
+
+    name: str
+    value: Value
+    pos: Pos
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(slots=True)
+class Stanza:
+    """`Type [name] { ... }`."""
+
+    type: str
+    name: Atom | None
+    pos: Pos
+    children: list[Option | Stanza] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.type.lower()
+
+
+Node = Option | Stanza
+
+# Words that open stanzas (the parser knows them only to word its errors well).
+STANZA_WORDS = frozenset(
+    {"domain", "binding", "binding_group", "host", "esmtp_listener", "http_listener", "listen", "scriptlet", "script"}
+)
+
+# Includes deeper than this are surely a mistake (and would exhaust the stack).
+MAX_INCLUDE_DEPTH = 32
+
+
+def _tok_pos(tok: tuple) -> Pos:
+    return Pos(tok[2], tok[3], tok[4])
+
+
+def _describe(tok: tuple | None) -> str:
+    if tok is None:
+        return "end of the file"
+    kind, text = tok[0], tok[1]
+    if kind == T.STRING:
+        return f'string "{text}"'
+    if kind in (T.WORD, T.NUMBER):
+        return f"'{text}'"
+    return T.NAMES[kind]
+
+
+class _Parser:
+    """Recursive descent over one file's tokens; `include` re-enters parse_file."""
+
+    def __init__(self, tokens: list, filename: str, stack: tuple[str, ...], eof: Pos):
+        self.toks = tokens
+        self.i = 0
+        self.filename = filename
+        self.stack = stack
+        self.eof = eof
+
+    def peek(self, k: int = 0) -> tuple | None:
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else None
+
+    def parse_items(self, opener: tuple | None, opener_stanza: str | None) -> list[Node]:
+        items: list[Node] = []
+        while True:
+            tok = self.peek()
+            if tok is None:
+                if opener is not None:
+                    raise _tok_pos(opener).error(
+                        f"unclosed '{{' of the {opener_stanza} stanza opened here; "
+                        "expected '}' before the end of the file"
+                    )
+                return items
+            kind = tok[0]
+            if kind == T.RBRACE:
+                if opener is None:
+                    raise _tok_pos(tok).error("unexpected '}' with no stanza open; expected an option or a stanza")
+                self.i += 1
+                return items
+            if kind not in (T.WORD, T.STRING):
+                raise _tok_pos(tok).error(f"unexpected {_describe(tok)}; expected an option name or a stanza")
+            if kind == T.WORD and tok[1].lower() == "include":
+                self.i += 1
+                items.extend(self.parse_include(tok))
+                continue
+            items.append(self.parse_item(tok))
+
+    def parse_item(self, name_tok: tuple) -> Node:
+        self.i += 1
+        nxt = self.peek()
+        if name_tok[0] == T.STRING:
+            raise _tok_pos(name_tok).error(
+                f"unexpected string \"{name_tok[1]}\"; expected an option name or a stanza type (a bare word)"
+            )
+        if nxt is not None and nxt[0] == T.EQUALS:
+            self.i += 1
+            return Option(name_tok[1], self.parse_value(), _tok_pos(name_tok))
+        if nxt is not None and nxt[0] == T.LBRACE:
+            self.i += 1
+            stanza = Stanza(name_tok[1], None, _tok_pos(name_tok))
+            stanza.children = self.parse_items(nxt, name_tok[1])
+            return stanza
+        after = self.peek(1)
+        if (
+            nxt is not None
+            and nxt[0] in (T.WORD, T.STRING, T.NUMBER)
+            and after is not None
+            and after[0] == T.LBRACE
+        ):
+            self.i += 2
+            name = Atom(nxt[1], nxt[0] == T.STRING, _tok_pos(nxt))
+            stanza = Stanza(name_tok[1], name, _tok_pos(name_tok))
+            stanza.children = self.parse_items(after, name_tok[1])
+            return stanza
+        if nxt is not None and nxt[0] in (T.WORD, T.STRING, T.NUMBER) and name_tok[1].lower() in STANZA_WORDS:
+            # `Domain a b {`: a stanza type and a name, then something other than '{'.
+            where = _tok_pos(after) if after is not None else self.eof
+            raise where.error(f"unexpected {_describe(after)} after '{name_tok[1]} {nxt[1]}'; expected '{{'")
+        where = _tok_pos(nxt) if nxt is not None else self.eof
+        raise where.error(
+            f"unexpected {_describe(nxt)} after '{name_tok[1]}'; expected '=' and a value, "
+            "or a stanza name and '{'"
+        )
+
+    def parse_value(self) -> Value:
+        tok = self.peek()
+        if tok is None:
+            raise self.eof.error("unexpected end of the file; expected a value after '='")
+        kind = tok[0]
+        if kind in (T.WORD, T.STRING, T.NUMBER):
+            self.i += 1
+            return Atom(tok[1], kind == T.STRING, _tok_pos(tok))
+        if kind == T.LPAREN:
+            self.i += 1
+            items: list[Atom] = []
+            while True:
+                t = self.peek()
+                if t is None:
+                    raise _tok_pos(tok).error("unclosed '(' opened here; expected ')' before the end of the file")
+                if t[0] == T.RPAREN:
+                    self.i += 1
+                    return ListValue(items, _tok_pos(tok))
+                if t[0] not in (T.WORD, T.STRING, T.NUMBER):
+                    raise _tok_pos(t).error(
+                        f"unexpected {_describe(t)} in a list; expected values separated by spaces, then ')'"
+                    )
+                items.append(Atom(t[1], t[0] == T.STRING, _tok_pos(t)))
+                self.i += 1
+        raise _tok_pos(tok).error(f"unexpected {_describe(tok)}; expected a value (a word, a number, a string or a list)")
+
+    def parse_include(self, inc_tok: tuple) -> list[Node]:
+        tok = self.peek()
+        if tok is None or tok[0] not in (T.STRING, T.WORD):
+            where = _tok_pos(tok) if tok is not None else self.eof
+            raise where.error(f"unexpected {_describe(tok)} after include; expected a file or directory path")
+        self.i += 1
+        path = tok[1]
+        if not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(self.filename), path)
+        pos = _tok_pos(tok)
+        if not os.path.exists(path):
+            raise pos.error(f"cannot include '{tok[1]}': no such file or directory; expected an existing path")
+        if os.path.isdir(path):
+            try:
+                names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+            except OSError as e:
+                raise pos.error(f"cannot include '{tok[1]}': {e.strerror}; expected a readable directory") from None
+            nodes: list[Node] = []
+            for n in names:
+                full = os.path.join(path, n)
+                if os.path.isfile(full):
+                    nodes.extend(parse_file(full, self.stack, pos))
+            return nodes
+        return parse_file(path, self.stack, pos)
+
+
+def parse_text(data: bytes, filename: str = "<string>", stack: tuple[str, ...] = ()) -> list[Node]:
+    """Parse the bytes of one conf file; `include`s are read relative to `filename`."""
+    tokens = _impl.tokenize(data, filename)
+    lines = data.count(b"\n")
+    last_nl = data.rfind(b"\n")
+    eof = Pos(filename, lines + 1, len(data) - last_nl)
+    return _Parser(tokens, filename, stack, eof).parse_items(None, None)
+
+
+def parse_file(path: str, stack: tuple[str, ...] = (), included_at: Pos | None = None) -> list[Node]:
+    """Parse a conf file and everything it includes; ConfigError on the first syntax error."""
+    real = os.path.realpath(path)
+    if real in stack:
+        chain = " -> ".join([*stack[stack.index(real):], real])
+        where = included_at or Pos(path, 1, 1)
+        raise where.error(f"include loop: {chain}; expected each file to be included once per chain")
+    if len(stack) >= MAX_INCLUDE_DEPTH:
+        where = included_at or Pos(path, 1, 1)
+        raise where.error(f"includes nested more than {MAX_INCLUDE_DEPTH} deep; expected a shallower include tree")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        if included_at is not None:
+            raise included_at.error(f"cannot read '{path}': {e.strerror}; expected a readable file") from None
+        raise ConfigError(path, 1, 1, f"cannot read the file: {e.strerror}; expected a readable conf file") from None
+    return parse_text(data, path, (*stack, real))

@@ -1,0 +1,220 @@
+"""Every known option and stanza: name, type, the scopes where it is valid, default and meaning."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from fastrelay import limits
+from fastrelay.config import types as t
+
+# Scopes. The outbound fallback order is Momentum's: binding::domain, binding, binding_group,
+# domain, global.
+GLOBAL = "global"
+DOMAIN = "domain"
+BINDING = "binding"
+BINDING_GROUP = "binding_group"
+BINDING_DOMAIN = "binding_domain"
+HOST = "host"
+ESMTP_LISTENER = "esmtp_listener"
+ESMTP_LISTEN = "esmtp_listen"
+HTTP_LISTENER = "http_listener"
+HTTP_LISTEN = "http_listen"
+SCRIPTLET = "scriptlet"
+SCRIPT = "script"
+
+SCOPE_NAMES = {
+    GLOBAL: "the global scope",
+    DOMAIN: "a Domain stanza",
+    BINDING: "a Binding stanza",
+    BINDING_GROUP: "a Binding_Group stanza",
+    BINDING_DOMAIN: "a Domain stanza inside a Binding",
+    HOST: "a Host stanza",
+    ESMTP_LISTENER: "an ESMTP_Listener stanza",
+    ESMTP_LISTEN: "a Listen stanza of an ESMTP_Listener",
+    HTTP_LISTENER: "an HTTP_Listener stanza",
+    HTTP_LISTEN: "a Listen stanza of an HTTP_Listener",
+    SCRIPTLET: "a scriptlet stanza",
+    SCRIPT: "a script stanza",
+}
+
+OUTBOUND = frozenset({GLOBAL, BINDING_GROUP, BINDING, DOMAIN, BINDING_DOMAIN})
+ROUTING = frozenset({GLOBAL, DOMAIN, BINDING_DOMAIN})
+LISTENER = frozenset({GLOBAL, ESMTP_LISTENER, ESMTP_LISTEN})
+
+
+@dataclass(frozen=True)
+class OptionDef:
+    name: str  # canonical spelling; lookups are case-insensitive
+    type: t.OptType
+    scopes: frozenset[str]
+    default: Any
+    doc: str
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    def format(self, value: Any) -> str:
+        if value is None:
+            return "(unset)"
+        return self.type.format(value)
+
+
+def _nets(*texts: str) -> tuple:
+    return tuple(ipaddress.ip_network(x) for x in texts)
+
+
+OPTIONS: list[OptionDef] = [
+    # --- Routing (seeds 002 and 004) -----------------------------------------------------------
+    OptionDef("Gateway", t.Host(), OUTBOUND, None,
+              "Send all mail of this scope to this host (a smart host). It is resolved as MX, "
+              "then as A/AAAA when there is no MX. An optional :port overrides Remote_SMTP_Port."),
+    OptionDef("Routes", t.Routes(), ROUTING, None,
+              "Where mail of this scope goes, in preference order: hostnames, IPs, \"__mx__\" (the "
+              "domain's MX records), \"smtp://ip?pref=P&ttl=T&port=O&type=mx|a\", \"lmtp://host?port=N\" "
+              "and \"xfer://host?port=N\". Unset means \"__mx__\"."),
+    OptionDef("Delivery_Method", t.Enum("ESMTP", "SMTP", "LMTP", "delay_xfer"), OUTBOUND, "ESMTP",
+              "ESMTP (EHLO, falling back to HELO), SMTP (HELO only), LMTP (RFC 2033) or delay_xfer "
+              "(XFER over HTTP to the relay named by Routes)."),
+    OptionDef("Remote_SMTP_Port", t.Int(1, 65535), OUTBOUND, 25,
+              "The port outbound SMTP and LMTP connect to unless a route names one."),
+    OptionDef("Delivery_Response_Timeout", t.Time("ms", lo=0.001), OUTBOUND, 600.0,
+              "How long to wait for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes), "
+              "and for an XFER response. A plain number is in milliseconds."),
+    OptionDef("max_outbound_connections", t.Int(0, 1_000_000), OUTBOUND | {HOST}, 20,
+              "Connections open at once to the hosts of a destination (keyed by its set of MX "
+              "hosts, so domains that share MXs share the limit); in a Host stanza, to that host. "
+              "0 means no limit."),
+    OptionDef("Prohibited_Hosts", t.CIDRList(), frozenset({GLOBAL}),
+              _nets("127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128"),
+              "Networks never connected to for delivery (RELIABILITY.md case 46: a route to "
+              "ourselves or to loopback). The default covers loopback and the unspecified address."),
+    OptionDef("DNS_Servers", t.HostList(), frozenset({GLOBAL}), (),
+              "The DNS servers asked for MX, A and AAAA records, as \"ip:port\". Empty means the "
+              "system's resolv.conf."),
+    # --- Retries, expiry, reroutes ------------------------------------------------------------
+    OptionDef("retry_interval", t.Time(lo=1), OUTBOUND, 1200.0,
+              "The first retry delay after a transient failure; it doubles with each attempt."),
+    OptionDef("max_retry_interval", t.Time(lo=1), OUTBOUND, 14400.0,
+              "The longest delay between two attempts."),
+    OptionDef("host_failure_retry", t.Time(), OUTBOUND | {HOST}, 120.0,
+              "How long a host that failed (refused, timed out, 4xx/5xx greeting) is avoided."),
+    OptionDef("message_expiration", t.Time(lo=1), OUTBOUND, 5 * 86400.0,
+              "How long a message may stay queued before it is bounced (RFC 5321 §4.5.4.1: 4-5 days)."),
+    OptionDef("max_retries", t.Int(0, 1_000_000), OUTBOUND, 0,
+              "Attempts after which a message is bounced; 0 means no limit (message_expiration "
+              "decides)."),
+    OptionDef("reroute_domain", t.DomainRef(), OUTBOUND, None,
+              "Send mail of this domain using the settings of the named domain (e.g. a synthetic "
+              "XFER domain); \"disabled\" turns it off in this scope."),
+    OptionDef("delayed_reroute_domain", t.DomainRef(), OUTBOUND, None,
+              "After a message's first transient failure, move it to the named domain; "
+              "\"disabled\" turns it off in this scope."),
+    # --- XFER client (seeds 000 and 001) -----------------------------------------------------
+    OptionDef("teleport_enabled", t.Bool(), OUTBOUND, False,
+              "Keep the message's context (schedule, attempts, first-queued time, metadata) across "
+              "an XFER transfer instead of starting afresh on the receiver."),
+    OptionDef("HTTP_URI", t.URIPath(), OUTBOUND, "/delay_message",
+              "The path XFER transfers are sent to."),
+    OptionDef("HTTP_METHOD", t.Enum("POST", "PUT"), OUTBOUND, "POST",
+              "The HTTP method of XFER transfers."),
+    OptionDef("HTTP_HOST", t.String(nonempty=True, expected="a host name for the HTTP Host header"),
+              OUTBOUND, None,
+              "The Host header of XFER transfers; unset means the route's host and port."),
+    # --- Receiving ---------------------------------------------------------------------------
+    OptionDef("relay_hosts", t.CIDRList(), LISTENER, _nets("127.0.0.0/8", "::1/128"),
+              "Clients that may relay (CIDRs). The innermost scope wins: Listen, then ESMTP_Listener, "
+              "then global. Anyone else gets 554 5.7.1 at RCPT. The default is loopback only."),
+    # --- Spool -------------------------------------------------------------------------------
+    OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}),
+              "/var/spool/fastrelay",
+              "The spool directory. A relative path is relative to the directory of the conf file "
+              "that sets it."),
+    OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
+              "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
+              "acknowledged with 250 (a process crash still cannot)."),
+    # --- scriptlet ---------------------------------------------------------------------------
+    OptionDef("source", t.Enum("msys.xfer.server", "msys.xfer.client"), frozenset({SCRIPT}), None,
+              "The module a script loads: msys.xfer.server (accept XFER transfers on the "
+              "HTTP_Listener) or msys.xfer.client (send with Delivery_Method = delay_xfer)."),
+]
+
+BY_KEY: dict[str, OptionDef] = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class StanzaDef:
+    name: str  # canonical spelling
+    scope: str  # the scope its contents are in
+    parents: frozenset[str]  # scopes it may appear in
+    needs_name: bool
+    name_type: t.OptType | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+class _DomainName(t.OptType):
+    expected = "a domain name"
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        text = atom.text.strip().lower().rstrip(".")
+        if not t.is_hostname(text):
+            raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+        return text
+
+
+class _Name(t.OptType):
+    expected = "a name"
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        if not atom.text or any(c.isspace() for c in atom.text):
+            raise t.Invalid(f"got '{atom.text}'; expected {self.expected} without spaces", atom)
+        return atom.text
+
+
+class _HostName(t.OptType):
+    expected = "an IP address ([...] for IPv6) or a hostname"
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        try:
+            return t.parse_host(atom.text.strip())
+        except ValueError as e:
+            raise t.Invalid(f"{e}; expected {self.expected}", atom) from None
+
+
+STANZAS: list[StanzaDef] = [
+    StanzaDef("Domain", DOMAIN, frozenset({GLOBAL}), True, _DomainName()),
+    StanzaDef("Binding_Group", BINDING_GROUP, frozenset({GLOBAL}), True, _Name()),
+    StanzaDef("Binding", BINDING, frozenset({GLOBAL, BINDING_GROUP}), True, _Name()),
+    StanzaDef("Host", HOST, frozenset({GLOBAL}), True, _HostName()),
+    StanzaDef("ESMTP_Listener", ESMTP_LISTENER, frozenset({GLOBAL}), False),
+    StanzaDef("HTTP_Listener", HTTP_LISTENER, frozenset({GLOBAL}), False),
+    StanzaDef("scriptlet", SCRIPTLET, frozenset({GLOBAL}), True, _Name()),
+    StanzaDef("script", SCRIPT, frozenset({SCRIPTLET}), True, _Name()),
+    # `Listen` is the same word in both listeners; its scope depends on the parent.
+    StanzaDef("Listen", ESMTP_LISTEN, frozenset({ESMTP_LISTENER, HTTP_LISTENER}), True, t.ListenAddress()),
+]
+STANZA_BY_KEY: dict[str, StanzaDef] = {s.key: s for s in STANZAS}
+
+# A Domain inside a Binding is the binding::domain scope.
+NESTED_SCOPE = {(BINDING, DOMAIN): BINDING_DOMAIN, (HTTP_LISTENER, ESMTP_LISTEN): HTTP_LISTEN}
+
+
+def add_option(opt: OptionDef) -> None:
+    """Register an option (later parts of the relay add theirs the same way)."""
+    OPTIONS.append(opt)
+    BY_KEY[opt.key] = opt
+
+
+def valid_in(opt: OptionDef) -> str:
+    order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, ESMTP_LISTENER, ESMTP_LISTEN,
+             HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT]
+    names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+__all__ = ["BY_KEY", "OPTIONS", "STANZAS", "OptionDef", "StanzaDef", "limits"]

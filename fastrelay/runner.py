@@ -1,0 +1,65 @@
+"""Run a Relay in the foreground: event loop choice, logging, signals, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from fastrelay import __version__, _impl
+from fastrelay.config import Config
+
+log = logging.getLogger("fastrelay")
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s fastrelay %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> int:
+    """Start the relay, wait for `stop`, then shut it down cleanly."""
+    from fastrelay.relay import Relay, StartupError
+
+    relay = Relay(cfg)
+    try:
+        await relay.start()
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        await relay.stop()
+        return 1
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    log.info(
+        "fastrelay %s ready (%s hot paths, %s loop): %s",
+        __version__, _impl.IMPL, loop_name, ", ".join(relay.describe_listeners()) or "no listeners",
+    )
+    await stop.wait()
+    log.info("stopping")
+    await relay.stop()
+    log.info("stopped")
+    return 0
+
+
+def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
+    setup_logging(log_level)
+    if use_uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return loop.run_until_complete(serve(cfg, stop))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
