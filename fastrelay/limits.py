@@ -14,3 +14,33 @@ MAX_MESSAGE_SIZE = 10_240_000
 # bounded (RELIABILITY.md case 44: hostile replies with bounded memory).
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
+
+# --- Receiving (RELIABILITY.md part B). Each is overridable in the conf (docs/config.md). ---------
+# Postfix's smtpd_recipient_limit; RFC 5321 §4.5.3.1.8 asks for at least 100.
+MAX_RECIPIENTS = 1000
+MAX_MESSAGES_PER_CONNECTION = 1000
+# Connections per listener, and per client address (Postfix smtpd_client_connection_count_limit).
+MAX_CONNECTIONS = 1000
+MAX_CONNECTIONS_PER_IP = 50
+# RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
+IDLE_TIMEOUT = 300.0
+# Postfix's stress-mode smtpd_timeout.
+OVERLOAD_IDLE_TIMEOUT = 10.0
+# The share of Concurrency above which the overload timeout applies.
+OVERLOAD_FRACTION = 0.8
+COMMAND_DEADLINE = 300.0
+# Postfix smtpd_min_data_rate (bytes/s).
+MIN_DATA_RATE = 500
+# Postfix smtpd_junk_command_limit, smtpd_soft_error_limit, smtpd_hard_error_limit, smtpd_error_sleep_time.
+JUNK_COMMAND_LIMIT = 100
+SOFT_ERROR_LIMIT = 10
+HARD_ERROR_LIMIT = 20
+ERROR_SLEEP_TIME = 1.0
+# Postfix hopcount_limit (RELIABILITY.md case 16).
+HOP_COUNT_LIMIT = 50
+# KumoMTA refuses intake below 10% free; we use an absolute floor (spool_min_free).
+SPOOL_MIN_FREE = 64 * 1024 * 1024
+# How long a handshake may take after STARTTLS.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+# How often the listener checks its connections' timers.
+REAPER_INTERVAL = 1.0

@@ -1,11 +1,16 @@
-"""Compose the relay: listeners, spool, scheduler and delivery, started and stopped together."""
+"""Compose the relay: spool, mainlog, queue and listeners, started and stopped together."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from fastrelay.config import Config
+from fastrelay.mainlog import MainLog
+from fastrelay.message import Envelope
+from fastrelay.smtp.server import ListenSettings, SMTPServer
+from fastrelay.spool import Spool, SpoolError
 
 log = logging.getLogger("fastrelay.relay")
 
@@ -14,40 +19,87 @@ class StartupError(Exception):
     """The relay cannot start (a listener cannot bind, the spool cannot open)."""
 
 
-class _NotYet(asyncio.Protocol):
-    # Placeholder until the ESMTP server lands: refuse politely (RFC 5321 §3.1: 554 at connect).
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(b"554 5.3.2 fastrelay is not accepting mail yet\r\n")  # type: ignore[attr-defined]
-        transport.close()
-
-
 class Relay:
+    """Everything one `fastrelay run` process holds. Receiving goes through `submit`."""
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.servers: list[tuple[str, asyncio.Server]] = []
+        self.spool: Spool | None = None
+        self.mainlog: MainLog | None = None
+        self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
+        self.smtp_servers: list[SMTPServer] = []
+        self.recovered = 0
 
+    # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for listen in self.cfg.esmtp_listens:
-            host = listen.address.host or None
+        cfg = self.cfg
+        self.spool = Spool(cfg.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
+        try:
+            await self.spool.open()
+            entries = self.spool.recover()
+        except (SpoolError, OSError) as e:
+            raise StartupError(f"spool {cfg.spool_dir}: {e}") from None
+        self.recovered = len(entries)
+        if entries:
+            log.info("recovered %d queued messages from %s", len(entries), cfg.spool_dir)
+        self.mainlog = MainLog(self._mainlog_path())
+        try:
+            self.mainlog.open()
+        except OSError as e:
+            raise StartupError(f"mainlog {self.mainlog.path}: {e.strerror or e}") from None
+        await self._start_delivery(entries)
+        for listen in cfg.esmtp_listens:
             try:
-                srv = await loop.create_server(_NotYet, host, listen.address.port, reuse_address=True)
+                settings = ListenSettings(listen)
+            except (OSError, ValueError) as e:
+                raise StartupError(f"ESMTP listener {listen.address}: {e}") from None
+            srv = SMTPServer(settings, self)
+            try:
+                await srv.start(listen.address.host or None, listen.address.port)
             except OSError as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e.strerror or e}") from None
-            self.servers.append(("smtp", srv))
+            self.smtp_servers.append(srv)
+
+    async def _start_delivery(self, entries: list) -> None:
+        """Start the scheduler and delivery (issue 4); until then accepted mail stays queued."""
+
+    def _mainlog_path(self) -> str:
+        s = self.cfg.lookup("Mainlog")
+        if s.value is None:
+            return os.path.join(os.path.dirname(self.cfg.spool_dir), "mainlog")
+        if os.path.isabs(s.value) or s.pos is None:
+            return s.value
+        return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
 
     def describe_listeners(self) -> list[str]:
         out = []
-        for kind, srv in self.servers:
+        for srv in self.smtp_servers:
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-                out.append(f"{kind} on {host}:{addr[1]}")
+                out.append(f"smtp on {host}:{addr[1]}")
         return out
 
     async def stop(self) -> None:
-        for _, srv in self.servers:
-            srv.close()
-        for _, srv in self.servers:
-            await srv.wait_closed()
-        self.servers.clear()
+        for srv in self.smtp_servers:
+            await srv.stop()
+        self.smtp_servers.clear()
+        if self.queue is not None:
+            await self.queue.stop()
+        if self.spool is not None:
+            await self.spool.close()
+        if self.mainlog is not None:
+            self.mainlog.close()
+
+    # --- intake (what the SMTP server hands complete messages to) --------------------------------
+    def space_ok(self) -> bool:
+        return self.spool.space_ok()
+
+    async def submit(self, items: list[tuple[Envelope, bytes]]) -> list:
+        """Make a message durable (P1), log its reception, and hand it to the scheduler."""
+        entries = await self.spool.add(items)
+        for env, body in items:
+            self.mainlog.received(env, len(body))
+        if self.queue is not None:
+            self.queue.enqueue(entries)
+        return entries

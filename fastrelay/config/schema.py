@@ -127,11 +127,68 @@ OPTIONS: list[OptionDef] = [
     OptionDef("relay_hosts", t.CIDRList(), LISTENER, _nets("127.0.0.0/8", "::1/128"),
               "Clients that may relay (CIDRs). The innermost scope wins: Listen, then ESMTP_Listener, "
               "then global. Anyone else gets 554 5.7.1 at RCPT. The default is loopback only."),
+    OptionDef("relay_domains", t.DomainList(), LISTENER, (),
+              "Domains any client may send to (we are their MX or relay); mail to other domains "
+              "needs a client in relay_hosts. Open-relay tricks (u%victim@, victim!u@, \"u@victim\"@, "
+              "address literals) are refused for clients outside relay_hosts (RELIABILITY.md case 21)."),
+    OptionDef("Hostname", t.String(nonempty=True, pattern=r"[A-Za-z0-9.\-_\[\]:]+", expected="a host name"),
+              LISTENER, None,
+              "The name in the greeting, the EHLO reply and Received: headers; unset means this "
+              "machine's host name."),
+    OptionDef("max_message_size", t.Size(lo=1024), LISTENER, limits.MAX_MESSAGE_SIZE,
+              "The largest message accepted, announced as SIZE (RFC 1870). Larger ones get 552 5.3.4."),
+    OptionDef("max_recipients_per_message", t.Int(1, 100_000), LISTENER, limits.MAX_RECIPIENTS,
+              "Recipients per transaction; the next RCPT gets 452 4.5.3 (RFC 5321 §4.5.3.1.10)."),
+    OptionDef("max_messages_per_connection", t.Int(1, 10_000_000), LISTENER, limits.MAX_MESSAGES_PER_CONNECTION,
+              "Transactions per connection; the next MAIL gets 452 4.5.3."),
+    OptionDef("Concurrency", t.Int(1, 1_000_000), LISTENER, limits.MAX_CONNECTIONS,
+              "Connections a listener serves at once; the next one gets 421 4.7.0 and is closed."),
+    OptionDef("max_connections_per_ip", t.Int(1, 1_000_000), LISTENER, limits.MAX_CONNECTIONS_PER_IP,
+              "Connections from one client address at once; the next one gets 421 4.7.0."),
+    OptionDef("idle_timeout", t.Time(lo=1), LISTENER, limits.IDLE_TIMEOUT,
+              "How long to wait for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes), "
+              "then 421 4.4.2."),
+    OptionDef("overload_idle_timeout", t.Time(lo=1), LISTENER, limits.OVERLOAD_IDLE_TIMEOUT,
+              "The idle timeout while a listener is above 80% of its Concurrency (Postfix's stress mode)."),
+    OptionDef("command_deadline", t.Time(lo=1), LISTENER, limits.COMMAND_DEADLINE,
+              "Time to receive a whole command line once it has begun (Postfix "
+              "smtpd_per_request_deadline), so a trickled line cannot hold a slot; then 421 4.4.2."),
+    OptionDef("min_data_rate", t.Int(0, 2**31 - 1), LISTENER, limits.MIN_DATA_RATE,
+              "Bytes per second a client must keep up in DATA/BDAT: the message must arrive within "
+              "command_deadline + size / min_data_rate (Postfix smtpd_min_data_rate); 0 turns it off."),
+    OptionDef("junk_command_limit", t.Int(1, 1_000_000), LISTENER, limits.JUNK_COMMAND_LIMIT,
+              "NOOP, RSET, VRFY, HELP and unknown commands allowed per connection before 421 "
+              "(Postfix smtpd_junk_command_limit)."),
+    OptionDef("soft_error_limit", t.Int(0, 1_000_000), LISTENER, limits.SOFT_ERROR_LIMIT,
+              "Errors after which each reply is delayed by error_sleep_time (a tarpit)."),
+    OptionDef("hard_error_limit", t.Int(1, 1_000_000), LISTENER, limits.HARD_ERROR_LIMIT,
+              "Errors after which the connection gets 421 4.7.0 and is closed."),
+    OptionDef("error_sleep_time", t.Time(), LISTENER, limits.ERROR_SLEEP_TIME,
+              "The tarpit delay per reply once soft_error_limit is passed."),
+    OptionDef("greeting_delay", t.Time(), LISTENER, 0.0,
+              "Wait this long before the greeting; a client that talks first gets 554 and is closed "
+              "(early-talker detection, RELIABILITY.md case 5). 0 (the default) greets at once."),
+    OptionDef("hop_count_limit", t.Int(1, 1000), LISTENER, limits.HOP_COUNT_LIMIT,
+              "More Received: headers than this is a mail loop: 554 5.4.0 (RELIABILITY.md case 16)."),
+    OptionDef("bare_lf_normalize_hosts", t.CIDRList(), LISTENER, (),
+              "Clients whose bare CR or LF line endings are turned into CRLF instead of refused with "
+              "550 5.5.2 (Postfix's normalize mode with exclusions; RELIABILITY.md case 2)."),
+    OptionDef("TLS_Certificate", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
+              "Server certificate (PEM) for STARTTLS; with TLS_Key set, STARTTLS is offered. Relative "
+              "paths are relative to the conf file."),
+    OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
+              "Private key (PEM) for TLS_Certificate."),
     # --- Spool -------------------------------------------------------------------------------
     OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}),
               "/var/spool/fastrelay",
               "The spool directory. A relative path is relative to the directory of the conf file "
               "that sets it."),
+    OptionDef("spool_min_free", t.Size(), frozenset({GLOBAL}), limits.SPOOL_MIN_FREE,
+              "Below this much free space on the spool's filesystem, MAIL gets 452 4.3.1 "
+              "(RELIABILITY.md case 17); delivery keeps draining."),
+    OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
+              "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
+              "\"mainlog\" in the spool's parent directory. Relative to the conf file."),
     OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
               "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
               "acknowledged with 250 (a process crash still cannot)."),
@@ -216,5 +273,3 @@ def valid_in(opt: OptionDef) -> str:
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
-
-__all__ = ["BY_KEY", "OPTIONS", "STANZAS", "OptionDef", "StanzaDef", "limits"]

@@ -432,3 +432,20 @@ class URIPath(String):
         if not atom.text.startswith("/") or any(c.isspace() for c in atom.text):
             raise Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
         return atom.text
+
+
+class DomainList(OptType):
+    expected = 'a list of domain names: ( "example.com" "example.net" )'
+    is_list = True
+
+    def convert_list(self, items: list[Atom]) -> frozenset[str]:
+        out = set()
+        for a in items:
+            d = a.text.strip().lower().rstrip(".")
+            if not is_hostname(d):
+                raise Invalid(f"got '{a.text}'; expected {self.expected}", a)
+            out.add(d)
+        return frozenset(out)
+
+    def format(self, value: Any) -> str:
+        return "( " + " ".join(f'"{v}"' for v in sorted(value)) + " )"

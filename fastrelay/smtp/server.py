@@ -1,0 +1,861 @@
+"""Speak ESMTP to clients: enforce limits and relay policy, hand each complete message to the intake.
+
+One `SMTPServer` per Listen address holds the settings and counters; one `Session` (an
+asyncio.Protocol) per connection runs a small state machine over the events of the sans-I/O
+framer (fastrelay._core or its twin). Replies are gathered per batch of pipelined commands and
+written with one transport.write (PERF.md: per-command work, not bytes, is the cost). A message
+is answered 250 only after the intake says it is durable (RELIABILITY.md P1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from fastrelay import _impl, limits
+from fastrelay.message import Envelope, Recipient
+from fastrelay.smtp import replies as R
+from fastrelay.smtp.address import AddressError, Path, parse_params, parse_path
+
+log = logging.getLogger("fastrelay.smtp")
+
+_F = _impl.ACTIVE  # the framing implementation chosen for this process
+_fr = __import__(_impl.ServerFramer.__module__, fromlist=["EV_COMMAND"])
+EV_COMMAND = _fr.EV_COMMAND
+EV_COMMAND_ERROR = _fr.EV_COMMAND_ERROR
+EV_OVERFLOW = _fr.EV_OVERFLOW
+EV_DATA = _fr.EV_DATA
+EV_BDAT_CHUNK = _fr.EV_BDAT_CHUNK
+ERR_TOO_LONG = _fr.ERR_TOO_LONG
+ERR_NUL = _fr.ERR_NUL
+F_BARE_LF = _fr.F_BARE_LF
+F_BARE_CR = _fr.F_BARE_CR
+F_LONG_LINE = _fr.F_LONG_LINE
+F_TOO_BIG = _fr.F_TOO_BIG
+
+# Session states (an explicit state machine; an unknown state fails loudly).
+S_GREETING = 0  # greeting not sent yet (greeting_delay): any input is an early talker
+S_NEED_HELO = 1
+S_READY = 2  # after EHLO/HELO, no transaction
+S_MAIL = 3  # after MAIL
+S_RCPT = 4  # at least one RCPT accepted
+S_DATA = 5  # receiving DATA or BDAT content
+S_CLOSING = 6
+
+# RFC 5321 §4.1.1 / Postfix smtpd_forbidden_commands: an HTTP client on the SMTP port (case 7).
+_HTTP_VERBS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE"})
+_JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"EXPN"})
+
+
+class Intake(Protocol):
+    """Where complete messages go: the spool (durable) and then the queue."""
+
+    def space_ok(self) -> bool: ...
+
+    def submit(self, items: list[tuple[Envelope, bytes]]) -> Awaitable[Any]: ...
+
+
+_msg_counter = itertools.count(1)
+_MSGID_PREFIX = f"{int(time.time()):08X}{os.getpid() & 0xFFFF:04X}"
+
+
+def new_msgid() -> str:
+    """A message id unique across processes and restarts (start time, pid, counter)."""
+    return f"{_MSGID_PREFIX}{next(_msg_counter):08X}"
+
+
+class _DateCache:
+    """RFC 5322 date for Received: headers, formatted once a second (formatdate is slow)."""
+
+    __slots__ = ("sec", "text")
+
+    def __init__(self) -> None:
+        self.sec = -1
+        self.text = ""
+
+    def now(self) -> str:
+        t = int(time.time())
+        if t != self.sec:
+            self.sec = t
+            self.text = formatdate(t, localtime=True)
+        return self.text
+
+
+_dates = _DateCache()
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    """Strip control characters and cap the length of client-supplied text before it goes into
+    Received:, DSNs or logs (RELIABILITY.md case 26)."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
+    return text[:limit]
+
+
+class ListenSettings:
+    """A Listen entry's effective settings, resolved once at start."""
+
+    def __init__(self, listen):
+        g = listen.get
+        self.relay_hosts = tuple(g("relay_hosts"))
+        self.relay_domains = frozenset(g("relay_domains"))
+        self.hostname = g("Hostname") or socket.gethostname()
+        self.max_size = g("max_message_size")
+        self.max_recipients = g("max_recipients_per_message")
+        self.max_messages = g("max_messages_per_connection")
+        self.max_connections = g("Concurrency")
+        self.max_per_ip = g("max_connections_per_ip")
+        self.idle_timeout = g("idle_timeout")
+        self.overload_idle_timeout = g("overload_idle_timeout")
+        self.command_deadline = g("command_deadline")
+        self.min_data_rate = g("min_data_rate")
+        self.junk_limit = g("junk_command_limit")
+        self.soft_error_limit = g("soft_error_limit")
+        self.hard_error_limit = g("hard_error_limit")
+        self.error_sleep = g("error_sleep_time")
+        self.greeting_delay = g("greeting_delay")
+        self.hop_limit = g("hop_count_limit")
+        self.normalize_hosts = tuple(g("bare_lf_normalize_hosts"))
+        self.max_line = limits.MAX_COMMAND_LINE
+        self.max_text_line = limits.MAX_TEXT_LINE
+        self.hard_cap = limits.COMMAND_HARD_CAP
+        self.tls: ssl.SSLContext | None = None
+        cert, key = _conf_path(listen.lookup("TLS_Certificate")), _conf_path(listen.lookup("TLS_Key"))
+        if cert and key:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cert, key)
+            self.tls = ctx
+        elif cert or key:
+            raise ValueError("TLS_Certificate and TLS_Key must be set together")
+
+
+def _conf_path(setting) -> str | None:
+    """A path option, relative to the directory of the conf file that set it."""
+    if setting.value is None:
+        return None
+    if os.path.isabs(setting.value) or setting.pos is None:
+        return setting.value
+    return os.path.join(os.path.dirname(os.path.abspath(setting.pos.file)), setting.value)
+
+
+def _in(nets: tuple, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    if ip is None:
+        return False
+    for n in nets:
+        if ip.version == n.version and ip in n:
+            return True
+    return False
+
+
+class SMTPServer:
+    """One Listen address: its settings, its sessions and their counters, its timer sweep."""
+
+    def __init__(self, settings: ListenSettings, intake: Intake, binding: str = "default",
+                 on_received: Callable[[Envelope, int], None] | None = None):
+        self.s = settings
+        self.intake = intake
+        self.binding = binding
+        self.on_received = on_received
+        self.sessions: set[Session] = set()
+        self.per_ip: dict[str, int] = {}
+        self.server: asyncio.base_events.Server | None = None
+        self._reaper: asyncio.TimerHandle | None = None
+        self._ehlo_cache: dict[bool, bytes] = {}
+        # Counters for operators and tests (every one back to zero at teardown where it counts
+        # something live).
+        self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
+
+    async def start(self, host: str | None, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True, backlog=1024)
+        self._schedule_reaper()
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self.server.sockets) if self.server else []
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        if self.server is not None:
+            self.server.close()
+        for sess in list(self.sessions):
+            sess.shutdown()
+        if self.server is not None:
+            await self.server.wait_closed()
+            self.server = None
+
+    def ehlo_reply(self, tls_active: bool) -> bytes:
+        cached = self._ehlo_cache.get(tls_active)
+        if cached is None:
+            lines = [
+                f"{self.s.hostname}",
+                "PIPELINING",
+                f"SIZE {self.s.max_size}",
+                "8BITMIME",
+                "ENHANCEDSTATUSCODES",
+            ]
+            if self.s.tls is not None and not tls_active:
+                lines.append("STARTTLS")
+            lines += ["SMTPUTF8", "CHUNKING"]
+            cached = "".join(
+                f"250{'-' if i < len(lines) - 1 else ' '}{ln}\r\n" for i, ln in enumerate(lines)
+            ).encode()
+            self._ehlo_cache[tls_active] = cached
+        return cached
+
+    def overloaded(self) -> bool:
+        return len(self.sessions) > self.s.max_connections * limits.OVERLOAD_FRACTION
+
+    def _schedule_reaper(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._reaper = loop.call_later(limits.REAPER_INTERVAL, self._reap)
+
+    def _reap(self) -> None:
+        # One timer sweep for all sessions instead of a timer per session and command: resetting
+        # per-command timers would cost more than the commands.
+        now = time.monotonic()
+        idle = self.s.overload_idle_timeout if self.overloaded() else self.s.idle_timeout
+        for sess in list(self.sessions):
+            sess.check_timers(now, idle)
+        self._schedule_reaper()
+
+
+class _Tx:
+    """One mail transaction (RFC 5321 §3.3)."""
+
+    __slots__ = ("bdat", "bdat_failed", "mail_params", "params", "rcpts", "sender", "smtputf8")
+
+    def __init__(self, sender: Path, params: dict, raw_params: str):
+        self.sender = sender
+        self.params = params
+        self.mail_params = raw_params
+        self.rcpts: list[tuple[Path, str]] = []
+        self.smtputf8 = "SMTPUTF8" in params
+        self.bdat = False
+        self.bdat_failed = False
+
+
+class Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: SMTPServer):
+        self.srv = server
+        s = server.s
+        self.framer = _impl.ServerFramer(s.max_line, s.max_text_line, s.max_size, s.hard_cap)
+        self.transport: asyncio.Transport | None = None
+        self.state = S_GREETING
+        self.busy = False  # waiting for the spool, a tarpit or a TLS handshake: input stays buffered
+        self.tx: _Tx | None = None
+        self.helo = ""
+        self.esmtp = False
+        self.tls = False
+        self.peer_ip = ""
+        self.ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.trusted = False
+        self.normalize = False
+        self.messages = 0
+        self.errors = 0
+        self.junk = 0
+        now = time.monotonic()
+        self.last_input = now
+        self.line_started = 0.0  # when the command line now being received began (0: none)
+        self.data_started = 0.0
+        self.write_paused = 0.0
+
+    # --- connection lifecycle ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        srv = self.srv
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        try:
+            self.ip = ipaddress.ip_address(self.peer_ip.split("%", 1)[0])
+        except ValueError:
+            self.ip = None
+        if isinstance(self.ip, ipaddress.IPv6Address) and self.ip.ipv4_mapped is not None:
+            self.ip = self.ip.ipv4_mapped
+        srv.stats["connections"] += 1
+        # RELIABILITY.md case 13: refuse beyond the limits at the banner, never an unbounded accept.
+        if len(srv.sessions) >= srv.s.max_connections:
+            self._refuse(R.TOO_MANY_CONNECTIONS)
+            return
+        n = srv.per_ip.get(self.peer_ip, 0)
+        if n >= srv.s.max_per_ip:
+            self._refuse(R.TOO_MANY_FROM_CLIENT)
+            return
+        # Reserve: released in connection_lost, whatever ends the connection.
+        srv.per_ip[self.peer_ip] = n + 1
+        srv.sessions.add(self)
+        self.trusted = _in(srv.s.relay_hosts, self.ip)
+        self.normalize = _in(srv.s.normalize_hosts, self.ip)
+        if srv.s.greeting_delay > 0:
+            asyncio.get_running_loop().call_later(srv.s.greeting_delay, self._greet)
+        else:
+            self._greet()
+
+    def _refuse(self, reply: R.Reply) -> None:
+        self.srv.stats["refused"] += 1
+        self.state = S_CLOSING
+        self.transport.write(reply.wire)
+        self.transport.close()
+
+    def _greet(self) -> None:
+        if self.state != S_GREETING:
+            return
+        self.state = S_NEED_HELO
+        self.transport.write(f"220 {self.srv.s.hostname} ESMTP fastrelay\r\n".encode())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        srv = self.srv
+        if self in srv.sessions:
+            srv.sessions.discard(self)
+            n = srv.per_ip.get(self.peer_ip, 1) - 1
+            if n:
+                srv.per_ip[self.peer_ip] = n
+            else:
+                srv.per_ip.pop(self.peer_ip, None)
+        # A client gone mid-DATA leaves nothing behind: nothing is spooled before the end
+        # (RELIABILITY.md case 31, P5).
+        self.state = S_CLOSING
+        self.tx = None
+
+    def pause_writing(self) -> None:
+        # A client that does not read its replies: stop reading its commands (bounded write
+        # buffer); the reaper closes it if this lasts (RELIABILITY.md case 14).
+        self.write_paused = time.monotonic()
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = 0.0
+        if self.state != S_CLOSING:
+            self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        if self.state != S_CLOSING and self.transport is not None and not self.transport.is_closing():
+            if not self.busy:
+                self.transport.write(R.SHUTTING_DOWN.wire)
+            self._close()
+
+    def _close(self) -> None:
+        self.state = S_CLOSING
+        self.tx = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def check_timers(self, now: float, idle: float) -> None:
+        """Called once a second by the server's sweep (RELIABILITY.md case 14)."""
+        if self.state == S_CLOSING or self.busy and not self.write_paused:
+            return
+        s = self.srv.s
+        reply = None
+        if self.write_paused and now - self.write_paused > s.command_deadline:
+            self._close()
+            return
+        if self.state == S_DATA:
+            if s.min_data_rate > 0:
+                deadline = self.data_started + s.command_deadline + self.framer.size / s.min_data_rate
+                if now > deadline:
+                    reply = R.DATA_TOO_SLOW
+        elif self.line_started and now - self.line_started > s.command_deadline:
+            reply = R.COMMAND_DEADLINE
+        elif now - self.last_input > idle:
+            reply = R.IDLE_TIMEOUT
+        if reply is not None:
+            self.transport.write(reply.wire)
+            self._close()
+
+    # --- input ------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.state == S_CLOSING:
+            return
+        if self.state == S_GREETING:
+            # RELIABILITY.md case 5: bytes before the greeting.
+            self.transport.write(R.EARLY_TALKER.wire)
+            self._close()
+            return
+        self.last_input = time.monotonic()
+        self.framer.feed(data)
+        if not self.busy:
+            self._process()
+
+    def _process(self) -> None:
+        out: list[bytes] = []
+        framer = self.framer
+        while not self.busy and self.state != S_CLOSING:
+            ev = framer.next_event()
+            if ev is None:
+                break
+            kind = ev[0]
+            if kind == EV_COMMAND:
+                self._command(ev[1], out)
+            elif kind == EV_DATA:
+                self._end_of_data(ev[1], ev[2], out)
+            elif kind == EV_BDAT_CHUNK:
+                self._bdat_chunk_done(ev[1], out)
+            elif kind == EV_COMMAND_ERROR:
+                err = ev[1]
+                out.append(R.LINE_TOO_LONG.wire if err == ERR_TOO_LONG
+                           else R.NUL_IN_COMMAND.wire if err == ERR_NUL else R.BARE_LF_COMMAND.wire)
+                self._error(out)
+            elif kind == EV_OVERFLOW:
+                out.append(R.LINE_TOO_LONG.wire)
+                self.state = S_CLOSING
+            else:  # pragma: no cover - the framer has no other events
+                raise AssertionError(f"unknown framer event {ev!r}")
+        # A partial command line is buffered: start its deadline (case 14, trickled bytes).
+        if self.state in (S_NEED_HELO, S_READY, S_MAIL, S_RCPT) and framer.pending():
+            if not self.line_started:
+                self.line_started = time.monotonic()
+        else:
+            self.line_started = 0.0
+        if out and self.transport is not None:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self.state == S_CLOSING and self.transport is not None:
+            self.transport.close()
+
+    def _error(self, out: list[bytes]) -> None:
+        """Count an error; tarpit past the soft limit, close past the hard limit (case 15)."""
+        self.errors += 1
+        s = self.srv.s
+        if self.errors >= s.hard_error_limit:
+            out.append(R.TOO_MANY_ERRORS.wire)
+            self.state = S_CLOSING
+        elif self.errors > s.soft_error_limit and s.error_sleep > 0:
+            self._pause_for(s.error_sleep)
+
+    def _pause_for(self, seconds: float) -> None:
+        self.busy = True
+        asyncio.get_running_loop().call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self.busy = False
+        if self.state != S_CLOSING:
+            self._process()
+
+    def _junk(self, out: list[bytes]) -> bool:
+        self.junk += 1
+        if self.junk > self.srv.s.junk_limit:
+            out.append(R.TOO_MANY_ERRORS.wire)
+            self.state = S_CLOSING
+            return True
+        return False
+
+    # --- commands ---------------------------------------------------------------------------
+    def _command(self, line: bytes, out: list[bytes]) -> None:
+        sp = line.find(b" ")
+        verb = (line if sp < 0 else line[:sp]).upper()
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            if verb in _HTTP_VERBS:
+                out.append(R.HTTP_COMMAND.wire)  # case 7: close at once
+                self.state = S_CLOSING
+                return
+            out.append(R.UNKNOWN_COMMAND.wire)
+            if not self._junk(out):
+                self._error(out)
+            return
+        raw = b"" if sp < 0 else line[sp + 1 :]
+        try:
+            arg = raw.decode("ascii")
+        except UnicodeDecodeError:
+            try:
+                arg = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                out.append(R.BAD_UTF8.wire)  # case 23: the session stays usable
+                self._error(out)
+                return
+        if verb in _JUNK_VERBS and self._junk(out):
+            return
+        handler(self, arg, out)
+
+    def _need_helo(self, out: list[bytes]) -> bool:
+        if self.state == S_NEED_HELO:
+            out.append(R.NEED_EHLO.wire)
+            self._error(out)
+            return True
+        return False
+
+    def smtp_EHLO(self, arg: str, out: list[bytes]) -> None:
+        self._helo(arg, out, esmtp=True)
+
+    def smtp_HELO(self, arg: str, out: list[bytes]) -> None:
+        self._helo(arg, out, esmtp=False)
+
+    def _helo(self, arg: str, out: list[bytes], esmtp: bool) -> None:
+        name = arg.strip()
+        if not name or " " in name or not name.isprintable():
+            out.append(R.HELO_NEEDS_DOMAIN.wire)
+            self._error(out)
+            return
+        # RFC 5321 §4.1.4: EHLO resets the state as RSET does.
+        self.helo = _clean(name)
+        self.esmtp = esmtp
+        self.tx = None
+        self.framer.reset()
+        self.state = S_READY
+        if esmtp:
+            out.append(self.srv.ehlo_reply(self.tls))
+        else:
+            out.append(f"250 {self.srv.s.hostname}\r\n".encode())
+
+    def smtp_MAIL(self, arg: str, out: list[bytes]) -> None:
+        if self._need_helo(out):
+            return
+        if self.tx is not None:
+            out.append(R.NESTED_MAIL.wire)
+            self._error(out)
+            return
+        if arg[:5].upper() != "FROM:":
+            out.append(R.SYNTAX.wire)
+            self._error(out)
+            return
+        if self.messages >= self.srv.s.max_messages:
+            out.append(R.TOO_MANY_MESSAGES.wire)  # case 13
+            return
+        if not self.srv.intake.space_ok():
+            out.append(R.SPOOL_LOW_SPACE.wire)  # case 17: 452 4.3.1 while the disk is low
+            return
+        try:
+            path, rest = parse_path(arg[5:], R.BAD_SENDER_SYNTAX, allow_null=True)
+            params = parse_params(rest, R.BAD_SENDER_SYNTAX)
+        except AddressError as e:
+            out.append(e.reply.wire)
+            self._error(out)
+            return
+        reply = self._check_mail_params(params, path)
+        if reply is not None:
+            out.append(reply.wire)
+            self._error(out)
+            return
+        self.tx = _Tx(path, params, rest.strip())
+        self.state = S_MAIL
+        out.append(R.SENDER_OK.wire)
+
+    def _check_mail_params(self, params: dict, path: Path) -> R.Reply | None:
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return R.SYNTAX
+                if int(value) > self.srv.s.max_size:
+                    return R.SIZE_EXCEEDED  # case 11, RFC 1870
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return R.SYNTAX
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return R.SYNTAX
+            else:
+                return R.UNKNOWN_PARAM
+        if path.utf8 and "SMTPUTF8" not in params:
+            return R.UTF8_NEEDS_SMTPUTF8  # case 23
+        return None
+
+    def smtp_RCPT(self, arg: str, out: list[bytes]) -> None:
+        if self._need_helo(out):
+            return
+        tx = self.tx
+        if tx is None:
+            out.append(R.NEED_MAIL.wire)
+            self._error(out)
+            return
+        if arg[:3].upper() != "TO:":
+            out.append(R.SYNTAX.wire)
+            self._error(out)
+            return
+        try:
+            path, rest = parse_path(arg[3:], R.BAD_RCPT_SYNTAX, allow_null=False)
+            params = parse_params(rest, R.BAD_RCPT_SYNTAX)
+        except AddressError as e:
+            out.append(e.reply.wire)
+            self._error(out)
+            return
+        if params:
+            out.append(R.UNKNOWN_PARAM.wire)
+            self._error(out)
+            return
+        if not self.trusted and not self._may_receive_for(path):
+            out.append(R.RELAY_DENIED.wire)  # case 21
+            self._error(out)
+            return
+        if path.utf8 and not tx.smtputf8:
+            out.append(R.UTF8_NEEDS_SMTPUTF8.wire)
+            self._error(out)
+            return
+        if len(tx.rcpts) >= self.srv.s.max_recipients:
+            out.append(R.TOO_MANY_RECIPIENTS.wire)  # case 12: keep the ones accepted
+            return
+        tx.rcpts.append((path, rest.strip()))
+        self.state = S_RCPT
+        out.append(R.RCPT_OK.wire)
+
+    def _may_receive_for(self, path: Path) -> bool:
+        """Mail from a client outside relay_hosts: only to relay_domains, and no routing tricks
+        (RELIABILITY.md case 21: Postfix reject_unauth_destination, allow_untrusted_routing=no)."""
+        if path.literal:
+            return False
+        if path.domain.lower().rstrip(".") not in self.srv.s.relay_domains:
+            return False
+        local = path.local
+        if "%" in local or "!" in local or (path.quoted and "@" in local):
+            return False
+        return True
+
+    def smtp_DATA(self, arg: str, out: list[bytes]) -> None:
+        if self._need_helo(out):
+            return
+        tx = self.tx
+        if tx is not None and tx.bdat:
+            out.append(R.DATA_AFTER_BDAT.wire)  # case 29
+            self._error(out)
+            return
+        if tx is None or not tx.rcpts:
+            out.append(R.NEED_MAIL.wire if tx is None else R.NEED_RCPT.wire)
+            self._error(out)
+            return
+        if arg:
+            out.append(R.SYNTAX.wire)
+            self._error(out)
+            return
+        # RFC 2920 §3.1: DATA ends a pipelined group. Content before our 354 is a client that
+        # does not wait: smuggling-prone, refuse and close (RELIABILITY.md case 4).
+        if self.framer.pending():
+            out.append(R.PIPELINING_VIOLATION.wire)
+            self.state = S_CLOSING
+            return
+        self.state = S_DATA
+        self.data_started = time.monotonic()
+        self.framer.begin_data()
+        out.append(R.START_DATA.wire)
+
+    def smtp_BDAT(self, arg: str, out: list[bytes]) -> None:
+        # RFC 3030. Whatever we answer, a well-formed BDAT's chunk must be consumed.
+        parts = arg.split()
+        if not self.esmtp:
+            out.append(R.BDAT_NOT_OFFERED.wire)  # case 29: what follows is raw content
+            self.state = S_CLOSING
+            return
+        if not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 18 or (
+            len(parts) == 2 and parts[1].upper() != "LAST"
+        ):
+            out.append(R.BDAT_BAD_COUNT.wire)
+            self.state = S_CLOSING
+            return
+        size = int(parts[0])
+        last = len(parts) == 2
+        if size == 0 and not last:
+            out.append(R.BDAT_ZERO_NOT_LAST.wire)
+            self._error(out)
+            return
+        tx = self.tx
+        self.framer.begin_bdat(size, last)
+        self.state = S_DATA
+        self.data_started = time.monotonic()
+        if tx is None or not tx.rcpts:
+            # Consume the chunk, then answer 503 (RFC 3030 §3: the server must read it).
+            self._bdat_orphan = True
+        else:
+            tx.bdat = True
+            self._bdat_orphan = False
+
+    _bdat_orphan = False
+
+    def _bdat_chunk_done(self, nbytes: int, out: list[bytes]) -> None:
+        tx = self.tx
+        if self._bdat_orphan or tx is None:
+            self._bdat_orphan = False
+            self.framer.reset()
+            self.state = S_READY if tx is None else S_MAIL
+            out.append((R.NEED_MAIL if tx is None else R.NEED_RCPT).wire)
+            self._error(out)
+            return
+        self.state = S_RCPT
+        if self.framer.flags & F_TOO_BIG:
+            tx.bdat_failed = True
+            out.append(R.SIZE_EXCEEDED.wire)
+            return
+        out.append(R.BDAT_CHUNK_OK.with_text(f"{nbytes} octets received"))
+
+    def smtp_RSET(self, arg: str, out: list[bytes]) -> None:
+        self.tx = None
+        self.framer.reset()
+        if self.state != S_NEED_HELO:
+            self.state = S_READY
+        out.append(R.RESET_OK.wire)
+
+    def smtp_NOOP(self, arg: str, out: list[bytes]) -> None:
+        out.append(R.NOOP_OK.wire)
+
+    def smtp_VRFY(self, arg: str, out: list[bytes]) -> None:
+        out.append(R.VRFY_CANNOT.wire)
+
+    def smtp_HELP(self, arg: str, out: list[bytes]) -> None:
+        out.append(R.HELP.wire)
+
+    def smtp_EXPN(self, arg: str, out: list[bytes]) -> None:
+        out.append(R.NOT_IMPLEMENTED.wire)
+
+    def smtp_QUIT(self, arg: str, out: list[bytes]) -> None:
+        out.append(R.BYE.wire)
+        self.state = S_CLOSING
+
+    def smtp_STARTTLS(self, arg: str, out: list[bytes]) -> None:
+        if self._need_helo(out):
+            return
+        if arg:
+            out.append(R.TLS_NO_PARAMS.wire)
+            self._error(out)
+            return
+        if self.tls:
+            out.append(R.TLS_ALREADY.wire)  # case 6: a second STARTTLS
+            self._error(out)
+            return
+        if self.srv.s.tls is None or not self.esmtp:
+            out.append(R.TLS_NOT_AVAILABLE.wire)
+            return
+        # Case 6 (CVE-2011-0411): drop any plaintext sent after STARTTLS, and read nothing more
+        # in plaintext: start_tls takes the transport over from here.
+        self.framer.discard_pending()
+        out.append(R.READY_TLS.wire)
+        self.transport.write(b"".join(out))
+        out.clear()
+        self.transport.pause_reading()
+        self.busy = True
+        asyncio.ensure_future(self._starttls())
+
+    async def _starttls(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tr = await loop.start_tls(
+                self.transport, self, self.srv.s.tls, server_side=True,
+                ssl_handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            log.info("TLS handshake with %s failed: %s", self.peer_ip, e)
+            self._close()
+            return
+        if tr is None:
+            self._close()
+            return
+        self.transport = tr  # type: ignore[assignment]
+        # RFC 3207 §4.2: forget everything learned before TLS; the client must EHLO again.
+        self.tls = True
+        self.tx = None
+        self.helo = ""
+        self.esmtp = False
+        self.framer.reset()
+        self.framer.discard_pending()
+        self.state = S_NEED_HELO
+        self.busy = False
+        self.last_input = time.monotonic()
+        self._process()
+
+    # --- end of message ---------------------------------------------------------------------
+    def _end_of_data(self, body: bytes, flags: int, out: list[bytes]) -> None:
+        tx = self.tx
+        if tx is None or self._bdat_orphan:
+            self._bdat_chunk_done(0, out)
+            return
+        self.tx = None
+        self.state = S_READY
+        self.messages += 1
+        reply = None
+        if flags & F_TOO_BIG or tx.bdat_failed:
+            reply = R.SIZE_EXCEEDED  # case 11: read to the end, then 552
+        elif flags & (F_BARE_LF | F_BARE_CR):
+            if self.normalize:
+                body = _normalize_line_ends(body)
+            else:
+                reply = R.BARE_LF_DATA  # case 2
+        if reply is None and flags & F_LONG_LINE:
+            reply = R.LONG_LINE_DATA  # case 10: never truncate silently
+        if reply is None and _count_received(body) > self.srv.s.hop_limit:
+            reply = R.TOO_MANY_HOPS  # case 16
+        if reply is not None:
+            self.srv.stats["rejected"] += 1
+            out.append(reply.wire)
+            return
+        items = self._envelopes(tx, body)
+        self.busy = True
+        fut = asyncio.ensure_future(self.srv.intake.submit(items))
+        fut.add_done_callback(lambda f, items=items, size=len(body): self._committed(f, items, size))
+
+    def _committed(self, fut: asyncio.Future, items: list, size: int) -> None:
+        self.busy = False
+        if self.state == S_CLOSING or self.transport is None or self.transport.is_closing():
+            # Committed but the client is gone before reading 250: the message is ours; a
+            # resend is the accepted duplicate (RELIABILITY.md case 31).
+            return
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            log.warning("message from %s not queued: %s", self.peer_ip, exc)
+            self.transport.write(R.SPOOL_FAILED.wire)  # P1: never a 250 for mail not on disk
+        else:
+            env: Envelope = items[0][0]
+            self.srv.stats["messages"] += 1
+            self.transport.write(R.QUEUED.with_text(f"OK queued as {env.msgid}"))
+        self._process()
+
+    def _envelopes(self, tx: _Tx, body: bytes) -> list[tuple[Envelope, bytes]]:
+        """One spool entry per destination domain (as Momentum splits), all committed together."""
+        msgid = new_msgid()
+        now = time.time()
+        proto = ("ESMTPS" if self.tls else "ESMTP") if self.esmtp else ("SMTPS" if self.tls else "SMTP")
+        first = tx.rcpts[0][0].address if len(tx.rcpts) == 1 else None
+        received = (
+            f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
+            f"\tby {self.srv.s.hostname} (fastrelay) with {proto} id {msgid}"
+            + (f"\r\n\tfor <{first}>" if first else "")
+            + f"; {_dates.now()}\r\n"
+        ).encode("utf-8", "replace")
+        full = received + body
+        by_domain: dict[str, list[Recipient]] = {}
+        for path, params in tx.rcpts:
+            dom = path.domain.lower().rstrip(".")
+            by_domain.setdefault(dom, []).append(Recipient(path.address, params))
+        items = []
+        for dom, rcpts in by_domain.items():
+            env = Envelope(
+                sender=tx.sender.address,
+                recipients=rcpts,
+                domain=dom,
+                mail_params=tx.mail_params,
+                client_ip=self.peer_ip,
+                helo=self.helo,
+                protocol=proto.lower(),
+                binding=self.srv.binding,
+                msgid=msgid,
+                received_at=now,
+                first_queued=now,
+                next_attempt=now,
+            )
+            items.append((env, full))
+        return items
+
+
+def _normalize_line_ends(body: bytes) -> bytes:
+    # Postfix's normalize mode: every bare CR or LF becomes CRLF (RELIABILITY.md case 2). The
+    # outbound side dot-stuffs again, so a resulting lone "." line cannot end the next hop's DATA.
+    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def _count_received(body: bytes) -> int:
+    """Received: headers in the header section (header names are case-insensitive)."""
+    end = body.find(b"\r\n\r\n")
+    head = (body if end < 0 else body[: end + 2]).lower()
+    return head.count(b"\nreceived:") + (1 if head.startswith(b"received:") else 0)
+
+
+_HANDLERS: dict[bytes, Callable[[Session, str, list[bytes]], None]] = {
+    name[5:].encode(): getattr(Session, name) for name in dir(Session) if name.startswith("smtp_")
+}
