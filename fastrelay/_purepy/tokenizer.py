@@ -1,27 +1,35 @@
-"""Pure-Python twin of the conf tokeniser: bytes of a conf file -> tokens with file, line and column.
+r"""Pure-Python twin of the conf tokeniser: bytes of a conf file -> tokens with file, line and column.
 
-SPEC (the Cython version in fastrelay/_tokenizer.pxi must match it exactly, errors included):
+SPEC (the Cython version in fastrelay/_tokenizer.pxi must match it exactly, errors included).
+This docstring is raw: each backslash below is one backslash byte.
 
 tokenize(data: bytes, filename: str = "<string>") -> list[tuple[int, str, str, int, int]]
     Each token is a plain tuple (kind, text, filename, line, col); kinds are the ints in
     fastrelay.config.tokens. line and col are 1-based; col counts BYTES from the start of the line.
-    Lines are counted on LF only.
+    Lines are counted on LF only. data must be bytes (a subclass too); anything else raises
+    TypeError("tokenize() expects bytes, got <type name>").
   - whitespace: space, TAB, CR, LF, FF, VT. It separates tokens and is otherwise ignored.
   - '#' starts a comment that runs to the end of the line (LF). '/*' starts a comment that runs to the
-    first '*/' (no nesting). Comment bytes are not checked (any byte is allowed inside a comment).
+    first '*/' after it (no nesting; '/*/' does not close itself). Comment bytes are not checked
+    (any byte is allowed inside a comment).
   - '=', '{', '}', '(', ')' are one-character tokens EQUALS, LBRACE, RBRACE, LPAREN, RPAREN.
   - '"' starts a STRING that ends at the next unescaped '"' on the same line. Escapes: \\ -> \,
     \" -> ", \n -> LF, \t -> TAB, \r -> CR; any other backslash pair is kept as both characters.
+    A backslash does not escape a line end: a '\' before LF (or at the end of the file) is kept, and
+    the string is then unterminated.
     The token's text is the unescaped content without the quotes; its position is the opening quote.
   - anything else starts a bare word, which runs until whitespace, one of = { } ( ) " #, or the
-    two bytes '/*'. A word made only of ASCII digits is a NUMBER, any other is a WORD.
+    two bytes '/*' ('*/' and a lone '/' are word bytes). A word made only of ASCII digits is a
+    NUMBER, any other is a WORD.
     (So 10.0.0.1, [::1], 10s, __mx__, smtp://x?y=1 and /var/spool are WORDs; 8080 is a NUMBER.)
   - text is decoded as UTF-8 (strict).
-Errors raise fastrelay.config.errors.ConfigError(filename, line, col, message), first error only:
+Errors raise fastrelay.config.errors.ConfigError(filename, line, col, message), first error only.
+A token is scanned to its end before its text is decoded, so within one token a control byte or a
+missing closing quote is reported before invalid UTF-8:
   - a control byte (0x00-0x1F other than the whitespace above, or 0x7F) outside a comment:
     at that byte: "unexpected control character 0x%02X; expected printable text"
   - a string not closed before the end of the line (or file):
-    at the opening quote: "unterminated string; expected a closing '\"' before the end of the line"
+    at the opening quote: "unterminated string; expected a closing '"' before the end of the line"
   - '/*' with no '*/' after it: at the '/': "unterminated comment; expected '*/' before the end of the file"
   - a word or string that is not valid UTF-8: at the token's first byte:
     "invalid UTF-8 in word; expected UTF-8 text" (or "... in string; ...")
@@ -29,8 +37,116 @@ Errors raise fastrelay.config.errors.ConfigError(filename, line, col, message), 
 
 from __future__ import annotations
 
-from fastrelay.config.errors import ConfigError  # noqa: F401  (raised by the implementation)
+from fastrelay.config.errors import ConfigError
+from fastrelay.config.tokens import EQUALS, LBRACE, LPAREN, NUMBER, RBRACE, RPAREN, STRING, WORD
+
+_LF = 0x0A
+_QUOTE = ord('"')
+_BACKSLASH = ord("\\")
+_HASH = ord("#")
+_SLASH = ord("/")
+
+_WHITESPACE = frozenset(b" \t\r\n\f\v")
+_PUNCTUATION = {ord("="): EQUALS, ord("{"): LBRACE, ord("}"): RBRACE, ord("("): LPAREN, ord(")"): RPAREN}
+# Bytes that end a bare word (besides the two bytes "/*", checked separately).
+_WORD_END = _WHITESPACE | frozenset(b'={}()"#')
+_CONTROL = frozenset(b for b in range(0x20) if b not in _WHITESPACE) | {0x7F}
+_ESCAPES = {ord("\\"): b"\\", ord('"'): b'"', ord("n"): b"\n", ord("t"): b"\t", ord("r"): b"\r"}
+
+_UNTERMINATED_STRING = "unterminated string; expected a closing '\"' before the end of the line"
+_UNTERMINATED_COMMENT = "unterminated comment; expected '*/' before the end of the file"
+
+
+def _control_error(filename: str, line: int, col: int, byte: int) -> ConfigError:
+    message = f"unexpected control character 0x{byte:02X}; expected printable text"
+    return ConfigError(filename, line, col, message)
+
+
+def _decode(raw: bytes, what: str, filename: str, line: int, col: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(filename, line, col, f"invalid UTF-8 in {what}; expected UTF-8 text") from None
 
 
 def tokenize(data: bytes, filename: str = "<string>") -> list[tuple[int, str, str, int, int]]:
-    raise NotImplementedError("tokenize: not written yet")
+    """Split a conf file's bytes into (kind, text, filename, line, col) tokens, as the SPEC above says."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"tokenize() expects bytes, got {type(data).__name__}")
+    tokens: list[tuple[int, str, str, int, int]] = []
+    n = len(data)
+    pos = 0
+    line = 1
+    line_start = 0  # offset of the first byte of the current line, for col
+    while pos < n:
+        byte = data[pos]
+        if byte == _LF:
+            pos += 1
+            line += 1
+            line_start = pos
+            continue
+        if byte in _WHITESPACE:
+            pos += 1
+            continue
+        col = pos - line_start + 1
+
+        if byte == _HASH:
+            # Stop at the LF, not after it, so the loop above counts the line.
+            end = data.find(b"\n", pos)
+            pos = n if end < 0 else end
+            continue
+
+        if byte == _SLASH and data[pos + 1 : pos + 2] == b"*":
+            end = data.find(b"*/", pos + 2)  # from pos + 2, so "/*/" does not close itself
+            if end < 0:
+                raise ConfigError(filename, line, col, _UNTERMINATED_COMMENT)
+            newlines = data.count(b"\n", pos, end)
+            if newlines:
+                line += newlines
+                line_start = data.rfind(b"\n", pos, end) + 1
+            pos = end + 2
+            continue
+
+        kind = _PUNCTUATION.get(byte)
+        if kind is not None:
+            tokens.append((kind, chr(byte), filename, line, col))
+            pos += 1
+            continue
+
+        if byte == _QUOTE:
+            # Scan to the closing quote, unescaping as we go; the string may not cross a line.
+            text = bytearray()
+            i = pos + 1
+            while True:
+                if i >= n or data[i] == _LF:
+                    raise ConfigError(filename, line, col, _UNTERMINATED_STRING)
+                c = data[i]
+                if c == _QUOTE:
+                    break
+                if c in _CONTROL:
+                    raise _control_error(filename, line, i - line_start + 1, c)
+                if c == _BACKSLASH and i + 1 < n and data[i + 1] in _ESCAPES:
+                    text += _ESCAPES[data[i + 1]]
+                    i += 2
+                else:
+                    # An unknown escape keeps its backslash; the next byte is handled on its own.
+                    text.append(c)
+                    i += 1
+            tokens.append((STRING, _decode(bytes(text), "string", filename, line, col), filename, line, col))
+            pos = i + 1
+            continue
+
+        # A bare word: everything up to whitespace, punctuation, a quote, '#' or "/*".
+        i = pos
+        while i < n:
+            c = data[i]
+            if c in _WORD_END or (c == _SLASH and data[i + 1 : i + 2] == b"*"):
+                break
+            if c in _CONTROL:
+                raise _control_error(filename, line, i - line_start + 1, c)
+            i += 1
+        raw = data[pos:i]
+        kind = NUMBER if raw.isdigit() else WORD  # bytes.isdigit() is ASCII digits only
+        tokens.append((kind, _decode(raw, "word", filename, line, col), filename, line, col))
+        pos = i
+    return tokens

@@ -1,0 +1,42 @@
+"""Benchmark the conf tokeniser on a ~1 MB generated ecelerity-style conf: twin ("py") vs Cython ("c")."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.confgen import generate_conf
+from fastrelay import _impl
+
+TARGET_BYTES = 1_000_000
+CONF = generate_conf(TARGET_BYTES, seed=1)
+
+
+def _impl_params() -> list:
+    params = [pytest.param(_impl.PY, id="py")]
+    compiled = None if _impl.NO_EXTENSIONS else _impl.compiled()
+    if compiled is not None:
+        params.append(pytest.param(compiled, id="c"))
+    return params
+
+
+@pytest.mark.parametrize("tok_impl", _impl_params())
+def test_tokenize_1mb_conf(benchmark, tok_impl: _impl.Impl) -> None:
+    tokens = benchmark(tok_impl.tokenize, CONF, "bench.conf")
+    assert len(tokens) > 50_000
+    benchmark.extra_info["bytes"] = len(CONF)
+    benchmark.extra_info["tokens"] = len(tokens)
+    if benchmark.stats:  # None or empty with --benchmark-disable
+        # From the fastest round: on a shared machine the others are slowed by unrelated work.
+        benchmark.extra_info["MB_per_s"] = round(len(CONF) / benchmark.stats.stats.min / 1e6, 1)
+
+
+def test_bench_input_is_1mb_and_implementations_agree() -> None:
+    # Not timed: checks the benchmark measures what it claims, with or without --benchmark-disable.
+    assert TARGET_BYTES <= len(CONF) < TARGET_BYTES + 5_000
+    assert generate_conf(TARGET_BYTES, seed=1) == CONF  # deterministic for a seed
+    assert generate_conf(TARGET_BYTES, seed=2) != CONF
+    expected = _impl.PY.tokenize(CONF, "bench.conf")
+    kinds = {kind for kind, *_ in expected}
+    assert kinds == set(range(1, 9))  # every token kind occurs
+    for param in _impl_params()[1:]:
+        assert param.values[0].tokenize(CONF, "bench.conf") == expected
