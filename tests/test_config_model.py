@@ -28,7 +28,7 @@ def test_option_names_are_case_insensitive(conf_impl):
     ("option", "text", "seconds"),
     [
         ("retry_interval", "20", 20.0),
-        ("retry_interval", "500ms", 0.5),
+        ("host_failure_retry", "500ms", 0.5),
         ("retry_interval", "10s", 10.0),
         ("retry_interval", "3m", 180.0),
         ("retry_interval", "2h", 7200.0),
@@ -263,7 +263,7 @@ def test_option_in_wrong_scope(conf_impl):
 def test_stanza_errors(conf_impl):
     assert errors("Domian a.com { }") == ["t.conf:1:1: unknown stanza 'Domian'; did you mean 'Domain'?"]
     assert errors("Domain a.com { Domain b.com { } }") == [
-        "t.conf:1:16: a Domain stanza is not valid in a Domain stanza; expected it in the global scope"
+        "t.conf:1:16: a Domain stanza is not valid in a Domain stanza; expected it in a Binding stanza or the global scope"
     ]
     assert errors("Domain { }") == ["t.conf:1:1: a Domain stanza needs a name; expected Domain NAME { ... }"]
     assert errors("ESMTP_Listener x { }") == [

@@ -244,7 +244,7 @@ class _HostName(t.OptType):
 
 
 STANZAS: list[StanzaDef] = [
-    StanzaDef("Domain", DOMAIN, frozenset({GLOBAL}), True, _DomainName()),
+    StanzaDef("Domain", DOMAIN, frozenset({GLOBAL, BINDING}), True, _DomainName()),
     StanzaDef("Binding_Group", BINDING_GROUP, frozenset({GLOBAL}), True, _Name()),
     StanzaDef("Binding", BINDING, frozenset({GLOBAL, BINDING_GROUP}), True, _Name()),
     StanzaDef("Host", HOST, frozenset({GLOBAL}), True, _HostName()),
