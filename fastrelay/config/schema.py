@@ -94,6 +94,31 @@ OPTIONS: list[OptionDef] = [
     OptionDef("DNS_Servers", t.HostList(), frozenset({GLOBAL}), (),
               "The DNS servers asked for MX, A and AAAA records, as \"ip:port\". Empty means the "
               "system's resolv.conf."),
+    # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
+    OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
+              "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
+    OptionDef("Greeting_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long to wait for the 220 greeting (RFC 5321 §4.5.3.2.1: 5 minutes)."),
+    OptionDef("EHLO_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0, "How long to wait for the EHLO/LHLO reply."),
+    OptionDef("TLS_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0, "How long a STARTTLS handshake may take."),
+    OptionDef("Mail_From_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long to wait for the reply to MAIL (RFC 5321 §4.5.3.2.2: 5 minutes)."),
+    OptionDef("Rcpt_To_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long to wait for each RCPT reply (RFC 5321 §4.5.3.2.3: 5 minutes)."),
+    OptionDef("Data_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0,
+              "How long to wait for the 354 after DATA (RFC 5321 §4.5.3.2.4: 2 minutes) and for "
+              "each block of the body to be taken (§4.5.3.2.5: 3 minutes)."),
+    OptionDef("RSET_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0,
+              "How long to wait for the reply to RSET between two messages on one connection."),
+    OptionDef("TLS", t.Enum("ifavailable", "required", "disabled"), OUTBOUND, "ifavailable",
+              "Outbound STARTTLS: ifavailable (opportunistic: used when offered; a failed handshake "
+              "is retried in plaintext on a new connection), required (never plaintext: defer "
+              "instead), disabled."),
+    OptionDef("TLS_Verify", t.Bool(), OUTBOUND, False,
+              "Check the next hop's certificate chain and name. Off for opportunistic TLS, as "
+              "Postfix's `may` level."),
+    OptionDef("TLS_CA", t.String(nonempty=True, expected="a PEM file path"), OUTBOUND, None,
+              "Extra CA certificates (PEM) to trust when TLS_Verify is on."),
     # --- Retries, expiry, reroutes ------------------------------------------------------------
     OptionDef("retry_interval", t.Time(lo=1), OUTBOUND, 1200.0,
               "The first retry delay after a transient failure; it doubles with each attempt."),

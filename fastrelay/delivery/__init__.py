@@ -1,0 +1,89 @@
+"""Delivery: run SMTP, LMTP and XFER sessions and report per-recipient outcomes (no spool access).
+
+The scheduler (fastrelay.queue) calls `connect(hop, settings)` for a connection slot the router
+gave it, then `conn.deliver(...)` once per message, then `conn.close()`. What a next hop said
+about each recipient comes back as a `RcptResult`; trouble with the host itself (refused,
+timeout, 4xx/5xx greeting, TLS required but failed) is a `ConnectError`, so the scheduler can
+mark the host down and try the next one (RELIABILITY.md cases 38, 39, 45).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+# Recipient outcomes.
+OK = 0  # accepted by the next hop (2xx)
+TEMP = 1  # transient failure: defer (4xx, timeout, connection lost before the final reply)
+PERM = 2  # permanent failure: bounce (5xx)
+
+
+class RcptResult(NamedTuple):
+    status: int  # OK, TEMP or PERM
+    code: int  # the SMTP reply code (or a synthetic one: 451 for a lost connection)
+    text: str  # the reply text, enhanced status code first when there is one; cleaned, capped
+
+    @property
+    def response(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+class Hop(NamedTuple):
+    """One host a connection can go to."""
+
+    ip: str
+    port: int
+    proto: str  # "smtp", "lmtp" or "xfer"
+    name: str  # the host name it came from (MX exchange, route host), for logs and TLS SNI
+    pref: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to talk to a destination, resolved from the conf for its (domain, binding)."""
+
+    helo_name: str = "localhost"
+    esmtp: bool = True  # False for Delivery_Method = SMTP: HELO, no extensions
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    ehlo_timeout: float = 300.0
+    tls_timeout: float = 120.0
+    mail_timeout: float = 300.0
+    rcpt_timeout: float = 300.0
+    data_timeout: float = 120.0  # DATA until 354, and each block of the body
+    done_timeout: float = 600.0  # after the final dot (Delivery_Response_Timeout)
+    rset_timeout: float = 120.0
+    tls: str = "ifavailable"  # "ifavailable" (opportunistic), "required" or "disabled"
+    tls_verify: bool = False  # check the certificate chain and name (with "required")
+    tls_ca: str | None = None  # extra CA file to trust
+    # XFER (seeds 000/001)
+    http_uri: str = "/delay_message"
+    http_method: str = "POST"
+    http_host: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ConnectError(Exception):
+    """The host could not be used: the message was not tried there. `permanent` only for a 5xx
+    greeting from the only host of a destination is decided by the scheduler, not here."""
+
+    def __init__(self, code: int, text: str, *, hop: Hop | None = None):
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+        self.hop = hop
+
+
+class Connection(Protocol):
+    usable: bool  # False once the connection cannot carry another message
+    remote: str  # "ip:port" for logs
+
+    async def deliver(self, sender: str, mail_params: str, rcpts: list[tuple[str, str]],
+                      body: bytes) -> list[RcptResult]:
+        """One transaction; one result per recipient, in order. Never raises for what the next
+        hop answers or for a lost connection: those become TEMP/PERM results (and usable=False)."""
+        ...
+
+    async def close(self) -> None:
+        """QUIT politely if possible, then close; never raises."""
+        ...

@@ -1,0 +1,134 @@
+"""Resolve MX, A and AAAA records through aiodns, with TTL caching and bounded CNAME chasing."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+import aiodns
+import aiodns.error
+
+# c-ares status codes (pycares.errno) that aiodns puts in DNSError.args[0].
+ARES_ENODATA = 1
+ARES_EFORMERR = 2
+ARES_ESERVFAIL = 3
+ARES_ENOTFOUND = 4
+ARES_EREFUSED = 6
+ARES_ETIMEOUT = 12
+
+T_A, T_CNAME, T_MX, T_AAAA = 1, 5, 15, 28
+
+# RELIABILITY.md case 46: follow MX/A -> CNAME "a reasonable number" of times.
+MAX_CNAME_CHAIN = 8
+# How long an NXDOMAIN is remembered (RFC 2308 negative caching, kept short).
+NEGATIVE_TTL = 60.0
+MIN_TTL = 1.0
+
+
+class DNSTempError(Exception):
+    """SERVFAIL, a timeout, a refusal: the lookup must be retried later (RFC 5321 §5.1)."""
+
+
+class DNSNotFound(Exception):
+    """NXDOMAIN: the name does not exist."""
+
+
+class Resolver:
+    """MX and address lookups; `servers` are "ip:port" strings (empty: the system's resolv.conf)."""
+
+    def __init__(self, servers: list[str] | None = None, timeout: float = 5.0, tries: int = 2):
+        kw = {"timeout": timeout, "tries": tries}
+        if servers:
+            kw["nameservers"] = list(servers)
+        self._servers = servers
+        self._kw = kw
+        self._r: aiodns.DNSResolver | None = None
+        self._cache: dict[tuple[str, int], tuple[float, object]] = {}
+        self.queries = 0
+
+    def _resolver(self) -> aiodns.DNSResolver:
+        if self._r is None:
+            self._r = aiodns.DNSResolver(**self._kw)
+        return self._r
+
+    async def close(self) -> None:
+        if self._r is not None:
+            close = getattr(self._r, "close", None)
+            if close is not None:
+                res = close()
+                if asyncio.iscoroutine(res):
+                    await res
+            self._r = None
+
+    async def _query(self, name: str, qtype: int) -> tuple[list, float]:
+        """Records of `qtype` for `name` (following CNAMEs) and the smallest TTL; [] for no data."""
+        key = (name, qtype)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            if isinstance(hit[1], Exception):
+                raise hit[1]
+            return hit[1]  # type: ignore[return-value]
+        target = name
+        for _ in range(MAX_CNAME_CHAIN + 1):
+            self.queries += 1
+            try:
+                res = await self._resolver().query_dns(target, "MX" if qtype == T_MX else "AAAA" if qtype == T_AAAA else "A")
+            except aiodns.error.DNSError as e:
+                code = e.args[0] if e.args else None
+                if code == ARES_ENODATA:
+                    value: tuple[list, float] = ([], NEGATIVE_TTL)
+                    self._cache[key] = (now + NEGATIVE_TTL, value)
+                    return value
+                if code == ARES_ENOTFOUND:
+                    err = DNSNotFound(f"{name}: no such domain")
+                    self._cache[key] = (now + NEGATIVE_TTL, err)
+                    raise err from None
+                raise DNSTempError(f"{name}: {e.args[1] if len(e.args) > 1 else e}") from None
+            records = [r for r in res.answer if r.type == qtype]
+            ttl = min((r.ttl for r in res.answer), default=NEGATIVE_TTL)
+            if records:
+                value = (records, max(float(ttl), MIN_TTL))
+                self._cache[key] = (now + value[1], value)
+                return value
+            cnames = [r for r in res.answer if r.type == T_CNAME]
+            if not cnames:
+                value = ([], NEGATIVE_TTL)
+                self._cache[key] = (now + NEGATIVE_TTL, value)
+                return value
+            target = cnames[-1].data.cname
+        raise DNSTempError(f"{name}: CNAME chain longer than {MAX_CNAME_CHAIN}")
+
+    async def mx(self, domain: str) -> tuple[list[tuple[int, str]], float]:
+        """(preference, exchange) pairs, lowest first, and the TTL. A null MX (RFC 7505) comes back
+        as [(0, "")]. [] means no MX records (use the implicit MX, RFC 5321 §5.1)."""
+        records, ttl = await self._query(domain, T_MX)
+        pairs = sorted(((r.data.priority, r.data.exchange.rstrip(".").lower()) for r in records))
+        return pairs, ttl
+
+    async def addresses(self, host: str) -> tuple[list[str], float]:
+        """IPv4 then IPv6 addresses of `host` and the smallest TTL; [] if it has none."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [str(ip)], float("inf")
+        a, aaaa = await asyncio.gather(self._query(host, T_A), self._query(host, T_AAAA), return_exceptions=True)
+        out: list[str] = []
+        ttls: list[float] = []
+        errors: list[BaseException] = []
+        for res, attr in ((a, "addr"), (aaaa, "addr")):
+            if isinstance(res, BaseException):
+                errors.append(res)
+                continue
+            out.extend(getattr(r.data, attr) for r in res[0])
+            ttls.append(res[1])
+        if not out and errors:
+            # Prefer the transient error: a SERVFAIL on A with NXDOMAIN on AAAA must defer.
+            for e in errors:
+                if isinstance(e, DNSTempError):
+                    raise e
+            raise errors[0]
+        return out, min(ttls, default=NEGATIVE_TTL)
