@@ -214,6 +214,9 @@ OPTIONS: list[OptionDef] = [
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
               "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
               "\"mainlog\" in the spool's parent directory. Relative to the conf file."),
+    OptionDef("suspend_delivery", t.Bool(), frozenset({GLOBAL}), False,
+              "Accept and queue mail but deliver nothing (Postfix's defer_transports, KumoMTA's "
+              "suspend): for maintenance of the next hops. Queued mail goes out when it is off again."),
     OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
               "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
               "acknowledged with 250 (a process crash still cannot)."),

@@ -89,6 +89,10 @@ TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY = Reply(554, "5.5.1", "TLS already active")
 TLS_NO_PARAMS = Reply(501, "5.5.4", "STARTTLS takes no parameters")
 
+# --- AUTH (case 30): not offered; never in plaintext ---------------------------------------------------
+AUTH_NEEDS_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
+
 # --- Transaction limits and local trouble (cases 13, 17) ---------------------------------------------
 TOO_MANY_MESSAGES = Reply(452, "4.5.3", "Too many messages in this connection")  # case 13 (at MAIL)
 SPOOL_LOW_SPACE = Reply(452, "4.3.1", "Insufficient system storage")  # case 17 (at MAIL)

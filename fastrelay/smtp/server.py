@@ -577,7 +577,10 @@ class Session(asyncio.Protocol):
             path, rest = parse_path(arg[3:], R.BAD_RCPT_SYNTAX, allow_null=False)
             params = parse_params(rest, R.BAD_RCPT_SYNTAX)
         except AddressError as e:
-            out.append(e.reply.wire)
+            # Case 21: an unqualified <u> from a client that may not relay is a relay attempt.
+            inner = arg[3:].strip()
+            unqualified = len(inner) > 2 and inner[0] == "<" and inner[-1] == ">" and "@" not in inner
+            out.append(R.RELAY_DENIED.wire if unqualified and not self.trusted else e.reply.wire)
             self._error(out)
             return
         if params:
@@ -701,6 +704,11 @@ class Session(asyncio.Protocol):
 
     def smtp_HELP(self, arg: str, out: list[bytes]) -> None:
         out.append(R.HELP.wire)
+
+    def smtp_AUTH(self, arg: str, out: list[bytes]) -> None:
+        # RELIABILITY.md case 30: AUTH is not offered; never invite credentials in plaintext.
+        out.append(R.AUTH_NOT_AVAILABLE.wire if self.tls else R.AUTH_NEEDS_TLS.wire)
+        self._error(out)
 
     def smtp_EXPN(self, arg: str, out: list[bytes]) -> None:
         out.append(R.NOT_IMPLEMENTED.wire)
