@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import socket
 
 from fastrelay.config import Config
 from fastrelay.mainlog import MainLog
@@ -29,6 +29,8 @@ class Relay:
         self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
         self.smtp_servers: list[SMTPServer] = []
         self.recovered = 0
+        self.resolver = None
+        self.hostname = cfg.get("Hostname") or socket.gethostname()
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -61,7 +63,23 @@ class Relay:
             self.smtp_servers.append(srv)
 
     async def _start_delivery(self, entries: list) -> None:
-        """Start the scheduler and delivery (issue 4); until then accepted mail stays queued."""
+        """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
+        cfg = self.cfg
+        if cfg.get("suspend_delivery"):
+            log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only")
+            return
+        from fastrelay.delivery.connect import connect
+        from fastrelay.dns import Resolver
+        from fastrelay.queue import Queue
+        from fastrelay.routing import Router
+
+        servers = [f"{h.host}:{h.port or 53}" if ":" not in h.host else f"[{h.host}]:{h.port or 53}"
+                   for h in cfg.get("DNS_Servers")]
+        self.resolver = Resolver(servers or None)
+        router = Router(cfg, self.resolver)
+        self.queue = Queue(cfg, self.spool, router, self.mainlog, connect, submit=self.submit,
+                           hostname=self.hostname)
+        self.queue.enqueue(entries)
 
     def _mainlog_path(self) -> str:
         s = self.cfg.lookup("Mainlog")
@@ -86,6 +104,8 @@ class Relay:
         self.smtp_servers.clear()
         if self.queue is not None:
             await self.queue.stop()
+        if self.resolver is not None:
+            await self.resolver.close()
         if self.spool is not None:
             await self.spool.close()
         if self.mainlog is not None:

@@ -284,7 +284,7 @@ class _Builder:
         sc = Scope(kind, str(addr), f"Listen \"{node.name.text if node.name else addr}\"")
         self.items(node.children, kind, sc, ctx)
         for other in into:
-            if other.address == addr:
+            if other.address == addr and addr.port != 0:  # port 0: each gets its own free port
                 self.fail(node.pos, f"Listen address {addr} is already used at {other.pos}; expected each address once")
                 return
         into.append(ListenScope(addr, node.pos, [sc, ctx["listener"], self.cfg.global_], kind))
