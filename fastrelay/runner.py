@@ -32,6 +32,12 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
         log.error("cannot start: %s", e)
         await relay.stop()
         return 1
+    except Exception as e:  # a bug: one clear line for the operator, the trace at debug level
+        log.error("cannot start: unexpected %s: %s (run with --log-level debug for details)",
+                  type(e).__name__, e)
+        log.debug("startup failure", exc_info=True)
+        await relay.stop()
+        return 1
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     log.info(
         "fastrelay %s ready (%s hot paths, %s loop): %s",
