@@ -69,6 +69,37 @@ class Dest:
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
 
 
+class _Slot:
+    """A connection slot the router granted for one session; `release` is idempotent."""
+
+    __slots__ = ("dest", "host", "is_connecting", "plan", "q", "released")
+
+    def __init__(self, q: Queue, dest: Dest, plan: Plan, host: int):
+        self.q, self.dest, self.plan, self.host = q, dest, plan, host
+        self.released = False
+        self.is_connecting = True
+        dest.sessions += 1
+        dest.connecting += 1
+
+    def connected(self) -> None:
+        if self.is_connecting:
+            self.is_connecting = False
+            self.dest.connecting -= 1
+
+    def release(self, _task: object = None) -> None:
+        if self.released:
+            return
+        self.released = True
+        q, d = self.q, self.dest
+        q.router.release(self.plan, self.host)
+        self.connected()
+        d.sessions -= 1
+        q._kick(d)
+        for waiting in (q._blocked_site.pop(self.plan.site, ()), q._blocked_host.pop(self.host, ())):
+            for w in waiting:
+                q._kick(w)
+
+
 class Queue:
     def __init__(self, cfg: Config, spool, router: Router, mainlog: MainLog, connect: Connector,
                  submit: Callable[[list[tuple[Envelope, bytes]]], Awaitable[Any]] | None = None,
@@ -88,6 +119,10 @@ class Queue:
         self._timer_at = float("inf")
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
+        # Destinations that found no free slot, by the site and hosts they wait for: a release
+        # there wakes them (domains sharing MXs share limits, so one's release is another's slot).
+        self._blocked_site: dict[int, set[Dest]] = {}
+        self._blocked_host: dict[int, set[Dest]] = {}
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0}
 
     # --- intake -------------------------------------------------------------------------------
@@ -166,15 +201,18 @@ class Queue:
                     continue
                 host = self.router.acquire(plan)
                 if host == NO_SLOT:
-                    return  # a session ending kicks the pump again
+                    self._blocked_site.setdefault(plan.site, set()).add(d)
+                    for h in plan.hops:
+                        self._blocked_host.setdefault(h, set()).add(d)
+                    return  # a release on this site or one of its hosts kicks the pump again
                 if host == ALL_DOWN:
                     await self._defer_ready(d, 451, "4.4.1 All hosts for this destination are unavailable")
                     continue
-                # Reserve and release in pairs: the session releases the slot in `finally`.
-                d.sessions += 1
-                d.connecting += 1
+                # Reserve and release in pairs: the slot goes back when the session task ends,
+                # however it ends (even cancelled before its first step, when no `finally` runs).
+                slot = _Slot(self, d, plan, host)
                 self.stats["sessions"] += 1
-                self._spawn(self._session(d, plan, host))
+                self._spawn(self._session(slot)).add_done_callback(slot.release)
         finally:
             d.pumping = False
 
@@ -205,10 +243,10 @@ class Queue:
             d.settings = delivery_settings(self.cfg, d.domain, d.binding, self.hostname)
         return d.settings
 
-    async def _session(self, d: Dest, plan: Plan, host: int) -> None:
+    async def _session(self, slot: _Slot) -> None:
+        d, plan, host = slot.dest, slot.plan, slot.host
         hop = plan.hops[host]
         conn: D.Connection | None = None
-        connecting = True
         try:
             try:
                 conn = await self.connect(hop, self._settings(d))
@@ -219,8 +257,7 @@ class Queue:
                 self.router.host_failed(plan, host)
                 return
             self.router.host_ok(plan, host)
-            d.connecting -= 1
-            connecting = False
+            slot.connected()
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
@@ -232,11 +269,7 @@ class Queue:
                     await conn.close()
                 except Exception:  # close never matters to the outcome
                     log.debug("close failed", exc_info=True)
-            self.router.release(plan, host)
-            if connecting:
-                d.connecting -= 1
-            d.sessions -= 1
-            self._kick(d)
+            slot.release()
 
     def _take(self, d: Dest) -> Item | None:
         while d.ready:

@@ -82,6 +82,7 @@ Mail_From_Timeout = 3s
 Rcpt_To_Timeout = 3s
 Data_Timeout = 3s
 Delivery_Response_Timeout = 3s
+max_connections_per_ip = 1000
 """
 
 
@@ -109,10 +110,18 @@ def body(tid: str, extra: bytes = b"") -> bytes:
 
 async def send(h: RelayHarness, rcpts: list[str], data: bytes, sender: str = "a@example.com") -> str:
     """Send one message through the relay; returns the 250 text (raises on refusal)."""
-    errors, resp = await aiosmtplib.send(data, sender=sender, recipients=rcpts, hostname="127.0.0.1",
-                                         port=h.port, timeout=10)
-    assert errors == {}, errors
-    return resp
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=h.port, timeout=10)
+    await c.connect()
+    try:
+        # Commands by hand: aiosmtplib's sendmail() refuses the null sender <>.
+        assert (await c.execute_command(b"MAIL", f"FROM:<{sender}>".encode())).code == 250
+        for r in rcpts:
+            assert (await c.execute_command(b"RCPT", f"TO:<{r}>".encode())).code == 250
+        resp = await c.data(data)
+        assert resp.code == 250, resp
+        return resp.message
+    finally:
+        await c.quit()
 
 
 def records(h: RelayHarness, kind: str) -> list[list[str]]:

@@ -56,6 +56,7 @@ async def test_quoted_local_part_reaches_the_sink_byte_exact(dns, sinks, relay):
     assert resp.code == 250
     await c.data(body("quoted"))
     await c.quit()
-    (msg,) = await sink.wait_for(1)
-    assert msg.rcpt_tos == ['"john..doe"@example.net']
+    await sink.wait_for(1)
+    # aiosmtpd unquotes local parts in its envelope; the command line is the wire bytes.
+    assert 'RCPT TO:<"john..doe"@example.net>' in sink.sessions[0].commands
 
