@@ -19,7 +19,7 @@
 # Group commit (P1 + PERF.md: one fsync per message caps near 2,000/s, a group of 100 reaches
 # ~154,000 records/s): one writer thread owns the write connection. It blocks for the first queued
 # operation, takes everything else waiting (up to max_batch), runs it all in ONE transaction
-# (BEGIN IMMEDIATE ... COMMIT, executemany for runs of the same kind), and then wakes every waiting
+# (BEGIN IMMEDIATE ... COMMIT, multi-row statements for runs of the same kind), and then wakes every waiting
 # asyncio future with ONE loop.call_soon_threadsafe. The futures complete only after COMMIT returned,
 # i.e. after the WAL was fsync'd (synchronous=FULL): that is the "commit before ack" of P1. While the
 # writer waits for its fsync (the GIL is released), the event loop keeps queueing, so batches grow
@@ -145,6 +145,32 @@ _UPD_HWM = "UPDATE meta SET v = max(v, ?) WHERE k = 'next_id'"
 _UPD_ENV = "UPDATE msg SET domain=?, binding=?, next_attempt=?, attempts=?, env=? WHERE id=?"
 _DEL_MSG = "DELETE FROM msg WHERE id=?"
 _DEL_BODY = "DELETE FROM body WHERE id=?"
+
+# Runs of inserts and removals go to SQLite as multi-row statements of up to _CHUNK rows: one
+# sqlite3_step each instead of one per row. The writer drops the GIL for every step and must get it
+# back afterwards, which can take up to the switch interval (5 ms) when the event loop is busy, so
+# fewer steps per batch is lower ack latency under load (see the latency note above).
+_CHUNK = 64
+_MULTI: dict[tuple[str, int], str] = {}
+
+
+def _multi_sql(kind: str, n: int) -> str:
+    sql = _MULTI.get((kind, n))
+    if sql is None:
+        if kind == "msg":
+            sql = _INS_MSG.replace("(?,?,?,?,?,?,?,?)", ",".join(["(?,?,?,?,?,?,?,?)"] * n))
+        elif kind == "body":
+            sql = _INS_BODY.replace("(?,?,?,?)", ",".join(["(?,?,?,?)"] * n))
+        else:  # "del_msg" / "del_body"
+            sql = f"DELETE FROM {kind[4:]} WHERE id IN ({','.join(['?'] * n)})"
+        _MULTI[(kind, n)] = sql
+    return sql
+
+
+def _multi(execute: Any, kind: str, rows: list) -> None:
+    for k in range(0, len(rows), _CHUNK):
+        chunk = rows[k : k + _CHUNK]
+        execute(_multi_sql(kind, len(chunk)), [v for row in chunk for v in row])
 # Keep what is readable of an entry (the envelope row, the body row, or both) with a reason (P6).
 _INS_QUAR = (
     "INSERT INTO quarantine(id, reason, at, domain, env, data, len, crc)"
@@ -247,7 +273,6 @@ class Spool:
         self._reserve_path = os.path.join(directory, "spool.reserve")
         self._reserve_size = min(max(min_free_bytes // 2, 256 * 1024), 64 * 1024 * 1024)
         self._ckpt_bytes = min(max(self._reserve_size // 8, 32 * 1024), 4 * 1024 * 1024)
-        self._restart_frames = min(max(self._reserve_size // 2, 128 * 1024), 16 * 1024 * 1024) // _PAGE
         # Bytes (estimated) the writer has put in the WAL in all, and how many of them were surely
         # copied into spool.db by a complete checkpoint: their difference must stay within the
         # reserve, or a full disk could leave a WAL that no checkpoint can finish.
@@ -318,7 +343,9 @@ class Spool:
             self._lock_fd = None
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0, cached_statements=512
+        )
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
@@ -731,10 +758,16 @@ class Spool:
                     "restored" if self._reserve_held else "not restored, using free pages in spool.db")
         return True
 
-    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> bool:
-        """Run a checkpoint; True if the whole WAL is now in spool.db (so the WAL can restart)."""
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str, wait: bool = True) -> bool:
+        """Run a checkpoint; True if the whole WAL is now in spool.db (so the WAL can restart).
+
+        wait: first wait for a checkpoint running in the checkpointer (it would make this one BUSY).
+        """
         try:
-            with self._ckpt_lock:  # a checkpoint running in the checkpointer would make this one BUSY
+            if wait:
+                with self._ckpt_lock:
+                    busy, nlog, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            else:
                 busy, nlog, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
             self.stats["checkpoints"] += 1
             return busy == 0 and nlog == done
@@ -746,8 +779,9 @@ class Spool:
         """Checkpoint beside the writer, so that commits (and the acks waiting on them) never wait for one.
 
         PASSIVE copies what it can without taking any lock the writer needs. Under a steady load it
-        never catches up with the writer, so the WAL would only grow: past _RESTART_FRAMES a RESTART
-        finishes the copy (the writer waits for the few frames left) and the WAL starts over.
+        never quite catches up with the writer, so the WAL would only grow: the writer itself runs a
+        RESTART (copying the few frames left, then the WAL starts over) when the backlog passes
+        _backlog_limit. A RESTART here would hold the writer off for its whole duration instead.
         """
         try:
             conn = self._connect()
@@ -764,8 +798,6 @@ class Spool:
                     mark = self._written
                     with self._ckpt_lock:
                         busy, nlog, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                        if nlog >= self._restart_frames:
-                            busy, nlog, done = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                     if busy == 0 and nlog == done:
                         self._ckpt_mark = mark  # all that was written before `mark` is in spool.db
                     self.stats["checkpoints"] += 1
@@ -816,8 +848,8 @@ class Spool:
                         wal_bytes += op[5]
                         if op[4] > hwm:
                             hwm = op[4]
-                executemany(_INS_MSG, msg_rows)
-                executemany(_INS_BODY, body_rows)
+                _multi(execute, "msg", msg_rows)
+                _multi(execute, "body", body_rows)
                 execute(_UPD_HWM, (hwm,))
                 items += len(msg_rows)
             elif kind == _UPDATE:
@@ -825,8 +857,8 @@ class Spool:
                 wal_bytes += (j - i) * _PAGE
             elif kind == _REMOVE:
                 keys = [batch[k][2] for k in range(i, j)]
-                executemany(_DEL_MSG, keys)
-                executemany(_DEL_BODY, keys)
+                _multi(execute, "del_msg", keys)
+                _multi(execute, "del_body", keys)
                 wal_bytes += (j - i) * _PAGE
                 freed = True
             else:  # _QUARANTINE
@@ -852,10 +884,11 @@ class Spool:
             self._wal_bytes = 0
             self._ckpt_event.set()
         if self._written - self._ckpt_mark > self._backlog_limit:
-            # The checkpointer fell behind: the WAL holds more than the reserve could absorb if the
-            # disk filled up now. Catch up here (the writer waits; it only happens under pressure).
+            # The WAL holds more than the reserve could absorb if the disk filled up now: finish the
+            # checkpoint here so the WAL restarts. Without waiting for a PASSIVE one running in the
+            # checkpointer (this one is then BUSY and is tried again after the next batch).
             mark = self._written
-            if self._checkpoint(conn, "RESTART"):
+            if self._checkpoint(conn, "RESTART", wait=False):
                 self._ckpt_mark = mark
 
     def _wake(self, batch: list, errors: list | None) -> None:
