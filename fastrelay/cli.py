@@ -31,7 +31,7 @@ def _load(path: str):
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg, err = _load(args.file)
+    _cfg, err = _load(args.file)
     if err is not None:
         for e in err.errors:
             print(e, file=sys.stderr)

@@ -18,6 +18,7 @@ ARES_EREFUSED = 6
 ARES_ETIMEOUT = 12
 
 T_A, T_CNAME, T_MX, T_AAAA = 1, 5, 15, 28
+_QTYPE_NAMES = {T_A: "A", T_MX: "MX", T_AAAA: "AAAA"}
 
 # RELIABILITY.md case 46: follow MX/A -> CNAME "a reasonable number" of times.
 MAX_CNAME_CHAIN = 8
@@ -74,7 +75,7 @@ class Resolver:
         for _ in range(MAX_CNAME_CHAIN + 1):
             self.queries += 1
             try:
-                res = await self._resolver().query_dns(target, "MX" if qtype == T_MX else "AAAA" if qtype == T_AAAA else "A")
+                res = await self._resolver().query_dns(target, _QTYPE_NAMES[qtype])
             except aiodns.error.DNSError as e:
                 code = e.args[0] if e.args else None
                 if code == ARES_ENODATA:
@@ -104,7 +105,7 @@ class Resolver:
         """(preference, exchange) pairs, lowest first, and the TTL. A null MX (RFC 7505) comes back
         as [(0, "")]. [] means no MX records (use the implicit MX, RFC 5321 §5.1)."""
         records, ttl = await self._query(domain, T_MX)
-        pairs = sorted(((r.data.priority, r.data.exchange.rstrip(".").lower()) for r in records))
+        pairs = sorted((r.data.priority, r.data.exchange.rstrip(".").lower()) for r in records)
         return pairs, ttl
 
     async def addresses(self, host: str) -> tuple[list[str], float]:

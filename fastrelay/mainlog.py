@@ -44,7 +44,7 @@ class MainLog:
             self._f = sys.stderr
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)  # noqa: SIM115
+        self._f = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
 
     def close(self) -> None:
         self.flush()

@@ -24,7 +24,7 @@ async def spool_contents(dir: Path) -> dict[str, bytes]:
         for e in sp.recover():
             got = await sp.load(e.id)
             assert got is not None, f"spool entry {e.id} is corrupt or gone"
-            env, body = got
+            _env, body = got
             m = re.search(rb"X-Test-Id: (\S+)", body)
             out[m.group(1).decode()] = body
         return out
@@ -46,7 +46,7 @@ async def sender(port: int, worker: int, outcome: dict[str, str], stop: asyncio.
             return
         try:
             await c.expect(220)
-            await c.command("EHLO w%d" % worker)
+            await c.command(f"EHLO w{worker}")
             while not stop.is_set():
                 tid = f"w{worker}m{n}"
                 n += 1

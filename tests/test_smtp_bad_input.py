@@ -74,11 +74,11 @@ async def test_case01_nul_before_the_dot_is_not_an_end(relay):
     c = await connect(relay)
     await transaction(c)
     await c.send(b"Subject: x\r\n\r\na\r\n\x00.\r\nstill body\r\n.\r\n")
-    code, lines = await c.read_reply()
+    code, _lines = await c.read_reply()
     assert code == 250  # NUL is carried byte-exact (case 25), and it did not end DATA
     await c.close()
     await relay.stop()
-    (env, body), = await relay.spooled()
+    (_env, body), = await relay.spooled()
     assert body.endswith(b"a\r\n\x00.\r\nstill body\r\n")
 
 
@@ -102,7 +102,7 @@ async def test_case02_bare_lf_normalized_for_listed_clients(tmp_path):
         await c.close()
     finally:
         await h.stop()
-    (env, body), = await h.spooled()
+    (_env, body), = await h.spooled()
     assert body.endswith(b"Subject: x\r\n\r\nline1\r\nline2\r\n")
 
 

@@ -113,7 +113,7 @@ async def test_message_fed_one_byte_at_a_time(relay):
         code, _ = await c.read_reply()
         assert code == 250
     await relay.stop()
-    (env, body), = await relay.spooled()
+    (_env, body), = await relay.spooled()
     assert body.endswith(MSG + b".dot\r\n")  # dot-unstuffed
 
 
@@ -130,7 +130,7 @@ async def test_bdat_chunks(relay):
         code, lines = await c.read_reply()
         assert code == 250 and lines[0].startswith("2.0.0 OK queued as")
     await relay.stop()
-    (env, body), = await relay.spooled()
+    (_env, body), = await relay.spooled()
     assert body.endswith(MSG)
 
 

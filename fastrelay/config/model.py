@@ -191,7 +191,8 @@ class _Builder:
             if close:
                 msg += f"; did you mean '{S.BY_KEY[close[0]].name}'?"
             elif node.key in S.STANZA_BY_KEY:
-                msg += f"; '{S.STANZA_BY_KEY[node.key].name}' is a stanza: write {S.STANZA_BY_KEY[node.key].name} NAME {{ ... }}"
+                stanza = S.STANZA_BY_KEY[node.key].name
+                msg += f"; '{stanza}' is a stanza: write {stanza} NAME {{ ... }}"
             else:
                 msg += "; expected a known option name (see docs/config.md)"
             self.fail(node.pos, msg)
@@ -226,7 +227,8 @@ class _Builder:
             return
         if parent_kind not in sdef.parents:
             where = " or ".join(S.SCOPE_NAMES[p] for p in sorted(sdef.parents))
-            self.fail(node.pos, f"{_a(sdef.name)} stanza is not valid in {S.SCOPE_NAMES[parent_kind]}; expected it in {where}")
+            self.fail(node.pos, f"{_a(sdef.name)} stanza is not valid in {S.SCOPE_NAMES[parent_kind]}; "
+                                f"expected it in {where}")
             return
         kind = S.NESTED_SCOPE.get((parent_kind, sdef.scope), sdef.scope)
         name: Any = None
@@ -306,7 +308,8 @@ class _Builder:
         src = sc.get("source")
         if src is None:
             if len(self.errors) == before:
-                self.fail(node.pos, f"script {name} has no source; expected source = \"msys.xfer.server\" or \"msys.xfer.client\"")
+                self.fail(node.pos, f"script {name} has no source; "
+                                    'expected source = "msys.xfer.server" or "msys.xfer.client"')
             return
         self.cfg.scripts[src[0]] = (name, src[1])
 

@@ -198,7 +198,9 @@ class _Parser:
                     )
                 items.append(Atom(t[1], t[0] == T.STRING, _tok_pos(t)))
                 self.i += 1
-        raise _tok_pos(tok).error(f"unexpected {_describe(tok)}; expected a value (a word, a number, a string or a list)")
+        raise _tok_pos(tok).error(
+            f"unexpected {_describe(tok)}; expected a value (a word, a number, a string or a list)"
+        )
 
     def parse_include(self, inc_tok: tuple) -> list[Node]:
         tok = self.peek()

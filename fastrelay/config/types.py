@@ -339,7 +339,10 @@ def parse_route(text: str) -> Route:
 
 
 class Routes(OptType):
-    expected = 'a list of routes: ( "host" "__mx__" "smtp://ip?pref=P&ttl=T&port=O&type=mx|a" "lmtp://host" "xfer://host?port=N" )'
+    expected = (
+        'a list of routes: ( "host" "__mx__" "smtp://ip?pref=P&ttl=T&port=O&type=mx|a" "lmtp://host" '
+        '"xfer://host?port=N" )'
+    )
     is_list = True
 
     def convert_list(self, items: list[Atom]) -> tuple[Route, ...]:

@@ -355,7 +355,7 @@ class Session(asyncio.Protocol):
 
     def check_timers(self, now: float, idle: float) -> None:
         """Called once a second by the server's sweep (RELIABILITY.md case 14)."""
-        if self.state == S_CLOSING or self.busy and not self.write_paused:
+        if self.state == S_CLOSING or (self.busy and not self.write_paused):
             return
         s = self.srv.s
         reply = None
@@ -672,6 +672,7 @@ class Session(asyncio.Protocol):
             self._bdat_orphan = False
 
     _bdat_orphan = False
+    _tls_task: asyncio.Future | None = None
 
     def _bdat_chunk_done(self, nbytes: int, out: list[bytes]) -> None:
         tx = self.tx
@@ -739,7 +740,7 @@ class Session(asyncio.Protocol):
         out.clear()
         self.transport.pause_reading()
         self.busy = True
-        asyncio.ensure_future(self._starttls())
+        self._tls_task = asyncio.ensure_future(self._starttls())
 
     async def _starttls(self) -> None:
         loop = asyncio.get_running_loop()
@@ -748,7 +749,7 @@ class Session(asyncio.Protocol):
                 self.transport, self, self.srv.s.tls, server_side=True,
                 ssl_handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             log.info("TLS handshake with %s failed: %s", self.peer_ip, e)
             self._close()
             return

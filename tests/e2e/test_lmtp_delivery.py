@@ -9,7 +9,7 @@ async def test_lmtp_route_per_recipient_results(dns, sinks, relay, sink_port):
     (store,) = await sinks(1, lmtp=True)
     h = await relay(f'Domain store.test {{ Routes = ( "lmtp://127.0.0.2?port={sink_port}" ) }}\n')
     await send(h, ["a@store.test", "data-tempfail@store.test", "data-permfail@store.test"], body("l1"))
-    (msg,) = await store.wait_for(1)
+    (_msg,) = await store.wait_for(1)
     await _settle(h)
     # (The DSN for the permanent failure goes to a@example.com, which bounces here too: no DNS.)
     d = {r[3] for r in records(h, "D") if r[4] == "store.test"}

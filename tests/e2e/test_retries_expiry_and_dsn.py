@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import itertools
 
 from tests.e2e.conftest import body, drained, records, send
 
@@ -20,7 +21,7 @@ async def test_transient_failure_is_retried_then_delivered(dns, sinks, relay):
     sink.faults.set("rcpt", reply="451 4.3.0 try later", times=2)
     h = await relay()
     await send(h, ["x@retry.test"], body("r1"))
-    (msg,) = await sink.wait_for(1, timeout=15)
+    (_msg,) = await sink.wait_for(1, timeout=15)
     await drained(h)
     t = records(h, "T")
     assert len(t) == 2 and all(r[10].startswith("451 4.3.0") for r in t)
@@ -98,7 +99,7 @@ async def test_backoff_doubles_up_to_max_retry_interval(dns, sinks, relay):
     await send(h, ["x@slow.test"], body("bo"))
     await asyncio.sleep(6.5)
     times = [float(r[0]) for r in records(h, "T")]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) >= 2
     assert 0.8 <= gaps[0] <= 1.6  # retry_interval
     assert all(1.8 <= g <= 2.6 for g in gaps[1:])  # doubled, capped at max_retry_interval
