@@ -290,10 +290,18 @@ class Queue:
             if not idx:
                 await self._done(it, env)
                 return
-            results = await conn.deliver(env.sender, env.mail_params,
-                                         [(env.recipients[i].address, env.recipients[i].params) for i in idx], body)
+            if hop.proto == "xfer":
+                # XFER is one more delivery method behind the same scheduler; the peer dedupes on
+                # (this spool's node, this entry's id) if a lost 200 makes us send it again.
+                results = await conn.transfer(env, idx, body, (self.spool.node_id, str(it.id)))
+            else:
+                results = await conn.deliver(
+                    env.sender, env.mail_params,
+                    [(env.recipients[i].address, env.recipients[i].params) for i in idx], body,
+                )
             crashpoint("after_remote_ok")
-            await self._apply(it, env, body, idx, results, f"{hop.ip}:{hop.port}")
+            await self._apply(it, env, body, idx, results, f"{hop.ip}:{hop.port}",
+                              ok_kind="X" if hop.proto == "xfer" else "D")
         except Exception:
             # A bug or an unexpected failure must not kill the worker or lose the message
             # (RELIABILITY.md case 50): retry later; quarantine a message that keeps failing.
@@ -313,7 +321,8 @@ class Queue:
         self._schedule(it, time.time())
 
     # --- outcomes -----------------------------------------------------------------------------
-    async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str) -> None:
+    async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
+                     ok_kind: str = "D") -> None:
         size = len(body)
         failed: list[int] = []
         temp = False
@@ -323,7 +332,7 @@ class Queue:
             if res.status == D.OK:
                 r.state = DELIVERED
                 self.stats["delivered"] += 1
-                self.mainlog.outcome("D", env, r.address, size, remote, res.response)
+                self.mainlog.outcome(ok_kind, env, r.address, size, remote, res.response)
             elif res.status == D.PERM:
                 r.state = FAILED
                 failed.append(i)
@@ -456,4 +465,7 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         http_uri=g("HTTP_URI", domain, binding),
         http_method=g("HTTP_METHOD", domain, binding),
         http_host=g("HTTP_HOST", domain, binding),
+        teleport=g("teleport_enabled", domain, binding),
+        xfer_secret=g("xfer_secret", domain, binding),
+        xfer_token=g("xfer_token", domain, binding),
     )

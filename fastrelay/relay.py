@@ -28,6 +28,7 @@ class Relay:
         self.mainlog: MainLog | None = None
         self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
         self.smtp_servers: list[SMTPServer] = []
+        self.xfer_servers: list = []
         self.recovered = 0
         self.resolver = None
         self.hostname = cfg.get("Hostname") or socket.gethostname()
@@ -50,6 +51,7 @@ class Relay:
         except OSError as e:
             raise StartupError(f"mainlog {self.mainlog.path}: {e.strerror or e}") from None
         await self._start_delivery(entries)
+        await self._start_xfer_server()
         for listen in cfg.esmtp_listens:
             try:
                 settings = ListenSettings(listen)
@@ -81,6 +83,29 @@ class Relay:
                            hostname=self.hostname)
         self.queue.enqueue(entries)
 
+    async def _start_xfer_server(self) -> None:
+        """Seeds 000/001: `script ... { source = "msys.xfer.server" }` plus HTTP_Listener."""
+        cfg = self.cfg
+        if not cfg.xfer_server_enabled:
+            return
+        if not cfg.http_listens:
+            raise StartupError("msys.xfer.server is loaded but there is no HTTP_Listener to serve it on")
+        from fastrelay.xfer.server import XferServer, XferServerSettings
+
+        for listen in cfg.http_listens:
+            settings = XferServerSettings.from_listen(listen)
+            if not settings.secret and not settings.tokens:
+                raise StartupError(
+                    f"XFER server on {listen.address}: set xfer_secret (or xfer_tokens); without "
+                    "authentication an XFER server is an open relay (docs/xfer.md)"
+                )
+            srv = XferServer(settings, self)
+            try:
+                await srv.start(listen.address.host or None, listen.address.port)
+            except OSError as e:
+                raise StartupError(f"HTTP listener {listen.address}: {e.strerror or e}") from None
+            self.xfer_servers.append(srv)
+
     def _mainlog_path(self) -> str:
         s = self.cfg.lookup("Mainlog")
         if s.value is None:
@@ -96,12 +121,20 @@ class Relay:
                 addr = sock.getsockname()
                 host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 out.append(f"smtp on {host}:{addr[1]}")
+        for xsrv in self.xfer_servers:
+            for sock in xsrv.sockets:
+                addr = sock.getsockname()
+                host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                out.append(f"xfer on {host}:{addr[1]}")
         return out
 
     async def stop(self) -> None:
         for srv in self.smtp_servers:
             await srv.stop()
         self.smtp_servers.clear()
+        for xsrv in self.xfer_servers:
+            await xsrv.stop()
+        self.xfer_servers.clear()
         if self.queue is not None:
             await self.queue.stop()
         if self.resolver is not None:
@@ -123,3 +156,20 @@ class Relay:
         if self.queue is not None:
             self.queue.enqueue(entries)
         return entries
+
+    # --- XFER intake (what the XFER server hands transfers to) ----------------------------------
+    @property
+    def node_id(self) -> str:
+        return self.spool.node_id
+
+    async def submit_transfer(self, items: list[tuple[Envelope, bytes]], key: tuple[str, str]) -> tuple[str, bool]:
+        """Make a transfer durable at most once per (origin node, origin id) (RELIABILITY.md case
+        36); returns (our msgid, duplicate). Only then may the XFER server answer 200 (P1)."""
+        entries, dup = await self.spool.add_once(items, key)
+        if dup is not None:
+            return dup, True
+        for env, body in items:
+            self.mainlog.received(env, len(body))
+        if self.queue is not None:
+            self.queue.enqueue(entries)
+        return items[0][0].msgid, False

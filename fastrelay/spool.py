@@ -134,7 +134,14 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS quarantine(qid INTEGER PRIMARY KEY, id INTEGER, reason TEXT, at REAL,"
     " domain TEXT, env TEXT, data BLOB, len INTEGER, crc INTEGER)",
     "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v)",
+    # XFER idempotency (RELIABILITY.md case 36): a transfer already taken, by (origin node, origin id).
+    "CREATE TABLE IF NOT EXISTS xfer_seen(node TEXT, origin TEXT, msgid TEXT, at REAL, PRIMARY KEY(node, origin))",
 )
+_SEL_XFER = "SELECT msgid FROM xfer_seen WHERE node = ? AND origin = ?"
+_INS_XFER = "INSERT INTO xfer_seen(node, origin, msgid, at) VALUES (?, ?, ?, ?)"
+_PRUNE_XFER = "DELETE FROM xfer_seen WHERE at < ?"
+# How long a transfer's key is remembered: far longer than any sender retries a lost 200.
+XFER_KEY_TTL = 14 * 86400.0
 
 _INS_MSG = (
     "INSERT INTO msg(id, domain, binding, next_attempt, attempts, first_queued, size, env)"
@@ -487,6 +494,7 @@ class Spool:
                 for mid, reason in bad:
                     log.error("spool: message %d quarantined at recovery: %s", mid, reason)
                 self.stats["quarantined"] += len(bad)
+            conn.execute(_PRUNE_XFER, (time.time() - XFER_KEY_TTL,))
             return out
         except sqlite3.Error as e:
             raise _spool_error(e, "spool recovery failed") from e
@@ -515,10 +523,21 @@ class Spool:
         Sets env.msgid (if empty) from the id, and env.first_queued / env.received_at if they are 0.
         Raises SpoolError (SpoolFull for a full disk): then none of the items is stored.
         """
+        entries, _ = await self._add(items, None)
+        return entries
+
+    async def add_once(self, items: list[tuple[Envelope, bytes]], key: tuple[str, str]) -> tuple[list[IndexEntry], str | None]:
+        """As add(), but at most once per `key` (origin node, origin id): the check and the insert
+        are one transaction. Returns (entries, None) when stored now, or ([], msgid) with the msgid
+        given the first time when the key was seen before (RELIABILITY.md case 36)."""
+        return await self._add(items, key)
+
+    async def _add(self, items: list[tuple[Envelope, bytes]],
+                   key: tuple[str, str] | None) -> tuple[list[IndexEntry], str | None]:
         if not self._open or self._closed:
             raise SpoolError("spool is closed" if self._closed else "spool is not open")
         if not items:
-            return []
+            return [], None
         now = time.time()
         mid = self._next_id
         self._next_id = mid + len(items)
@@ -549,8 +568,11 @@ class Spool:
                 mid += 1
         except (TypeError, ValueError) as e:
             raise SpoolError(f"cannot serialize envelope: {e}") from e
-        await self._submit([_ADD, None, msg_rows, body_rows, mid, wal])
-        return entries
+        # [kind, future, msg rows, body rows, id high-water mark, WAL bytes, XFER key, result, msgid]
+        dup = await self._submit([_ADD, None, msg_rows, body_rows, mid, wal, key, None, items[0][0].msgid])
+        if dup is not None:
+            return [], dup
+        return entries, None
 
     async def _update(self, id: int, env: Envelope) -> None:
         try:
@@ -832,7 +854,24 @@ class Spool:
             j = i + 1
             while j < n and batch[j][0] == kind:
                 j += 1
-            if kind == _ADD:
+            if kind == _ADD and any(batch[k][6] is not None for k in range(i, j)):
+                # Keyed (XFER) adds one by one: each checks its key in this same transaction.
+                now = time.time()
+                for k in range(i, j):
+                    op = batch[k]
+                    op[7] = None
+                    wal_bytes += op[5]
+                    if op[6] is not None:
+                        row = execute(_SEL_XFER, op[6]).fetchone()
+                        if row is not None:
+                            op[7] = row[0]
+                            continue
+                        execute(_INS_XFER, (op[6][0], op[6][1], op[8], now))
+                    _multi(execute, "msg", op[2])
+                    _multi(execute, "body", op[3])
+                    execute(_UPD_HWM, (op[4],))
+                    items += len(op[2])
+            elif kind == _ADD:
                 if j - i == 1:
                     op = batch[i]
                     msg_rows, body_rows, hwm = op[2], op[3], op[4]
@@ -996,17 +1035,18 @@ class Spool:
 
 
 def _resolve_writes(batch: list, errors: list | None) -> None:
+    # An add's result is the msgid of an earlier transfer with the same key, or None.
     if errors is None:
         for op in batch:
             fut = op[1]
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(op[7] if op[0] == _ADD else None)
     else:
         for op, err in zip(batch, errors, strict=True):
             fut = op[1]
             if not fut.done():
                 if err is None:
-                    fut.set_result(None)
+                    fut.set_result(op[7] if op[0] == _ADD else None)
                 else:
                     fut.set_exception(err)
 

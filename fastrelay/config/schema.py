@@ -42,6 +42,7 @@ SCOPE_NAMES = {
 OUTBOUND = frozenset({GLOBAL, BINDING_GROUP, BINDING, DOMAIN, BINDING_DOMAIN})
 ROUTING = frozenset({GLOBAL, DOMAIN, BINDING_DOMAIN})
 LISTENER = frozenset({GLOBAL, ESMTP_LISTENER, ESMTP_LISTEN})
+HTTP = frozenset({GLOBAL, HTTP_LISTENER, HTTP_LISTEN})
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,33 @@ OPTIONS: list[OptionDef] = [
     OptionDef("teleport_enabled", t.Bool(), OUTBOUND, False,
               "Keep the message's context (schedule, attempts, first-queued time, metadata) across "
               "an XFER transfer instead of starting afresh on the receiver."),
-    OptionDef("HTTP_URI", t.URIPath(), OUTBOUND, "/delay_message",
-              "The path XFER transfers are sent to."),
-    OptionDef("HTTP_METHOD", t.Enum("POST", "PUT"), OUTBOUND, "POST",
-              "The HTTP method of XFER transfers."),
+    OptionDef("HTTP_URI", t.URIPath(), OUTBOUND | HTTP, "/delay_message",
+              "The path XFER transfers are sent to (in a Domain), and accepted on (at an HTTP_Listener "
+              "or global)."),
+    OptionDef("HTTP_METHOD", t.Enum("POST", "PUT"), OUTBOUND | HTTP, "POST",
+              "The HTTP method of XFER transfers, sent and accepted."),
     OptionDef("HTTP_HOST", t.String(nonempty=True, expected="a host name for the HTTP Host header"),
               OUTBOUND, None,
               "The Host header of XFER transfers; unset means the route's host and port."),
+    OptionDef("xfer_secret", t.String(nonempty=True, expected="a shared secret"), OUTBOUND | HTTP, None,
+              "The XFER shared secret: the client signs each transfer with HMAC-SHA256 over method, "
+              "path, body hash, timestamp and nonce (docs/xfer.md); the server accepts only valid "
+              "signatures inside xfer_replay_window. An XFER server needs xfer_secret or xfer_tokens: "
+              "without authentication it would be an open relay."),
+    OptionDef("xfer_token", t.String(nonempty=True, expected="a bearer token"), OUTBOUND, None,
+              "A bearer token the XFER client sends when no xfer_secret is set."),
+    OptionDef("xfer_tokens", t.StringList(), HTTP, (),
+              "Bearer tokens the XFER server accepts (besides HMAC signatures with xfer_secret)."),
+    OptionDef("xfer_allowed_clients", t.CIDRList(), HTTP, _nets("127.0.0.0/8", "::1/128"),
+              "Networks the XFER server accepts transfers from (403 for others), on top of "
+              "authentication. The default is loopback only."),
+    OptionDef("xfer_max_body", t.Size(lo=1024), HTTP, 64 * 1024 * 1024,
+              "The largest XFER request body accepted (413 beyond it)."),
+    OptionDef("xfer_max_hops", t.Int(1, 100), HTTP, 10,
+              "Transfers that already passed through more XFER nodes than this are refused as a loop (508)."),
+    OptionDef("xfer_replay_window", t.Time(lo=1), HTTP, 300.0,
+              "How far a signed transfer's timestamp may be from the server's clock; nonces are "
+              "remembered this long so a captured request cannot be replayed."),
     # --- Receiving ---------------------------------------------------------------------------
     OptionDef("relay_hosts", t.CIDRList(), LISTENER, _nets("127.0.0.0/8", "::1/128"),
               "Clients that may relay (CIDRs). The innermost scope wins: Listen, then ESMTP_Listener, "

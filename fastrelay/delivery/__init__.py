@@ -10,7 +10,10 @@ mark the host down and try the next one (RELIABILITY.md cases 38, 39, 45).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from fastrelay.message import Envelope
 
 # Recipient outcomes.
 OK = 0  # accepted by the next hop (2xx)
@@ -60,6 +63,9 @@ class Settings:
     http_uri: str = "/delay_message"
     http_method: str = "POST"
     http_host: str | None = None
+    teleport: bool = False  # teleport_enabled: send the message's context along
+    xfer_secret: str | None = None
+    xfer_token: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -87,3 +93,19 @@ class Connection(Protocol):
     async def close(self) -> None:
         """QUIT politely if possible, then close; never raises."""
         ...
+
+
+class Transferring(Protocol):
+    """An XFER connection (hop.proto == "xfer"): it needs the whole envelope, not just the
+    addresses, so the scheduler calls `transfer` instead of `deliver`."""
+
+    usable: bool
+    remote: str
+
+    async def transfer(self, env: Envelope, idx: list[int], body: bytes, key: tuple[str, str]) -> list[RcptResult]:
+        """Send the recipients `idx` of `env` with `body` to the XFER peer; `key` is (origin node,
+        origin id) for the peer's idempotency. One result per index: OK only after the peer's
+        200 carrying its own durable id (RELIABILITY.md P4)."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,46 @@
+"""Spool.add_once: a transfer's (origin node, origin id) is stored at most once, across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastrelay.message import Envelope, Recipient
+from fastrelay.spool import Spool
+
+
+def item(tag: str) -> tuple[Envelope, bytes]:
+    return Envelope("a@x.test", [Recipient(f"{tag}@y.test")], "y.test"), f"body {tag}\r\n".encode()
+
+
+async def test_add_once_dedupes_and_survives_restart(tmp_path):
+    sp = Spool(str(tmp_path / "s"))
+    await sp.open()
+    sp.recover()
+    entries, dup = await sp.add_once([item("first")], ("node-a", "17"))
+    assert dup is None and len(entries) == 1
+    (env, _) = await sp.load(entries[0].id)
+    first_msgid = env.msgid
+    again, dup = await sp.add_once([item("again")], ("node-a", "17"))
+    assert again == [] and dup == first_msgid
+    other, dup = await sp.add_once([item("other")], ("node-b", "17"))  # another origin node
+    assert dup is None and len(other) == 1
+    await sp.close()
+    sp = Spool(str(tmp_path / "s"))
+    await sp.open()
+    assert len(sp.recover()) == 2
+    _, dup = await sp.add_once([item("after-restart")], ("node-a", "17"))
+    assert dup == first_msgid
+    await sp.close()
+
+
+async def test_concurrent_resends_in_one_batch_store_once(tmp_path):
+    sp = Spool(str(tmp_path / "s"))
+    await sp.open()
+    sp.recover()
+    results = await asyncio.gather(*(sp.add_once([item(f"r{i}")], ("node-a", "9")) for i in range(10)))
+    stored = [r for r in results if r[1] is None]
+    dups = [r for r in results if r[1] is not None]
+    assert len(stored) == 1 and len(dups) == 9
+    assert {d[1] for d in dups} == {(await sp.load(stored[0][0][0].id))[0].msgid}
+    assert len(sp.recover()) == 1
+    await sp.close()
