@@ -63,6 +63,11 @@ class Relay:
             except OSError as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e.strerror or e}") from None
             self.smtp_servers.append(srv)
+        if self.queue is not None:
+            for srv in self.smtp_servers:
+                for sock in srv.sockets:
+                    addr = sock.getsockname()
+                    self.queue.router.own_addresses.add((addr[0], addr[1]))
 
     async def _start_delivery(self, entries: list) -> None:
         """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""

@@ -66,6 +66,9 @@ class Router:
         self.dns = resolver
         self.table = table if table is not None else _impl.RouteTable()
         self.prohibited = tuple(cfg.get("Prohibited_Hosts"))
+        # Our own listening (ip, port) pairs, filled in by the relay once its listeners are bound:
+        # a route to one of them is a loop whatever Prohibited_Hosts says (case 46, 5.4.6).
+        self.own_addresses: set[tuple[str, int]] = set()
         self._plans: dict[tuple[str, str], Plan] = {}
         self._pending: dict[tuple[str, str], asyncio.Future] = {}
 
@@ -133,7 +136,7 @@ class Router:
                     ttl = float(r.ttl)
                 ttls.append(ttl)
                 for ip in ips:
-                    if self._prohibited(ip):
+                    if self._prohibited(ip) or self._is_self(ip, port):
                         prohibited += 1
                         continue
                     hops.append(Hop(ip, port, proto, name, pref))
@@ -205,6 +208,15 @@ class Router:
             return await self.dns.addresses(host)
         except DNSNotFound:
             return [], 60.0
+
+    def _is_self(self, ip: str, port: int) -> bool:
+        own = self.own_addresses
+        if not own:
+            return False
+        if (ip, port) in own:
+            return True
+        # A wildcard listener answers on every local address, loopback included.
+        return any(h in ("0.0.0.0", "::") and p == port for h, p in own) and ipaddress.ip_address(ip).is_loopback
 
     def _prohibited(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)

@@ -120,3 +120,17 @@ def test_route_table_is_the_chosen_implementation():
     from fastrelay.config import loads as _l
 
     assert isinstance(Router(_l(""), Resolver()).table, _impl.RouteTable)
+
+
+async def test_a_route_to_our_own_listener_is_a_loop(server, make):
+    r = make('Domain me.test { Routes = ( "smtp://127.0.0.1?port=2525" ) }\n'
+             'Domain any.test { Routes = ( "smtp://127.0.0.7?port=2525" ) }\n')
+    r.own_addresses.add(("127.0.0.1", 2525))
+    with pytest.raises(RouteError) as e:
+        await r.plan("me.test")
+    assert e.value.permanent and "5.4.6" in e.value.text
+    assert [h[1] for h in hops(await r.plan("any.test"))] == ["127.0.0.7"]
+    r.own_addresses.add(("0.0.0.0", 2525))  # a wildcard listener also answers on 127.0.0.7
+    r.invalidate("any.test")
+    with pytest.raises(RouteError):
+        await r.plan("any.test")
