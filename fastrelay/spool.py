@@ -142,6 +142,9 @@ _INS_XFER = "INSERT INTO xfer_seen(node, origin, msgid, at) VALUES (?, ?, ?, ?)"
 _PRUNE_XFER = "DELETE FROM xfer_seen WHERE at < ?"
 # How long a transfer's key is remembered: far longer than any sender retries a lost 200.
 XFER_KEY_TTL = 14 * 86400.0
+# Bodies of just-committed messages kept in memory for their first load (the delivery that
+# usually follows at once); bounded, so memory stays small however much is queued.
+RECENT_CACHE_BYTES = 32 * 1024 * 1024
 
 _INS_MSG = (
     "INSERT INTO msg(id, domain, binding, next_attempt, attempts, first_queued, size, env)"
@@ -259,6 +262,8 @@ class Spool:
         }
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_id = 1
+        self._recent: dict[int, tuple[Envelope, bytes]] = {}
+        self._recent_bytes = 0
         self._open = False
         self._closed = False
         self._wq_closed = False  # the writer's stop marker is queued: nothing may follow it
@@ -572,9 +577,11 @@ class Spool:
         dup = await self._submit([_ADD, None, msg_rows, body_rows, mid, wal, key, None, items[0][0].msgid])
         if dup is not None:
             return [], dup
+        self._remember(entries, items)
         return entries, None
 
     async def _update(self, id: int, env: Envelope) -> None:
+        self._forget_recent(id)
         try:
             js = _dumps(env.to_json())
         except (TypeError, ValueError) as e:
@@ -591,7 +598,24 @@ class Spool:
 
     async def remove(self, id: int) -> None:
         """Delete the message and its body (P4: the caller decides when)."""
+        self._forget_recent(id)
         await self._submit([_REMOVE, None, (id,)])
+
+    def _forget_recent(self, id: int) -> None:
+        hit = self._recent.pop(id, None)
+        if hit is not None:
+            self._recent_bytes -= len(hit[1])
+
+    def _remember(self, entries: list[IndexEntry], items: list[tuple[Envelope, bytes]]) -> None:
+        """Keep what was just committed for its first load; bounded by RECENT_CACHE_BYTES, oldest
+        out first. Only for the first load: after that the database is the one copy that counts."""
+        recent = self._recent
+        for e, (env, data) in zip(entries, items, strict=True):
+            recent[e.id] = (env, data)
+            self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_CACHE_BYTES and recent:
+            old = next(iter(recent))
+            self._recent_bytes -= len(recent.pop(old)[1])
 
     async def _quarantine(self, id: int, reason: str) -> None:
         # Internal: allowed while closing too (a load finished by the reader may need it).
@@ -947,6 +971,12 @@ class Spool:
         """
         if not self._open or self._closed:
             raise SpoolError("spool is closed" if self._closed else "spool is not open")
+        hit = self._recent.pop(id, None)
+        if hit is not None:
+            # Just committed and not yet loaded: the same bytes the database holds, without a read
+            # and a hop through the reader thread (most mail goes out moments after its 250).
+            self._recent_bytes -= len(hit[1])
+            return hit
         fut = self._loop.create_future()  # type: ignore[union-attr]
         self._rq.put((fut, id))
         res = await fut

@@ -44,3 +44,21 @@ async def test_concurrent_resends_in_one_batch_store_once(tmp_path):
     assert {d[1] for d in dups} == {(await sp.load(stored[0][0][0].id))[0].msgid}
     assert len(sp.recover()) == 1
     await sp.close()
+
+
+async def test_first_load_after_add_is_served_from_memory_then_from_disk(tmp_path):
+    # A just-committed message is loaded once from memory (no reader-thread read); any later
+    # load (after a retry was saved) comes from the database, which holds the same bytes.
+    sp = Spool(str(tmp_path / "s"))
+    await sp.open()
+    sp.recover()
+    (e,) = await sp.add([item("m")])
+    env1, body1 = await sp.load(e.id)
+    assert sp._recent == {}
+    env1.attempts = 3
+    await sp.reschedule(e.id, env1)
+    env2, body2 = await sp.load(e.id)
+    assert body2 == body1 and env2.attempts == 3 and env2 is not env1
+    await sp.remove(e.id)
+    assert await sp.load(e.id) is None
+    await sp.close()

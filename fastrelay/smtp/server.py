@@ -170,6 +170,7 @@ class SMTPServer:
         self.server: asyncio.base_events.Server | None = None
         self._reaper: asyncio.TimerHandle | None = None
         self._ehlo_cache: dict[bool, bytes] = {}
+        self.greeting = f"220 {settings.hostname} ESMTP fastrelay\r\n".encode()
         # Counters for operators and tests (every one back to zero at teardown where it counts
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
@@ -314,7 +315,7 @@ class Session(asyncio.Protocol):
         if self.state != S_GREETING:
             return
         self.state = S_NEED_HELO
-        self.transport.write(f"220 {self.srv.s.hostname} ESMTP fastrelay\r\n".encode())
+        self.transport.write(self.srv.greeting)
 
     def connection_lost(self, exc: Exception | None) -> None:
         srv = self.srv
