@@ -52,9 +52,6 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
 
 def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
     setup_logging(log_level)
-    import os
-    if os.environ.get("FR_SWITCH"):
-        sys.setswitchinterval(float(os.environ["FR_SWITCH"]))
     if use_uvloop:
         import uvloop
 
