@@ -14,6 +14,7 @@ async def connect(hop: Hop, settings: Settings) -> Connection:
     if proto == "lmtp":
         return await lmtp.connect(hop, settings)
     if proto == "xfer":
-        # Added by the XFER part later; until then the host is unusable, not the message.
-        raise ConnectError(451, "4.3.5 XFER delivery not available", hop=hop)
+        from fastrelay.delivery.xfer import connect_xfer  # aiohttp is loaded only where XFER is used
+
+        return await connect_xfer(hop, settings)
     raise ConnectError(451, f"4.3.5 Unknown delivery protocol {proto!r}", hop=hop)
