@@ -144,6 +144,10 @@ class Relay:
             await self.queue.stop()
         if self.resolver is not None:
             await self.resolver.close()
+        if self.cfg.xfer_client_enabled or self.queue is not None:
+            from fastrelay.delivery.xfer import close_sessions
+
+            await close_sessions()
         if self.spool is not None:
             await self.spool.close()
         if self.mainlog is not None:

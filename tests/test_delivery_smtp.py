@@ -114,10 +114,11 @@ async def test_esmtp_off_means_helo_only():
         assert sink.sessions[0].commands[0] == "HELO relay.test"
 
 
-async def test_connect_dispatch_xfer_not_available():
+async def test_connect_dispatch_xfer_goes_to_the_xfer_client():
+    # hop.proto "xfer" is the XFER client's: nothing listens on port 1, so it cannot connect.
     with pytest.raises(ConnectError) as e:
         await connect(Hop("127.0.0.2", 1, "xfer", "x.test", 0), FAST)
-    assert (e.value.code, e.value.text) == (451, "4.3.5 XFER delivery not available")
+    assert e.value.code == 451 and e.value.text.startswith("4.4.1 Connection to 127.0.0.2:1 failed")
 
 
 # -- per-phase timeouts and lost connections (cases 40, 43) -----------------------------------------
