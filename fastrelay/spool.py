@@ -531,7 +531,8 @@ class Spool:
         entries, _ = await self._add(items, None)
         return entries
 
-    async def add_once(self, items: list[tuple[Envelope, bytes]], key: tuple[str, str]) -> tuple[list[IndexEntry], str | None]:
+    async def add_once(self, items: list[tuple[Envelope, bytes]],
+                       key: tuple[str, str]) -> tuple[list[IndexEntry], str | None]:
         """As add(), but at most once per `key` (origin node, origin id): the check and the insert
         are one transaction. Returns (entries, None) when stored now, or ([], msgid) with the msgid
         given the first time when the key was seen before (RELIABILITY.md case 36)."""
