@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from fastrelay import _impl
 from fastrelay.delivery import OK, PERM, TEMP, ConnectError, Hop, RcptResult, Settings
 from fastrelay.delivery.connect import connect
 from fastrelay.delivery.smtp import SMTPConnection
@@ -222,6 +223,8 @@ async def test_mixed_rcpt_results():
 
 async def test_no_recipient_accepted_means_no_data():
     async with Sink(host="127.0.0.4") as sink:
+        # Without PIPELINING (with it, DATA goes out in the group: test_pipelined_nobody_accepted).
+        sink.faults.hide.add("PIPELINING")
         conn = await open_conn(sink)
         res = await conn.deliver("s@src.test", "", [("tempfail@d.test", ""), ("permfail@d.test", "")], BODY)
         assert statuses(res) == [(TEMP, 450), (PERM, 550)]
@@ -478,3 +481,326 @@ async def test_close_sends_quit_and_never_raises():
         conn = await open_conn(sink)
     await asyncio.sleep(0.05)
     await conn.close()
+
+
+# -- pipelining (RFC 2920; cases 41-44) ---------------------------------------------------------------
+
+
+class PipeServer(asyncio.Protocol):
+    """A raw SMTP server that shows what arrived in which packet: it records every data_received
+    chunk and answers all complete commands of a chunk in one write, as a pipelining server does.
+    RCPT by local part: ``perm*`` 550, ``temp*`` 450; ``max_rcpts`` gives 452 past the limit."""
+
+    def __init__(self, pipe: Pipe):
+        self.pipe = pipe
+        self.buf = b""
+        self.mail: str | None = None
+        self.rcpts: list[str] = []
+        self.in_data = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.pipe.chunks.append([])
+        self.pipe.transports.append(transport)
+        transport.write(b"220 pipe.test ESMTP\r\n")  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.pipe.chunks[-1].append(data)
+        self.buf += data
+        out: list[bytes] = []
+        while True:
+            if self.in_data:
+                if self.buf.startswith(b".\r\n"):
+                    end, body = 3, b""
+                else:
+                    k = self.buf.find(b"\r\n.\r\n")
+                    if k < 0:
+                        break
+                    end, body = k + 5, self.buf[:k + 2]
+                self.buf = self.buf[end:]
+                self.in_data = False
+                self.pipe.messages.append((self.mail, self.rcpts, body.replace(b"\r\n..", b"\r\n.")))
+                out.append(b"250 2.0.0 queued\r\n" if self.rcpts else b"554 5.5.1 no valid recipients\r\n")
+                out.append(self.pipe.extra.get(".", b""))
+                self.mail, self.rcpts = None, []
+                continue
+            k = self.buf.find(b"\r\n")
+            if k < 0:
+                break
+            line, self.buf = self.buf[:k].decode(), self.buf[k + 2:]
+            verb = line[:4].upper()
+            out.append(self.answer(verb, line).encode() + b"\r\n" + self.pipe.extra.get(verb, b""))
+            if verb == "QUIT":
+                break
+        if out:
+            self.transport.write(b"".join(out))
+
+    def answer(self, verb: str, line: str) -> str:
+        pipe = self.pipe
+        if verb == "EHLO":
+            return "250-pipe.test\r\n250-8BITMIME\r\n250-SIZE 1000000\r\n250 PIPELINING"
+        if verb == "MAIL":
+            if pipe.mail_reply:
+                return pipe.mail_reply
+            self.mail = line[11:].partition(">")[0]
+            return "250 2.1.0 Ok"
+        if verb == "RCPT":
+            addr = line[9:].partition(">")[0]
+            lp = addr.partition("@")[0]
+            if self.mail is None:
+                return "503 5.5.1 need MAIL"
+            if lp.startswith("perm"):
+                return "550 5.1.1 no such user"
+            if lp.startswith("temp"):
+                return "450 4.2.0 try later"
+            if pipe.max_rcpts is not None and len(self.rcpts) >= pipe.max_rcpts:
+                return "452 4.5.3 too many recipients"
+            self.rcpts.append(addr)
+            return "250 2.1.5 Ok"
+        if verb == "DATA":
+            if self.mail is None or not (self.rcpts or pipe.always_354):
+                return "503 5.5.1 no valid recipients"
+            self.in_data = True
+            return "354 go ahead"
+        if verb == "RSET":
+            self.mail, self.rcpts = None, []
+            return "250 2.0.0 Ok"
+        if verb == "QUIT":
+            self.transport.close()
+            return "221 2.0.0 Bye"
+        return "502 5.5.2 what"
+
+
+class Pipe:
+    def __init__(self, *, max_rcpts: int | None = None, always_354: bool = False, mail_reply: str | None = None,
+                 extra: dict[str, bytes] | None = None):
+        self.max_rcpts = max_rcpts
+        self.always_354 = always_354  # a server not following RFC 2920 §3.1: 354 with no recipient
+        self.mail_reply = mail_reply
+        self.extra = extra or {}  # bytes sent after the reply to a verb: unsolicited data (case 44)
+        self.chunks: list[list[bytes]] = []  # per connection, every data_received chunk
+        self.transports: list[asyncio.BaseTransport] = []
+        self.messages: list[tuple[str | None, list[str], bytes]] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Pipe:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: PipeServer(self), "127.0.0.7", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    @property
+    def hop(self) -> Hop:
+        return hop("127.0.0.7", self.server.sockets[0].getsockname()[1])
+
+    def packets(self) -> list[bytes]:
+        """The chunks of the only connection after EHLO, QUIT left out."""
+        [chunks] = self.chunks
+        assert chunks[0] == b"EHLO relay.test\r\n"
+        return [c for c in chunks[1:] if c != b"QUIT\r\n"]
+
+
+def mail_line(sender: str = "s@src.test", body: bytes = BODY) -> bytes:
+    return f"MAIL FROM:<{sender}> SIZE={len(body)}\r\n".encode()
+
+
+async def test_pipelined_group_is_one_packet_and_rset_joins_it():
+    # (a) MAIL, every RCPT and DATA in ONE write; the body only after the 354; (g) from the second
+    # message on, RSET opens the group.
+    async with Pipe() as pipe:
+        conn = await connect(pipe.hop, FAST)
+        for _ in range(3):
+            res = await conn.deliver("s@src.test", "", [("a@d.test", ""), ("b@d.test", "")], BODY)
+            assert statuses(res) == [(OK, 250)] * 2
+        await conn.close()
+        group = mail_line() + b"RCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n"
+        body = BODY + b".\r\n"
+        assert pipe.packets() == [group, body, b"RSET\r\n" + group, body, b"RSET\r\n" + group, body]
+        assert pipe.messages == [("s@src.test", ["a@d.test", "b@d.test"], BODY)] * 3
+
+
+async def test_pipelined_mixed_rcpt_results():
+    # (b) RELIABILITY.md case 42: each RCPT reply of the group counts for its own recipient.
+    async with Pipe() as pipe:
+        conn = await connect(pipe.hop, FAST)
+        rcpts = ["ok1@d.test", "temp@d.test", "perm@d.test", "ok2@d.test"]
+        res = await conn.deliver("s@src.test", "", [(r, "") for r in rcpts], BODY)
+        assert res[1] == RcptResult(TEMP, 450, "4.2.0 try later")
+        assert res[2] == RcptResult(PERM, 550, "5.1.1 no such user")
+        assert res[0] == res[3] == RcptResult(OK, 250, "2.0.0 queued")
+        assert conn.usable
+        await conn.close()
+        assert pipe.packets()[0] == mail_line() + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts) + b"DATA\r\n"
+        assert pipe.messages == [("s@src.test", ["ok1@d.test", "ok2@d.test"], BODY)]
+
+
+async def test_pipelined_nobody_accepted():
+    # (c) Every RCPT refused: DATA went out in the group and got 503 (RFC 2920 §3.1); nothing
+    # reaches the sink, and the session goes on with RSET first.
+    async with Sink(host="127.0.0.4") as sink:
+        conn = await open_conn(sink)
+        res = await conn.deliver("s@src.test", "", [("tempfail@d.test", ""), ("permfail@d.test", "")], BODY)
+        assert statuses(res) == [(TEMP, 450), (PERM, 550)]
+        assert conn.usable and sink.messages == [] and sink.rejected == []
+        res = await conn.deliver("s@src.test", "", [("a@d.test", "")], BODY)
+        assert statuses(res) == [(OK, 250)]
+        await conn.close()
+        await sink.wait_idle()
+        cmds = [c.split(":")[0] for c in sink.sessions[0].commands]
+        assert cmds == ["EHLO relay.test", "MAIL FROM", "RCPT TO", "RCPT TO", "DATA",
+                        "RSET", "MAIL FROM", "RCPT TO", "DATA", "QUIT"]
+        assert [m.rcpt_tos for m in sink.messages] == [["a@d.test"]]
+
+
+async def test_pipelined_354_although_nobody_was_accepted():
+    # (d) A server not following RFC 2920 says 354 with no recipient: the client ends the empty
+    # message with a lone dot, ignores its reply, and the session stays usable.
+    async with Pipe(always_354=True) as pipe:
+        conn = await connect(pipe.hop, FAST)
+        res = await conn.deliver("s@src.test", "", [("temp@d.test", ""), ("perm@d.test", "")], BODY)
+        assert statuses(res) == [(TEMP, 450), (PERM, 550)] and conn.usable
+        res = await conn.deliver("s@src.test", "", [("a@d.test", "")], BODY)
+        assert statuses(res) == [(OK, 250)]
+        await conn.close()
+        assert pipe.packets()[1] == b".\r\n"  # no body went out for nobody
+        assert pipe.messages == [("s@src.test", [], b""), ("s@src.test", ["a@d.test"], BODY)]
+
+
+@pytest.mark.parametrize(("reply", "status"), [("451 4.3.0 try later", TEMP), ("550 5.7.1 go away", PERM)])
+async def test_pipelined_mail_refused(reply, status):
+    # (e) RELIABILITY.md case 41: the MAIL result is every recipient's; the 503s that follow for the
+    # RCPTs and DATA of the group are read and decide nothing.
+    async with Sink(host="127.0.0.4") as sink:
+        sink.faults.set("mail", reply=reply, times=1)
+        conn = await open_conn(sink)
+        res = await conn.deliver("s@src.test", "", [("a@d.test", ""), ("permfail@d.test", "")], BODY)
+        assert res == [RcptResult(status, int(reply[:3]), reply[4:])] * 2
+        assert conn.usable and sink.messages == []
+        res = await conn.deliver("s@src.test", "", [("b@d.test", "")], BODY)
+        assert statuses(res) == [(OK, 250)]
+        await conn.close()
+        await sink.wait_idle()
+        cmds = [c.split(":")[0] for c in sink.sessions[0].commands]
+        assert cmds == ["EHLO relay.test", "MAIL FROM", "RCPT TO", "RCPT TO", "DATA",
+                        "RSET", "MAIL FROM", "RCPT TO", "DATA", "QUIT"]
+
+
+async def test_pipelined_mail_421_ends_the_session():
+    async with Pipe(mail_reply="421 4.3.2 closing") as pipe:
+        conn = await connect(pipe.hop, FAST)
+        res = await conn.deliver("s@src.test", "", [("a@d.test", ""), ("b@d.test", "")], BODY)
+        assert res == [RcptResult(TEMP, 421, "4.3.2 closing")] * 2 and not conn.usable
+        await conn.close()
+
+
+async def test_pipelined_452_split():
+    # (f) RELIABILITY.md case 42: past a remote 452 the rest go in new pipelined transactions;
+    # replies after the 452 in the same group still count (permfail is answered at once).
+    async with Sink(host="127.0.0.8", max_rcpts=2) as sink:
+        rcpts = [f"r{i}@d.test" for i in range(5)] + ["permfail@d.test"]
+        res, _ = await send(sink, rcpts)
+        assert statuses(res) == [(OK, 250)] * 5 + [(PERM, 550)]
+        assert [m.rcpt_tos for m in sink.messages] == [["r0@d.test", "r1@d.test"], ["r2@d.test", "r3@d.test"],
+                                                     ["r4@d.test"]]
+        await sink.wait_idle()
+        cmds = [c.split(":")[0] for c in sink.sessions[0].commands]
+        assert cmds == ["EHLO relay.test", "MAIL FROM"] + ["RCPT TO"] * 6 + ["DATA", "RSET", "MAIL FROM"] + \
+            ["RCPT TO"] * 3 + ["DATA", "RSET", "MAIL FROM", "RCPT TO", "DATA", "QUIT"]
+        assert sink.sessions[0].commands.count("RCPT TO:<permfail@d.test>") == 1
+    async with Pipe(max_rcpts=1) as pipe:
+        conn = await connect(pipe.hop, FAST)
+        res = await conn.deliver("s@src.test", "", [("a@d.test", ""), ("b@d.test", "")], BODY)
+        assert statuses(res) == [(OK, 250)] * 2
+        await conn.close()
+        packets = pipe.packets()
+        assert packets[0] == mail_line() + b"RCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n"
+        assert packets[2] == b"RSET\r\n" + mail_line() + b"RCPT TO:<b@d.test>\r\nDATA\r\n"
+        assert [m[1] for m in pipe.messages] == [["a@d.test"], ["b@d.test"]]
+
+
+@pytest.mark.parametrize(("verb", "extra"), [("RCPT", b"250 2.1.5 me too\r\n"), ("DATA", b"25"), ("MAIL", b"2")])
+async def test_pipelined_reply_data_nobody_asked_for(verb, extra):
+    # RELIABILITY.md case 44: a whole extra reply, or bytes after the last reply of the group (even
+    # a part of a line): the replies are out of step; no body goes out, nothing is trusted.
+    async with Pipe(extra={verb: extra}) as pipe:
+        conn = await connect(pipe.hop, FAST)
+        res = await conn.deliver("s@src.test", "", [("a@d.test", ""), ("perm@d.test", "")], BODY)
+        assert statuses(res) == [(TEMP, 451)] * 2 and res[0].text.startswith("4.5.0")
+        assert "possible duplicate" not in res[0].text and not conn.usable
+        await conn.close()
+        assert pipe.messages == []
+
+
+async def test_pipelined_unsolicited_reply_after_the_dot():
+    # Case 44 after the dot: the message was taken, but what the replies meant is unknown.
+    async with Pipe(extra={".": b"250 2.0.0 again\r\n"}) as pipe:
+        conn = await connect(pipe.hop, FAST)
+        res = await conn.deliver("s@src.test", "", [("a@d.test", "")], BODY)
+        assert statuses(res) == [(TEMP, 451)] and "possible duplicate" in res[0].text and not conn.usable
+        await conn.close()
+        assert len(pipe.messages) == 1
+
+
+@pytest.mark.parametrize("stray", [b"250 2.0.0 stray\r\n", b"25"])
+async def test_reply_data_between_messages_stops_the_next_group(stray):
+    async with Pipe() as pipe:
+        conn = await connect(pipe.hop, FAST)
+        assert statuses(await conn.deliver("s@src.test", "", [("a@d.test", "")], BODY)) == [(OK, 250)]
+        pipe.transports[0].write(stray)  # nobody asked
+        await asyncio.sleep(0.05)
+        res = await conn.deliver("s@src.test", "", [("b@d.test", "")], BODY)
+        assert statuses(res) == [(TEMP, 451)] and res[0].text.startswith("4.5.0") and not conn.usable
+        await conn.close()
+        assert pipe.packets() == [mail_line() + b"RCPT TO:<a@d.test>\r\nDATA\r\n", BODY + b".\r\n"]
+
+
+@pytest.mark.parametrize("case", ["mixed", "split", "unsolicited", "several"])
+async def test_without_pipelining_one_command_at_a_time(case):
+    # The same transactions where PIPELINING is not offered: one command, one reply (RFC 5321 §4.1.1).
+    async with Sink(host="127.0.0.9", max_rcpts=2 if case == "split" else None) as sink:
+        sink.faults.hide.add("PIPELINING")
+        conn = await open_conn(sink)
+        assert not conn._pipelining
+        rcpts = [("a@d.test", ""), ("permfail@d.test", ""), ("b@d.test", ""), ("c@d.test", "")]
+        if case == "unsolicited":
+            sink.faults.set("rcpt", hostile="unsolicited", times=1)
+            res = await conn.deliver("s@src.test", "", rcpts, BODY)
+            assert statuses(res) == [(TEMP, 451)] * 4 and not conn.usable
+        elif case == "several":
+            for _ in range(3):
+                assert statuses(await conn.deliver("s@src.test", "", rcpts[:1], BODY)) == [(OK, 250)]
+            await conn.close()
+            await sink.wait_idle()
+            cmds = [c.split(":")[0] for c in sink.sessions[0].commands]
+            assert cmds == ["EHLO relay.test"] + ["MAIL FROM", "RCPT TO", "DATA", "RSET"] * 2 + \
+                ["MAIL FROM", "RCPT TO", "DATA", "QUIT"]
+        else:
+            res = await conn.deliver("s@src.test", "", rcpts, BODY)
+            assert statuses(res) == [(OK, 250), (PERM, 550), (OK, 250), (OK, 250)]
+            want = [["a@d.test", "b@d.test", "c@d.test"]] if case == "mixed" else [["a@d.test", "b@d.test"],
+                                                                                ["c@d.test"]]
+            assert [m.rcpt_tos for m in sink.messages] == want
+        await conn.close()
+
+
+async def test_body_goes_through_impl_encode_data(impl, monkeypatch):
+    # Looked up on fastrelay._impl at use: either implementation can be swapped in (cases 3, 27).
+    calls = []
+
+    def encode(body: bytes) -> bytes:
+        calls.append(body)
+        return impl.encode_data(body)
+
+    monkeypatch.setattr(_impl, "encode_data", encode)
+    monkeypatch.setattr(_impl, "ReplyParser", impl.ReplyParser)
+    body = b"Subject: dots\n\n.x\nbare cr\r.\r\nend"
+    async with Pipe() as pipe:
+        conn = await connect(pipe.hop, FAST)
+        assert type(conn._wire.parser) is impl.ReplyParser
+        assert statuses(await conn.deliver("s@src.test", "", [("a@d.test", "")], body)) == [(OK, 250)]
+        await conn.close()
+    assert calls == [body]
+    assert pipe.messages[0][2] == b"Subject: dots\r\n\r\n.x\r\nbare cr\r\n.\r\nend\r\n"

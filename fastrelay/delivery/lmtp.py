@@ -1,8 +1,9 @@
 """LMTP delivery client (RFC 2033): one session to a next hop, one reply per accepted recipient after the dot.
 
 aiosmtplib has no LHLO and reads a single reply after the dot (RELIABILITY.md case 48), so this is
-an own client on an asyncio Protocol. Replies go through the framing hot path's ReplyParser
-(bounded memory: a hostile reply is a `(-1, reason)`, case 44) and the body through encode_data
+an own client on the reply wire it shares with the SMTP client (fastrelay.delivery.wire). Replies
+go through the framing hot path's ReplyParser (bounded memory: a hostile reply is a
+`(-1, reason)`, case 44) and the body through encode_data
 (CRLF normalisation, dot-stuffing, the final dot: cases 3, 27). Both are looked up on
 `fastrelay._impl` at use, so either implementation can be swapped in.
 """
@@ -10,15 +11,12 @@ an own client on an asyncio Protocol. Replies go through the framing hot path's 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
-from collections import deque
 
 from fastrelay import _impl
 from fastrelay.delivery import PERM, ConnectError, Hop, RcptResult, Settings
 from fastrelay.delivery.smtp import (
     QUIT_TIMEOUT,
-    TEXT_CAP,
     clean_text,
     mail_args,
     rcpt_args,
@@ -28,176 +26,9 @@ from fastrelay.delivery.smtp import (
     tls_context,
     want_tls,
 )
+from fastrelay.delivery.wire import CONTROL, Hostile, Lost, ReplyWire, reply_text
 
 __all__ = ["LMTPConnection", "connect"]
-
-# What aiosmtplib refuses in command arguments (RELIABILITY.md case 22): no command injection.
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-
-
-class _Lost(Exception):
-    """The peer closed the connection."""
-
-
-class _Hostile(Exception):
-    """A reply the parser refused (too long, too many lines, malformed), or reply data nobody asked
-    for (`shifted`: the replies may be out of step with the commands)."""
-
-    def __init__(self, reason: str, shifted: bool):
-        super().__init__(reason)
-        self.reason = reason
-        self.shifted = shifted
-
-
-def _expire(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-class _Wire(asyncio.Protocol):
-    """Bytes in, whole replies out; holds no more replies than were asked for."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.parser = _impl.ReplyParser()
-        self.replies: deque[tuple[int, list[bytes]]] = deque()
-        self.want = 1  # replies that may still arrive: the greeting first
-        self.waiter: asyncio.Future | None = None
-        self.drain_waiter: asyncio.Future | None = None
-        self.paused = False
-        self.lost = False
-        self.bad: _Hostile | None = None
-
-    # -- asyncio callbacks -----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self.bad is not None:
-            return
-        parser = self.parser
-        parser.feed(data)
-        replies = self.replies
-        while (r := parser.next_reply()) is not None:
-            if r[0] < 0:
-                # Garbage where no reply was due is unsolicited too: out of step.
-                reason = r[1][0].decode("ascii", "replace") if r[1] else "malformed"
-                self._hostile(_Hostile(reason, len(replies) >= self.want))
-                break
-            if len(replies) >= self.want:
-                # Without PIPELINING no reply comes unasked (RFC 5321 §4.1.1; RFC 2033 §4.2:
-                # exactly one per accepted recipient after the dot): the peer is out of step.
-                self._hostile(_Hostile("unsolicited reply", True))
-                break
-            replies.append(r)
-        if replies:
-            self._wake()
-
-    def _hostile(self, e: _Hostile) -> None:
-        self.bad = e
-        if self.transport is not None:
-            self.transport.abort()  # stop reading a flood at once (case 44)
-        self._wake()
-
-    def eof_received(self) -> bool:
-        return False  # close the transport; connection_lost follows
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._wake()
-        w = self.drain_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        w = self.drain_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _wake(self) -> None:
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    # -- used by the client ----------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.bad is not None:
-            raise self.bad
-        t = self.transport
-        if self.lost or t is None or t.is_closing():
-            raise _Lost
-        t.write(data)
-
-    async def read(self, timeout: float) -> tuple[int, list[bytes]]:
-        """The next reply; TimeoutError, _Lost or _Hostile if none comes. Replies that arrived
-        before a malformed one are handed out first (they were well-formed and in order)."""
-        replies = self.replies
-        if not replies:
-            if self.bad is None and not self.lost:
-                fut = self.waiter = self.loop.create_future()
-                timer = self.loop.call_later(timeout, _expire, fut)
-                try:
-                    await fut
-                finally:
-                    timer.cancel()
-                    self.waiter = None
-            if not replies:
-                if self.bad is not None:
-                    raise self.bad
-                raise _Lost
-        if self.bad is not None and self.bad.shifted:
-            raise self.bad
-        self.want -= 1
-        return replies.popleft()
-
-    async def command(self, line: bytes, timeout: float) -> tuple[int, list[bytes]]:
-        self.want = 1
-        self.write(line)
-        return await self.read(timeout)
-
-    def check(self) -> None:
-        """Raise if something went wrong after the replies just read (e.g. one reply too many)."""
-        if self.bad is not None:
-            raise self.bad
-
-    async def drain(self, timeout: float) -> None:
-        """Wait until the body is written out; `timeout` without progress is a timeout (a server
-        that stopped reading: data_timeout, "each block of the body")."""
-        while self.paused:
-            if self.lost:
-                raise _Lost
-            fut = self.drain_waiter = self.loop.create_future()
-            timer = self.loop.call_later(timeout, _expire, fut)
-            try:
-                await fut
-            finally:
-                timer.cancel()
-                self.drain_waiter = None
-        if self.lost:
-            raise _Lost
-
-    def reset_parser(self) -> None:
-        # RELIABILITY.md case 6 (STARTTLS injection): nothing read before TLS carries over.
-        self.parser = _impl.ReplyParser()
-        self.replies.clear()
-        self.want = 0
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-
-def _text(lines: list[bytes]) -> str:
-    # A multi-line reply as one line of text; decoded only as far as it will be kept (case 26).
-    return b" ".join(lines)[: TEXT_CAP + 16].decode("utf-8", "replace")
-
 
 class _TLSFailed(Exception):
     """The STARTTLS handshake failed: under "ifavailable" connect() retries in plaintext."""
@@ -211,7 +42,7 @@ class LMTPConnection:
     def __init__(self, hop: Hop, settings: Settings):
         self._hop = hop
         self._settings = settings
-        self._wire: _Wire | None = None
+        self._wire: ReplyWire | None = None
         self._ext: dict[str, str] = {}
         self._fresh = True  # no transaction started since LHLO or the last RSET
         self._dotted = False  # the final dot of the current message has gone out
@@ -226,7 +57,7 @@ class LMTPConnection:
         sock = await tcp_connect(hop, s.connect_timeout)
         loop = asyncio.get_running_loop()
         try:
-            _, wire = await loop.create_connection(lambda: _Wire(loop), sock=sock)
+            _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -235,7 +66,7 @@ class LMTPConnection:
             code, lines = await self._setup(None, s.greeting_timeout, "the greeting")
             if code != 220:
                 # RELIABILITY.md case 39: the host is unusable, never a per-recipient result.
-                raise ConnectError(code if 400 <= code < 600 else 451, clean_text(_text(lines)), hop=hop)
+                raise ConnectError(code if 400 <= code < 600 else 451, clean_text(reply_text(lines)), hop=hop)
             await self._lhlo()
             if try_tls and want_tls(s):
                 await self._starttls()
@@ -254,9 +85,9 @@ class LMTPConnection:
             return r
         except TimeoutError:
             why = f"4.4.2 Timed out waiting for {what} from {self.remote}"
-        except _Lost:
+        except Lost:
             why = f"4.4.2 Lost connection with {self.remote} during {what}"
-        except _Hostile as e:
+        except Hostile as e:
             why = clean_text(f"4.5.0 Bad reply from {self.remote} during {what}: {e.reason}")
         raise ConnectError(451, why, hop=hop)
 
@@ -265,7 +96,7 @@ class LMTPConnection:
         code, lines = await self._setup(b"LHLO " + s.helo_name.encode("ascii") + b"\r\n", s.ehlo_timeout,
                                         "LHLO")
         if code != 250:
-            raise ConnectError(code if 400 <= code < 600 else 451, clean_text(_text(lines)), hop=hop)
+            raise ConnectError(code if 400 <= code < 600 else 451, clean_text(reply_text(lines)), hop=hop)
         ext = {}
         for ln in lines[1:]:  # the first line is the server's name (RFC 5321 §4.1.1.1)
             kw, _, params = ln.decode("ascii", "replace").strip().partition(" ")
@@ -287,10 +118,10 @@ class LMTPConnection:
         code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
         if code != 220:
             if wire.lost or code == 421:
-                raise ConnectError(451, clean_text(f"4.4.2 STARTTLS answered {code} {_text(lines)}"), hop=hop)
+                raise ConnectError(451, clean_text(f"4.4.2 STARTTLS answered {code} {reply_text(lines)}"), hop=hop)
             if required:
                 raise ConnectError(451, clean_text(f"4.7.4 TLS is required, but STARTTLS was refused: "
-                                                   f"{code} {_text(lines)}"), hop=hop)
+                                                   f"{code} {reply_text(lines)}"), hop=hop)
             return  # 454 under "ifavailable": carry on in plaintext on this connection
         wire.reset_parser()
         loop = asyncio.get_running_loop()
@@ -317,7 +148,7 @@ class LMTPConnection:
         args = mail_args(sender, mail_params, len(body), self._ext)
         if isinstance(args, RcptResult):
             return [args] * n
-        if _CONTROL.search(b"".join(args)):  # a control character in the sender (case 22)
+        if CONTROL.search(b"".join(args)):  # a control character in the sender (case 22)
             return [RcptResult(PERM, 501, "5.1.7 Bad sender address (control characters)")] * n
         mail = b"MAIL " + b" ".join(args) + b"\r\n"
         results: list[RcptResult | None] = [None] * n
@@ -339,14 +170,14 @@ class LMTPConnection:
                 # RFC 5321 §4.1.1.5: start each message from a clean state, whatever the last one left.
                 code, lines = await wire.command(b"RSET\r\n", s.rset_timeout)
                 if code != 250:
-                    why = clean_text(f"4.4.2 RSET failed: {code} {_text(lines)}")
+                    why = clean_text(f"4.4.2 RSET failed: {code} {reply_text(lines)}")
                     return self._broken(todo, results, why)
             self._fresh = False
             phase = "MAIL FROM"
             code, lines = await wire.command(mail, s.mail_timeout)
             if code != 250:
                 if not 400 <= code < 600:
-                    raise _Hostile(f"unexpected reply {code}", True)
+                    raise Hostile(f"unexpected reply {code}", True)
                 res = self._reply(code, lines)  # RELIABILITY.md case 41: shared by every recipient
                 for i in todo:
                     results[i] = res
@@ -356,7 +187,7 @@ class LMTPConnection:
             for k, i in enumerate(todo):
                 addr, params = rcpts[i]
                 arg = b" ".join(rcpt_args(addr, params, self._ext))
-                if _CONTROL.search(arg):
+                if CONTROL.search(arg):
                     # RELIABILITY.md case 22: never sent; this address can never be delivered.
                     results[i] = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
                     continue
@@ -377,7 +208,7 @@ class LMTPConnection:
                 code, lines = await wire.command(b"RSET\r\n", s.rset_timeout)
                 wire.check()
                 if code != 250:
-                    why = clean_text(f"4.4.2 RSET failed: {code} {_text(lines)}")
+                    why = clean_text(f"4.4.2 RSET failed: {code} {reply_text(lines)}")
                     return self._broken(todo, results, why)
                 self._fresh = True
                 return []
@@ -385,7 +216,7 @@ class LMTPConnection:
             code, lines = await wire.command(b"DATA\r\n", s.data_timeout)
             if code != 354:
                 if not 400 <= code < 600:
-                    raise _Hostile(f"unexpected reply {code} to DATA", True)
+                    raise Hostile(f"unexpected reply {code} to DATA", True)
                 res = self._reply(code, lines)
                 for i in accepted:
                     results[i] = res
@@ -406,10 +237,10 @@ class LMTPConnection:
         except TimeoutError:
             why = self._trouble(phase, "4.4.2 Timed out waiting for the reply to {phase} from {remote}")
             return self._broken(todo, results, why)
-        except _Lost:
+        except Lost:
             why = self._trouble(phase, "4.4.2 Lost connection with {remote} while sending {phase}")
             return self._broken(todo, results, why)
-        except _Hostile as e:
+        except Hostile as e:
             if e.shifted:
                 # Out of step (case 44, unsolicited): no result read in this transaction is trusted.
                 for i in todo:
@@ -428,7 +259,7 @@ class LMTPConnection:
         return clean_text(template.format(phase=phase, remote=self.remote))
 
     def _reply(self, code: int, lines: list[bytes]) -> RcptResult:
-        res = reply_result(code, _text(lines))
+        res = reply_result(code, reply_text(lines))
         if code == 421 or 300 <= code < 400:
             self._drop()  # closing (§3.8), or out of step with the server
         return res

@@ -1,4 +1,14 @@
-"""SMTP delivery client: one aiosmtplib session to a next hop, one result per recipient per message.
+"""SMTP delivery client: one session to a next hop, pipelined (RFC 2920) where offered, one result per recipient.
+
+Why an own client rather than aiosmtplib: under full load (smtp-source, 20 sessions, 4 KB, a new
+connection per message) py-spy put ~20% of the event loop's samples in aiosmtplib's DATA path and
+more in its per-command execute_command/read_response/wait_for, and ~52% in uvloop's socket work,
+which grows with round trips; the same load through the own LMTP client cost 5.44 s of relay CPU
+per 10,000 messages against 7.13 s. aiosmtplib cannot pipeline (read_response must be awaited once
+per command written, and data_received drops bytes once a reply is parsed). So this client writes
+RSET, MAIL, every RCPT and DATA in one write, reads the replies in order on the shared reply wire
+(fastrelay.delivery.wire), and sends the body through `_impl.encode_data` (CRLF normalisation,
+dot-stuffing and the final dot in one pass: RELIABILITY.md cases 3, 27).
 
 Also holds what the LMTP client shares with it: the TCP connect, TLS contexts, MAIL/RCPT
 parameter filtering and the mapping of replies to `RcptResult`s.
@@ -10,24 +20,13 @@ import asyncio
 import socket
 import ssl
 
-import aiosmtplib
-from aiosmtplib import (
-    SMTPConnectResponseError,
-    SMTPConnectTimeoutError,
-    SMTPDataError,
-    SMTPException,
-    SMTPHeloError,
-    SMTPResponseException,
-    SMTPTimeoutError,
-)
-from aiosmtplib.protocol import SMTPProtocol
-
+from fastrelay import _impl
 from fastrelay.delivery import OK, PERM, TEMP, ConnectError, Hop, RcptResult, Settings
+from fastrelay.delivery.wire import CONTROL, TEXT_CAP, Hostile, Lost, ReplyWire, reply_text
 
-__all__ = ["SMTPConnection", "clean_text", "connect", "reply_result", "tcp_connect", "tls_context"]
+__all__ = ["QUIT_TIMEOUT", "TEXT_CAP", "SMTPConnection", "clean_text", "connect", "encode_addr", "mail_args",
+           "rcpt_args", "reply_result", "tcp_connect", "temp", "tls_context", "want_tls"]
 
-# Remote reply text goes into logs and DSNs: no control characters, bounded (RELIABILITY.md case 26).
-TEXT_CAP = 500
 # QUIT is a courtesy; a peer that does not answer it quickly is simply dropped.
 QUIT_TIMEOUT = 2.0
 
@@ -166,33 +165,40 @@ def want_tls(settings: Settings) -> bool:
 
 # --- the SMTP client ---------------------------------------------------------------------------
 
+_RSET = b"RSET\r\n"
+_DATA = b"DATA\r\n"
+_DOT = b".\r\n"  # an empty message: what encode_data(b"") gives
+_QUIT = b"QUIT\r\n"
+# RELIABILITY.md case 22: a control character in an address or parameter is never sent; the
+# address can never be delivered, the session is unharmed.
+_BAD_SENDER = RcptResult(PERM, 501, "5.1.7 Bad sender address (control characters)")
+_BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
+
 
 class _TLSFailed(Exception):
     """The STARTTLS handshake failed: under "ifavailable" connect() retries in plaintext."""
 
 
-class _OutOfStep(Exception):
-    """Reply bytes arrived that no command asked for (RELIABILITY.md case 44, "unsolicited").
-    aiosmtplib drops data that arrives while no command waits, but keeps what comes in the same
-    read as a real reply and hands it to the NEXT command, shifting every later reply by one.
-    Without PIPELINING nothing may follow a reply (RFC 5321 §4.1.1), so bytes left in its buffer
-    after a reply mean the peer is out of step."""
-
-
 class SMTPConnection:
     """One SMTP session (a `fastrelay.delivery.Connection`)."""
 
-    __slots__ = ("_data_step", "_ext", "_fresh", "_hop", "_proto", "_settings", "_smtp", "remote",
-                 "tls", "usable")
+    __slots__ = ("_dotted", "_ehlo", "_ext", "_fresh", "_helo", "_hop", "_phase", "_pipelining", "_settings",
+                 "_wire", "remote", "tls", "usable")
 
     def __init__(self, hop: Hop, settings: Settings):
+        name = settings.helo_name.encode("ascii")  # UnicodeEncodeError (a ValueError) for a non-ASCII name
+        if not name or b" " in name or CONTROL.search(name):
+            raise ValueError(f"helo_name {settings.helo_name!r} is not a host name")
+        self._ehlo = b"EHLO " + name + b"\r\n"
+        self._helo = b"HELO " + name + b"\r\n"
         self._hop = hop
         self._settings = settings
-        self._smtp: aiosmtplib.SMTP | None = None
-        self._proto: SMTPProtocol | None = None
+        self._wire: ReplyWire | None = None
         self._ext: dict[str, str] = {}
+        self._pipelining = False
         self._fresh = True  # no transaction started since the greeting or the last RSET
-        self._data_step = 0
+        self._dotted = False  # the body of the current message has gone out, final dot included
+        self._phase = "RSET"  # the command whose reply is awaited, for the text of a synthetic 451
         self.remote = f"{hop.ip}:{hop.port}"
         self.usable = False
         self.tls = False
@@ -202,66 +208,73 @@ class SMTPConnection:
     async def _open(self, try_tls: bool) -> None:
         hop, s = self._hop, self._settings
         sock = await tcp_connect(hop, s.connect_timeout)
+        loop = asyncio.get_running_loop()
         try:
-            smtp = aiosmtplib.SMTP(hostname=hop.name or hop.ip, sock=sock, local_hostname=s.helo_name,
-                                   start_tls=False, timeout=s.greeting_timeout)
-        except BaseException:  # a helo_name aiosmtplib refuses (whitespace, control characters)
+            _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
+        except BaseException:
             sock.close()
             raise
+        self._wire = wire
         try:
-            try:
-                await smtp.connect(timeout=s.greeting_timeout)
-            except SMTPConnectResponseError as e:
+            code, lines = await self._setup(None, s.greeting_timeout, "the greeting")
+            if code != 220:
                 # RELIABILITY.md case 39: a 4xx/5xx greeting makes the host unusable, never a
                 # per-recipient result (Postfix smtp_skip_5xx_greeting).
-                code = e.code if 400 <= e.code < 600 else 451
-                raise ConnectError(code, clean_text(e.message or "greeting refused"), hop=hop) from None
-            except SMTPConnectTimeoutError:
-                raise ConnectError(451, f"4.4.2 No greeting from {self.remote} in time", hop=hop) from None
-            except SMTPResponseException as e:  # -1: a hostile greeting (case 44)
-                raise ConnectError(451, clean_text(f"4.5.0 Bad greeting: {e.message}"), hop=hop) from None
-            except (SMTPException, OSError) as e:
-                raise ConnectError(451, clean_text(f"4.4.2 Connection lost before the greeting: {e}"),
-                                   hop=hop) from None
-            self._smtp = smtp
-            self._proto = smtp.protocol
+                raise ConnectError(code if 400 <= code < 600 else 451,
+                                   clean_text(reply_text(lines)) or "greeting refused", hop=hop)
             await self._hello()
             if try_tls and want_tls(s):
                 await self._starttls()
         except BaseException:
-            smtp.close()
-            self._smtp = None
+            wire.abort()
+            self._wire = None
             raise
-        self._ext = smtp.esmtp_extensions
         self.usable = True
 
-    async def _hello(self) -> None:
-        smtp, s, hop = self._smtp, self._settings, self._hop
+    async def _setup(self, line: bytes | None, timeout: float, what: str) -> tuple[int, list[bytes]]:
+        """One exchange before any message: every failure is a ConnectError (cases 38, 39, 44)."""
+        wire = self._wire
         try:
-            helo = not s.esmtp
-            if s.esmtp:
-                try:
-                    await smtp.ehlo(timeout=s.ehlo_timeout)
-                except SMTPHeloError as e:
-                    # RFC 5321 §4.1.4: a server that refuses EHLO with 5xx may still speak HELO.
-                    if not (500 <= e.code < 600 and smtp.is_connected):
-                        raise
-                    helo = True
-            if helo:
-                await smtp.helo(timeout=s.ehlo_timeout)
-        except SMTPResponseException as e:
-            code = e.code if 400 <= e.code < 600 else 451
-            raise ConnectError(code, clean_text(e.message or "EHLO/HELO refused"), hop=hop) from None
-        except (SMTPException, OSError) as e:
-            raise ConnectError(451, clean_text(f"4.4.2 Lost connection during EHLO: {e}"), hop=hop) from None
-        if self._proto._buffer:  # see _OutOfStep
-            raise ConnectError(451, f"4.5.0 Unsolicited reply data from {self.remote} after EHLO", hop=hop)
+            if line is not None:
+                wire.send(line, 1)
+            r = await wire.read(timeout)
+            wire.settled()  # nothing may follow a reply without PIPELINING (RFC 5321 §4.1.1)
+            return r
+        except TimeoutError:
+            why = f"4.4.2 Timed out waiting for {what} from {self.remote}"
+        except Lost:
+            why = f"4.4.2 Lost connection with {self.remote} during {what}"
+        except Hostile as e:
+            why = clean_text(f"4.5.0 Bad reply from {self.remote} during {what}: {e.reason}")
+        raise ConnectError(451, why, hop=self._hop)
+
+    async def _hello(self) -> None:
+        s, hop = self._settings, self._hop
+        ext: dict[str, str] = {}
+        helo = not s.esmtp
+        if s.esmtp:
+            code, lines = await self._setup(self._ehlo, s.ehlo_timeout, "EHLO")
+            if code == 250:
+                for ln in lines[1:]:  # the first line is the server's name (RFC 5321 §4.1.1.1)
+                    kw, _, params = ln.decode("ascii", "replace").strip().partition(" ")
+                    ext[kw.lower()] = params
+            elif 500 <= code < 600 and not self._wire.lost:
+                # RFC 5321 §4.1.4: a server that refuses EHLO with 5xx may still speak HELO.
+                helo = True
+            else:
+                raise ConnectError(code if 400 <= code < 600 else 451, clean_text(reply_text(lines)), hop=hop)
+        if helo:
+            code, lines = await self._setup(self._helo, s.ehlo_timeout, "HELO")
+            if code != 250:
+                raise ConnectError(code if 400 <= code < 600 else 451, clean_text(reply_text(lines)), hop=hop)
+        self._ext = ext  # no extensions after HELO
+        self._pipelining = "pipelining" in ext  # RFC 2920
 
     async def _starttls(self) -> None:
         """RELIABILITY.md case 45, RFC 3207."""
-        smtp, s, hop = self._smtp, self._settings, self._hop
+        s, hop, wire = self._settings, self._hop, self._wire
         required = s.tls == "required"
-        if "starttls" not in smtp.esmtp_extensions:
+        if "starttls" not in self._ext:
             if required:
                 raise ConnectError(451, "4.7.4 TLS is required, but STARTTLS was not offered", hop=hop)
             return
@@ -269,22 +282,23 @@ class SMTPConnection:
             ctx = tls_context(s)
         except (OSError, ValueError) as e:
             raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop) from None
-        try:
-            await smtp.starttls(server_hostname=hop.name or hop.ip, tls_context=ctx, timeout=s.tls_timeout)
-        except SMTPResponseException as e:
-            if e.code < 0:  # hostile reply to STARTTLS
-                raise ConnectError(451, clean_text(f"4.5.0 Bad reply to STARTTLS: {e.message}"),
-                                   hop=hop) from None
-            if not smtp.is_connected:  # a 421: the server closed
-                raise ConnectError(451, clean_text(f"4.4.2 STARTTLS answered {e.code} {e.message}"),
-                                   hop=hop) from None
+        code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
+        if code != 220:
+            if wire.lost or code == 421:  # the server closed
+                raise ConnectError(451, clean_text(f"4.4.2 STARTTLS answered {code} {reply_text(lines)}"),
+                                   hop=hop)
             if required:
                 raise ConnectError(451, clean_text(f"4.7.4 TLS is required, but STARTTLS was refused: "
-                                                   f"{e.code} {e.message}"), hop=hop) from None
+                                                   f"{code} {reply_text(lines)}"), hop=hop)
             return  # 454 under "ifavailable": carry on in plaintext on this connection
-        except (ssl.SSLError, SMTPException, OSError) as e:
+        wire.reset_parser()  # RELIABILITY.md case 6: nothing read before TLS carries over
+        loop = asyncio.get_running_loop()
+        try:
+            wire.transport = await loop.start_tls(wire.transport, wire, ctx, server_hostname=hop.name or hop.ip,
+                                                  ssl_handshake_timeout=s.tls_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError, RuntimeError) as e:
             # A failed handshake or an untrusted certificate: the connection is gone (or unusable).
-            smtp.close()
+            wire.abort()
             if required:
                 raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}"), hop=hop) from None
             raise _TLSFailed(str(e)) from None
@@ -297,158 +311,216 @@ class SMTPConnection:
     async def deliver(self, sender: str, mail_params: str, rcpts: list[tuple[str, str]],
                       body: bytes) -> list[RcptResult]:
         n = len(rcpts)
-        if not self.usable or self._smtp is None:
+        if not self.usable or self._wire is None:
             return [temp(f"4.4.2 Connection to {self.remote} is no longer usable")] * n
-        args = mail_args(sender, mail_params, len(body), self._ext)
+        ext = self._ext
+        args = mail_args(sender, mail_params, len(body), ext)
         if isinstance(args, RcptResult):
             return [args] * n
+        mail = b"MAIL " + b" ".join(args) + b"\r\n"
+        search = CONTROL.search
+        if search(mail, 0, len(mail) - 2):
+            return [_BAD_SENDER] * n  # case 22: nothing is sent
+        # Every command line is built and checked before anything is written (case 22): a bad
+        # address gets its PERM here and stays out of the group.
         results: list[RcptResult | None] = [None] * n
-        todo = range(n)
+        lines: list[bytes] = [b""] * n
+        todo: list[int] = []
+        for i, (addr, params) in enumerate(rcpts):
+            if params:
+                line = b"RCPT " + b" ".join(rcpt_args(addr, params, ext)) + b"\r\n"
+            else:
+                line = b"RCPT TO:<" + encode_addr(addr) + b">\r\n"  # byte-exact (case 19)
+            if search(line, 0, len(line) - 2):
+                results[i] = _BAD_RCPT
+            else:
+                lines[i] = line
+                todo.append(i)
+        transaction = self._pipelined if self._pipelining else self._stepwise
         while todo:
-            todo = await self._transaction(args, rcpts, body, todo, results)
-        return results  # type: ignore[return-value]  # every slot is filled by _transaction
-
-    async def _transaction(self, args: list[bytes], rcpts: list[tuple[str, str]], body: bytes,
-                           todo: range | list[int], results: list[RcptResult | None]) -> list[int]:
-        """One MAIL..DATA transaction for the recipients at `todo`; fills their results and returns
-        the ones to send in another transaction (a remote "452 too many recipients", case 42)."""
-        s, proto = self._settings, self._proto
-        execute = self._smtp.execute_command
-        phase = "RSET"
-        accepted: list[int] = []
-        try:
-            if not self._fresh:
-                # RFC 5321 §4.1.1.5: start each message from a clean state, whatever the last one left.
-                r = await execute(b"RSET", timeout=s.rset_timeout)
-                if proto._buffer:
-                    raise _OutOfStep
-                if r.code != 250:
-                    return self._broken(todo, results, clean_text(f"4.4.2 RSET failed: {r.code} {r.message}"))
-            self._fresh = False
-            phase = "MAIL FROM"
-            # MAIL and RCPT through execute_command, not mail()/rcpt(): those re-quote the address
-            # through the email package, which mangles `"john..doe"@x` (RELIABILITY.md case 19).
+            self._dotted = False
             try:
-                r = await execute(b"MAIL", *args, timeout=s.mail_timeout)
-            except ValueError:
-                # A control character in the sender or a parameter (RELIABILITY.md case 22),
-                # refused by aiosmtplib before sending: the session is still clean.
-                self._fresh = True
-                bad = RcptResult(PERM, 501, "5.1.7 Bad sender address (control characters)")
-                for i in todo:
-                    results[i] = bad
-                return []
-            if proto._buffer:
-                raise _OutOfStep
-            if r.code != 250:
-                if not 400 <= r.code < 600:  # a 2xx/3xx other than 250: out of step with the server
-                    raise _OutOfStep
-                # RELIABILITY.md case 41: every recipient of the transaction shares the MAIL result.
-                res = self._reply(r.code, r.message)
-                for i in todo:
-                    results[i] = res
-                return []
-            phase = "RCPT TO"
-            rest: list[int] = []
-            for k, i in enumerate(todo):
-                addr, params = rcpts[i]
-                try:
-                    r = await execute(b"RCPT", *rcpt_args(addr, params, self._ext), timeout=s.rcpt_timeout)
-                except ValueError:
-                    # aiosmtplib refuses control characters (RELIABILITY.md case 22) before sending
-                    # anything: this address can never be delivered; the session is unharmed.
-                    results[i] = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
-                    continue
-                if proto._buffer:
-                    raise _OutOfStep
-                code = r.code
-                if 200 <= code < 300:
-                    accepted.append(i)
-                elif code == 452 and accepted:
-                    # RFC 5321 §4.5.3.1.10: "too many recipients" - the rest go in the next transaction.
-                    rest = list(todo[k:])
-                    break
-                else:
-                    results[i] = self._reply(code, r.message)  # RELIABILITY.md case 42
-                    if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
-                        return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
-            if not accepted:
-                # RELIABILITY.md case 42: nobody to send to; no DATA.
-                phase = "RSET"
-                r = await execute(b"RSET", timeout=s.rset_timeout)
-                if proto._buffer:
-                    raise _OutOfStep
-                if r.code != 250:
-                    return self._broken(todo, results, clean_text(f"4.4.2 RSET failed: {r.code} {r.message}"))
-                self._fresh = True
-                return []
-            phase = "DATA"
-            res = await self._data(body)
-            for i in accepted:
-                results[i] = res  # RELIABILITY.md case 43: one outcome for the whole transaction
-            return rest if self.usable else self._broken(rest, results, "")
-        except SMTPTimeoutError:
-            why = self._trouble(phase, "4.4.2 Timed out waiting for the reply to {phase} from {remote}")
-            return self._broken(todo, results, why)
-        except _OutOfStep:
-            # An unsolicited reply line (case 44): with the replies out of step, any result read
-            # in this transaction may belong to another command, so none of them is trusted.
+                todo = await transaction(mail, lines, body, todo, results)
+            except TimeoutError:
+                todo = self._broken(todo, results, self._trouble(
+                    "4.4.2 Timed out waiting for the reply to {phase} from {remote}"))
+            except Lost:
+                todo = self._broken(todo, results, self._trouble(
+                    "4.4.2 Lost connection with {remote} while sending {phase}"))
+            except Hostile as e:
+                if e.shifted:
+                    # Out of step (case 44, unsolicited): with the replies shifted, any result read
+                    # in this transaction may belong to another command, so none of them is trusted.
+                    for i in todo:
+                        results[i] = None
+                detail = e.reason.replace("{", "(").replace("}", ")")
+                todo = self._broken(todo, results, self._trouble("4.5.0 Bad reply to {phase} from {remote}: "
+                                                                 + detail))
+        return results  # type: ignore[return-value]  # every slot is filled by now
+
+    async def _pipelined(self, mail: bytes, lines: list[bytes], body: bytes, todo: list[int],
+                         results: list[RcptResult | None]) -> list[int]:
+        """One MAIL..DATA transaction for the recipients at `todo` as one pipelined group (RFC 2920
+        §3.1: DATA last); fills their results and returns the ones to send in another transaction
+        (a remote "452 too many recipients", case 42). Every reply of the group is read, in order,
+        each with its own phase's timeout (RFC 5321 §4.5.3.2, case 40)."""
+        s, wire = self._settings, self._wire
+        rset = not self._fresh  # never before the first message
+        group = [_RSET, mail] if rset else [mail]
+        for i in todo:
+            group.append(lines[i])
+        group.append(_DATA)
+        self._fresh = False
+        self._phase = "RSET" if rset else "MAIL FROM"
+        wire.send(b"".join(group), len(group))  # one write per message (PERF.md: batch writes)
+        if rset:
+            # RFC 5321 §4.1.1.5: start each message from a clean state, whatever the last one left.
+            code, rl = await wire.read(s.rset_timeout)
+            if code != 250:
+                return self._broken(todo, results, clean_text(f"4.4.2 RSET failed: {code} {reply_text(rl)}"))
+        self._phase = "MAIL FROM"
+        code, rl = await wire.read(s.mail_timeout)
+        failed = code != 250
+        if failed:
+            if not 400 <= code < 600:  # a 2xx/3xx other than 250: out of step with the server
+                raise Hostile(f"unexpected reply {code} to MAIL", True)
+            # RELIABILITY.md case 41: every recipient of the transaction shares the MAIL result;
+            # the replies to the RCPTs and DATA (503s) are read to stay in step, and decide nothing.
+            res = self._reply(code, rl)
             for i in todo:
-                results[i] = None
-            why = self._trouble(phase, "4.5.0 Unsolicited reply data from {remote} after {phase}")
-            return self._broken(todo, results, why)
-        except SMTPResponseException as e:  # -1: over-long, endless or malformed reply (case 44)
-            detail = e.message[:200].replace("{", "(").replace("}", ")")
-            why = self._trouble(phase, "4.5.0 Bad reply to {phase} from {remote}: " + detail)
-            return self._broken(todo, results, why)
-        except (SMTPException, OSError):
-            why = self._trouble(phase, "4.4.2 Lost connection with {remote} while sending {phase}")
-            return self._broken(todo, results, why)
+                results[i] = res
+            if not self.usable:  # 421: the server is closing (§3.8); nothing more will come
+                return []
+        self._phase = "RCPT TO"
+        timeout = s.rcpt_timeout
+        accepted: list[int] = []
+        rest: list[int] = []
+        for i in todo:
+            code, rl = await wire.read(timeout)
+            if failed:
+                if code == 421:
+                    self._drop()
+                    return []
+            elif 200 <= code < 300:
+                accepted.append(i)
+            elif code == 452 and accepted:
+                # RFC 5321 §4.5.3.1.10: "too many recipients" - this one goes in the next transaction.
+                rest.append(i)
+            else:
+                results[i] = self._reply(code, rl)  # RELIABILITY.md case 42
+                if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
+                    return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
+        self._phase = "DATA"
+        code, rl = await wire.read(s.data_timeout)
+        if accepted:
+            return await self._data(code, rl, body, accepted, rest, results)
+        # Nobody was accepted (case 42): RFC 2920 §3.1 has the server refuse DATA (503/554). The
+        # next message starts with RSET, so nothing else is needed.
+        if code == 354:
+            # A server not following RFC 2920: end the empty message at once; its reply decides
+            # nothing, every recipient has its result.
+            wire.settled()
+            wire.want = 1
+            wire.write(_DOT)
+            code, rl = await wire.read(s.done_timeout)
+        elif not 400 <= code < 600:
+            raise Hostile(f"unexpected reply {code} to DATA", True)
+        wire.settled()
+        if code == 421 or 300 <= code < 400:
+            self._drop()
+        return []
 
-    async def _data(self, body: bytes) -> RcptResult:
-        """DATA, the body and the final reply, through aiosmtplib's data(): it turns bare CR and LF
-        into CRLF and dot-stuffs (RELIABILITY.md cases 3, 27)."""
-        proto = self._proto
-        self._data_step = 0
-        # data() waits for the 354 and for the reply after the dot with ONE timeout, and its errors
-        # do not say which wait failed. Shadowing the protocol's read_response for the call gives
-        # each wait its own timeout (data_timeout, done_timeout: RFC 5321 §4.5.3.2, RELIABILITY.md
-        # case 40) and counts the replies, so a failure after the dot is known as one.
-        proto.read_response = self._read_data_reply
-        try:
-            r = await self._smtp.data(body, timeout=self._settings.done_timeout)
-        except SMTPDataError as e:
-            if self._data_step == 1 and not 400 <= e.code < 600:
-                raise _OutOfStep from None  # anything but 354 or an error to DATA (a 250, say)
-            return self._reply(e.code, e.message)
-        finally:
-            proto.__dict__.pop("read_response", None)
-        return self._reply(r.code, r.message)
+    async def _stepwise(self, mail: bytes, lines: list[bytes], body: bytes, todo: list[int],
+                        results: list[RcptResult | None]) -> list[int]:
+        """The same transaction without PIPELINING: one command, one reply (RFC 5321 §4.1.1)."""
+        s, wire = self._settings, self._wire
+        if not self._fresh:
+            # RFC 5321 §4.1.1.5: start each message from a clean state, whatever the last one left.
+            self._phase = "RSET"
+            code, rl = await self._ask(_RSET, s.rset_timeout)
+            if code != 250:
+                return self._broken(todo, results, clean_text(f"4.4.2 RSET failed: {code} {reply_text(rl)}"))
+        self._fresh = False
+        self._phase = "MAIL FROM"
+        code, rl = await self._ask(mail, s.mail_timeout)
+        if code != 250:
+            if not 400 <= code < 600:  # a 2xx/3xx other than 250: out of step with the server
+                raise Hostile(f"unexpected reply {code} to MAIL", True)
+            res = self._reply(code, rl)  # RELIABILITY.md case 41: shared by every recipient
+            for i in todo:
+                results[i] = res
+            return []
+        self._phase = "RCPT TO"
+        accepted: list[int] = []
+        rest: list[int] = []
+        for k, i in enumerate(todo):
+            code, rl = await self._ask(lines[i], s.rcpt_timeout)
+            if 200 <= code < 300:
+                accepted.append(i)
+            elif code == 452 and accepted:
+                # RFC 5321 §4.5.3.1.10: "too many recipients" - the rest go in the next transaction.
+                rest = todo[k:]
+                break
+            else:
+                results[i] = self._reply(code, rl)  # RELIABILITY.md case 42
+                if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
+                    return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
+        if not accepted:
+            # RELIABILITY.md case 42: nobody to send to; RSET and no DATA.
+            self._phase = "RSET"
+            code, rl = await self._ask(_RSET, s.rset_timeout)
+            wire.settled()
+            if code != 250:
+                return self._broken(todo, results, clean_text(f"4.4.2 RSET failed: {code} {reply_text(rl)}"))
+            self._fresh = True
+            return []
+        self._phase = "DATA"
+        code, rl = await self._ask(_DATA, s.data_timeout)
+        return await self._data(code, rl, body, accepted, rest, results)
 
-    async def _read_data_reply(self, timeout: float | None = None) -> aiosmtplib.SMTPResponse:
-        step = self._data_step = self._data_step + 1
-        s, proto = self._settings, self._proto
-        r = await SMTPProtocol.read_response(proto, s.data_timeout if step == 1 else s.done_timeout)
-        if proto._buffer:
-            raise _OutOfStep  # before the body goes out, if it came with the 354
-        return r
+    async def _ask(self, line: bytes, timeout: float) -> tuple[int, list[bytes]]:
+        wire = self._wire
+        wire.send(line, 1)  # refused if anything came after the last reply (case 44)
+        return await wire.read(timeout)
 
-    def _trouble(self, phase: str, template: str) -> str:
+    async def _data(self, code: int, rl: list[bytes], body: bytes, accepted: list[int], rest: list[int],
+                    results: list[RcptResult | None]) -> list[int]:
+        """From the reply to DATA on: the body, the final reply; one outcome for every accepted
+        recipient (RELIABILITY.md case 43)."""
+        wire = self._wire
+        if code == 354:
+            wire.settled()  # nothing may come with the 354 (case 44): checked before the body goes out
+            s = self._settings
+            wire.want = 1
+            # RELIABILITY.md cases 3, 27: CRLF-normalised, dot-stuffed, ending in CRLF.CRLF.
+            wire.write(_impl.encode_data(body))
+            await wire.drain(s.data_timeout)
+            self._dotted = True
+            code, rl = await wire.read(s.done_timeout)
+        elif not 400 <= code < 600:  # anything but 354 or an error to DATA (a 250, say)
+            raise Hostile(f"unexpected reply {code} to DATA", True)
+        wire.settled()
+        res = self._reply(code, rl)
+        for i in accepted:
+            results[i] = res
+        return rest if self.usable else self._broken(rest, results, "")
+
+    def _trouble(self, template: str) -> str:
         """The text of a synthetic 451; `template` has {phase} and {remote}."""
-        if phase == "DATA" and self._data_step == 2:
+        if self._dotted:
             # RFC 5321 §3.8 / §4.5.3.2, RELIABILITY.md case 40: the message may have been taken;
             # retry, knowing it may arrive twice (Postfix: "message may be sent more than once").
             return clean_text(template.format(phase="end of data", remote=self.remote)
                               + "; the message may have been delivered (possible duplicate)")
-        return clean_text(template.format(phase=phase, remote=self.remote))
+        return clean_text(template.format(phase=self._phase, remote=self.remote))
 
-    def _reply(self, code: int, text: str) -> RcptResult:
-        res = reply_result(code, text)
-        if code == 421 or not (200 <= code < 600) or 300 <= code < 400:
+    def _reply(self, code: int, lines: list[bytes]) -> RcptResult:
+        res = reply_result(code, reply_text(lines))
+        if code == 421 or 300 <= code < 400:
             self._drop()  # closing (§3.8), or out of step with the server
         return res
 
-    def _broken(self, todo: range | list[int], results: list[RcptResult | None], text: str) -> list[int]:
+    def _broken(self, todo: list[int], results: list[RcptResult | None], text: str) -> list[int]:
         """Connection-level trouble: every recipient of `todo` still without a result gets TEMP;
         the connection carries no further message."""
         self._drop()
@@ -460,24 +532,26 @@ class SMTPConnection:
 
     def _drop(self) -> None:
         self.usable = False
-        if self._smtp is not None:
-            self._smtp.close()  # also stops the flood of a hostile peer at once
+        if self._wire is not None:
+            self._wire.abort()  # also stops the flood of a hostile peer at once
 
     async def close(self) -> None:
-        smtp, self._smtp = self._smtp, None
-        if smtp is None:
+        wire, self._wire = self._wire, None
+        if wire is None:
             return
         try:
-            if self.usable and smtp.is_connected:
-                await smtp.execute_command(b"QUIT", timeout=min(QUIT_TIMEOUT, self._settings.rset_timeout))
+            if self.usable and not wire.lost:
+                await wire.command(_QUIT, min(QUIT_TIMEOUT, self._settings.rset_timeout))
         except Exception:
             pass  # QUIT is a courtesy; the session is over either way
         finally:
             self.usable = False
-            try:
-                smtp.close()
-            except Exception:
-                pass
+            t = wire.transport
+            if t is not None:
+                try:
+                    t.close()
+                except Exception:
+                    pass
 
 
 async def connect(hop: Hop, settings: Settings) -> SMTPConnection:
