@@ -44,3 +44,6 @@ SPOOL_MIN_FREE = 64 * 1024 * 1024
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # How often the listener checks its connections' timers.
 REAPER_INTERVAL = 1.0
+# Client addresses whose relay/normalize decision is remembered (the cache is simply emptied
+# when full).
+CLIENT_POLICY_CACHE = 4096

@@ -54,19 +54,25 @@ class Item:
 class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
-    __slots__ = ("binding", "connecting", "domain", "pumping", "ready", "sessions", "settings")
+    __slots__ = ("binding", "connecting", "domain", "idle", "pumping", "ready", "sessions", "settings")
 
     def __init__(self, domain: str, binding: str):
         self.domain = domain
         self.binding = binding
         self.ready: deque[Item] = deque()
         self.sessions = 0
-        self.connecting = 0  # sessions started that have not taken a message yet
+        self.connecting = 0  # sessions started (or woken from idle) that have not taken a message yet
+        self.idle: deque[asyncio.Future] = deque()  # open connections waiting for more mail
         self.pumping = False
         self.settings: D.Settings | None = None
 
 
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
+
+
+def _expire_idle(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 class _Slot:
@@ -179,6 +185,12 @@ class Queue:
 
     # --- dispatch -----------------------------------------------------------------------------
     def _kick(self, d: Dest) -> None:
+        # An idle open connection takes new mail before any new connection is opened.
+        while d.idle and len(d.ready) > d.connecting:
+            waiter = d.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                d.connecting += 1
         if not d.pumping and d.ready and not self._stopping:
             d.pumping = True
             self._spawn(self._pump(d))
@@ -258,10 +270,14 @@ class Queue:
                 return
             self.router.host_ok(plan, host)
             slot.connected()
+            keep = self.cfg.get("Connection_Cache_Time", d.domain, d.binding)
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
-                    break
+                    if not await self._idle(d, keep):
+                        break
+                    d.connecting -= 1  # woken for a message: it takes one now (or finds none)
+                    continue
                 await self._deliver_one(it, conn, hop)
         finally:
             if conn is not None:
@@ -270,6 +286,26 @@ class Queue:
                 except Exception:  # close never matters to the outcome
                     log.debug("close failed", exc_info=True)
             slot.release()
+
+    async def _idle(self, d: Dest, keep: float) -> bool:
+        """Keep an open connection for `keep` seconds in case more mail comes for its destination
+        (Postfix's smtp_connection_cache_time_limit): a new connection costs a handshake, a
+        greeting and an EHLO. True if woken for a message, False when the time is up."""
+        if keep <= 0 or self._stopping:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        d.idle.append(waiter)
+        timer = asyncio.get_running_loop().call_later(keep, _expire_idle, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            if not waiter.done():
+                waiter.cancel()
+            try:
+                d.idle.remove(waiter)
+            except ValueError:
+                pass
 
     def _take(self, d: Dest) -> Item | None:
         while d.ready:
@@ -427,6 +463,11 @@ class Queue:
     # --- lifecycle ----------------------------------------------------------------------------
     async def stop(self) -> None:
         self._stopping = True
+        for d in self.dests.values():
+            while d.idle:
+                w = d.idle.popleft()
+                if not w.done():
+                    w.set_result(False)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -111,6 +111,10 @@ OPTIONS: list[OptionDef] = [
               "each block of the body to be taken (§4.5.3.2.5: 3 minutes)."),
     OptionDef("RSET_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0,
               "How long to wait for the reply to RSET between two messages on one connection."),
+    OptionDef("Connection_Cache_Time", t.Time(), OUTBOUND, 2.0,
+              "How long an outbound connection with nothing more to send stays open in case more "
+              "mail comes for its destination (Postfix smtp_connection_cache_time_limit); 0 closes "
+              "it at once."),
     OptionDef("TLS", t.Enum("ifavailable", "required", "disabled"), OUTBOUND, "ifavailable",
               "Outbound STARTTLS: ifavailable (opportunistic: used when offered; a failed handshake "
               "is retried in plaintext on a new connection), required (never plaintext: defer "

@@ -171,6 +171,7 @@ class SMTPServer:
         self._reaper: asyncio.TimerHandle | None = None
         self._ehlo_cache: dict[bool, bytes] = {}
         self.greeting = f"220 {settings.hostname} ESMTP fastrelay\r\n".encode()
+        self._policy_cache: dict[str, tuple] = {}
         # Counters for operators and tests (every one back to zero at teardown where it counts
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
@@ -214,6 +215,23 @@ class SMTPServer:
             ).encode()
             self._ehlo_cache[tls_active] = cached
         return cached
+
+    def client_policy(self, peer_ip: str) -> tuple:
+        """(address, may relay, bare-LF normalised) for a client address, memoised: the same few
+        clients connect over and over, and parsing plus CIDR matching per connection adds up."""
+        hit = self._policy_cache.get(peer_ip)
+        if hit is None:
+            try:
+                ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+            except ValueError:
+                ip = None
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            hit = (ip, _in(self.s.relay_hosts, ip), _in(self.s.normalize_hosts, ip))
+            if len(self._policy_cache) >= limits.CLIENT_POLICY_CACHE:
+                self._policy_cache.clear()
+            self._policy_cache[peer_ip] = hit
+        return hit
 
     def overloaded(self) -> bool:
         return len(self.sessions) > self.s.max_connections * limits.OVERLOAD_FRACTION
@@ -280,12 +298,6 @@ class Session(asyncio.Protocol):
         srv = self.srv
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
-        try:
-            self.ip = ipaddress.ip_address(self.peer_ip.split("%", 1)[0])
-        except ValueError:
-            self.ip = None
-        if isinstance(self.ip, ipaddress.IPv6Address) and self.ip.ipv4_mapped is not None:
-            self.ip = self.ip.ipv4_mapped
         srv.stats["connections"] += 1
         # RELIABILITY.md case 13: refuse beyond the limits at the banner, never an unbounded accept.
         if len(srv.sessions) >= srv.s.max_connections:
@@ -298,8 +310,7 @@ class Session(asyncio.Protocol):
         # Reserve: released in connection_lost, whatever ends the connection.
         srv.per_ip[self.peer_ip] = n + 1
         srv.sessions.add(self)
-        self.trusted = _in(srv.s.relay_hosts, self.ip)
-        self.normalize = _in(srv.s.normalize_hosts, self.ip)
+        self.ip, self.trusted, self.normalize = srv.client_policy(self.peer_ip)
         if srv.s.greeting_delay > 0:
             asyncio.get_running_loop().call_later(srv.s.greeting_delay, self._greet)
         else:

@@ -61,6 +61,8 @@ class RelayHarness:
         await self.stop()
 
     def mainlog(self) -> list[list[str]]:
+        if self.relay is not None and self.relay.mainlog is not None:
+            self.relay.mainlog.flush()  # lines wait up to 100 ms in memory
         p = self.dir / "mainlog"
         if not p.exists():
             return []
