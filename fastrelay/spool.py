@@ -650,26 +650,8 @@ class Spool:
             self._writer_done.set_result(None)
 
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
-        q = self._wq
-        get = q.get
-        get_nowait = q.get_nowait
-        max_batch = self.max_batch
         stats = self.stats
-        running = True
-        while running:
-            op = get()
-            if op is None:
-                break
-            batch = [op]
-            while len(batch) < max_batch:
-                try:
-                    op = get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    running = False
-                    break
-                batch.append(op)
+        for batch in _batches(self._wq, self.max_batch):
             stats["batches"] += 1
             if len(batch) > stats["largest_batch"]:
                 stats["largest_batch"] = len(batch)
@@ -1008,26 +990,8 @@ class Spool:
             self._reader_done.set_result(None)
 
     def _reader_loop(self, conn: sqlite3.Connection) -> None:
-        q = self._rq
-        get = q.get
-        get_nowait = q.get_nowait
-        max_batch = self.max_batch
         stats = self.stats
-        running = True
-        while running:
-            req = get()
-            if req is None:
-                break
-            batch = [req]
-            while len(batch) < max_batch:
-                try:
-                    req = get_nowait()
-                except queue.Empty:
-                    break
-                if req is None:
-                    running = False
-                    break
-                batch.append(req)
+        for batch in _batches(self._rq, self.max_batch):
             results: list = []
             try:
                 conn.execute("BEGIN")  # one read snapshot for the batch
@@ -1063,6 +1027,28 @@ class Spool:
         except Exception as e:
             return f"envelope does not parse: {type(e).__name__}: {e}"
         return (env, data)
+
+
+def _batches(q: queue.SimpleQueue, max_batch: int):
+    """Block for the first queued request, then take everything else waiting (up to max_batch):
+    one batch per wake-up is what makes group commit (and batched reads) work. A None in the
+    queue ends the stream after the requests before it."""
+    get, get_nowait = q.get, q.get_nowait
+    while True:
+        req = get()
+        if req is None:
+            return
+        batch = [req]
+        while len(batch) < max_batch:
+            try:
+                req = get_nowait()
+            except queue.Empty:
+                break
+            if req is None:
+                yield batch
+                return
+            batch.append(req)
+        yield batch
 
 
 def _resolve_writes(batch: list, errors: list | None) -> None:
