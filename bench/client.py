@@ -293,7 +293,8 @@ class LoadGenerator:
         finally:
             for w in workers:
                 w.cancel()
-        self.result.end = time.monotonic()
+        if not self.result.end:  # else: the last outcome's time, not the closing QUITs'
+            self.result.end = time.monotonic()
         self.result.cpu_s = time.process_time() - cpu0
         return self.result
 
@@ -332,6 +333,9 @@ class LoadGenerator:
                 if conn is None:
                     if self._claimed + self._connecting >= spec.messages:
                         break  # the workers already connecting will take what is left
+                    if spec.rate > 0 and not spec.reuse:
+                        await self._pace(self._next)  # before connecting: the pause is no latency
+                        t0 = time.perf_counter()
                     self._connecting += 1
                     try:
                         conn = await self._connect()

@@ -25,8 +25,9 @@ from bench.e2e import Progress, command_line, machine_info
 from bench.procs import RelayProcess, ToolError, child_env, end_all, fastrelay_version, free_port, relay_conf
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _files(path: Path) -> dict[str, int]:
+    """Bytes per file of the spool directory (spool.db, its WAL, the reserve file, ...)."""
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
 
 
 class _TCounter:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spec = LoadSpec(host="127.0.0.1", port=relay.port, messages=args.messages, size=args.size, rcpts=1,
                         concurrency=args.concurrency, reuse=True, pipelining=True, id_prefix="d-", timeout=120)
         done = [0]
-        progress.start("queueing", args.messages, lambda: done[0])
+        progress.start("queueing", args.messages, lambda: done[0], "accepted")
         try:
             res = run_load_procs(spec, args.procs, done)
         finally:
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"({next(iter(res.errors), 'no error')})")
         tcount = _TCounter(workdir / "mainlog")
         t0 = time.monotonic()
-        progress.start("deferring", args.messages, tcount.poll)
+        progress.start("deferring", args.messages, lambda: tcount.count, "deferred")
         try:
             while tcount.poll() < args.messages:
                 if time.monotonic() - t0 > args.timeout:
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["deferred_after_s"] = round(time.monotonic() - t0, 2)
         time.sleep(1.0)  # let the last batch of spool writes and frees settle
         out["queued"] = {"rss_mb": _mb(relay.rss_kb()), "peak_rss_mb": _mb(relay.peak_rss_kb()),
-                         "cpu_s": relay.cpu(), "spool_bytes": _dir_bytes(workdir / "spool")}
+                         "cpu_s": relay.cpu(), "spool_files": _files(workdir / "spool")}
+        out["queued"]["spool_bytes"] = sum(out["queued"]["spool_files"].values())
         t = time.monotonic()
         rc = relay.stop(timeout=args.timeout)
         out["stop_s"] = round(time.monotonic() - t, 2)
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RSS, empty      {out['rss_empty_mb']} MB")
     print(f"RSS, queued     {q['rss_mb']} MB (peak {q['peak_rss_mb']} MB; "
           f"{(q['rss_mb'] - out['rss_empty_mb']) * 1024 * 1024 / n:,.0f} bytes per message); "
-          f"spool {q['spool_bytes'] / 1e6:,.0f} MB on disk")
+          f"spool {q['spool_bytes'] / 1e6:,.0f} MB on disk ("
+          + ", ".join(f"{k} {v / 1e6:,.0f} MB" for k, v in q["spool_files"].items() if v > 1e6) + ")")
     print(f"stop (SIGTERM)  {out['stop_s']} s")
     print(f"restart         recovered line after {r['to_recovered_line_s']} s, ready after {r['to_ready_s']} s "
           f"({r['recovered']:,} recovered); RSS {r['rss_mb']} MB (peak {r['peak_rss_mb']} MB)")

@@ -73,24 +73,23 @@ class Progress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, label: str, total: int, sent: Any, delivered: Any = None) -> None:
+    def start(self, label: str, total: int, count: Any, noun: str = "sent") -> None:
+        """Show `count()` of `total` until stop(); the rate counts from now."""
         if not self.enabled:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._draw, args=(label, total, sent, delivered), daemon=True)
+        self._thread = threading.Thread(target=self._draw, args=(label, total, count, noun), daemon=True)
         self._thread.start()
 
-    def _draw(self, label: str, total: int, sent: Any, delivered: Any) -> None:
-        t0 = time.monotonic()
+    def _draw(self, label: str, total: int, count: Any, noun: str) -> None:
+        t0, n0 = time.monotonic(), count()
         width = 30
         while not self._stop.wait(0.25):
-            n = sent()
-            d = delivered() if delivered else None
+            n = count()
             frac = min(1.0, n / total) if total else 1.0
             bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-            rate = n / max(time.monotonic() - t0, 1e-9)
-            extra = f", {d:,} delivered" if d is not None else ""
-            sys.stderr.write(f"\r{label:<18} [{bar}] {n:,}/{total:,} sent{extra}, {rate:,.0f}/s   ")
+            rate = (n - n0) / max(time.monotonic() - t0, 1e-9)
+            sys.stderr.write(f"\r{label:<18} [{bar}] {n:,}/{total:,} {noun}, {rate:,.0f}/s   ")
             sys.stderr.flush()
 
     def stop(self) -> None:
@@ -201,7 +200,7 @@ class Bench:
     def _start_sink(self) -> None:
         a = self.a
         if self.tools:
-            self.sink = PostfixSink(self.tools[1], a.sink_listen).start()
+            self.sink = PostfixSink(self.tools[1], a.sink_listen, self.workdir).start()
         else:
             self.sink = SinkProcess(a.sink_listen, status_interval=0.2, log=self.workdir / "sink.log").start()
 
@@ -244,7 +243,8 @@ class Bench:
             key = "rcpts" if not self.tools else "messages"
             want = load["_units"]
             sent_base = base.get(key, 0)
-            self.progress.start(f"{label} dlv", want, lambda: self.sink.latest.get(key, 0) - sent_base)  # type: ignore[union-attr]
+            self.progress.start(label, want, lambda: self.sink.latest.get(key, 0) - sent_base,  # type: ignore[union-attr]
+                                "delivered" if key == "messages" else "recipients delivered")
             try:
                 snap = self.sink.wait_for(key, sent_base + want, a.timeout)  # type: ignore[union-attr]
             finally:
@@ -313,41 +313,25 @@ class Bench:
         if a.reuse:
             cmd.append("-d")
         cmd.append(join_addr(host, port))
-        done = [0]
-        self.progress.start(label, a.messages, lambda: done[0])
-        start = time.monotonic()
-        proc = track(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                      start_new_session=True))
-        err_lines: list[bytes] = []
-
-        def read_counts() -> None:  # -c prints the running count of messages, CR-separated
-            buf = b""
-            while chunk := os.read(proc.stdout.fileno(), 65536):  # type: ignore[union-attr]
-                buf += chunk
-                parts = buf.replace(b"\n", b"\r").split(b"\r")
-                buf = parts.pop()
-                nums = [p for p in parts if p.strip().isdigit()]
-                if nums:
-                    done[0] = int(nums[-1])
-
-        def read_err() -> None:
-            err_lines.extend(proc.stderr.read().splitlines())  # type: ignore[union-attr]
-
-        threads = [threading.Thread(target=read_counts, daemon=True), threading.Thread(target=read_err, daemon=True)]
-        for t in threads:
-            t.start()
+        # Its output goes to files, read only by the progress bar and at the end: a pipe would wake
+        # this process for every message (-c prints a running count, CR-separated).
+        out_path, err_path = self.workdir / "smtp-source.out", self.workdir / "smtp-source.err"
+        self.progress.start(label, a.messages, lambda: _last_count(out_path))
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            start = time.monotonic()
+            proc = track(subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                          start_new_session=True))
         try:
             _, status, usage = os.wait4(proc.pid, 0)
             end = time.monotonic()
             proc.returncode = os.waitstatus_to_exitcode(status)
         finally:
             end_group(proc)  # kills its group only if wait4 did not reap it (an interrupt)
-            for t in threads:
-                t.join(timeout=5)
             self.progress.stop()
+        err_lines = err_path.read_text(errors="replace").strip().splitlines()
         # smtp-source stops at the first error (its messages are "fatal"), so a clean exit means
         # that every message was accepted; otherwise its running count says how far it got.
-        accepted = a.messages if proc.returncode == 0 else done[0]
+        accepted = a.messages if proc.returncode == 0 else _last_count(out_path)
         elapsed = max(end - start, 1e-9)
         return {
             "accepted": accepted, "rejected": 0, "failed": a.messages - accepted,
@@ -355,7 +339,7 @@ class Bench:
             "latency_p50_ms": None, "latency_p99_ms": None,
             "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
             "_units": accepted, "_start": start,
-            "_error": err_lines[-1].decode(errors="replace") if err_lines else None,
+            "_error": err_lines[-1] if err_lines else None,
         }
 
     # --- output ----------------------------------------------------------------------------------
@@ -429,6 +413,17 @@ class Bench:
             print(f"note: {n}")
         for f in rep["failures"]:
             print(f"FAILED: {f}")
+
+
+def _last_count(path: Path) -> int:
+    """The newest running count in smtp-source -c output (numbers separated by CR)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64))
+            nums = [p for p in f.read().replace(b"\n", b"\r").split(b"\r") if p.strip().isdigit()]
+    except OSError:
+        return 0
+    return int(nums[-1]) if nums else 0
 
 
 def _r3(v: float | None) -> float | None:
