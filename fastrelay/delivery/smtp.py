@@ -10,97 +10,38 @@ RSET, MAIL, every RCPT and DATA in one write, reads the replies in order on the 
 (fastrelay.delivery.wire), and sends the body through `_impl.encode_data` (CRLF normalisation,
 dot-stuffing and the final dot in one pass: RELIABILITY.md cases 3, 27).
 
-Also holds what the LMTP client shares with it: the TCP connect, TLS contexts, MAIL/RCPT
-parameter filtering and the mapping of replies to `RcptResult`s.
+Also holds what the LMTP client shares with it at the command level: MAIL/RCPT parameter
+filtering. What both do alike on the connection (TCP connect, greeting, STARTTLS, QUIT, the
+mapping of replies to `RcptResult`s) is `WireSession` in fastrelay.delivery.wire; `tcp_connect`,
+`clean_text` and the other helpers it took from here are re-exported for their importers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import ssl
-
 from fastrelay import _impl
-from fastrelay.delivery import OK, PERM, TEMP, ConnectError, Hop, RcptResult, Settings
-from fastrelay.delivery.wire import CONTROL, TEXT_CAP, Hostile, Lost, ReplyWire, reply_text
+from fastrelay.delivery import PERM, Hop, RcptResult, Settings
+from fastrelay.delivery.wire import (
+    CONTROL,
+    QUIT_TIMEOUT,
+    TEXT_CAP,
+    Hostile,
+    Lost,
+    WireSession,
+    clean_text,
+    connect_session,
+    hello_keywords,
+    reply_result,
+    reply_text,
+    tcp_connect,
+    temp,
+    tls_context,
+    want_tls,
+)
 
 __all__ = ["QUIT_TIMEOUT", "TEXT_CAP", "SMTPConnection", "clean_text", "connect", "encode_addr", "mail_args",
            "rcpt_args", "reply_result", "tcp_connect", "temp", "tls_context", "want_tls"]
 
-# QUIT is a courtesy; a peer that does not answer it quickly is simply dropped.
-QUIT_TIMEOUT = 2.0
-
 # --- shared with the LMTP client -------------------------------------------------------------------
-
-
-def clean_text(text: str) -> str:
-    """Reply text fit for a log line or a DSN: control characters (line breaks of a multi-line
-    reply included) become spaces, length capped (RELIABILITY.md case 26)."""
-    text = text[:TEXT_CAP]
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else " " for c in text)
-    return text
-
-
-def reply_result(code: int, text: str) -> RcptResult:
-    """A 2xx/4xx/5xx reply as a recipient outcome. Anything else (a 3xx where a final reply was
-    due) is a protocol error: TEMP; the caller also gives up the connection."""
-    if 200 <= code < 300:
-        return RcptResult(OK, code, clean_text(text))
-    if 500 <= code < 600:
-        return RcptResult(PERM, code, clean_text(text))
-    if 400 <= code < 500:
-        return RcptResult(TEMP, code, clean_text(text))
-    return RcptResult(TEMP, 451, clean_text(f"4.5.0 Unexpected reply {code} {text}"))
-
-
-def temp(text: str) -> RcptResult:
-    """A synthetic transient failure (lost connection, timeout, hostile reply): 451, RFC 5321 §3.8."""
-    return RcptResult(TEMP, 451, text)
-
-
-async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
-    """A connected non-blocking socket to `hop`, or ConnectError (refused, unreachable, no SYN-ACK
-    within `timeout`: RELIABILITY.md case 38). Done here rather than by aiosmtplib so that the
-    TCP connect and the greeting each get their own timeout (RFC 5321 §4.5.3.2)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in hop.ip else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.wait_for(loop.sock_connect(sock, (hop.ip, hop.port)), timeout)
-    except TimeoutError:
-        sock.close()
-        raise ConnectError(451, f"4.4.1 Connection to {hop.ip}:{hop.port} timed out", hop=hop) from None
-    except OSError as e:
-        sock.close()
-        raise ConnectError(451, f"4.4.1 Connection to {hop.ip}:{hop.port} failed: "
-                                f"{clean_text(e.strerror or str(e))}", hop=hop) from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext:
-    """The client context for STARTTLS, built once per (verify, CA file): loading the system store
-    costs milliseconds, too much per connection."""
-    key = (settings.tls_verify, settings.tls_ca)
-    ctx = _contexts.get(key)
-    if ctx is None:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if settings.tls_verify:
-            if settings.tls_ca:
-                ctx.load_verify_locations(cafile=settings.tls_ca)  # trusted in addition to the system store
-        else:
-            # Opportunistic TLS (RFC 7435): encrypt without authenticating, as MTAs do by default.
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        _contexts[key] = ctx
-    return ctx
 
 
 def encode_addr(addr: str) -> bytes:
@@ -159,152 +100,53 @@ def rcpt_args(addr: str, params: str, ext: dict[str, str]) -> list[bytes]:
     return args
 
 
-def want_tls(settings: Settings) -> bool:
-    return settings.tls != "disabled"
-
-
 # --- the SMTP client ---------------------------------------------------------------------------
 
 _RSET = b"RSET\r\n"
 _DATA = b"DATA\r\n"
 _DOT = b".\r\n"  # an empty message: what encode_data(b"") gives
-_QUIT = b"QUIT\r\n"
 # RELIABILITY.md case 22: a control character in an address or parameter is never sent; the
 # address can never be delivered, the session is unharmed.
 _BAD_SENDER = RcptResult(PERM, 501, "5.1.7 Bad sender address (control characters)")
 _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
 
 
-class _TLSFailed(Exception):
-    """The STARTTLS handshake failed: under "ifavailable" connect() retries in plaintext."""
-
-
-class SMTPConnection:
+class SMTPConnection(WireSession):
     """One SMTP session (a `fastrelay.delivery.Connection`)."""
 
-    __slots__ = ("_dotted", "_ehlo", "_ext", "_fresh", "_helo", "_hop", "_phase", "_pipelining", "_settings",
-                 "_wire", "remote", "tls", "usable")
+    __slots__ = ("_ehlo", "_helo", "_phase", "_pipelining")
 
     def __init__(self, hop: Hop, settings: Settings):
         name = settings.helo_name.encode("ascii")  # UnicodeEncodeError (a ValueError) for a non-ASCII name
         if not name or b" " in name or CONTROL.search(name):
             raise ValueError(f"helo_name {settings.helo_name!r} is not a host name")
+        super().__init__(hop, settings)
         self._ehlo = b"EHLO " + name + b"\r\n"
         self._helo = b"HELO " + name + b"\r\n"
-        self._hop = hop
-        self._settings = settings
-        self._wire: ReplyWire | None = None
-        self._ext: dict[str, str] = {}
         self._pipelining = False
-        self._fresh = True  # no transaction started since the greeting or the last RSET
-        self._dotted = False  # the body of the current message has gone out, final dot included
         self._phase = "RSET"  # the command whose reply is awaited, for the text of a synthetic 451
-        self.remote = f"{hop.ip}:{hop.port}"
-        self.usable = False
-        self.tls = False
 
-    # -- session setup ---------------------------------------------------------------------------
-
-    async def _open(self, try_tls: bool) -> None:
-        hop, s = self._hop, self._settings
-        sock = await tcp_connect(hop, s.connect_timeout)
-        loop = asyncio.get_running_loop()
-        try:
-            _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        self._wire = wire
-        try:
-            code, lines = await self._setup(None, s.greeting_timeout, "the greeting")
-            if code != 220:
-                # RELIABILITY.md case 39: a 4xx/5xx greeting makes the host unusable, never a
-                # per-recipient result (Postfix smtp_skip_5xx_greeting).
-                raise ConnectError(code if 400 <= code < 600 else 451,
-                                   clean_text(reply_text(lines)) or "greeting refused", hop=hop)
-            await self._hello()
-            if try_tls and want_tls(s):
-                await self._starttls()
-        except BaseException:
-            wire.abort()
-            self._wire = None
-            raise
-        self.usable = True
-
-    async def _setup(self, line: bytes | None, timeout: float, what: str) -> tuple[int, list[bytes]]:
-        """One exchange before any message: every failure is a ConnectError (cases 38, 39, 44)."""
-        wire = self._wire
-        try:
-            if line is not None:
-                wire.send(line, 1)
-            r = await wire.read(timeout)
-            wire.settled()  # nothing may follow a reply without PIPELINING (RFC 5321 §4.1.1)
-            return r
-        except TimeoutError:
-            why = f"4.4.2 Timed out waiting for {what} from {self.remote}"
-        except Lost:
-            why = f"4.4.2 Lost connection with {self.remote} during {what}"
-        except Hostile as e:
-            why = clean_text(f"4.5.0 Bad reply from {self.remote} during {what}: {e.reason}")
-        raise ConnectError(451, why, hop=self._hop)
+    # -- session setup (the rest is WireSession's) -----------------------------------------------
 
     async def _hello(self) -> None:
-        s, hop = self._settings, self._hop
+        s = self._settings
         ext: dict[str, str] = {}
         helo = not s.esmtp
         if s.esmtp:
             code, lines = await self._setup(self._ehlo, s.ehlo_timeout, "EHLO")
             if code == 250:
-                for ln in lines[1:]:  # the first line is the server's name (RFC 5321 §4.1.1.1)
-                    kw, _, params = ln.decode("ascii", "replace").strip().partition(" ")
-                    ext[kw.lower()] = params
+                ext = hello_keywords(lines)
             elif 500 <= code < 600 and not self._wire.lost:
                 # RFC 5321 §4.1.4: a server that refuses EHLO with 5xx may still speak HELO.
                 helo = True
             else:
-                raise ConnectError(code if 400 <= code < 600 else 451, clean_text(reply_text(lines)), hop=hop)
+                raise self._refusal(code, lines)
         if helo:
             code, lines = await self._setup(self._helo, s.ehlo_timeout, "HELO")
             if code != 250:
-                raise ConnectError(code if 400 <= code < 600 else 451, clean_text(reply_text(lines)), hop=hop)
+                raise self._refusal(code, lines)
         self._ext = ext  # no extensions after HELO
         self._pipelining = "pipelining" in ext  # RFC 2920
-
-    async def _starttls(self) -> None:
-        """RELIABILITY.md case 45, RFC 3207."""
-        s, hop, wire = self._settings, self._hop, self._wire
-        required = s.tls == "required"
-        if "starttls" not in self._ext:
-            if required:
-                raise ConnectError(451, "4.7.4 TLS is required, but STARTTLS was not offered", hop=hop)
-            return
-        try:
-            ctx = tls_context(s)
-        except (OSError, ValueError) as e:
-            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop) from None
-        code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
-        if code != 220:
-            if wire.lost or code == 421:  # the server closed
-                raise ConnectError(451, clean_text(f"4.4.2 STARTTLS answered {code} {reply_text(lines)}"),
-                                   hop=hop)
-            if required:
-                raise ConnectError(451, clean_text(f"4.7.4 TLS is required, but STARTTLS was refused: "
-                                                   f"{code} {reply_text(lines)}"), hop=hop)
-            return  # 454 under "ifavailable": carry on in plaintext on this connection
-        wire.reset_parser()  # RELIABILITY.md case 6: nothing read before TLS carries over
-        loop = asyncio.get_running_loop()
-        try:
-            wire.transport = await loop.start_tls(wire.transport, wire, ctx, server_hostname=hop.name or hop.ip,
-                                                  ssl_handshake_timeout=s.tls_timeout)
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError, RuntimeError) as e:
-            # A failed handshake or an untrusted certificate: the connection is gone (or unusable).
-            wire.abort()
-            if required:
-                raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}"), hop=hop) from None
-            raise _TLSFailed(str(e)) from None
-        self.tls = True
-        # RFC 3207 §4.2: forget what was learnt before TLS and ask again.
-        await self._hello()
 
     # -- delivery -----------------------------------------------------------------------------------
 
@@ -343,10 +185,10 @@ class SMTPConnection:
                 todo = await transaction(mail, lines, body, todo, results)
             except TimeoutError:
                 todo = self._broken(todo, results, self._trouble(
-                    "4.4.2 Timed out waiting for the reply to {phase} from {remote}"))
+                    self._phase, "4.4.2 Timed out waiting for the reply to {phase} from {remote}"))
             except Lost:
                 todo = self._broken(todo, results, self._trouble(
-                    "4.4.2 Lost connection with {remote} while sending {phase}"))
+                    self._phase, "4.4.2 Lost connection with {remote} while sending {phase}"))
             except Hostile as e:
                 if e.shifted:
                     # Out of step (case 44, unsolicited): with the replies shifted, any result read
@@ -354,8 +196,8 @@ class SMTPConnection:
                     for i in todo:
                         results[i] = None
                 detail = e.reason.replace("{", "(").replace("}", ")")
-                todo = self._broken(todo, results, self._trouble("4.5.0 Bad reply to {phase} from {remote}: "
-                                                                 + detail))
+                todo = self._broken(todo, results, self._trouble(
+                    self._phase, "4.5.0 Bad reply to {phase} from {remote}: " + detail))
         return results  # type: ignore[return-value]  # every slot is filled by now
 
     async def _pipelined(self, mail: bytes, lines: list[bytes], body: bytes, todo: list[int],
@@ -505,62 +347,7 @@ class SMTPConnection:
             results[i] = res
         return rest if self.usable else self._broken(rest, results, "")
 
-    def _trouble(self, template: str) -> str:
-        """The text of a synthetic 451; `template` has {phase} and {remote}."""
-        if self._dotted:
-            # RFC 5321 §3.8 / §4.5.3.2, RELIABILITY.md case 40: the message may have been taken;
-            # retry, knowing it may arrive twice (Postfix: "message may be sent more than once").
-            return clean_text(template.format(phase="end of data", remote=self.remote)
-                              + "; the message may have been delivered (possible duplicate)")
-        return clean_text(template.format(phase=self._phase, remote=self.remote))
-
-    def _reply(self, code: int, lines: list[bytes]) -> RcptResult:
-        res = reply_result(code, reply_text(lines))
-        if code == 421 or 300 <= code < 400:
-            self._drop()  # closing (§3.8), or out of step with the server
-        return res
-
-    def _broken(self, todo: list[int], results: list[RcptResult | None], text: str) -> list[int]:
-        """Connection-level trouble: every recipient of `todo` still without a result gets TEMP;
-        the connection carries no further message."""
-        self._drop()
-        res = temp(text or f"4.4.2 Lost connection with {self.remote}")
-        for i in todo:
-            if results[i] is None:
-                results[i] = res
-        return []
-
-    def _drop(self) -> None:
-        self.usable = False
-        if self._wire is not None:
-            self._wire.abort()  # also stops the flood of a hostile peer at once
-
-    async def close(self) -> None:
-        wire, self._wire = self._wire, None
-        if wire is None:
-            return
-        try:
-            if self.usable and not wire.lost:
-                await wire.command(_QUIT, min(QUIT_TIMEOUT, self._settings.rset_timeout))
-        except Exception:
-            pass  # QUIT is a courtesy; the session is over either way
-        finally:
-            self.usable = False
-            t = wire.transport
-            if t is not None:
-                try:
-                    t.close()
-                except Exception:
-                    pass
-
 
 async def connect(hop: Hop, settings: Settings) -> SMTPConnection:
     """An SMTP session to `hop`, greeted, EHLO'd and (per policy) under TLS; or ConnectError."""
-    conn = SMTPConnection(hop, settings)
-    try:
-        await conn._open(try_tls=True)
-    except _TLSFailed:
-        # RELIABILITY.md case 45: opportunistic TLS that fails in the handshake retries once in
-        # plaintext on a new connection ("required" raised ConnectError instead).
-        await conn._open(try_tls=False)
-    return conn
+    return await connect_session(SMTPConnection, hop, settings)

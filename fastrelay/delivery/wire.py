@@ -1,4 +1,4 @@
-"""Reply wire for the own SMTP and LMTP clients: bytes in, whole replies out, in step with the commands.
+"""Reply wire and session life cycle of the own SMTP and LMTP clients: bytes in, replies out, in step with the commands.
 
 aiosmtplib cannot pipeline (RFC 2920): its read_response must be awaited once per command written,
 and its data_received drops bytes once a reply is parsed. This asyncio Protocol instead counts the
@@ -6,17 +6,32 @@ replies still expected (`want`: 1 after a command, N after a pipelined group of 
 them out in order, and flags any reply nobody asked for (RELIABILITY.md case 44, "unsolicited").
 Replies go through the framing hot path's ReplyParser (bounded memory: a hostile reply is a
 `(-1, reason)`), looked up on `fastrelay._impl` at use so either implementation can be swapped in.
+
+`WireSession` is what the two clients do alike on that wire, kept in one place so that their
+connection handling cannot drift apart: the TCP connect, the greeting, STARTTLS per policy with
+its one plaintext retry (case 45), the failure texts, QUIT. The SMTP and LMTP modules add the
+hello (EHLO/HELO, LHLO) and the transactions, which differ (RFC 2920 pipelining; RFC 2033 §4.2:
+one reply per accepted recipient after the dot).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import ssl
 from collections import deque
+from typing import TypeVar
 
 from fastrelay import _impl
+from fastrelay.delivery import OK, PERM, TEMP, ConnectError, Hop, RcptResult, Settings
 
-__all__ = ["CONTROL", "TEXT_CAP", "Hostile", "Lost", "ReplyWire", "reply_text"]
+__all__ = ["CONTROL", "QUIT_TIMEOUT", "TEXT_CAP", "Hostile", "Lost", "ReplyWire", "WireSession", "clean_text",
+           "connect_session", "hello_keywords", "reply_result", "reply_text", "tcp_connect", "temp", "tls_context",
+           "want_tls"]
+
+# QUIT is a courtesy; a peer that does not answer it quickly is simply dropped.
+QUIT_TIMEOUT = 2.0
 
 # Remote reply text goes into logs and DSNs: no control characters, bounded (RELIABILITY.md case 26).
 TEXT_CAP = 500
@@ -216,3 +231,280 @@ class ReplyWire(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+# --- the session both clients run on the wire ------------------------------------------------------
+
+
+def clean_text(text: str) -> str:
+    """Reply text fit for a log line or a DSN: control characters (line breaks of a multi-line
+    reply included) become spaces, length capped (RELIABILITY.md case 26)."""
+    text = text[:TEXT_CAP]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    return text
+
+
+def reply_result(code: int, text: str) -> RcptResult:
+    """A 2xx/4xx/5xx reply as a recipient outcome. Anything else (a 3xx where a final reply was
+    due) is a protocol error: TEMP; the caller also gives up the connection."""
+    if 200 <= code < 300:
+        return RcptResult(OK, code, clean_text(text))
+    if 500 <= code < 600:
+        return RcptResult(PERM, code, clean_text(text))
+    if 400 <= code < 500:
+        return RcptResult(TEMP, code, clean_text(text))
+    return RcptResult(TEMP, 451, clean_text(f"4.5.0 Unexpected reply {code} {text}"))
+
+
+def temp(text: str) -> RcptResult:
+    """A synthetic transient failure (lost connection, timeout, hostile reply): 451, RFC 5321 §3.8."""
+    return RcptResult(TEMP, 451, text)
+
+
+async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
+    """A connected non-blocking socket to `hop`, or ConnectError (refused, unreachable, no SYN-ACK
+    within `timeout`: RELIABILITY.md case 38). Done here rather than by aiosmtplib so that the
+    TCP connect and the greeting each get their own timeout (RFC 5321 §4.5.3.2)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in hop.ip else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.wait_for(loop.sock_connect(sock, (hop.ip, hop.port)), timeout)
+    except TimeoutError:
+        sock.close()
+        raise ConnectError(451, f"4.4.1 Connection to {hop.ip}:{hop.port} timed out", hop=hop) from None
+    except OSError as e:
+        sock.close()
+        raise ConnectError(451, f"4.4.1 Connection to {hop.ip}:{hop.port} failed: "
+                                f"{clean_text(e.strerror or str(e))}", hop=hop) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The client context for STARTTLS, built once per (verify, CA file): loading the system store
+    costs milliseconds, too much per connection."""
+    key = (settings.tls_verify, settings.tls_ca)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if settings.tls_verify:
+            if settings.tls_ca:
+                ctx.load_verify_locations(cafile=settings.tls_ca)  # trusted in addition to the system store
+        else:
+            # Opportunistic TLS (RFC 7435): encrypt without authenticating, as MTAs do by default.
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        _contexts[key] = ctx
+    return ctx
+
+
+def want_tls(settings: Settings) -> bool:
+    return settings.tls != "disabled"
+
+
+def hello_keywords(lines: list[bytes]) -> dict[str, str]:
+    """The extensions a 250 reply to EHLO or LHLO offers: lowercase keyword -> its parameters."""
+    ext: dict[str, str] = {}
+    for ln in lines[1:]:  # the first line is the server's name (RFC 5321 §4.1.1.1)
+        kw, _, params = ln.decode("ascii", "replace").strip().partition(" ")
+        ext[kw.lower()] = params
+    return ext
+
+
+_QUIT = b"QUIT\r\n"
+
+
+class _TLSFailed(Exception):
+    """The STARTTLS handshake failed: under "ifavailable" connect_session() retries in plaintext."""
+
+
+class WireSession:
+    """What an SMTP and an LMTP session do alike on a `ReplyWire`: open it (TCP connect, greeting,
+    hello, STARTTLS per policy), turn trouble into results or a ConnectError, close it with QUIT.
+
+    A subclass gives `_hello` (EHLO/HELO or LHLO: fills `_ext`), `deliver` (its transactions) and,
+    where it differs, `_exchange` (how strictly one setup reply is read) and `_GREETING_REFUSED`.
+    """
+
+    __slots__ = ("_dotted", "_ext", "_fresh", "_hop", "_settings", "_wire", "remote", "tls", "usable")
+
+    # The text of the ConnectError for a refused greeting that says nothing.
+    _GREETING_REFUSED = "greeting refused"
+
+    def __init__(self, hop: Hop, settings: Settings):
+        self._hop = hop
+        self._settings = settings
+        self._wire: ReplyWire | None = None
+        self._ext: dict[str, str] = {}  # the hello's keywords, lowercase (empty after HELO)
+        self._fresh = True  # no transaction started since the hello or the last RSET
+        self._dotted = False  # the body of the current message has gone out, final dot included
+        self.remote = f"{hop.ip}:{hop.port}"
+        self.usable = False
+        self.tls = False
+
+    # -- session setup ---------------------------------------------------------------------------
+
+    async def _open(self, try_tls: bool) -> None:
+        hop, s = self._hop, self._settings
+        sock = await tcp_connect(hop, s.connect_timeout)
+        loop = asyncio.get_running_loop()
+        try:
+            _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._wire = wire
+        try:
+            code, lines = await self._setup(None, s.greeting_timeout, "the greeting")
+            if code != 220:
+                # RELIABILITY.md case 39: a 4xx/5xx greeting makes the host unusable, never a
+                # per-recipient result (Postfix smtp_skip_5xx_greeting).
+                raise self._refusal(code, lines, self._GREETING_REFUSED)
+            await self._hello()
+            if try_tls and want_tls(s):
+                await self._starttls()
+        except BaseException:
+            wire.abort()
+            self._wire = None
+            raise
+        self.usable = True
+
+    async def _setup(self, line: bytes | None, timeout: float, what: str) -> tuple[int, list[bytes]]:
+        """One exchange before any message: every failure is a ConnectError (cases 38, 39, 44)."""
+        try:
+            return await self._exchange(line, timeout)
+        except TimeoutError:
+            why = f"4.4.2 Timed out waiting for {what} from {self.remote}"
+        except Lost:
+            why = f"4.4.2 Lost connection with {self.remote} during {what}"
+        except Hostile as e:
+            why = clean_text(f"4.5.0 Bad reply from {self.remote} during {what}: {e.reason}")
+        raise ConnectError(451, why, hop=self._hop)
+
+    async def _exchange(self, line: bytes | None, timeout: float) -> tuple[int, list[bytes]]:
+        """Send `line` (None: nothing, for the greeting) and read its one reply."""
+        wire = self._wire
+        if line is not None:
+            wire.send(line, 1)
+        r = await wire.read(timeout)
+        wire.settled()  # nothing may follow a reply without PIPELINING (RFC 5321 §4.1.1)
+        return r
+
+    def _refusal(self, code: int, lines: list[bytes], silent: str = "") -> ConnectError:
+        """The ConnectError for a refused greeting or hello; `silent` stands for a reply without text."""
+        return ConnectError(code if 400 <= code < 600 else 451, clean_text(reply_text(lines)) or silent,
+                            hop=self._hop)
+
+    async def _hello(self) -> None:
+        """EHLO (or HELO) or LHLO; sets `_ext`. Called again after STARTTLS (RFC 3207 §4.2)."""
+        raise NotImplementedError
+
+    async def _starttls(self) -> None:
+        """RELIABILITY.md case 45, RFC 3207: the same policy for SMTP and LMTP."""
+        s, hop, wire = self._settings, self._hop, self._wire
+        required = s.tls == "required"
+        if "starttls" not in self._ext:
+            if required:
+                raise ConnectError(451, "4.7.4 TLS is required, but STARTTLS was not offered", hop=hop)
+            return
+        try:
+            ctx = tls_context(s)
+        except (OSError, ValueError) as e:
+            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop) from None
+        code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
+        if code != 220:
+            if wire.lost or code == 421:  # the server closed
+                raise ConnectError(451, clean_text(f"4.4.2 STARTTLS answered {code} {reply_text(lines)}"),
+                                   hop=hop)
+            if required:
+                raise ConnectError(451, clean_text(f"4.7.4 TLS is required, but STARTTLS was refused: "
+                                                   f"{code} {reply_text(lines)}"), hop=hop)
+            return  # 454 under "ifavailable": carry on in plaintext on this connection
+        wire.reset_parser()  # RELIABILITY.md case 6: nothing read before TLS carries over
+        loop = asyncio.get_running_loop()
+        try:
+            wire.transport = await loop.start_tls(wire.transport, wire, ctx, server_hostname=hop.name or hop.ip,
+                                                  ssl_handshake_timeout=s.tls_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError, RuntimeError) as e:
+            # A failed handshake or an untrusted certificate: the connection is gone (or unusable).
+            wire.abort()
+            if required:
+                raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}"), hop=hop) from None
+            raise _TLSFailed(str(e)) from None
+        self.tls = True
+        # RFC 3207 §4.2: forget what was learnt before TLS and ask again.
+        await self._hello()
+
+    # -- trouble during delivery -----------------------------------------------------------------
+
+    def _trouble(self, phase: str, template: str) -> str:
+        """The text of a synthetic 451; `template` has {phase} and {remote}."""
+        if self._dotted:
+            # RFC 5321 §3.8 / §4.5.3.2, RELIABILITY.md cases 40, 48: the message may have been taken
+            # (for LMTP: by the recipients not answered yet); retry, knowing it may arrive twice
+            # (Postfix: "message may be sent more than once").
+            return clean_text(template.format(phase="end of data", remote=self.remote)
+                              + "; the message may have been delivered (possible duplicate)")
+        return clean_text(template.format(phase=phase, remote=self.remote))
+
+    def _reply(self, code: int, lines: list[bytes]) -> RcptResult:
+        res = reply_result(code, reply_text(lines))
+        if code == 421 or 300 <= code < 400:
+            self._drop()  # closing (§3.8), or out of step with the server
+        return res
+
+    def _broken(self, todo: range | list[int], results: list[RcptResult | None], text: str) -> list[int]:
+        """Connection-level trouble: every recipient of `todo` still without a result gets TEMP;
+        the connection carries no further message."""
+        self._drop()
+        res = temp(text or f"4.4.2 Lost connection with {self.remote}")
+        for i in todo:
+            if results[i] is None:
+                results[i] = res
+        return []
+
+    def _drop(self) -> None:
+        self.usable = False
+        if self._wire is not None:
+            self._wire.abort()  # also stops the flood of a hostile peer at once
+
+    async def close(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is None:
+            return
+        try:
+            if self.usable and not wire.lost:
+                await wire.command(_QUIT, min(QUIT_TIMEOUT, self._settings.rset_timeout))
+        except Exception:
+            pass  # QUIT is a courtesy; the session is over either way
+        finally:
+            self.usable = False
+            t = wire.transport
+            if t is not None:
+                try:
+                    t.close()
+                except Exception:
+                    pass
+
+
+_S = TypeVar("_S", bound=WireSession)
+
+
+async def connect_session(cls: type[_S], hop: Hop, settings: Settings) -> _S:
+    """A session of `cls` to `hop`, greeted, hello'd and (per policy) under TLS; or ConnectError."""
+    conn = cls(hop, settings)
+    try:
+        await conn._open(try_tls=True)
+    except _TLSFailed:
+        # RELIABILITY.md case 45: opportunistic TLS that fails in the handshake retries once in
+        # plaintext on a new connection ("required" raised ConnectError instead).
+        await conn._open(try_tls=False)
+    return conn
