@@ -279,6 +279,10 @@ class Spool:
         self._ckpt_stop = False
         self._ckpt_full = False  # the checkpointer hit a full disk (read by the writer)
         self._ckpt_lock = threading.Lock()  # one checkpoint at a time (writer or checkpointer)
+        # The reader's batch, or a writer step that needs no reader inside a transaction (reentrant:
+        # the writer may take it for a batch and again for a RESTART within it).
+        self._read_lock = threading.RLock()
+        self._restartable = False  # a checkpoint completed: the next write may start the WAL over
         self._wal_bytes = 0  # written to the WAL since the last checkpoint was asked for (estimate)
         # The reserve (see _disk_full) and the checkpoint thresholds scale with min_free_bytes, so
         # that the WAL never holds more new pages than the reserve can absorb.
@@ -676,7 +680,16 @@ class Spool:
                     todo.append(i)
         else:
             try:
-                self._run_batch(conn, batch)
+                if self._restartable:
+                    # The WAL is all in spool.db: SQLite starts it over at this write - but only if
+                    # no reader is inside a transaction then, and under load the reader nearly
+                    # always is. So the reader waits for this one batch (without this the WAL grew
+                    # to 1.9 GB for 200,000 deferred messages; journal_size_limit trims it now).
+                    self._restartable = False
+                    with self._read_lock:
+                        self._run_batch(conn, batch)
+                else:
+                    self._run_batch(conn, batch)
                 self._after_commit(conn)
                 return None
             except Exception as e:
@@ -829,6 +842,7 @@ class Spool:
                         busy, nlog, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if busy == 0 and nlog == done:
                         self._ckpt_mark = mark  # all that was written before `mark` is in spool.db
+                        self._restartable = True
                     self.stats["checkpoints"] += 1
                 except sqlite3.Error as e:
                     log.warning("spool: checkpoint failed: %s", e)
@@ -936,9 +950,13 @@ class Spool:
             # running in the checkpointer (this one is then BUSY and tried after the next batch);
             # under a steady load the checkpointer is nearly always running, so past twice the
             # limit the writer waits for it: a short stall now and then instead of a WAL that
-            # grows without bound (seen: 1.9 GB of WAL for 200,000 queued messages).
+            # grows without bound (seen: 1.9 GB of WAL for 200,000 deferred messages).
             mark = self._written
-            if self._checkpoint(conn, "RESTART", wait=backlog > 2 * self._backlog_limit):
+            # Hold the reader off for the RESTART: with no read transaction open it completes, and
+            # the WAL starts over (journal_size_limit then trims the file).
+            with self._read_lock:
+                done = self._checkpoint(conn, "RESTART", wait=backlog > 2 * self._backlog_limit)
+            if done:
                 self._ckpt_mark = mark
 
     def _wake(self, batch: list, errors: list | None) -> None:
@@ -998,12 +1016,15 @@ class Spool:
         for batch in _batches(self._rq, self.max_batch):
             results: list = []
             try:
-                conn.execute("BEGIN")  # one read snapshot for the batch
-                try:
-                    for _fut, mid in batch:
-                        results.append(self._load_one(conn, mid))
-                finally:
-                    conn.execute("COMMIT")
+                # The read lock keeps this snapshot out of the way of the writer's RESTART
+                # checkpoint (see _run_batch): a reader always inside a transaction starves it.
+                with self._read_lock:
+                    conn.execute("BEGIN")  # one read snapshot for the batch
+                    try:
+                        for _fut, mid in batch:
+                            results.append(self._load_one(conn, mid))
+                    finally:
+                        conn.execute("COMMIT")
             except Exception as e:
                 err = _spool_error(e, "spool read failed")
                 results = [err] * len(batch)

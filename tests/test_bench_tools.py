@@ -278,3 +278,12 @@ def test_e2e_postfix_tools(tmp_path, capsys):
         assert run["accepted"] == run["delivered"] == 200
         assert run["latency_p50_ms"] is None
     assert "latency percentiles are not available from smtp-source" in text.out
+
+
+@pytest.mark.slow
+def test_xfer_bench_small_run():
+    from bench import xfer
+
+    res = xfer.run(messages=200, size=4096, concurrency=4, connections=4, timeout=60)
+    assert res["accepted"] == 200
+    assert res["transferred_per_s"] > 0 and res["delivered_per_s"] > 0
