@@ -25,6 +25,21 @@ def wire(reply: R.Reply) -> tuple[int, list[str]]:
 
 
 @pytest.fixture
+async def relay_with(tmp_path):
+    """relay_with(conf) -> a started relay with extra conf; stopped (counters checked) at teardown."""
+    started: list[RelayHarness] = []
+
+    async def make(conf: str) -> RelayHarness:
+        h = await RelayHarness(tmp_path, HOLD + conf).start()
+        started.append(h)
+        return h
+
+    yield make
+    for h in started:
+        await h.stop()
+
+
+@pytest.fixture
 async def relay(tmp_path):
     h = await RelayHarness(tmp_path, HOLD).start()
     yield h
@@ -92,16 +107,14 @@ async def test_case02_bare_lf_in_command(relay):
     assert (await c.command("MAIL FROM:<a@example.com>"))[0] == 250  # the session stays usable
 
 
-async def test_case02_bare_lf_normalized_for_listed_clients(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + 'bare_lf_normalize_hosts = ( "127.0.0.1" )\n').start()
-    try:
-        c = await connect(h)
-        await transaction(c)
-        await c.send(b"Subject: x\n\nline1\nline2\r\n.\r\n")
-        assert (await c.read_reply())[0] == 250
-        await c.close()
-    finally:
-        await h.stop()
+async def test_case02_bare_lf_normalized_for_listed_clients(relay_with):
+    h = await relay_with('bare_lf_normalize_hosts = ( "127.0.0.1" )\n')
+    c = await connect(h)
+    await transaction(c)
+    await c.send(b"Subject: x\n\nline1\nline2\r\n.\r\n")
+    assert (await c.read_reply())[0] == 250
+    await c.close()
+    await h.stop()
     (_env, body), = await h.spooled()
     assert body.endswith(b"Subject: x\r\n\r\nline1\r\nline2\r\n")
 
@@ -116,22 +129,19 @@ async def test_case04_content_before_354_is_a_pipelining_violation(relay):
     await nothing_spooled(relay)
 
 
-async def test_case05_early_talker(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "greeting_delay = 300ms\n").start()
-    try:
-        c = await RawClient.connect("127.0.0.1", h.port)
-        await c.send(b"EHLO eager.test\r\n")
-        assert await c.read_reply() == wire(R.EARLY_TALKER)
-        assert await c.closed()
-        # A patient client is greeted after the delay.
-        c2 = await RawClient.connect("127.0.0.1", h.port)
-        assert (await c2.read_reply())[0] == 220
-        await c2.close()
-    finally:
-        await h.stop()
+async def test_case05_early_talker(relay_with):
+    h = await relay_with("greeting_delay = 300ms\n")
+    c = await RawClient.connect("127.0.0.1", h.port)
+    await c.send(b"EHLO eager.test\r\n")
+    assert await c.read_reply() == wire(R.EARLY_TALKER)
+    assert await c.closed()
+    # A patient client is greeted after the delay.
+    c2 = await RawClient.connect("127.0.0.1", h.port)
+    assert (await c2.read_reply())[0] == 220
+    await c2.close()
 
 
-async def test_case06_starttls_plaintext_injection(tmp_path):
+async def test_case06_starttls_plaintext_injection(tmp_path, relay_with):
     import ssl
 
     import trustme
@@ -140,21 +150,18 @@ async def test_case06_starttls_plaintext_injection(tmp_path):
     ca.issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    h = await RelayHarness(tmp_path, HOLD + 'TLS_Certificate = "relay.pem"\nTLS_Key = "relay.pem"\n').start()
-    try:
-        c = await connect(h)
-        # CVE-2011-0411: plaintext after STARTTLS in the same packet must be thrown away.
-        await c.send(b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n")
-        assert await c.read_reply() == wire(R.READY_TLS)
-        await c.starttls(ctx, server_hostname="relay.test")
-        # The injected MAIL was dropped, and state was reset: MAIL needs a new EHLO (RFC 3207 §4.2).
-        assert await c.command("MAIL FROM:<a@example.com>") == wire(R.NEED_EHLO)
-        await c.command("EHLO again.test")
-        assert (await c.command("MAIL FROM:<a@example.com>"))[0] == 250
-        assert await c.command("STARTTLS") == wire(R.TLS_ALREADY)  # a second STARTTLS
-        await c.close()
-    finally:
-        await h.stop()
+    h = await relay_with('TLS_Certificate = "relay.pem"\nTLS_Key = "relay.pem"\n')
+    c = await connect(h)
+    # CVE-2011-0411: plaintext after STARTTLS in the same packet must be thrown away.
+    await c.send(b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n")
+    assert await c.read_reply() == wire(R.READY_TLS)
+    await c.starttls(ctx, server_hostname="relay.test")
+    # The injected MAIL was dropped, and state was reset: MAIL needs a new EHLO (RFC 3207 §4.2).
+    assert await c.command("MAIL FROM:<a@example.com>") == wire(R.NEED_EHLO)
+    await c.command("EHLO again.test")
+    assert (await c.command("MAIL FROM:<a@example.com>"))[0] == 250
+    assert await c.command("STARTTLS") == wire(R.TLS_ALREADY)  # a second STARTTLS
+    await c.close()
 
 
 @pytest.mark.parametrize("line", [b"GET / HTTP/1.1", b"POST /xfer HTTP/1.1", b"CONNECT mx.example.com:25 HTTP/1.1"])
@@ -202,151 +209,127 @@ async def test_case10_data_line_over_1000(relay):
     await nothing_spooled(relay)
 
 
-async def test_case11_size(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "max_message_size = 2k\n").start()
-    try:
-        c = await connect(h)
-        assert await c.command("MAIL FROM:<a@example.com> SIZE=4096") == wire(R.SIZE_EXCEEDED)
-        await transaction(c)
-        await c.send(b"Subject: big\r\n\r\n" + (b"a" * 70 + b"\r\n") * 100 + b".\r\n")
-        assert await c.read_reply() == wire(R.SIZE_EXCEEDED)  # read to the end, then 552
-        assert await c.command("NOOP") == wire(R.NOOP_OK)
-        await c.close()
-    finally:
-        await h.stop()
+async def test_case11_size(relay_with):
+    h = await relay_with("max_message_size = 2k\n")
+    c = await connect(h)
+    assert await c.command("MAIL FROM:<a@example.com> SIZE=4096") == wire(R.SIZE_EXCEEDED)
+    await transaction(c)
+    await c.send(b"Subject: big\r\n\r\n" + (b"a" * 70 + b"\r\n") * 100 + b".\r\n")
+    assert await c.read_reply() == wire(R.SIZE_EXCEEDED)  # read to the end, then 552
+    assert await c.command("NOOP") == wire(R.NOOP_OK)
+    await c.close()
+    await h.stop()
     assert await h.spooled() == []
 
 
-async def test_case12_too_many_recipients_keeps_the_accepted(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "max_recipients_per_message = 3\n").start()
-    try:
-        c = await connect(h)
-        assert (await c.command("MAIL FROM:<a@example.com>"))[0] == 250
-        for i in range(3):
-            assert (await c.command(f"RCPT TO:<r{i}@example.net>"))[0] == 250
-        assert await c.command("RCPT TO:<r3@example.net>") == wire(R.TOO_MANY_RECIPIENTS)
-        assert (await c.command("DATA"))[0] == 354
-        await c.send(MSG + b".\r\n")
-        assert (await c.read_reply())[0] == 250
-        await c.close()
-    finally:
-        await h.stop()
+async def test_case12_too_many_recipients_keeps_the_accepted(relay_with):
+    h = await relay_with("max_recipients_per_message = 3\n")
+    c = await connect(h)
+    assert (await c.command("MAIL FROM:<a@example.com>"))[0] == 250
+    for i in range(3):
+        assert (await c.command(f"RCPT TO:<r{i}@example.net>"))[0] == 250
+    assert await c.command("RCPT TO:<r3@example.net>") == wire(R.TOO_MANY_RECIPIENTS)
+    assert (await c.command("DATA"))[0] == 354
+    await c.send(MSG + b".\r\n")
+    assert (await c.read_reply())[0] == 250
+    await c.close()
+    await h.stop()
     (env, _), = await h.spooled()
     assert [r.address for r in env.recipients] == ["r0@example.net", "r1@example.net", "r2@example.net"]
 
 
-async def test_case13_messages_per_connection(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "max_messages_per_connection = 2\n").start()
-    try:
-        c = await connect(h)
-        for _ in range(2):
-            await transaction(c)
-            await c.send(MSG + b".\r\n")
-            assert (await c.read_reply())[0] == 250
-        assert await c.command("MAIL FROM:<a@example.com>") == wire(R.TOO_MANY_MESSAGES)
-        await c.close()
-    finally:
-        await h.stop()
-
-
-async def test_case13_connections_per_ip_and_in_total(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "max_connections_per_ip = 2\nConcurrency = 3\n").start()
-    try:
-        a = await RawClient.connect("127.0.0.1", h.port)
-        b = await RawClient.connect("127.0.0.1", h.port)
-        await a.expect(220)
-        await b.expect(220)
-        c = await RawClient.connect("127.0.0.1", h.port)
-        assert await c.read_reply() == wire(R.TOO_MANY_FROM_CLIENT)
-        assert await c.closed()
-        # Another source address (127.0.0.2) gets the third and last slot, then the total is full.
-        d = await RawClient.connect("127.0.0.1", h.port, local_addr=("127.0.0.2", 0))
-        await d.expect(220)
-        e = await RawClient.connect("127.0.0.1", h.port, local_addr=("127.0.0.3", 0))
-        assert await e.read_reply() == wire(R.TOO_MANY_CONNECTIONS)
-        assert await e.closed()
-        # Slots come back when clients leave.
-        await a.close()
-        await asyncio.sleep(0.05)
-        f = await RawClient.connect("127.0.0.1", h.port)
-        await f.expect(220)
-        for x in (b, d, f):
-            await x.close()
-    finally:
-        await h.stop()
-
-
-async def test_case14_trickled_command_hits_the_deadline(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "command_deadline = 1s\n").start()
-    try:
-        c = await connect(h)
-        await c.send(b"NO")  # a command begun and never finished, one byte now and then
-        await asyncio.sleep(0.6)
-        await c.send(b"O")
-        assert await c.read_reply(timeout=4) == wire(R.COMMAND_DEADLINE)
-        assert await c.closed()
-    finally:
-        await h.stop()
-
-
-async def test_case14_idle_timeout(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "idle_timeout = 1s\n").start()
-    try:
-        c = await connect(h)
-        assert await c.read_reply(timeout=4) == wire(R.IDLE_TIMEOUT)
-        assert await c.closed()
-    finally:
-        await h.stop()
-
-
-async def test_case14_min_data_rate(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "command_deadline = 1s\nmin_data_rate = 1000\n").start()
-    try:
-        c = await connect(h)
+async def test_case13_messages_per_connection(relay_with):
+    h = await relay_with("max_messages_per_connection = 2\n")
+    c = await connect(h)
+    for _ in range(2):
         await transaction(c)
-        reply = None
-        for _ in range(8):  # ~20 bytes/s against 1000 required; listen between the trickles
-            await c.send(b"slow data\r\n")
-            try:
-                reply = await c.read_reply(timeout=0.5)
-                break
-            except TimeoutError:
-                continue
-        assert reply == wire(R.DATA_TOO_SLOW)
-        assert await c.closed()
-    finally:
-        await h.stop()
+        await c.send(MSG + b".\r\n")
+        assert (await c.read_reply())[0] == 250
+    assert await c.command("MAIL FROM:<a@example.com>") == wire(R.TOO_MANY_MESSAGES)
+    await c.close()
+
+
+async def test_case13_connections_per_ip_and_in_total(relay_with):
+    h = await relay_with("max_connections_per_ip = 2\nConcurrency = 3\n")
+    a = await RawClient.connect("127.0.0.1", h.port)
+    b = await RawClient.connect("127.0.0.1", h.port)
+    await a.expect(220)
+    await b.expect(220)
+    c = await RawClient.connect("127.0.0.1", h.port)
+    assert await c.read_reply() == wire(R.TOO_MANY_FROM_CLIENT)
+    assert await c.closed()
+    # Another source address (127.0.0.2) gets the third and last slot, then the total is full.
+    d = await RawClient.connect("127.0.0.1", h.port, local_addr=("127.0.0.2", 0))
+    await d.expect(220)
+    e = await RawClient.connect("127.0.0.1", h.port, local_addr=("127.0.0.3", 0))
+    assert await e.read_reply() == wire(R.TOO_MANY_CONNECTIONS)
+    assert await e.closed()
+    # Slots come back when clients leave.
+    await a.close()
+    await asyncio.sleep(0.05)
+    f = await RawClient.connect("127.0.0.1", h.port)
+    await f.expect(220)
+    for x in (b, d, f):
+        await x.close()
+
+
+async def test_case14_trickled_command_hits_the_deadline(relay_with):
+    h = await relay_with("command_deadline = 1s\n")
+    c = await connect(h)
+    await c.send(b"NO")  # a command begun and never finished, one byte now and then
+    await asyncio.sleep(0.6)
+    await c.send(b"O")
+    assert await c.read_reply(timeout=4) == wire(R.COMMAND_DEADLINE)
+    assert await c.closed()
+
+
+async def test_case14_idle_timeout(relay_with):
+    h = await relay_with("idle_timeout = 1s\n")
+    c = await connect(h)
+    assert await c.read_reply(timeout=4) == wire(R.IDLE_TIMEOUT)
+    assert await c.closed()
+
+
+async def test_case14_min_data_rate(relay_with):
+    h = await relay_with("command_deadline = 1s\nmin_data_rate = 1000\n")
+    c = await connect(h)
+    await transaction(c)
+    reply = None
+    for _ in range(8):  # ~20 bytes/s against 1000 required; listen between the trickles
+        await c.send(b"slow data\r\n")
+        try:
+            reply = await c.read_reply(timeout=0.5)
+            break
+        except TimeoutError:
+            continue
+    assert reply == wire(R.DATA_TOO_SLOW)
+    assert await c.closed()
+    await h.stop()
     assert await h.spooled() == []
 
 
-async def test_case15_junk_command_flood(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "junk_command_limit = 20\n").start()
-    try:
-        c = await connect(h)
-        await c.send(b"NOOP\r\n" * 25)
-        for _ in range(20):
-            assert await c.read_reply() == wire(R.NOOP_OK)
-        assert await c.read_reply() == wire(R.TOO_MANY_ERRORS)
-        assert await c.closed()
-    finally:
-        await h.stop()
+async def test_case15_junk_command_flood(relay_with):
+    h = await relay_with("junk_command_limit = 20\n")
+    c = await connect(h)
+    await c.send(b"NOOP\r\n" * 25)
+    for _ in range(20):
+        assert await c.read_reply() == wire(R.NOOP_OK)
+    assert await c.read_reply() == wire(R.TOO_MANY_ERRORS)
+    assert await c.closed()
 
 
-async def test_case15_error_limits_tarpit_then_close(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "soft_error_limit = 2\nhard_error_limit = 5\nerror_sleep_time = 100ms\n").start()
-    try:
-        c = await connect(h)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        await c.send(b"BOGUS\r\n" * 5)
-        for _ in range(4):
-            assert await c.read_reply() == wire(R.UNKNOWN_COMMAND)
+async def test_case15_error_limits_tarpit_then_close(relay_with):
+    h = await relay_with("soft_error_limit = 2\nhard_error_limit = 5\nerror_sleep_time = 100ms\n")
+    c = await connect(h)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await c.send(b"BOGUS\r\n" * 5)
+    for _ in range(4):
         assert await c.read_reply() == wire(R.UNKNOWN_COMMAND)
-        assert await c.read_reply() == wire(R.TOO_MANY_ERRORS)
-        assert loop.time() - t0 >= 0.2  # the replies past the soft limit were delayed
-        assert await c.closed()
-    finally:
-        await h.stop()
+    assert await c.read_reply() == wire(R.UNKNOWN_COMMAND)
+    assert await c.read_reply() == wire(R.TOO_MANY_ERRORS)
+    assert loop.time() - t0 >= 0.2  # the replies past the soft limit were delayed
+    assert await c.closed()
 
 
 async def test_case16_too_many_hops(relay):
@@ -358,14 +341,11 @@ async def test_case16_too_many_hops(relay):
     await nothing_spooled(relay)
 
 
-async def test_case17_low_disk_space_at_mail(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "spool_min_free = 1000g\n").start()
-    try:
-        c = await connect(h)
-        assert await c.command("MAIL FROM:<a@example.com>") == wire(R.SPOOL_LOW_SPACE)
-        await c.close()
-    finally:
-        await h.stop()
+async def test_case17_low_disk_space_at_mail(relay_with):
+    h = await relay_with("spool_min_free = 1000g\n")
+    c = await connect(h)
+    assert await c.command("MAIL FROM:<a@example.com>") == wire(R.SPOOL_LOW_SPACE)
+    await c.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -464,19 +444,16 @@ async def test_case20_malformed_recipient(relay, rcpt):
     "rcpt", ["u%victim.example@ours.test", "victim.example!u@ours.test", '"u@victim.example"@ours.test',
              "u@[127.0.0.1]", "u@[IPv6:::1]", "u@victim.example"],
 )
-async def test_case21_open_relay_tricks_from_an_untrusted_client(tmp_path, rcpt):
-    h = await RelayHarness(tmp_path, HOLD + 'relay_hosts = ( "10.255.255.0/24" )\nrelay_domains = ( "ours.test" )\n').start()
-    try:
-        c = await connect(h)
-        await c.command("MAIL FROM:<a@example.com>")
-        assert await c.command(f"RCPT TO:<{rcpt}>") == wire(R.RELAY_DENIED)
-        assert await c.command("RCPT TO:<u>") == wire(R.RELAY_DENIED)  # unqualified
-        # Our own domain, and a source route (accepted, route ignored), are fine.
-        assert (await c.command("RCPT TO:<u@ours.test>"))[0] == 250
-        assert (await c.command("RCPT TO:<@hop1.example,@hop2.example:w@ours.test>"))[0] == 250
-        await c.close()
-    finally:
-        await h.stop()
+async def test_case21_open_relay_tricks_from_an_untrusted_client(relay_with, rcpt):
+    h = await relay_with('relay_hosts = ( "10.255.255.0/24" )\nrelay_domains = ( "ours.test" )\n')
+    c = await connect(h)
+    await c.command("MAIL FROM:<a@example.com>")
+    assert await c.command(f"RCPT TO:<{rcpt}>") == wire(R.RELAY_DENIED)
+    assert await c.command("RCPT TO:<u>") == wire(R.RELAY_DENIED)  # unqualified
+    # Our own domain, and a source route (accepted, route ignored), are fine.
+    assert (await c.command("RCPT TO:<u@ours.test>"))[0] == 250
+    assert (await c.command("RCPT TO:<@hop1.example,@hop2.example:w@ours.test>"))[0] == 250
+    await c.close()
 
 
 @pytest.mark.parametrize("line", ["MAIL FROM:<a\x01b@example.com>", "MAIL FROM:<a@example.com> SIZE=1\x02",
@@ -579,25 +556,23 @@ async def test_case29_bdat_malformed_count(relay, cmd):
     assert await c.closed()
 
 
-async def test_case29_bdat_zero_and_data_after_bdat_and_size(tmp_path):
-    h = await RelayHarness(tmp_path, HOLD + "max_message_size = 2k\n").start()
-    try:
-        c = await connect(h)
-        await c.command("MAIL FROM:<a@example.com>")
-        await c.command("RCPT TO:<b@example.net>")
-        assert await c.command("BDAT 0") == wire(R.BDAT_ZERO_NOT_LAST)
-        await c.send(b"BDAT 4\r\nabcd")
-        assert (await c.read_reply())[0] == 250
-        assert await c.command("DATA") == wire(R.DATA_AFTER_BDAT)
-        big = b"x" * 3000
-        await c.send(b"BDAT %d\r\n" % len(big) + big)
-        assert await c.read_reply() == wire(R.SIZE_EXCEEDED)  # its bytes consumed all the same
-        await c.send(b"BDAT 0 LAST\r\n")
-        assert await c.read_reply() == wire(R.SIZE_EXCEEDED)
-        assert await c.command("NOOP") == wire(R.NOOP_OK)  # in sync
-        await c.close()
-    finally:
-        await h.stop()
+async def test_case29_bdat_zero_and_data_after_bdat_and_size(relay_with):
+    h = await relay_with("max_message_size = 2k\n")
+    c = await connect(h)
+    await c.command("MAIL FROM:<a@example.com>")
+    await c.command("RCPT TO:<b@example.net>")
+    assert await c.command("BDAT 0") == wire(R.BDAT_ZERO_NOT_LAST)
+    await c.send(b"BDAT 4\r\nabcd")
+    assert (await c.read_reply())[0] == 250
+    assert await c.command("DATA") == wire(R.DATA_AFTER_BDAT)
+    big = b"x" * 3000
+    await c.send(b"BDAT %d\r\n" % len(big) + big)
+    assert await c.read_reply() == wire(R.SIZE_EXCEEDED)  # its bytes consumed all the same
+    await c.send(b"BDAT 0 LAST\r\n")
+    assert await c.read_reply() == wire(R.SIZE_EXCEEDED)
+    assert await c.command("NOOP") == wire(R.NOOP_OK)  # in sync
+    await c.close()
+    await h.stop()
     assert await h.spooled() == []
 
 
