@@ -606,3 +606,13 @@ async def test_case31_client_gone_after_the_dot_before_reading_250(relay):
     await asyncio.sleep(0.3)
     await relay.stop()
     assert len(await relay.spooled()) == 1
+
+
+async def test_line_limits_are_configurable(relay_with):
+    h = await relay_with("max_command_line = 1024\nmax_text_line = 2000\n")
+    c = await connect(h)
+    assert (await c.command("NOOP " + "x" * 700))[0] == 250  # over 512, under 1024
+    assert await c.command("NOOP " + "x" * 1100) == wire(R.LINE_TOO_LONG)
+    await transaction(c)
+    await c.send(b"Subject: x\r\n\r\n" + b"y" * 1500 + b"\r\n.\r\n")  # over 1000, under 2000
+    assert (await c.read_reply())[0] == 250

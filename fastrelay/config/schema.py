@@ -185,6 +185,12 @@ OPTIONS: list[OptionDef] = [
               LISTENER, None,
               "The name in the greeting, the EHLO reply and Received: headers; unset means this "
               "machine's host name."),
+    OptionDef("max_command_line", t.Int(512, 65536), LISTENER, limits.MAX_COMMAND_LINE,
+              "Longest command line, CRLF included (RFC 5321 §4.5.3.1.4: at least 512). Longer ones "
+              "get 500 5.5.2; a line with no LF past 64 KiB closes the connection."),
+    OptionDef("max_text_line", t.Int(1000, 1_000_000), LISTENER, limits.MAX_TEXT_LINE,
+              "Longest line of message text, CRLF included (RFC 5321 §4.5.3.1.6: at least 1000). A "
+              "message with a longer line gets 550 5.5.2 after its end; it is never truncated."),
     OptionDef("max_message_size", t.Size(lo=1024), LISTENER, limits.MAX_MESSAGE_SIZE,
               "The largest message accepted, announced as SIZE (RFC 1870). Larger ones get 552 5.3.4."),
     OptionDef("max_recipients_per_message", t.Int(1, 100_000), LISTENER, limits.MAX_RECIPIENTS,

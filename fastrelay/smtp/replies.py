@@ -76,7 +76,7 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")  # case 12
 # --- Size and content (cases 10, 11, 16, 25) ---------------------------------------------------------
 SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_LF_DATA = Reply(550, "5.5.2", "Message contains bare CR or LF; lines must end with CRLF")  # case 2
-LONG_LINE_DATA = Reply(550, "5.5.2", "Message contains a line longer than 1000 octets")  # case 10
+LONG_LINE_DATA = Reply(550, "5.5.2", "Message contains a line longer than the text line limit")  # case 10
 TOO_MANY_HOPS = Reply(554, "5.4.0", "Too many hops (Received: headers); mail loop?")  # case 16
 
 # --- BDAT (RFC 3030; case 29) ------------------------------------------------------------------------

@@ -125,8 +125,8 @@ class ListenSettings:
         self.greeting_delay = g("greeting_delay")
         self.hop_limit = g("hop_count_limit")
         self.normalize_hosts = tuple(g("bare_lf_normalize_hosts"))
-        self.max_line = limits.MAX_COMMAND_LINE
-        self.max_text_line = limits.MAX_TEXT_LINE
+        self.max_line = g("max_command_line")
+        self.max_text_line = g("max_text_line")
         self.hard_cap = limits.COMMAND_HARD_CAP
         self.tls: ssl.SSLContext | None = None
         cert, key = _conf_path(listen.lookup("TLS_Certificate")), _conf_path(listen.lookup("TLS_Key"))
