@@ -125,6 +125,18 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float 
     raise ToolError(f"not listening on {join_addr(host, port)} after {timeout:g} s")
 
 
+def _wait_counter(sink: Any, key: str, target: int, timeout: float) -> None:
+    """Wait until `sink.latest[key]` reaches `target`, the sink's process ends, or the timeout;
+    `sink` has `latest` (counters), `_cond` (notified on each update) and `proc`."""
+    deadline = time.monotonic() + timeout
+    with sink._cond:
+        while sink.latest.get(key, 0) < target and sink.proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sink._cond.wait(min(left, 0.5))
+
+
 class SinkProcess:
     """`python -m bench.sink` in its own process group; its JSON status lines are read in a thread."""
 
@@ -213,13 +225,7 @@ class SinkProcess:
 
     def wait_for(self, key: str, target: int, timeout: float) -> dict[str, Any]:
         """Wait until counter `key` reaches `target` (or the timeout); the latest counters."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.latest.get(key, 0) < target and self.proc.poll() is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, 0.5))
+        _wait_counter(self, key, target, timeout)
         if self.proc.poll() is not None and self.final is None:
             raise ToolError(f"the sink {_how_it_ended(self.proc.returncode)}")
         return self.snapshot() if self.proc.poll() is None else dict(self.latest)
@@ -338,13 +344,7 @@ class PostfixSink:
             return dict(self.latest, now=time.monotonic())
 
     def wait_for(self, key: str, target: int, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.latest.get(key, 0) < target and self.proc.poll() is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, 0.5))
+        _wait_counter(self, key, target, timeout)
         if self.proc.poll() is not None:
             raise ToolError(f"smtp-sink {_how_it_ended(self.proc.returncode)}")
         return self.snapshot()

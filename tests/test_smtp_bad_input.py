@@ -62,6 +62,14 @@ async def transaction(c: RawClient, rcpts=("b@example.net",)) -> None:
     assert (await c.command("DATA"))[0] == 354
 
 
+async def the_one_spooled(h: RelayHarness, c: RawClient) -> tuple:
+    """Close the client, stop the relay, and return the single (envelope, body) in its spool."""
+    await c.close()
+    await h.stop()
+    (got,) = await h.spooled()
+    return got
+
+
 async def nothing_spooled(h: RelayHarness) -> None:
     await h.stop()
     assert await h.spooled() == []
@@ -91,9 +99,7 @@ async def test_case01_nul_before_the_dot_is_not_an_end(relay):
     await c.send(b"Subject: x\r\n\r\na\r\n\x00.\r\nstill body\r\n.\r\n")
     code, _lines = await c.read_reply()
     assert code == 250  # NUL is carried byte-exact (case 25), and it did not end DATA
-    await c.close()
-    await relay.stop()
-    (_env, body), = await relay.spooled()
+    _env, body = await the_one_spooled(relay, c)
     assert body.endswith(b"a\r\n\x00.\r\nstill body\r\n")
 
 
@@ -113,9 +119,7 @@ async def test_case02_bare_lf_normalized_for_listed_clients(relay_with):
     await transaction(c)
     await c.send(b"Subject: x\n\nline1\nline2\r\n.\r\n")
     assert (await c.read_reply())[0] == 250
-    await c.close()
-    await h.stop()
-    (_env, body), = await h.spooled()
+    _env, body = await the_one_spooled(h, c)
     assert body.endswith(b"Subject: x\r\n\r\nline1\r\nline2\r\n")
 
 
@@ -232,9 +236,7 @@ async def test_case12_too_many_recipients_keeps_the_accepted(relay_with):
     assert (await c.command("DATA"))[0] == 354
     await c.send(MSG + b".\r\n")
     assert (await c.read_reply())[0] == 250
-    await c.close()
-    await h.stop()
-    (env, _), = await h.spooled()
+    env, _ = await the_one_spooled(h, c)
     assert [r.address for r in env.recipients] == ["r0@example.net", "r1@example.net", "r2@example.net"]
 
 
@@ -392,9 +394,7 @@ async def test_case18_null_sender_accepted(relay):
     assert (await c.command("DATA"))[0] == 354
     await c.send(MSG + b".\r\n")
     assert (await c.read_reply())[0] == 250
-    await c.close()
-    await relay.stop()
-    (env, _), = await relay.spooled()
+    env, _ = await the_one_spooled(relay, c)
     assert env.sender == ""
 
 
@@ -407,9 +407,7 @@ async def test_case19_quoted_local_parts_kept_byte_exact(relay, addr):
     assert (await c.command("DATA"))[0] == 354
     await c.send(MSG + b".\r\n")
     assert (await c.read_reply())[0] == 250
-    await c.close()
-    await relay.stop()
-    (env, _), = await relay.spooled()
+    env, _ = await the_one_spooled(relay, c)
     assert env.recipients[0].address == addr and env.domain == "example.net"
 
 
@@ -483,9 +481,7 @@ async def test_case24_8bit_body_without_8bitmime_is_accepted(relay):
     await transaction(c)
     await c.send("Subject: é\r\n\r\nnaïve\r\n.\r\n".encode())
     assert (await c.read_reply())[0] == 250
-    await c.close()
-    await relay.stop()
-    (_, body), = await relay.spooled()
+    _, body = await the_one_spooled(relay, c)
     assert body.endswith("naïve\r\n".encode())
 
 
@@ -503,9 +499,7 @@ async def test_case26_header_injection_via_ehlo_is_refused_or_capped(relay):
     await transaction(c)
     await c.send(MSG + b".\r\n")
     assert (await c.read_reply())[0] == 250
-    await c.close()
-    await relay.stop()
-    (env, body), = await relay.spooled()
+    env, body = await the_one_spooled(relay, c)
     assert env.helo == "h" * 255  # capped before it reaches Received: and the logs
     assert body.startswith(b"Received: from " + b"h" * 255 + b" ([127.0.0.1])\r\n")
 
@@ -515,9 +509,7 @@ async def test_case27_dot_unstuffing(relay):
     await transaction(c)
     await c.send(b"Subject: dots\r\n\r\n..leading\r\n..\r\n...\r\n.\r\n")
     assert (await c.read_reply())[0] == 250
-    await c.close()
-    await relay.stop()
-    (_, body), = await relay.spooled()
+    _, body = await the_one_spooled(relay, c)
     assert body.endswith(b"Subject: dots\r\n\r\n.leading\r\n.\r\n..\r\n")
 
 
