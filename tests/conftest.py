@@ -31,3 +31,21 @@ def conf_impl(impl, monkeypatch) -> _impl.Impl:
     """Parse conf files with `impl`'s tokeniser (the parser calls _impl.tokenize)."""
     monkeypatch.setattr(_impl, "tokenize", impl.tokenize)
     return impl
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `needs_compiled` compare the twin with the Cython build. In the run with
+    FASTRELAY_NO_EXTENSIONS=1 there is nothing to compare with, so they are deselected there (they
+    ran in the Cython run); anywhere else a missing extension is an error, not a skip."""
+    if not _impl.NO_EXTENSIONS:
+        if _impl.compiled() is None and any(i.get_closest_marker("needs_compiled") for i in items):
+            raise pytest.UsageError(
+                "fastrelay._core is not built; build it (pip install -e .) or set FASTRELAY_NO_EXTENSIONS=1"
+            )
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("needs_compiled") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -613,7 +613,7 @@ class TwinsAgree(RuleBasedStateMachine):
         assert self.both("total_active") == ("ok", 0)
 
 
-@pytest.mark.skipif(_COMPILED is None, reason="needs the compiled extension to compare against")
+@pytest.mark.needs_compiled
 def test_twins_agree_on_random_programs() -> None:
     run_state_machine_as_test(
         TwinsAgree,

@@ -52,10 +52,8 @@ def test_kind_values_are_the_shared_constants():
     )
 
 
+@pytest.mark.needs_compiled
 def test_cython_enum_agrees_with_tokens_module():
-    compiled = _impl.compiled()
-    if _impl.NO_EXTENSIONS or compiled is None:
-        pytest.skip("the Cython extension is not in use")
     from fastrelay import _core
 
     assert _core._tok_kinds == {name: getattr(T, name) for name in _core._tok_kinds}
@@ -454,9 +452,7 @@ conf_like = st.lists(
 ).map(b"".join)
 
 
-@pytest.mark.skipif(
-    _impl.NO_EXTENSIONS or _impl.compiled() is None, reason="needs both implementations to compare"
-)
+@pytest.mark.needs_compiled
 class TestTwinAgreement:
     @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.binary(max_size=300))
