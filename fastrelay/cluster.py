@@ -1,0 +1,355 @@
+"""Limits shared by the nodes of a cluster through Redis: connection leases and rate throttles.
+
+KumoMTA's model, on an existing engine rather than a home-made one (issue #14):
+- A connection slot is a *lease*: a member of a sorted set per limit key, scored by its expiry time
+  on the Redis server's clock. The holder renews it while the connection is open; a node that dies
+  stops renewing, and its slots come back by themselves within one lease time.
+- A throttle ("N" per second, or "N/S": N per S seconds, Momentum's
+  Cluster_Outbound_Throttle_Messages / _Connections) is GCRA in one server-side script: one round
+  trip per decision, no clock of ours involved.
+- When Redis is unreachable the node keeps delivering under a conservative local share: the limit
+  divided by the number of nodes it last saw alive (at least 1). It logs that once, reports it in
+  `health()`, and goes back to Redis when Redis answers again.
+
+Sans-policy: this module knows nothing of domains or MX hosts. Callers name a limit by a key
+(e.g. "conn:domain:example.com") and pass the limit and the rate they read from the conf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("fastrelay.cluster")
+
+#: Seconds a connection lease lives without renewal (a dead node's slots return after this).
+LEASE_TTL = 15.0
+#: How often held leases are renewed and this node's heartbeat refreshed (a fraction of the TTL).
+RENEW_INTERVAL = LEASE_TTL / 3
+#: A node not heard from for this long no longer counts as alive for the local share.
+NODE_TTL = 3 * LEASE_TTL
+#: Seconds one Redis command may take before the node falls back to its local share.
+REDIS_TIMEOUT = 1.0
+#: While in fallback, how often Redis is tried again.
+RECONNECT_INTERVAL = 2.0
+
+# KEYS[1] = the lease set; ARGV = limit, lease id, ttl ms. Expired leases are dropped first, so a
+# dead node's slots are free again without anybody's help. Returns 1 (granted) or 0 (at limit).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"""
+
+# KEYS = lease sets, ARGV[1] = ttl ms, ARGV[2..] = the lease ids (one per key). Renews only
+# leases that still exist (XX): a lease that expired meanwhile is not resurrected over the limit.
+# Returns how many were renewed.
+_RENEW = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[1])
+local n = 0
+for i, key in ipairs(KEYS) do
+  n = n + redis.call('ZADD', key, 'XX', 'CH', now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ttl * 2)
+end
+return n
+"""
+
+# GCRA (generic cell rate algorithm). KEYS[1] = the throttle's theoretical arrival time (ms);
+# ARGV = count, period ms. Up to `count` events may pass at once (the burst), then one every
+# period/count ms. Returns 0 if the event may pass now (and counts it), else the ms to wait.
+_THROTTLE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local count = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local interval = period / count
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - period
+if now < allow_at then return math.ceil(allow_at - now) end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A throttle: `count` events per `period` seconds ("N" = N per second, "N/S")."""
+
+    count: int
+    period: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        n, _, s = str(text).partition("/")
+        if not (n.isascii() and n.isdigit()) or (s and not (s.isascii() and s.isdigit())):
+            raise ValueError(f"a rate is N or N/S with whole numbers, got {text!r}")
+        count, period = int(n), float(s) if s else 1.0
+        if count <= 0 or period <= 0:
+            raise ValueError(f"a rate needs N > 0 and S > 0, got {text!r}")
+        return cls(count, period)
+
+
+@dataclass
+class Lease:
+    """One connection slot held under a limit key; give it back with `ClusterLimits.release`."""
+
+    key: str
+    id: str
+    local: bool  # taken from the local share while Redis was unreachable
+    released: bool = False
+
+
+class _LocalThrottle:
+    """The same GCRA as the Redis script, on this node's monotonic clock (fallback mode)."""
+
+    __slots__ = ("tat",)
+
+    def __init__(self) -> None:
+        self.tat = 0.0
+
+    def take(self, rate: Rate, now: float) -> float:
+        interval = rate.period / rate.count
+        tat = max(self.tat, now)
+        allow_at = tat + interval - rate.period
+        if now < allow_at:
+            return allow_at - now
+        self.tat = tat + interval
+        return 0.0
+
+
+class ClusterLimits:
+    """Leases and throttles in Redis, with a conservative local share when Redis is unreachable."""
+
+    def __init__(self, url: str, node: str | None = None, *, prefix: str = "fastrelay:",
+                 lease_ttl: float = LEASE_TTL, timeout: float = REDIS_TIMEOUT):
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.node = node or socket.gethostname()
+        self.prefix = prefix
+        self.lease_ttl = lease_ttl
+        self.timeout = timeout
+        self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                        retry_on_timeout=False)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._throttle = self._redis.register_script(_THROTTLE)
+        self._ids = itertools.count(1)
+        self._held: dict[str, Lease] = {}  # lease id -> lease, renewed while held
+        self._local_active: dict[str, int] = {}  # key -> slots taken from the local share
+        self._local_throttles: dict[str, _LocalThrottle] = {}
+        self._live_nodes = 1
+        self._fallback_since: float | None = None
+        self._next_retry = 0.0
+        self._task: asyncio.Task | None = None
+        self.stats = {"redis_errors": 0, "fallback_decisions": 0, "leases_lost": 0}
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._heartbeat()
+        self._task = asyncio.ensure_future(self._renew_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            held = [lease for lease in self._held.values() if not lease.local]
+            if held:
+                pipe = self._redis.pipeline(transaction=False)
+                for lease in held:
+                    pipe.zrem(self._k(lease.key), lease.id)
+                await asyncio.wait_for(pipe.execute(), self.timeout)
+            await asyncio.wait_for(self._redis.zrem(self._k("nodes"), self.node), self.timeout)
+        except Exception:  # Redis gone: the leases expire on their own
+            pass
+        self._held.clear()
+        await self._redis.aclose()
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is unreachable and decisions use the local share."""
+        return self._fallback_since is not None
+
+    @property
+    def live_nodes(self) -> int:
+        return self._live_nodes
+
+    def health(self) -> dict:
+        return {
+            "redis": "unreachable" if self.degraded else "ok",
+            "node": self.node,
+            "live_nodes": self._live_nodes,
+            "leases_held": len(self._held),
+            **self.stats,
+        }
+
+    def local_share(self, limit: int) -> int:
+        """What this node may use of a cluster-wide `limit` on its own: its share, at least 1."""
+        return max(1, limit // max(1, self._live_nodes))
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def _redis_down(self, e: BaseException) -> None:
+        self.stats["redis_errors"] += 1
+        if self._fallback_since is None:
+            self._fallback_since = time.monotonic()
+            log.warning("cluster: Redis at %s is unreachable (%s); using a local share of each limit "
+                        "(1/%d) until it answers", self.url, type(e).__name__, self._live_nodes)
+        self._next_retry = time.monotonic() + RECONNECT_INTERVAL
+
+    def _redis_up(self) -> None:
+        if self._fallback_since is not None:
+            log.warning("cluster: Redis at %s answers again after %.0f s; shared limits restored",
+                        self.url, time.monotonic() - self._fallback_since)
+            self._fallback_since = None
+
+    def _use_redis(self) -> bool:
+        return self._fallback_since is None or time.monotonic() >= self._next_retry
+
+    async def _call(self, coro):
+        return await asyncio.wait_for(coro, self.timeout)
+
+    # --- connection leases --------------------------------------------------------------------
+    async def acquire(self, key: str, limit: int) -> Lease | None:
+        """A lease under `key`'s cluster-wide `limit`, or None when the cluster is at the limit.
+        A limit <= 0 means unlimited (Momentum's -1): a local lease that counts nothing."""
+        lease_id = f"{self.node}:{next(self._ids)}"
+        if limit <= 0:
+            return Lease(key, lease_id, local=True, released=True)
+        if self._use_redis():
+            try:
+                ok = await self._call(self._acquire(keys=[self._k(key)],
+                                                    args=[limit, lease_id, int(self.lease_ttl * 1000)]))
+            except Exception as e:
+                self._redis_down(e)
+            else:
+                self._redis_up()
+                if not ok:
+                    return None
+                lease = Lease(key, lease_id, local=False)
+                self._held[lease_id] = lease
+                return lease
+        # Fallback: never more than this node's share of the limit (issue #14).
+        self.stats["fallback_decisions"] += 1
+        active = self._local_active.get(key, 0)
+        if active >= self.local_share(limit):
+            return None
+        self._local_active[key] = active + 1
+        return Lease(key, lease_id, local=True)
+
+    async def release(self, lease: Lease) -> None:
+        """Give the slot back (idempotent). If Redis is unreachable the lease simply expires."""
+        if lease.released:
+            return
+        lease.released = True
+        if lease.local:
+            n = self._local_active.get(lease.key, 0) - 1
+            if n > 0:
+                self._local_active[lease.key] = n
+            else:
+                self._local_active.pop(lease.key, None)
+            return
+        self._held.pop(lease.id, None)
+        try:
+            await self._call(self._redis.zrem(self._k(lease.key), lease.id))
+        except Exception as e:
+            self._redis_down(e)
+
+    def held(self) -> int:
+        """Leases (Redis and local) this node holds now; 0 at teardown."""
+        return len(self._held) + sum(self._local_active.values())
+
+    # --- throttles ----------------------------------------------------------------------------
+    async def throttle(self, key: str, rate: Rate) -> float:
+        """0.0 if one event may pass now under `key`'s cluster-wide rate (it is counted), else the
+        seconds to wait before asking again. In fallback each node gets rate/live_nodes."""
+        if self._use_redis():
+            try:
+                wait_ms = await self._call(self._throttle(keys=[self._k("rate:" + key)],
+                                                          args=[rate.count, int(rate.period * 1000)]))
+            except Exception as e:
+                self._redis_down(e)
+            else:
+                self._redis_up()
+                return int(wait_ms) / 1000.0
+        self.stats["fallback_decisions"] += 1
+        share = Rate(max(1, rate.count // max(1, self._live_nodes)), rate.period)
+        t = self._local_throttles.setdefault(key, _LocalThrottle())
+        return t.take(share, time.monotonic())
+
+    async def wait_throttle(self, key: str, rate: Rate) -> float:
+        """Wait until `key`'s throttle lets one event pass; returns the seconds waited."""
+        waited = 0.0
+        while True:
+            wait = await self.throttle(key, rate)
+            if wait <= 0:
+                return waited
+            await asyncio.sleep(wait)
+            waited += wait
+
+    # --- renewal and liveness -----------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        """Say this node is alive and count the nodes heard from within NODE_TTL."""
+        nodes = self._k("nodes")
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            now = time.time()
+            pipe.zadd(nodes, {self.node: now})
+            pipe.zremrangebyscore(nodes, "-inf", now - NODE_TTL)
+            pipe.zcard(nodes)
+            _, _, n = await self._call(pipe.execute())
+        except Exception as e:
+            self._redis_down(e)
+            return
+        self._redis_up()
+        self._live_nodes = max(1, int(n))
+
+    async def renew(self) -> None:
+        """Renew every held lease in one round trip (batched)."""
+        held = [lease for lease in self._held.values() if not lease.released and not lease.local]
+        if not held:
+            return
+        try:
+            renewed = await self._call(self._renew(keys=[self._k(lease.key) for lease in held],
+                                                   args=[int(self.lease_ttl * 1000)] + [lease.id for lease in held]))
+        except Exception as e:
+            self._redis_down(e)
+            return
+        self._redis_up()
+        if int(renewed) < len(held):
+            # A lease expired before it was renewed (Redis was away longer than its TTL): the
+            # connection goes on, but the cluster no longer counts it. Say so; never hide it.
+            self.stats["leases_lost"] += len(held) - int(renewed)
+            log.warning("cluster: %d connection lease(s) expired before renewal", len(held) - int(renewed))
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(RENEW_INTERVAL, self.lease_ttl / 3))
+            await self._heartbeat()
+            await self.renew()
+
+
+def lease_keys(domain: str, binding: str, mx: str | None) -> dict[str, str]:
+    """The cluster limit keys a connection counts against: its binding::domain (Momentum's
+    cluster_max_outbound_connections is per binding and domain) and, when the MX is named in a
+    Host stanza, the MX itself."""
+    keys = {"domain": f"conn:{binding}::{domain}"}
+    if mx:
+        keys["host"] = f"conn:host:{mx.lower().rstrip('.')}"
+    return keys
