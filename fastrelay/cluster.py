@@ -24,6 +24,10 @@ import socket
 import time
 from dataclasses import dataclass
 
+from fastrelay.config.types import Rate
+
+__all__ = ["ClusterLimits", "Lease", "Rate"]
+
 log = logging.getLogger("fastrelay.cluster")
 
 #: Seconds a connection lease lives without renewal (a dead node's slots return after this).
@@ -36,6 +40,9 @@ NODE_TTL = 3 * LEASE_TTL
 REDIS_TIMEOUT = 1.0
 #: While in fallback, how often Redis is tried again.
 RECONNECT_INTERVAL = 2.0
+#: A destination refused a cluster slot asks again after this long (another node's release is not
+#: announced to us; a lease frees at the latest when it expires).
+SLOT_POLL = 0.1
 
 # KEYS[1] = the lease set; ARGV = limit, lease id, ttl ms. Expired leases are dropped first, so a
 # dead node's slots are free again without anybody's help. Returns 1 (granted) or 0 (at limit).
@@ -81,24 +88,6 @@ if now < allow_at then return math.ceil(allow_at - now) end
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
 return 0
 """
-
-
-@dataclass(frozen=True)
-class Rate:
-    """A throttle: `count` events per `period` seconds ("N" = N per second, "N/S")."""
-
-    count: int
-    period: float
-
-    @classmethod
-    def parse(cls, text: str) -> Rate:
-        n, _, s = str(text).partition("/")
-        if not (n.isascii() and n.isdigit()) or (s and not (s.isascii() and s.isdigit())):
-            raise ValueError(f"a rate is N or N/S with whole numbers, got {text!r}")
-        count, period = int(n), float(s) if s else 1.0
-        if count <= 0 or period <= 0:
-            raise ValueError(f"a rate needs N > 0 and S > 0, got {text!r}")
-        return cls(count, period)
 
 
 @dataclass
@@ -345,11 +334,68 @@ class ClusterLimits:
             await self.renew()
 
 
-def lease_keys(domain: str, binding: str, mx: str | None) -> dict[str, str]:
-    """The cluster limit keys a connection counts against: its binding::domain (Momentum's
-    cluster_max_outbound_connections is per binding and domain) and, when the MX is named in a
-    Host stanza, the MX itself."""
-    keys = {"domain": f"conn:{binding}::{domain}"}
-    if mx:
-        keys["host"] = f"conn:host:{mx.lower().rstrip('.')}"
-    return keys
+@dataclass
+class Admission:
+    """The cluster's answer for one new connection: admitted with these leases (retry_in == 0),
+    or not yet (retry_in > 0 seconds), because a limit is full or the connection throttle waits."""
+
+    leases: list[Lease]
+    retry_in: float
+    reason: str = ""  # "", "limit" or "throttle"
+
+
+class ClusterGate:
+    """What the scheduler asks before a connection and before each message: the conf's Cluster_*
+    options (Momentum's names and precedence) turned into lease keys and throttle keys."""
+
+    def __init__(self, cfg, limits: ClusterLimits):
+        self.cfg = cfg
+        self.limits = limits
+
+    def _limits_for(self, domain: str, binding: str, mx: str) -> list[tuple[str, int]]:
+        out = []
+        host = self.cfg.host_lookup("Cluster_Max_Outbound_Connections", mx) if mx else None
+        if host is not None and host.value > 0:
+            # In Host scope it limits connections *to* that MX, whoever's mail they carry.
+            out.append((f"conn:host:{mx.lower().rstrip('.')}", host.value))
+        limit = self.cfg.get("Cluster_Max_Outbound_Connections", domain, binding)
+        if limit > 0:
+            out.append((f"conn:{binding}::{domain}", limit))
+        return out
+
+    def _throttle(self, option: str, domain: str, binding: str) -> tuple[str, Rate] | None:
+        s = self.cfg.lookup(option, domain, binding)
+        if s.value is None:
+            return None
+        # By reference: the throttle is the scope that sets it, so every domain falling back to a
+        # global throttle shares it, and a Domain's own throttle is its own.
+        return f"{option.lower()}:{s.scope}", s.value
+
+    async def open_connection(self, domain: str, binding: str, mx: str) -> Admission:
+        """Leases for one new connection to MX `mx` for (domain, binding), under every cluster
+        limit that applies, and one token of the connection throttle; all or nothing."""
+        leases: list[Lease] = []
+        for key, limit in self._limits_for(domain, binding, mx):
+            lease = await self.limits.acquire(key, limit)
+            if lease is None:
+                await self.release(leases)
+                return Admission([], SLOT_POLL, "limit")
+            leases.append(lease)
+        th = self._throttle("Cluster_Outbound_Throttle_Connections", domain, binding)
+        if th is not None:
+            wait = await self.limits.throttle(*th)
+            if wait > 0:
+                await self.release(leases)
+                return Admission([], wait, "throttle")
+        return Admission(leases, 0.0)
+
+    async def before_message(self, domain: str, binding: str) -> float:
+        """Wait for the message throttle of (domain, binding); returns the seconds waited."""
+        th = self._throttle("Cluster_Outbound_Throttle_Messages", domain, binding)
+        if th is None:
+            return 0.0
+        return await self.limits.wait_throttle(*th)
+
+    async def release(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            await self.limits.release(lease)

@@ -54,7 +54,7 @@ class Item:
 class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
-    __slots__ = ("binding", "connecting", "domain", "idle", "pumping", "ready", "sessions", "settings")
+    __slots__ = ("binding", "connecting", "domain", "held", "idle", "pumping", "ready", "sessions", "settings")
 
     def __init__(self, domain: str, binding: str):
         self.domain = domain
@@ -65,6 +65,9 @@ class Dest:
         self.idle: deque[asyncio.Future] = deque()  # open connections waiting for more mail
         self.pumping = False
         self.settings: D.Settings | None = None
+        # Set while the cluster said "not yet" (a shared limit full, or a throttle): no new
+        # connection is tried until it fires, so a refusal never turns into a busy loop.
+        self.held: asyncio.TimerHandle | None = None
 
 
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
@@ -78,10 +81,11 @@ def _expire_idle(waiter: asyncio.Future) -> None:
 class _Slot:
     """A connection slot the router granted for one session; `release` is idempotent."""
 
-    __slots__ = ("dest", "host", "is_connecting", "plan", "q", "released")
+    __slots__ = ("dest", "host", "is_connecting", "leases", "plan", "q", "released")
 
-    def __init__(self, q: Queue, dest: Dest, plan: Plan, host: int):
+    def __init__(self, q: Queue, dest: Dest, plan: Plan, host: int, leases: list | None = None):
         self.q, self.dest, self.plan, self.host = q, dest, plan, host
+        self.leases = leases  # cluster-wide slots (fastrelay.cluster) held with this one
         self.released = False
         self.is_connecting = True
         dest.sessions += 1
@@ -97,20 +101,20 @@ class _Slot:
             return
         self.released = True
         q, d = self.q, self.dest
-        q.router.release(self.plan, self.host)
+        q._free_slot(self.plan, self.host)
+        if self.leases:
+            q._spawn(q.cluster.release(self.leases))
         self.connected()
         d.sessions -= 1
         q._kick(d)
-        for waiting in (q._blocked_site.pop(self.plan.site, ()), q._blocked_host.pop(self.host, ())):
-            for w in waiting:
-                q._kick(w)
 
 
 class Queue:
     def __init__(self, cfg: Config, spool, router: Router, mainlog: MainLog, connect: Connector,
                  submit: Callable[[list[tuple[Envelope, bytes]]], Awaitable[Any]] | None = None,
-                 hostname: str = "localhost"):
+                 hostname: str = "localhost", cluster=None):
         self.cfg = cfg
+        self.cluster = cluster  # fastrelay.cluster.ClusterGate when Cluster_Redis is set
         self.spool = spool
         self.router = router
         self.mainlog = mainlog
@@ -191,7 +195,7 @@ class Queue:
             if not waiter.done():
                 waiter.set_result(True)
                 d.connecting += 1
-        if not d.pumping and d.ready and not self._stopping:
+        if not d.pumping and d.ready and not self._stopping and d.held is None:
             d.pumping = True
             self._spawn(self._pump(d))
 
@@ -220,13 +224,43 @@ class Queue:
                 if host == ALL_DOWN:
                     await self._defer_ready(d, 451, "4.4.1 All hosts for this destination are unavailable")
                     continue
+                leases = None
+                if self.cluster is not None:
+                    try:
+                        adm = await self.cluster.open_connection(d.domain, d.binding, plan.hops[host].name)
+                    except BaseException:
+                        self._free_slot(plan, host)
+                        raise
+                    if adm.retry_in > 0:
+                        # A cluster-wide limit is full or the connection throttle waits: give the
+                        # local slot back and ask again later, holding no worker meanwhile.
+                        self._free_slot(plan, host)
+                        self._hold(d, adm.retry_in)
+                        return
+                    leases = adm.leases
                 # Reserve and release in pairs: the slot goes back when the session task ends,
                 # however it ends (even cancelled before its first step, when no `finally` runs).
-                slot = _Slot(self, d, plan, host)
+                slot = _Slot(self, d, plan, host, leases)
                 self.stats["sessions"] += 1
                 self._spawn(self._session(slot)).add_done_callback(slot.release)
         finally:
             d.pumping = False
+
+    def _free_slot(self, plan: Plan, host: int) -> None:
+        """Give a route-table slot back and wake the destinations waiting for its site or host
+        (domains sharing MXs share limits, so one's release is another's slot)."""
+        self.router.release(plan, host)
+        for waiting in (self._blocked_site.pop(plan.site, ()), self._blocked_host.pop(host, ())):
+            for w in waiting:
+                self._kick(w)
+
+    def _hold(self, d: Dest, seconds: float) -> None:
+        if d.held is None and not self._stopping:
+            d.held = asyncio.get_running_loop().call_later(seconds, self._unhold, d)
+
+    def _unhold(self, d: Dest) -> None:
+        d.held = None
+        self._kick(d)
 
     async def _route_failed(self, d: Dest, e: RouteError) -> None:
         if e.permanent:
@@ -278,6 +312,8 @@ class Queue:
                         break
                     d.connecting -= 1  # woken for a message: it takes one now (or finds none)
                     continue
+                if self.cluster is not None:
+                    await self.cluster.before_message(d.domain, d.binding)
                 await self._deliver_one(it, conn, hop)
         finally:
             if conn is not None:
@@ -464,6 +500,9 @@ class Queue:
     async def stop(self) -> None:
         self._stopping = True
         for d in self.dests.values():
+            if d.held is not None:
+                d.held.cancel()
+                d.held = None
             while d.idle:
                 w = d.idle.popleft()
                 if not w.done():

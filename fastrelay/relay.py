@@ -31,6 +31,7 @@ class Relay:
         self.xfer_servers: list = []
         self.recovered = 0
         self.resolver = None
+        self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
         self.hostname = cfg.get("Hostname") or socket.gethostname()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -84,8 +85,16 @@ class Relay:
                    for h in cfg.get("DNS_Servers")]
         self.resolver = Resolver(servers or None)
         router = Router(cfg, self.resolver)
+        gate = None
+        if cfg.get("Cluster_Redis"):
+            from fastrelay.cluster import ClusterGate, ClusterLimits
+
+            # A node starts even if Redis is down: it delivers under its local share meanwhile.
+            self.cluster = ClusterLimits(cfg.get("Cluster_Redis"), cfg.get("Cluster_Node"))
+            await self.cluster.start()
+            gate = ClusterGate(cfg, self.cluster)
         self.queue = Queue(cfg, self.spool, router, self.mainlog, connect, submit=self.submit,
-                           hostname=self.hostname)
+                           hostname=self.hostname, cluster=gate)
         self.queue.enqueue(entries)
 
     async def _start_xfer_server(self) -> None:
@@ -144,6 +153,8 @@ class Relay:
             await self.queue.stop()
         if self.resolver is not None:
             await self.resolver.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.cfg.xfer_client_enabled or self.queue is not None:
             from fastrelay.delivery.xfer import close_sessions
 

@@ -173,6 +173,30 @@ OPTIONS: list[OptionDef] = [
     OptionDef("xfer_replay_window", t.Time(lo=1), HTTP, 300.0,
               "How far a signed transfer's timestamp may be from the server's clock; nonces are "
               "remembered this long so a captured request cannot be replayed."),
+    # --- Cluster: limits shared by nodes through Redis (docs/cluster.md) -----------------------
+    OptionDef("Cluster_Redis", t.String(nonempty=True, pattern=r"rediss?://\S+|unix://\S+",
+                                        expected="a Redis URL such as \"redis://127.0.0.1:6379/0\""),
+              frozenset({GLOBAL}), None,
+              "The Redis server the nodes of a cluster share their connection limits and throttles "
+              "through. Unset: no cluster, every Cluster_* option is ignored."),
+    OptionDef("Cluster_Node", t.String(nonempty=True, pattern=r"[A-Za-z0-9.\-_]+", expected="a node name"),
+              frozenset({GLOBAL}), None,
+              "This node's name in the cluster (its leases and heartbeat); unset means the host name."),
+    OptionDef("Cluster_Max_Outbound_Connections", t.Int(-1, 1_000_000),
+              frozenset({GLOBAL, DOMAIN, BINDING, BINDING_DOMAIN, HOST}), -1,
+              "Connections open at once across the whole cluster, per binding and domain (in the "
+              "global scope it applies to every domain); in a Host stanza, to that MX, named as in "
+              "its DNS MX record. Precedence as Momentum's: binding::host, host, binding::domain, "
+              "binding, domain, global. -1 means no limit. Each slot is a lease in Redis renewed while "
+              "the connection is open, so a dead node's slots come back within a lease time."),
+    OptionDef("Cluster_Outbound_Throttle_Messages", t.RateType(), frozenset({GLOBAL, BINDING_GROUP, DOMAIN}), None,
+              "Messages delivered per second (\"N\") or per S seconds (\"N/S\") across the cluster. "
+              "The throttle belongs to the scope it is set in: set globally, one throttle is shared by "
+              "every domain; set in a Domain, that domain has its own."),
+    OptionDef("Cluster_Outbound_Throttle_Connections", t.RateType(), frozenset({GLOBAL, BINDING_GROUP, DOMAIN}),
+              None,
+              "Connections opened per second (\"N\") or per S seconds (\"N/S\") across the cluster, "
+              "shared by the scope it is set in, as Cluster_Outbound_Throttle_Messages."),
     # --- Receiving ---------------------------------------------------------------------------
     OptionDef("relay_hosts", t.CIDRList(), LISTENER, _nets("127.0.0.0/8", "::1/128"),
               "Clients that may relay (CIDRs). The innermost scope wins: Listen, then ESMTP_Listener, "

@@ -452,3 +452,38 @@ class DomainList(OptType):
 
     def format(self, value: Any) -> str:
         return "( " + " ".join(f'"{v}"' for v in sorted(value)) + " )"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A throttle: `count` events per `period` seconds (Momentum's "N" = N per second, "N/S")."""
+
+    count: int
+    period: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        n, _, s = str(text).partition("/")
+        # ASCII digits only: str.isdigit() also takes superscript and fullwidth digits (issue #9).
+        if not re.fullmatch(r"[0-9]+", n) or (s and not re.fullmatch(r"[0-9]+", s)):
+            raise ValueError(f"a rate is N or N/S with whole numbers, got {text!r}")
+        count, period = int(n), float(s) if s else 1.0
+        if count <= 0 or period <= 0:
+            raise ValueError(f"a rate needs N > 0 and S > 0, got {text!r}")
+        return cls(count, period)
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period:g}"
+
+
+class RateType(OptType):
+    expected = 'a rate: "N" (per second) or "N/S" (N per S seconds)'
+
+    def convert_atom(self, atom: Atom) -> Rate:
+        try:
+            return Rate.parse(atom.text)
+        except ValueError:
+            raise Invalid(f"got '{atom.text}'; expected {self.expected}", atom) from None
+
+    def format(self, value: Any) -> str:
+        return f'"{value}"'

@@ -52,6 +52,8 @@ class RelayHarness:
             assert not s.per_ip, f"per-IP counts left: {s.per_ip}"
         if self.relay.queue is not None:
             assert self.relay.queue.router.total_active() == 0, "route-table slots left acquired"
+        if self.relay.cluster is not None:
+            assert self.relay.cluster.held() == 0, "cluster leases left held"
         self.relay = None
 
     async def __aenter__(self) -> RelayHarness:

@@ -1,0 +1,121 @@
+"""Three relay nodes share limits through one real Redis server (issue #14, part 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.e2e.conftest import body, drained, send
+from tests.support.redis import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    d = tmp_path / "redis"
+    d.mkdir()
+    srv = RedisServer(d).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _cluster(url: str, node: str, extra: str) -> str:
+    return f'Cluster_Redis = "{url}"\nCluster_Node = "{node}"\n{extra}'
+
+
+async def _three(relay, url: str, extra: str):
+    return [await relay(_cluster(url, f"n{i}", extra), subdir=f"n{i}") for i in range(3)]
+
+
+async def _load(nodes, n: int, domain: str) -> None:
+    await asyncio.gather(*(send(nodes[i % 3], [f"r{i}@{domain}"], body(f"c{i}")) for i in range(n)))
+
+
+async def test_cluster_connection_limit_holds_across_nodes(dns, sinks, relay, redis_server):
+    """Issue #14: "`Cluster_Max_Outbound_Connections = 3` for a domain: the sinks' peak concurrency
+    across all nodes never exceeds 3 under load." One MX, so the sink's peak is the cluster's."""
+    (mx,) = await sinks(1)
+    dns.add_mx("lim.test", 10, "mx.lim.test")
+    dns.add_a("mx.lim.test", mx.host)
+    mx.faults.set("dot", delay=0.05)
+    nodes = await _three(relay, redis_server.url, "Domain lim.test { Cluster_Max_Outbound_Connections = 3 }\n")
+    await _load(nodes, 90, "lim.test")
+    for h in nodes:
+        await drained(h, 60)
+    assert len(mx.messages) == 90
+    assert mx.peak_sessions <= 3
+    assert mx.peak_sessions >= 2  # the nodes really ran side by side
+
+
+async def test_without_the_cluster_limit_the_nodes_exceed_it(dns, sinks, relay, redis_server):
+    """The control for the test above: each node alone allowed 3 (max_outbound_connections), the
+    three together open more than 3, which is what the cluster-wide limit prevents."""
+    (mx,) = await sinks(1)
+    dns.add_mx("lim.test", 10, "mx.lim.test")
+    dns.add_a("mx.lim.test", mx.host)
+    mx.faults.set("dot", delay=0.05)
+    nodes = await _three(relay, redis_server.url, "Domain lim.test { max_outbound_connections = 3 }\n")
+    await _load(nodes, 90, "lim.test")
+    for h in nodes:
+        await drained(h, 60)
+    assert len(mx.messages) == 90
+    assert mx.peak_sessions > 3
+
+
+async def test_cluster_host_limit_names_the_mx(dns, sinks, relay, redis_server):
+    """Momentum: "When used within a Host scope, a limit on the number of connections to a
+    particular MX is enforced. The Host should be listed exactly as it exists in the DNS MX
+    record." Two domains share the MX; the Host limit of 2 holds for both, over all nodes."""
+    (mx,) = await sinks(1)
+    for dom in ("one.test", "two.test"):
+        dns.add_mx(dom, 10, "mx.shared.test")
+    dns.add_a("mx.shared.test", mx.host)
+    mx.faults.set("dot", delay=0.05)
+    nodes = await _three(relay, redis_server.url, "Host mx.shared.test { Cluster_Max_Outbound_Connections = 2 }\n")
+    await asyncio.gather(*(send(nodes[i % 3], [f"r{i}@{'one' if i % 2 else 'two'}.test"], body(f"h{i}"))
+                           for i in range(60)))
+    for h in nodes:
+        await drained(h, 60)
+    assert len(mx.messages) == 60
+    assert mx.peak_sessions <= 2
+
+
+async def test_cluster_message_throttle_holds(dns, sinks, relay, redis_server):
+    """Issue #14: "A message throttle of "50/1" cluster-wide holds within its bounds." 150 messages
+    from three nodes: 50 may pass at once, then 50 a second, so the last can not arrive before
+    about 2 s after the first, whichever node sends it."""
+    (mx,) = await sinks(1)
+    dns.add_mx("thr.test", 10, "mx.thr.test")
+    dns.add_a("mx.thr.test", mx.host)
+    nodes = await _three(relay, redis_server.url, 'Cluster_Outbound_Throttle_Messages = "50/1"\n')
+    start = time.monotonic()
+    await _load(nodes, 150, "thr.test")
+    for h in nodes:
+        await drained(h, 60)
+    assert len(mx.messages) == 150
+    assert time.monotonic() - start >= 1.8
+
+
+async def test_redis_down_keeps_delivering_under_the_local_share(dns, sinks, relay, redis_server):
+    """Issue #14: "When Redis is unreachable, the relay keeps delivering under a conservative local
+    share (limit divided by the number of live nodes last seen) ... It never stops and never
+    exceeds the limit by more than that share." Limit 6 over 3 nodes: 2 each, 6 in all."""
+    (mx,) = await sinks(1)
+    dns.add_mx("fb.test", 10, "mx.fb.test")
+    dns.add_a("mx.fb.test", mx.host)
+    mx.faults.set("dot", delay=0.05)
+    nodes = await _three(relay, redis_server.url, "Domain fb.test { Cluster_Max_Outbound_Connections = 6 }\n")
+    for h in nodes:  # each has seen the other two alive
+        await h.relay.cluster._heartbeat()
+        assert h.relay.cluster.live_nodes == 3
+    redis_server.stop()
+    await _load(nodes, 60, "fb.test")
+    for h in nodes:
+        await drained(h, 60)
+    assert len(mx.messages) == 60
+    assert mx.peak_sessions <= 6
+    assert all(h.relay.cluster.degraded for h in nodes)
+    assert all(h.relay.cluster.health()["redis"] == "unreachable" for h in nodes)
