@@ -71,6 +71,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(cfg, use_uvloop=not args.asyncio, log_level=args.log_level)
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from fastrelay.cluster import drain
+    from fastrelay.config.types import parse_route
+    from fastrelay.runner import setup_logging
+
+    try:
+        route = parse_route(args.to)
+    except ValueError as e:
+        print(f"fastrelay drain: --to {args.to}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if route.scheme != "xfer":
+        print(f"fastrelay drain: --to {args.to}: expected an XFER peer, xfer://host?port=N", file=sys.stderr)
+        return EXIT_CONFIG
+    cfg, err = _load(args.conf)
+    if err is not None:
+        for e in err.errors:
+            print(e, file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level)
+    return drain(cfg, route, args.timeout)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.e2e import main as bench_main
 
@@ -100,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--binding", help="evaluate for this binding")
     ev.add_argument("option")
     ev.set_defaults(func=cmd_config_eval)
+
+    d = sub.add_parser("drain", help="move every queued message to a peer over XFER (the relay must be stopped)",
+                       epilog="example: fastrelay drain -c relay.conf --to 'xfer://10.0.0.2?port=8080'")
+    d.add_argument("-c", "--conf", default=DEFAULT_CONF, help=f"conf file (default {DEFAULT_CONF})")
+    d.add_argument("--to", required=True, metavar="PEER", help="the XFER peer: xfer://host?port=N")
+    d.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
+    d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    d.set_defaults(func=cmd_drain)
 
     b = sub.add_parser("bench", help="end-to-end throughput tool (same as python -m bench.e2e)",
                        add_help=False)

@@ -25,17 +25,16 @@ import time
 from dataclasses import dataclass
 
 from fastrelay.config.types import Rate
+from fastrelay.limits import CLUSTER_LEASE_TIME
 
 __all__ = ["ClusterLimits", "Lease", "Rate"]
 
 log = logging.getLogger("fastrelay.cluster")
 
-#: Seconds a connection lease lives without renewal (a dead node's slots return after this).
-LEASE_TTL = 15.0
-#: How often held leases are renewed and this node's heartbeat refreshed (a fraction of the TTL).
-RENEW_INTERVAL = LEASE_TTL / 3
-#: A node not heard from for this long no longer counts as alive for the local share.
-NODE_TTL = 3 * LEASE_TTL
+#: Held leases are renewed, and this node's heartbeat refreshed, this many times per lease time.
+RENEWALS_PER_LEASE = 3
+#: A node not heard from for this many lease times no longer counts as alive for the local share.
+NODE_LEASES = 3
 #: Seconds one Redis command may take before the node falls back to its local share.
 REDIS_TIMEOUT = 1.0
 #: While in fallback, how often Redis is tried again.
@@ -122,7 +121,7 @@ class ClusterLimits:
     """Leases and throttles in Redis, with a conservative local share when Redis is unreachable."""
 
     def __init__(self, url: str, node: str | None = None, *, prefix: str = "fastrelay:",
-                 lease_ttl: float = LEASE_TTL, timeout: float = REDIS_TIMEOUT):
+                 lease_ttl: float = CLUSTER_LEASE_TIME, timeout: float = REDIS_TIMEOUT):
         import redis.asyncio as aioredis
 
         self.url = url
@@ -294,13 +293,13 @@ class ClusterLimits:
 
     # --- renewal and liveness -----------------------------------------------------------------
     async def _heartbeat(self) -> None:
-        """Say this node is alive and count the nodes heard from within NODE_TTL."""
+        """Say this node is alive and count the nodes heard from within NODE_LEASES lease times."""
         nodes = self._k("nodes")
         try:
             pipe = self._redis.pipeline(transaction=False)
             now = time.time()
             pipe.zadd(nodes, {self.node: now})
-            pipe.zremrangebyscore(nodes, "-inf", now - NODE_TTL)
+            pipe.zremrangebyscore(nodes, "-inf", now - NODE_LEASES * self.lease_ttl)
             pipe.zcard(nodes)
             _, _, n = await self._call(pipe.execute())
         except Exception as e:
@@ -329,7 +328,7 @@ class ClusterLimits:
 
     async def _renew_loop(self) -> None:
         while True:
-            await asyncio.sleep(min(RENEW_INTERVAL, self.lease_ttl / 3))
+            await asyncio.sleep(self.lease_ttl / RENEWALS_PER_LEASE)
             await self._heartbeat()
             await self.renew()
 
@@ -399,3 +398,47 @@ class ClusterGate:
     async def release(self, leases: list[Lease]) -> None:
         for lease in leases:
             await self.limits.release(lease)
+
+
+# --- drain to a peer ------------------------------------------------------------------------------
+def drain(cfg, route, timeout: float, use_uvloop: bool = True) -> int:
+    """`fastrelay drain --to PEER`: open this node's spool (the relay must be stopped: the spool's
+    lock says so otherwise), move every queued message to the XFER peer `route`, and exit.
+    0 when the spool is empty, 1 when messages are left (they stay queued here)."""
+    from fastrelay.relay import Relay, StartupError
+
+    async def go() -> int:
+        relay = Relay(cfg, drain_to=route)
+        try:
+            await relay.start()
+        except StartupError as e:
+            log.error("cannot drain: %s", e)
+            await relay.stop()
+            return 1
+        total = len(relay.queue.items)
+        log.info("draining %d messages to %s", total, route.text)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        try:
+            while relay.queue.items and loop.time() < end:
+                await asyncio.sleep(0.05)
+            left = len(relay.queue.items)
+        finally:
+            await relay.stop()
+        if left:
+            log.error("drain to %s: %d of %d messages moved; %d left in the spool (run it again)",
+                      route.text, total - left, total, left)
+            return 1
+        log.info("drain to %s: all %d messages moved", route.text, total)
+        return 0
+
+    if use_uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(go())
+    finally:
+        loop.close()

@@ -47,3 +47,8 @@ REAPER_INTERVAL = 1.0
 # Client addresses whose relay/normalize decision is remembered (the cache is simply emptied
 # when full).
 CLIENT_POLICY_CACHE = 4096
+
+# --- Cluster (issue #14, docs/cluster.md) ----------------------------------------------------------
+# Seconds a cluster connection lease lives in Redis without renewal (Cluster_Lease_Time): a dead
+# node's slots come back within this long. Renewed every third of it.
+CLUSTER_LEASE_TIME = 15.0

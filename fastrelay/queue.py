@@ -11,6 +11,7 @@ same connection (RSET between them), so connections are reused while there is wo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -27,6 +28,9 @@ from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
 
 log = logging.getLogger("fastrelay.queue")
+
+# The routing domain of a drain to a peer (issue #14): every message goes there, over XFER.
+DRAIN_DOMAIN = "__drain__"
 
 # A message whose delivery crashed the worker this many times is quarantined rather than
 # retried forever (RELIABILITY.md case 50: poison message).
@@ -134,6 +138,7 @@ class Queue:
         self._blocked_site: dict[int, set[Dest]] = {}
         self._blocked_host: dict[int, set[Dest]] = {}
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0}
+        self.draining: dict | None = None  # {"to": route text, "since": time} during a drain
 
     # --- intake -------------------------------------------------------------------------------
     def enqueue(self, entries: list) -> None:
@@ -145,7 +150,8 @@ class Queue:
             self._schedule(it, now)
 
     def _schedule(self, it: Item, now: float) -> None:
-        if it.due <= now:
+        # A drain moves everything now: the schedule travels with the message (teleport).
+        if it.due <= now or self.draining is not None:
             d = self._dest(it)
             d.ready.append(it)
             self._kick(d)
@@ -155,8 +161,11 @@ class Queue:
                 self._arm()
 
     def _dest(self, it: Item) -> Dest:
-        # reroute_domain: all of a domain's mail goes through the named domain's settings.
-        target = self.cfg.reroute_target("reroute_domain", it.domain, it.binding) or it.domain
+        if self.draining is not None:
+            target = DRAIN_DOMAIN
+        else:
+            # reroute_domain: all of a domain's mail goes through the named domain's settings.
+            target = self.cfg.reroute_target("reroute_domain", it.domain, it.binding) or it.domain
         key = (target, it.binding)
         d = self.dests.get(key)
         if d is None:
@@ -287,6 +296,10 @@ class Queue:
     def _settings(self, d: Dest) -> D.Settings:
         if d.settings is None:
             d.settings = delivery_settings(self.cfg, d.domain, d.binding, self.hostname)
+            if d.domain == DRAIN_DOMAIN:
+                # A drained message keeps its schedule, attempts and first-queued time on the
+                # peer (seed 000's teleport), and its binding (always carried).
+                d.settings = dataclasses.replace(d.settings, teleport=True)
         return d.settings
 
     async def _session(self, slot: _Slot) -> None:
@@ -495,6 +508,26 @@ class Queue:
         items = make_dsn(env, body, idx, self.hostname, remote)
         await self.submit(items)
         self.stats["dsns"] += 1
+
+    # --- drain to a peer (issue #14) ------------------------------------------------------------
+    def drain_to(self, route) -> int:
+        """Move every queued message to the XFER peer `route` (an xfer:// Route), keeping its
+        schedule, attempts and binding. The peer dedupes on (this node, this id), so a drain cut
+        short by kill -9 and run again delivers each message once (RELIABILITY.md case 36).
+        Returns how many messages are queued to go."""
+        self.router.overrides[DRAIN_DOMAIN] = [route]
+        self.draining = {"to": route.text, "since": time.time(), "queued_at_start": len(self.items)}
+        now = time.time()
+        for it in list(self.items.values()):
+            if not it.busy:  # a busy one comes here when its session ends (_schedule)
+                it.due = min(it.due, now)
+                self._schedule(it, now)
+        return len(self.items)
+
+    def drain_status(self) -> dict | None:
+        if self.draining is None:
+            return None
+        return {**self.draining, "remaining": len(self.items)}
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def stop(self) -> None:

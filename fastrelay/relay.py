@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -22,8 +23,11 @@ class StartupError(Exception):
 class Relay:
     """Everything one `fastrelay run` process holds. Receiving goes through `submit`."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, drain_to=None):
         self.cfg = cfg
+        # `fastrelay drain --to`: no listeners, delivery on even if suspended, every message to
+        # this XFER peer (a config.types.Route).
+        self.drain_to = drain_to
         self.spool: Spool | None = None
         self.mainlog: MainLog | None = None
         self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
@@ -52,6 +56,9 @@ class Relay:
         except OSError as e:
             raise StartupError(f"mainlog {self.mainlog.path}: {e.strerror or e}") from None
         await self._start_delivery(entries)
+        if self.drain_to is not None:
+            self.queue.drain_to(self.drain_to)
+            return
         await self._start_xfer_server()
         for listen in cfg.esmtp_listens:
             try:
@@ -73,7 +80,7 @@ class Relay:
     async def _start_delivery(self, entries: list) -> None:
         """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
         cfg = self.cfg
-        if cfg.get("suspend_delivery"):
+        if cfg.get("suspend_delivery") and self.drain_to is None:
             log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only")
             return
         from fastrelay.delivery.connect import connect
@@ -90,7 +97,8 @@ class Relay:
             from fastrelay.cluster import ClusterGate, ClusterLimits
 
             # A node starts even if Redis is down: it delivers under its local share meanwhile.
-            self.cluster = ClusterLimits(cfg.get("Cluster_Redis"), cfg.get("Cluster_Node"))
+            self.cluster = ClusterLimits(cfg.get("Cluster_Redis"), cfg.get("Cluster_Node"),
+                                         lease_ttl=cfg.get("Cluster_Lease_Time"))
             await self.cluster.start()
             gate = ClusterGate(cfg, self.cluster)
         self.queue = Queue(cfg, self.spool, router, self.mainlog, connect, submit=self.submit,
@@ -141,6 +149,25 @@ class Relay:
                 host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 out.append(f"xfer on {host}:{addr[1]}")
         return out
+
+    async def drain(self, route, timeout: float) -> int:
+        """Stop taking mail, move every queued message to the XFER peer `route`, and wait up to
+        `timeout` seconds; returns how many messages are left in the spool."""
+        for srv in self.smtp_servers:
+            await srv.stop()
+        self.smtp_servers.clear()
+        for xsrv in self.xfer_servers:
+            await xsrv.stop()
+        self.xfer_servers.clear()
+        if self.queue is None:  # delivery suspended: start it for the drain
+            self.drain_to = route
+            await self._start_delivery(self.spool.recover())
+        self.queue.drain_to(route)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.queue.items and loop.time() < end:
+            await asyncio.sleep(0.05)
+        return len(self.queue.items)
 
     async def stop(self) -> None:
         for srv in self.smtp_servers:

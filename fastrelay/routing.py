@@ -70,6 +70,9 @@ class Router:
         # a route to one of them is a loop whatever Prohibited_Hosts says (case 46, 5.4.6).
         self.own_addresses: set[tuple[str, int]] = set()
         self._plans: dict[tuple[str, str], Plan] = {}
+        # Synthetic destinations whose routes come from the operator, not the conf (a drain to a
+        # peer, issue #14): routing domain -> routes.
+        self.overrides: dict[str, list[Route]] = {}
         self._pending: dict[tuple[str, str], asyncio.Future] = {}
 
     # --- plans --------------------------------------------------------------------------------
@@ -101,6 +104,8 @@ class Router:
         when both apply, the one set in the more specific scope wins (Routes on a tie)."""
         cfg = self.cfg
         port = cfg.get("Remote_SMTP_Port", domain, binding)
+        if domain in self.overrides:
+            return list(self.overrides[domain]), port
         routes = cfg.lookup("Routes", domain, binding)
         gateway = cfg.lookup("Gateway", domain, binding)
         if gateway.value is not None and (routes.value is None or _rank(gateway.scope) < _rank(routes.scope)):

@@ -44,6 +44,12 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
         __version__, _impl.IMPL, loop_name, ", ".join(relay.describe_listeners()) or "no listeners",
     )
     await stop.wait()
+    route = cfg.get("Drain_On_Shutdown")
+    if route is not None:
+        log.info("stopping: draining the queue to %s first", route.text)
+        left = await relay.drain(route, cfg.get("Drain_Timeout"))
+        if left:
+            log.warning("drain to %s: %d messages left in the spool", route.text, left)
     log.info("stopping")
     await relay.stop()
     log.info("stopped")

@@ -182,6 +182,10 @@ OPTIONS: list[OptionDef] = [
     OptionDef("Cluster_Node", t.String(nonempty=True, pattern=r"[A-Za-z0-9.\-_]+", expected="a node name"),
               frozenset({GLOBAL}), None,
               "This node's name in the cluster (its leases and heartbeat); unset means the host name."),
+    OptionDef("Cluster_Lease_Time", t.Time(lo=1), frozenset({GLOBAL}), limits.CLUSTER_LEASE_TIME,
+              "How long a cluster connection slot lives in Redis without renewal; it is renewed "
+              "every third of that while the connection is open, and a dead node's slots come back "
+              "after at most this long."),
     OptionDef("Cluster_Max_Outbound_Connections", t.Int(-1, 1_000_000),
               frozenset({GLOBAL, DOMAIN, BINDING, BINDING_DOMAIN, HOST}), -1,
               "Connections open at once across the whole cluster, per binding and domain (in the "
@@ -197,6 +201,13 @@ OPTIONS: list[OptionDef] = [
               None,
               "Connections opened per second (\"N\") or per S seconds (\"N/S\") across the cluster, "
               "shared by the scope it is set in, as Cluster_Outbound_Throttle_Messages."),
+    OptionDef("Drain_On_Shutdown", t.XferRoute(), frozenset({GLOBAL}), None,
+              "On SIGTERM, stop accepting mail, then move every queued message to this XFER peer "
+              "(\"xfer://host?port=N\") with its schedule, attempts and binding, before exiting; "
+              "`fastrelay drain --to` does the same on demand."),
+    OptionDef("Drain_Timeout", t.Time(lo=1), frozenset({GLOBAL}), 300.0,
+              "How long a drain on shutdown may take; what is left stays in the spool for the "
+              "next start (or the next drain)."),
     # --- Receiving ---------------------------------------------------------------------------
     OptionDef("relay_hosts", t.CIDRList(), LISTENER, _nets("127.0.0.0/8", "::1/128"),
               "Clients that may relay (CIDRs). The innermost scope wins: Listen, then ESMTP_Listener, "

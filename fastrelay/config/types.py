@@ -476,6 +476,22 @@ class Rate:
         return f"{self.count}/{self.period:g}"
 
 
+class XferRoute(OptType):
+    expected = 'an XFER peer: "xfer://host?port=N"'
+
+    def convert_atom(self, atom: Atom) -> Route:
+        try:
+            r = parse_route(atom.text)
+        except ValueError as e:
+            raise Invalid(f"{e}", atom) from None
+        if r.scheme != "xfer":
+            raise Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+        return r
+
+    def format(self, value: Any) -> str:
+        return f'"{value.text}"'
+
+
 class RateType(OptType):
     expected = 'a rate: "N" (per second) or "N/S" (N per S seconds)'
 

@@ -119,3 +119,76 @@ async def test_redis_down_keeps_delivering_under_the_local_share(dns, sinks, rel
     assert mx.peak_sessions <= 6
     assert all(h.relay.cluster.degraded for h in nodes)
     assert all(h.relay.cluster.health()["redis"] == "unreachable" for h in nodes)
+
+
+def test_kill_9_of_a_node_returns_its_slots_and_loses_nothing(tmp_path, redis_server):
+    """Issue #14: "A kill -9 of one node mid-load: its slots return within the lease time, and
+    after a restart nothing acknowledged is lost." The node holds all 3 cluster slots of lim.test
+    when it dies; a probe node gets all 3 back within the lease time (2 s here)."""
+    from fastrelay.cluster import ClusterLimits
+    from tests.support import ThreadedSink, free_port, read_ledger
+    from tests.support.relayproc import RelayProcess
+
+    sink_port = free_port("127.0.0.2")
+    ledger = tmp_path / "ledger.jsonl"
+    sink = ThreadedSink("127.0.0.2", sink_port, ledger_path=str(ledger)).start()
+    sink.faults.set("dot", delay=0.4)
+    (tmp_path / "x").mkdir()
+    conf = (f'Prohibited_Hosts = ( "0.0.0.0/8" )\nretry_interval = 1\nmax_retry_interval = 2\n'
+            f'Cluster_Redis = "{redis_server.url}"\nCluster_Node = "x"\nCluster_Lease_Time = 2s\n'
+            f'Domain lim.test {{ Routes = ( "smtp://127.0.0.2?port={sink_port}" ) '
+            f'Cluster_Max_Outbound_Connections = 3 }}\n')
+    x = RelayProcess(tmp_path / "x", conf, hold=False).start()
+
+    async def scenario() -> None:
+        n = 40
+        await asyncio.gather(*(_send_port(x.port, f"k{i}@lim.test", i) for i in range(n)))
+        end = time.monotonic() + 30
+        while sink.current_sessions < 3 and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        assert sink.current_sessions == 3, "the node never held its 3 slots"
+        x.kill()
+        killed = time.monotonic()
+        probe = ClusterLimits(redis_server.url, "probe", lease_ttl=2.0)
+        await probe.start()
+        try:
+            assert await probe.acquire("conn:default::lim.test", 3) is None  # still leased by x
+            leases = []
+            while len(leases) < 3 and time.monotonic() - killed < 2.0 + 3.0:
+                lease = await probe.acquire("conn:default::lim.test", 3)
+                if lease is None:
+                    await asyncio.sleep(0.1)
+                else:
+                    leases.append(lease)
+            assert len(leases) == 3, "the dead node's slots did not come back within the lease time"
+            for lease in leases:
+                await probe.release(lease)
+        finally:
+            await probe.close()
+        restarted = RelayProcess(tmp_path / "x", conf, hold=False).start()
+        try:
+            end = time.monotonic() + 60
+            while len({r["test_id"] for r in read_ledger(ledger)}) < n and time.monotonic() < end:
+                await asyncio.sleep(0.1)
+            assert {r["test_id"] for r in read_ledger(ledger)} == {f"k{i}" for i in range(n)}
+            assert restarted.stop() == 0
+        finally:
+            restarted.kill()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        x.kill()
+        sink.stop()
+
+
+async def _send_port(port: int, rcpt: str, i: int) -> None:
+    import aiosmtplib
+
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=20)
+    await c.connect()
+    try:
+        errors, _ = await c.sendmail("a@example.com", [rcpt], f"X-Test-Id: k{i}\r\n\r\nbody\r\n".encode())
+        assert errors == {}
+    finally:
+        await c.quit()
