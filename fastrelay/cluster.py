@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class ClusterLimits:
         self._renew = self._redis.register_script(_RENEW)
         self._throttle = self._redis.register_script(_THROTTLE)
         self._ids = itertools.count(1)
+        self._pid = os.getpid()
         self._held: dict[str, Lease] = {}  # lease id -> lease, renewed while held
         self._local_active: dict[str, int] = {}  # key -> slots taken from the local share
         self._local_throttles: dict[str, _LocalThrottle] = {}
@@ -217,7 +219,8 @@ class ClusterLimits:
     async def acquire(self, key: str, limit: int) -> Lease | None:
         """A lease under `key`'s cluster-wide `limit`, or None when the cluster is at the limit.
         A limit <= 0 means unlimited (Momentum's -1): a local lease that counts nothing."""
-        lease_id = f"{self.node}:{next(self._ids)}"
+        # Unique across the processes of one node too (worker processes share the node name).
+        lease_id = f"{self.node}:{self._pid}:{next(self._ids)}"
         if limit <= 0:
             return Lease(key, lease_id, local=True, released=True)
         if self._use_redis():
