@@ -377,7 +377,11 @@ async def test_case17_disk_full_at_end_of_data_loses_nothing(tmp_path):
             c = await connect(h)
             body = b"Subject: fill\r\n\r\n" + (b"f" * 76 + b"\r\n") * 200
             for i in range(200):
-                assert (await c.command("MAIL FROM:<a@example.com>"))[0] == 250
+                code, lines = await c.command("MAIL FROM:<a@example.com>")
+                if code != 250:
+                    # Once a commit found the disk full, MAIL itself gets 452 4.3.1 at once.
+                    assert (code, lines) == wire(R.SPOOL_LOW_SPACE) and failed >= 1
+                    break
                 assert (await c.command(f"RCPT TO:<r{i}@example.net>"))[0] == 250
                 assert (await c.command("DATA"))[0] == 354
                 await c.send(body + b".\r\n")

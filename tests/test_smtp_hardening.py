@@ -7,9 +7,11 @@ Each test asserts the reply by its name in fastrelay.smtp.replies and what was s
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import smtplib
 import socket
+import subprocess
 import time
 
 import pytest
@@ -398,3 +400,79 @@ async def test_half_close_answers_pipelined_commands(relay_with):
     assert await c.read_reply() == wire(R.SENDER_OK)
     assert await c.read_reply() == wire(R.RESET_OK)
     assert await c.closed()
+
+
+# --- spool_min_free at MAIL and RCPT, in time (issue 9, RELIABILITY.md case 17) ---------------------------------
+MIN_FREE = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 16 MiB tmpfs, as the disk-full test in test_smtp_bad_input.py uses."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def free_bytes(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+async def test_spool_min_free_refuses_at_mail_before_the_body(small_fs, framing):
+    """Issue 9: "`spool_min_free` is not enforced at MAIL in time: MAIL got 250 with 1.1 MiB free
+    (limit 4 MiB), and the 451 came only after the whole body. Answer 452 4.3.1 at MAIL." """
+    h = await RelayHarness(small_fs, HOLD + "spool_min_free = 4m\n").start()
+    acked: list[str] = []
+    try:
+        c = await connect(h)
+        body = b"Subject: fill\r\n\r\n" + (b"f" * 76 + b"\r\n") * 2500  # ~195 KiB, sent fast
+        for i in range(100):
+            free = free_bytes(small_fs)
+            reply = await c.command("MAIL FROM:<a@example.com>")
+            if reply[0] != 250:
+                assert reply == wire(R.SPOOL_LOW_SPACE)
+                assert free < MIN_FREE + 2 * len(body)  # refused near the limit, not long before
+                break
+            assert free >= MIN_FREE, f"MAIL got 250 with {free} bytes free"
+            assert (await c.command(f"RCPT TO:<r{i}@example.net>"))[0] == 250
+            assert (await c.command("DATA"))[0] == 354
+            await c.send(body + b".\r\n")
+            code, lines = await c.read_reply()
+            assert (code, lines[0][:5]) == (250, "2.0.0"), (code, lines)  # never 451 after the body
+            acked.append(f"r{i}@example.net")
+        else:
+            raise AssertionError("the disk never filled")
+        assert acked
+        await c.close()
+    finally:
+        await h.stop()
+    assert sorted(e.recipients[0].address for e, _ in await h.spooled()) == sorted(acked)
+
+
+async def test_spool_min_free_with_size_at_mail_and_at_rcpt(small_fs, framing):
+    """Issue 9: "Answer 452 4.3.1 at MAIL, and at RCPT where SIZE says it will not fit." Each
+    destination domain is one copy of the message in the spool."""
+    h = await RelayHarness(small_fs, HOLD + "spool_min_free = 4m\nmax_message_size = 64m\n").start()
+    try:
+        c = await connect(h)
+        room = free_bytes(small_fs) - MIN_FREE
+        assert room > 2 * 1024 * 1024
+        assert await c.command(f"MAIL FROM:<a@example.com> SIZE={room + 65536}") == wire(R.SPOOL_LOW_SPACE)
+        size = int(room / 3.5)  # three copies fit, a fourth does not
+        assert await c.command(f"MAIL FROM:<a@example.com> BODY=8BITMIME SIZE={size}") == wire(R.SENDER_OK)
+        for rcpt in ("x@one.test", "y@two.test", "z@one.test", "w@three.test", "v@two.test"):
+            assert await c.command(f"RCPT TO:<{rcpt}>") == wire(R.RCPT_OK), rcpt
+        assert await c.command("RCPT TO:<u@four.test>") == wire(R.SPOOL_LOW_SPACE)
+        assert await c.command("RCPT TO:<t@three.test>") == wire(R.RCPT_OK)  # no new copy
+        assert await c.command("RSET") == wire(R.RESET_OK)
+        # Without SIZE the message is taken (the free space is above the limit).
+        assert await c.command("MAIL FROM:<a@example.com>") == wire(R.SENDER_OK)
+        assert await c.command("RCPT TO:<u@four.test>") == wire(R.RCPT_OK)
+        await c.close()
+    finally:
+        await h.stop()

@@ -274,7 +274,8 @@ OPTIONS: list[OptionDef] = [
               "that sets it."),
     OptionDef("spool_min_free", t.Size(), frozenset({GLOBAL}), limits.SPOOL_MIN_FREE,
               "Below this much free space on the spool's filesystem, MAIL gets 452 4.3.1 "
-              "(RELIABILITY.md case 17); delivery keeps draining."),
+              "(RELIABILITY.md case 17), and so does MAIL or RCPT when the SIZE announced (one copy "
+              "per destination domain) would go below it; delivery keeps draining."),
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
               "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
               "\"mainlog\" in the spool's parent directory. Relative to the conf file."),

@@ -60,7 +60,9 @@ _JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"EXPN"})
 class Intake(Protocol):
     """Where complete messages go: the spool (durable) and then the queue."""
 
-    def space_ok(self) -> bool: ...
+    def space_ok(self, need: int = 0) -> bool:
+        """Whether `need` more bytes can be stored and still leave spool_min_free free."""
+        ...
 
     def submit(self, items: list[tuple[Envelope, bytes]]) -> Awaitable[Any]: ...
 
@@ -271,14 +273,16 @@ class SMTPServer:
 class _Tx:
     """One mail transaction (RFC 5321 §3.3)."""
 
-    __slots__ = ("bdat", "bdat_failed", "mail_params", "params", "rcpts", "sender", "smtputf8")
+    __slots__ = ("bdat", "bdat_failed", "domains", "mail_params", "params", "rcpts", "sender", "size", "smtputf8")
 
     def __init__(self, sender: Path, params: dict, raw_params: str):
         self.sender = sender
         self.params = params
         self.mail_params = raw_params
         self.rcpts: list[tuple[Path, str]] = []
+        self.domains: set[str] = set()  # of the accepted recipients (one spool copy each)
         self.smtputf8 = "SMTPUTF8" in params
+        self.size = smtp_number(params.get("SIZE"), 20) or 0  # RFC 1870: the client's estimate
         self.bdat = False
         self.bdat_failed = False
 
@@ -593,9 +597,6 @@ class Session(asyncio.Protocol):
         if self.messages >= self.srv.s.max_messages:
             out.append(R.TOO_MANY_MESSAGES.wire)  # case 13
             return
-        if not self.srv.intake.space_ok():
-            out.append(R.SPOOL_LOW_SPACE.wire)  # case 17: 452 4.3.1 while the disk is low
-            return
         try:
             path, rest = parse_path(arg[5:], R.BAD_SENDER_SYNTAX, allow_null=True)
             params = parse_params(rest, R.BAD_SENDER_SYNTAX)
@@ -608,7 +609,13 @@ class Session(asyncio.Protocol):
             out.append(reply.wire)
             self._error(out)
             return
-        self.tx = _Tx(path, params, rest.strip())
+        tx = _Tx(path, params, rest.strip())
+        # Case 17, RFC 1870 §6.1: 452 4.3.1 at MAIL while the disk is low, or when the SIZE the
+        # client announces would take it below spool_min_free: before the body, not after it.
+        if not self.srv.intake.space_ok(tx.size):
+            out.append(R.SPOOL_LOW_SPACE.wire)
+            return
+        self.tx = tx
         self.state = S_MAIL
         out.append(R.SENDER_OK.wire)
 
@@ -676,6 +683,12 @@ class Session(asyncio.Protocol):
         if len(tx.rcpts) >= self.srv.s.max_recipients:
             out.append(R.TOO_MANY_RECIPIENTS.wire)  # case 12: keep the ones accepted
             return
+        dom = path.domain.lower().rstrip(".")
+        if tx.size and dom not in tx.domains and not self.srv.intake.space_ok(tx.size * (len(tx.domains) + 1)):
+            # One spool copy per destination domain (_envelopes): a new domain is one more SIZE.
+            out.append(R.SPOOL_LOW_SPACE.wire)  # 452 4.3.1: the others stay accepted
+            return
+        tx.domains.add(dom)
         tx.rcpts.append((path, rest.strip()))
         self.state = S_RCPT
         out.append(R.RCPT_OK.wire)
