@@ -476,3 +476,65 @@ async def test_spool_min_free_with_size_at_mail_and_at_rcpt(small_fs, framing):
         await c.close()
     finally:
         await h.stop()
+
+
+# --- The same on the production event loop (uvloop) in a real `fastrelay run` --------------------------------
+@pytest.fixture(params=["c", "py"])
+def relay_process(request, tmp_path):
+    """`fastrelay run` (uvloop) on the Cython framer and on the twins."""
+    env = {"FASTRELAY_NO_EXTENSIONS": "1"} if request.param == "py" else {}
+    if request.param == "c" and _impl.NO_EXTENSIONS:
+        pytest.skip("FASTRELAY_NO_EXTENSIONS=1: the twins only")
+    relay = RelayProcess(tmp_path, "Concurrency = 2\nwrite_timeout = 1s\ncommand_deadline = 1s\n"
+                                   "idle_timeout = 2s\n", env=env).start()
+    yield relay
+    try:
+        assert relay.stop() == 0
+    finally:
+        relay.kill()
+
+
+def _read_all(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("verb", ["DATA", "BDAT"])
+def test_half_close_answered_under_uvloop(relay_process, verb):
+    """Issue 16, on the loop `fastrelay run` uses: the 250 and the 221 reach a half-closed client."""
+    s = socket.create_connection(("127.0.0.1", relay_process.port), timeout=10)
+    with s:
+        s.sendall(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n")
+        if verb == "DATA":
+            s.sendall(b"DATA\r\n")
+            got = b""
+            while b"354 " not in got:
+                got += s.recv(4096)
+            s.sendall(MSG + b".\r\nQUIT\r\n")
+        else:
+            s.sendall(b"BDAT %d LAST\r\n" % len(MSG) + MSG + b"QUIT\r\n")
+        s.shutdown(socket.SHUT_WR)
+        replies = _read_all(s)
+    assert b"250 2.0.0 OK queued as " in replies and replies.endswith(R.BYE.wire), replies
+
+
+def test_non_readers_do_not_keep_the_slots_under_uvloop(relay_process):
+    """Issue 9: "With Concurrency non-readers, every new client gets 421 for good." """
+    socks = [_flooder(relay_process.port, FLOODS["ehlo-flood"]) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with socket.create_connection(("127.0.0.1", relay_process.port), timeout=10) as c:
+                c.settimeout(10)
+                first = c.recv(4096)
+            if first.startswith(b"220 "):
+                break
+            assert first.startswith(b"421 "), first
+            assert time.monotonic() < deadline, "the non-readers still hold every slot"
+            time.sleep(0.2)
+    finally:
+        for s in socks:
+            s.close()
