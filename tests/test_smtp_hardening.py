@@ -12,6 +12,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -538,3 +539,23 @@ def test_non_readers_do_not_keep_the_slots_under_uvloop(relay_process):
     finally:
         for s in socks:
             s.close()
+
+
+# --- The new options' conf errors ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ('Postmaster_Address = "a b"', "1:22: bad value for 'Postmaster_Address': got 'a b'; expected an address local@domain"),
+        ('Postmaster_Address = "pm@"', "1:22: bad value for 'Postmaster_Address': got 'pm@'; expected an address local@domain"),
+        ("data_deadline = 0", "1:17: bad value for 'data_deadline': got '0' (0ms); expected a time from 1s"),
+        ("write_timeout = 500ms", "1:17: bad value for 'write_timeout'"),
+        ("allow_nul_in_data = maybe", "1:21: bad value for 'allow_nul_in_data': got 'maybe'; expected a boolean"),
+    ],
+)
+def test_new_listener_options_give_file_line_col_errors(tmp_path, line, error):
+    conf = tmp_path / "bad.conf"
+    conf.write_text(line + '\nESMTP_Listener { Listen "127.0.0.1:2525" { } }\n')
+    p = subprocess.run([sys.executable, "-m", "fastrelay", "check-config", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert f"{conf}:{error}" in p.stderr + p.stdout, p.stderr + p.stdout

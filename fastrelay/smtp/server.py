@@ -124,12 +124,15 @@ class ListenSettings:
         self.data_deadline = g("data_deadline")
         self.write_timeout = g("write_timeout")
         self.allow_nul = g("allow_nul_in_data")
+        # RFC 5321 §4.5.1: where RCPT TO:<postmaster> goes. A configured value was checked by the
+        # conf schema; the default is built from the host name, which may not be a domain.
         pm = g("Postmaster_Address") or f"postmaster@{self.hostname}"
         try:
             self.postmaster = parse_path(f"<{pm}>", R.BAD_RCPT_SYNTAX, allow_null=False)[0]
         except AddressError:
-            raise ValueError(f"Postmaster_Address {pm!r} is not a valid address (set Hostname or "
-                             "Postmaster_Address)") from None
+            log.warning("%r is not a valid address: <postmaster> goes to postmaster@localhost "
+                        "(set Postmaster_Address)", pm)
+            self.postmaster = parse_path("<postmaster@localhost>", R.BAD_RCPT_SYNTAX, allow_null=False)[0]
         self.junk_limit = g("junk_command_limit")
         self.soft_error_limit = g("soft_error_limit")
         self.hard_error_limit = g("hard_error_limit")
