@@ -480,12 +480,11 @@ async def test_spool_min_free_with_size_at_mail_and_at_rcpt(small_fs, framing):
 
 
 # --- The same on the production event loop (uvloop) in a real `fastrelay run` --------------------------------
-@pytest.fixture(params=["c", "py"])
+# As the impl fixture: FASTRELAY_NO_EXTENSIONS=1 promises the twins everywhere, so only "py" then.
+@pytest.fixture(params=["py"] if _impl.NO_EXTENSIONS else ["c", "py"])
 def relay_process(request, tmp_path):
     """`fastrelay run` (uvloop) on the Cython framer and on the twins."""
     env = {"FASTRELAY_NO_EXTENSIONS": "1"} if request.param == "py" else {}
-    if request.param == "c" and _impl.NO_EXTENSIONS:
-        pytest.skip("FASTRELAY_NO_EXTENSIONS=1: the twins only")
     relay = RelayProcess(tmp_path, "Concurrency = 2\nwrite_timeout = 1s\ncommand_deadline = 1s\n"
                                    "idle_timeout = 2s\n", env=env).start()
     yield relay

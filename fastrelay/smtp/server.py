@@ -409,11 +409,12 @@ class Session(asyncio.Protocol):
         # RFC 5321 §4.1.1.10 / issue 16: a client may send the end of data and QUIT, then shut down
         # its write side (Exim does). Everything it sent before its EOF is answered, the 250 that
         # waits for the spool commit included; then we close. True keeps the transport open for
-        # writing. (Over TLS asyncio closes anyway; a TLS client closes after reading 221.)
+        # writing. asyncio's TLS transport cannot stay half-open (it closes and warns if asked
+        # to), so over TLS what can be answered now is, and the rest is the case 31 duplicate.
         self.peer_eof = True
         if self.state != S_CLOSING and not self.busy:
             self._process()
-        return True
+        return not self.tls
 
     def check_timers(self, now: float, idle: float) -> None:
         """Called once a second by the server's sweep (RELIABILITY.md case 14)."""
