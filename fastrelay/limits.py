@@ -29,6 +29,17 @@ OVERLOAD_IDLE_TIMEOUT = 10.0
 # The share of Concurrency above which the overload timeout applies.
 OVERLOAD_FRACTION = 0.8
 COMMAND_DEADLINE = 300.0
+# The longest a message's content may take to arrive, from the 354 (or from each BDAT command) to
+# its end, whatever min_data_rate says: with min_data_rate = 0, a client silent after 354 must not
+# hold its slot for ever (issue 9). An hour is 10 MB at under 3 KB/s.
+DATA_DEADLINE = 3600.0
+# How long replies may sit unread in a connection's write buffer (the client does not read: writing
+# is paused, or a close is waiting for the buffer to drain) before the connection is aborted. A
+# close() waits for a drain that never comes (issue 9, RELIABILITY.md case 14).
+WRITE_TIMEOUT = 60.0
+# At shutdown, how long closing connections may take to flush their last reply before they are
+# aborted.
+SHUTDOWN_GRACE = 1.0
 # Postfix smtpd_min_data_rate (bytes/s).
 MIN_DATA_RATE = 500
 # Postfix smtpd_junk_command_limit, smtpd_soft_error_limit, smtpd_hard_error_limit, smtpd_error_sleep_time.

@@ -192,8 +192,8 @@ class Relay:
             self.mainlog.close()
 
     # --- intake (what the SMTP server hands complete messages to) --------------------------------
-    def space_ok(self) -> bool:
-        return self.spool.space_ok()
+    def space_ok(self, need: int = 0) -> bool:
+        return self.spool.space_ok(need)
 
     async def submit(self, items: list[tuple[Envelope, bytes]]) -> list:
         """Make a message durable (P1), log its reception, and hand it to the scheduler."""

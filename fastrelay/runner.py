@@ -56,6 +56,11 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
     return 0
 
 
+def _sighup() -> None:
+    log.warning("SIGHUP received: configuration reload is not supported yet; still running with the "
+                "configuration loaded at start (restart to apply changes)")
+
+
 def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
     setup_logging(log_level)
     if use_uvloop:
@@ -68,10 +73,13 @@ def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP's default action terminates the process, silently (issue 9: "SIGHUP kills the relay,
+    # with nothing logged"). Operators and init systems send it to mean "reload": never die of it.
+    loop.add_signal_handler(signal.SIGHUP, _sighup)
     try:
         return loop.run_until_complete(serve(cfg, stop))
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

@@ -63,6 +63,24 @@ class OptionDef:
         return self.type.format(value)
 
 
+class _MailAddress(t.String):
+    """An address local@domain as RCPT TO would take it (RFC 5321 §4.1.2)."""
+
+    expected = "an address local@domain"
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        from fastrelay.smtp import replies
+        from fastrelay.smtp.address import AddressError, parse_path
+
+        try:
+            path, rest = parse_path(f"<{atom.text}>", replies.BAD_RCPT_SYNTAX, allow_null=False)
+        except AddressError:
+            path, rest = None, ""
+        if path is None or rest:
+            raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+        return atom.text
+
+
 def _nets(*texts: str) -> tuple:
     return tuple(ipaddress.ip_network(x) for x in texts)
 
@@ -247,6 +265,21 @@ OPTIONS: list[OptionDef] = [
     OptionDef("min_data_rate", t.Int(0, 2**31 - 1), LISTENER, limits.MIN_DATA_RATE,
               "Bytes per second a client must keep up in DATA/BDAT: the message must arrive within "
               "command_deadline + size / min_data_rate (Postfix smtpd_min_data_rate); 0 turns it off."),
+    OptionDef("data_deadline", t.Time(lo=1), LISTENER, limits.DATA_DEADLINE,
+              "The longest a message's content may take to arrive, from the 354 (or from each BDAT "
+              "command) to its end, whatever min_data_rate says; then 421 4.4.2 and the connection "
+              "is closed, nothing spooled."),
+    OptionDef("write_timeout", t.Time(lo=1), LISTENER, limits.WRITE_TIMEOUT,
+              "How long replies may wait unread: a client that stops reading them (its write buffer "
+              "full, or a close waiting for it to drain) is disconnected after this, and its slot "
+              "in Concurrency and max_connections_per_ip is freed."),
+    OptionDef("allow_nul_in_data", t.Bool(), LISTENER, False,
+              "Carry NUL bytes in message content. Off (the default, as Postfix): a message with a "
+              "NUL gets 554 5.6.0 after its end and is not queued, because a next hop that strips "
+              "NULs would read <CR><LF><NUL>.<CR><LF> as the end of data (SMTP smuggling)."),
+    OptionDef("Postmaster_Address", _MailAddress(), LISTENER, None,
+              "Where RCPT TO:<postmaster> (no domain; RFC 5321 §4.5.1: it must be accepted, from "
+              "any client) is delivered. Unset means postmaster@<Hostname>."),
     OptionDef("junk_command_limit", t.Int(1, 1_000_000), LISTENER, limits.JUNK_COMMAND_LIMIT,
               "NOOP, RSET, VRFY, HELP and unknown commands allowed per connection before 421 "
               "(Postfix smtpd_junk_command_limit)."),
@@ -276,7 +309,8 @@ OPTIONS: list[OptionDef] = [
               "that sets it."),
     OptionDef("spool_min_free", t.Size(), frozenset({GLOBAL}), limits.SPOOL_MIN_FREE,
               "Below this much free space on the spool's filesystem, MAIL gets 452 4.3.1 "
-              "(RELIABILITY.md case 17); delivery keeps draining."),
+              "(RELIABILITY.md case 17), and so does MAIL or RCPT when the SIZE announced (one copy "
+              "per destination domain) would go below it; delivery keeps draining."),
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
               "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
               "\"mainlog\" in the spool's parent directory. Relative to the conf file."),

@@ -32,6 +32,7 @@ EARLY_TALKER = Reply(554, "5.5.0", "SMTP protocol synchronization: talked before
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")  # case 14
 COMMAND_DEADLINE = Reply(421, "4.4.2", "Command took too long, closing connection")  # case 14
 DATA_TOO_SLOW = Reply(421, "4.4.2", "Data rate too low, closing connection")  # case 14
+DATA_DEADLINE = Reply(421, "4.4.2", "Message took too long to arrive, closing connection")  # case 14
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")  # case 15
 
 # --- Generic command handling ------------------------------------------------------------------
@@ -78,6 +79,9 @@ SIZE_EXCEEDED = Reply(552, "5.3.4", "Message size exceeds fixed maximum message 
 BARE_LF_DATA = Reply(550, "5.5.2", "Message contains bare CR or LF; lines must end with CRLF")  # case 2
 LONG_LINE_DATA = Reply(550, "5.5.2", "Message contains a line longer than the text line limit")  # case 10
 TOO_MANY_HOPS = Reply(554, "5.4.0", "Too many hops (Received: headers); mail loop?")  # case 16
+# Case 25 / issue 9: "<CR><LF><NUL>.<CR><LF>" ends DATA at a next hop that strips NULs (SMTP
+# smuggling). Postfix refuses NUL in content by default too.
+NUL_IN_DATA = Reply(554, "5.6.0", "Message contains NUL characters")
 
 # --- BDAT (RFC 3030; case 29) ------------------------------------------------------------------------
 BDAT_NOT_OFFERED = Reply(521, "5.5.1", "CHUNKING was not offered; closing connection")

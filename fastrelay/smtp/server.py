@@ -41,6 +41,7 @@ F_BARE_LF = _fr.F_BARE_LF
 F_BARE_CR = _fr.F_BARE_CR
 F_LONG_LINE = _fr.F_LONG_LINE
 F_TOO_BIG = _fr.F_TOO_BIG
+F_NUL = _fr.F_NUL
 
 # Session states (an explicit state machine; an unknown state fails loudly).
 S_GREETING = 0  # greeting not sent yet (greeting_delay): any input is an early talker
@@ -59,7 +60,9 @@ _JUNK_VERBS = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"EXPN"})
 class Intake(Protocol):
     """Where complete messages go: the spool (durable) and then the queue."""
 
-    def space_ok(self) -> bool: ...
+    def space_ok(self, need: int = 0) -> bool:
+        """Whether `need` more bytes can be stored and still leave spool_min_free free."""
+        ...
 
     def submit(self, items: list[tuple[Envelope, bytes]]) -> Awaitable[Any]: ...
 
@@ -118,6 +121,18 @@ class ListenSettings:
         self.overload_idle_timeout = g("overload_idle_timeout")
         self.command_deadline = g("command_deadline")
         self.min_data_rate = g("min_data_rate")
+        self.data_deadline = g("data_deadline")
+        self.write_timeout = g("write_timeout")
+        self.allow_nul = g("allow_nul_in_data")
+        # RFC 5321 §4.5.1: where RCPT TO:<postmaster> goes. A configured value was checked by the
+        # conf schema; the default is built from the host name, which may not be a domain.
+        pm = g("Postmaster_Address") or f"postmaster@{self.hostname}"
+        try:
+            self.postmaster = parse_path(f"<{pm}>", R.BAD_RCPT_SYNTAX, allow_null=False)[0]
+        except AddressError:
+            log.warning("%r is not a valid address: <postmaster> goes to postmaster@localhost "
+                        "(set Postmaster_Address)", pm)
+            self.postmaster = parse_path("<postmaster@localhost>", R.BAD_RCPT_SYNTAX, allow_null=False)[0]
         self.junk_limit = g("junk_command_limit")
         self.soft_error_limit = g("soft_error_limit")
         self.hard_error_limit = g("hard_error_limit")
@@ -193,6 +208,14 @@ class SMTPServer:
             self.server.close()
         for sess in list(self.sessions):
             sess.shutdown()
+        # A close waits for the write buffer to drain: give the last replies a moment, then abort
+        # the connections of clients that do not read (nothing may stay counted after stop).
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limits.SHUTDOWN_GRACE
+        while self.sessions and loop.time() < end:
+            await asyncio.sleep(0.02)
+        for sess in list(self.sessions):
+            sess.abort()
         if self.server is not None:
             await self.server.wait_closed()
             self.server = None
@@ -253,14 +276,16 @@ class SMTPServer:
 class _Tx:
     """One mail transaction (RFC 5321 §3.3)."""
 
-    __slots__ = ("bdat", "bdat_failed", "mail_params", "params", "rcpts", "sender", "smtputf8")
+    __slots__ = ("bdat", "bdat_failed", "domains", "mail_params", "params", "rcpts", "sender", "size", "smtputf8")
 
     def __init__(self, sender: Path, params: dict, raw_params: str):
         self.sender = sender
         self.params = params
         self.mail_params = raw_params
         self.rcpts: list[tuple[Path, str]] = []
+        self.domains: set[str] = set()  # of the accepted recipients (one spool copy each)
         self.smtputf8 = "SMTPUTF8" in params
+        self.size = smtp_number(params.get("SIZE"), 20) or 0  # RFC 1870: the client's estimate
         self.bdat = False
         self.bdat_failed = False
 
@@ -291,6 +316,8 @@ class Session(asyncio.Protocol):
         self.line_started = 0.0  # when the command line now being received began (0: none)
         self.data_started = 0.0
         self.write_paused = 0.0
+        self.closing_at = 0.0  # when transport.close() was called (it waits for the buffer to drain)
+        self.peer_eof = False  # the client half-closed: answer what it sent, then close
 
     # --- connection lifecycle ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -320,7 +347,7 @@ class Session(asyncio.Protocol):
         self.srv.stats["refused"] += 1
         self.state = S_CLOSING
         self.transport.write(reply.wire)
-        self.transport.close()
+        self._close_transport()
 
     def _greet(self) -> None:
         if self.state != S_GREETING:
@@ -362,20 +389,54 @@ class Session(asyncio.Protocol):
     def _close(self) -> None:
         self.state = S_CLOSING
         self.tx = None
-        if self.transport is not None:
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.closing_at:
+            self.closing_at = time.monotonic()
             self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, with whatever replies are still unsent (a client that does not
+        read them never will)."""
+        self.state = S_CLOSING
+        self.tx = None
+        if self.transport is not None:
+            self.closing_at = self.closing_at or time.monotonic()
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        # RFC 5321 §4.1.1.10 / issue 16: a client may send the end of data and QUIT, then shut down
+        # its write side (Exim does). Everything it sent before its EOF is answered, the 250 that
+        # waits for the spool commit included; then we close. True keeps the transport open for
+        # writing. asyncio's TLS transport cannot stay half-open (it closes and warns if asked
+        # to), so over TLS what can be answered now is, and the rest is the case 31 duplicate.
+        self.peer_eof = True
+        if self.state != S_CLOSING and not self.busy:
+            self._process()
+        return not self.tls
 
     def check_timers(self, now: float, idle: float) -> None:
         """Called once a second by the server's sweep (RELIABILITY.md case 14)."""
-        if self.state == S_CLOSING or (self.busy and not self.write_paused):
-            return
         s = self.srv.s
-        reply = None
-        if self.write_paused and now - self.write_paused > s.command_deadline:
-            self._close()
+        if self.state == S_CLOSING:
+            # close() waits for the write buffer to drain, which a client that does not read never
+            # lets happen: the fd, the replies and the connection's slots would stay for ever.
+            if self.closing_at and now - self.closing_at > s.write_timeout:
+                self.abort()
             return
+        if self.write_paused and now - self.write_paused > s.write_timeout:
+            log.info("client %s does not read its replies: disconnected", self.peer_ip)
+            self.abort()
+            return
+        if self.busy:
+            return
+        reply = None
         if self.state == S_DATA:
-            if s.min_data_rate > 0:
+            # The absolute bound always applies, so min_data_rate = 0 cannot hold a slot for ever.
+            if now - self.data_started > s.data_deadline:
+                reply = R.DATA_DEADLINE
+            elif s.min_data_rate > 0:
                 deadline = self.data_started + s.command_deadline + self.framer.size / s.min_data_rate
                 if now > deadline:
                     reply = R.DATA_TOO_SLOW
@@ -433,8 +494,13 @@ class Session(asyncio.Protocol):
             self.line_started = 0.0
         if out and self.transport is not None:
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
-        if self.state == S_CLOSING and self.transport is not None:
-            self.transport.close()
+        if self.peer_eof and not self.busy and self.state != S_CLOSING:
+            # Every complete command before the EOF is answered; a partial line or an unfinished
+            # message is dropped (nothing spooled: RELIABILITY.md case 31).
+            self.state = S_CLOSING
+            self.tx = None
+        if self.state == S_CLOSING:
+            self._close_transport()
 
     def _error(self, out: list[bytes]) -> None:
         """Count an error; tarpit past the soft limit, close past the hard limit (case 15)."""
@@ -535,9 +601,6 @@ class Session(asyncio.Protocol):
         if self.messages >= self.srv.s.max_messages:
             out.append(R.TOO_MANY_MESSAGES.wire)  # case 13
             return
-        if not self.srv.intake.space_ok():
-            out.append(R.SPOOL_LOW_SPACE.wire)  # case 17: 452 4.3.1 while the disk is low
-            return
         try:
             path, rest = parse_path(arg[5:], R.BAD_SENDER_SYNTAX, allow_null=True)
             params = parse_params(rest, R.BAD_SENDER_SYNTAX)
@@ -550,16 +613,23 @@ class Session(asyncio.Protocol):
             out.append(reply.wire)
             self._error(out)
             return
-        self.tx = _Tx(path, params, rest.strip())
+        tx = _Tx(path, params, rest.strip())
+        # Case 17, RFC 1870 §6.1: 452 4.3.1 at MAIL while the disk is low, or when the SIZE the
+        # client announces would take it below spool_min_free: before the body, not after it.
+        if not self.srv.intake.space_ok(tx.size):
+            out.append(R.SPOOL_LOW_SPACE.wire)
+            return
+        self.tx = tx
         self.state = S_MAIL
         out.append(R.SENDER_OK.wire)
 
     def _check_mail_params(self, params: dict, path: Path) -> R.Reply | None:
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    return R.SYNTAX
-                if int(value) > self.srv.s.max_size:
+                size = smtp_number(value, 20)
+                if size is None:
+                    return R.SYNTAX  # RFC 1870 §3: size-value ::= 1*20DIGIT (ASCII only)
+                if size > self.srv.s.max_size:
                     return R.SIZE_EXCEEDED  # case 11, RFC 1870
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -585,8 +655,15 @@ class Session(asyncio.Protocol):
             out.append(R.SYNTAX.wire)
             self._error(out)
             return
+        inner = arg[3:].lstrip(" ")
+        # RFC 5321 §4.5.1: "<Postmaster>" with no domain (case-insensitive) MUST be accepted, from
+        # any client: it goes to the Postmaster_Address the conf names.
+        postmaster = inner[:12].lower() == "<postmaster>"
         try:
-            path, rest = parse_path(arg[3:], R.BAD_RCPT_SYNTAX, allow_null=False)
+            if postmaster:
+                path, rest = self.srv.s.postmaster, inner[12:]
+            else:
+                path, rest = parse_path(arg[3:], R.BAD_RCPT_SYNTAX, allow_null=False)
             params = parse_params(rest, R.BAD_RCPT_SYNTAX)
         except AddressError as e:
             # Case 21: an unqualified <u> from a client that may not relay is a relay attempt.
@@ -599,7 +676,7 @@ class Session(asyncio.Protocol):
             out.append(R.UNKNOWN_PARAM.wire)
             self._error(out)
             return
-        if not self.trusted and not self._may_receive_for(path):
+        if not self.trusted and not postmaster and not self._may_receive_for(path):
             out.append(R.RELAY_DENIED.wire)  # case 21
             self._error(out)
             return
@@ -610,6 +687,12 @@ class Session(asyncio.Protocol):
         if len(tx.rcpts) >= self.srv.s.max_recipients:
             out.append(R.TOO_MANY_RECIPIENTS.wire)  # case 12: keep the ones accepted
             return
+        dom = path.domain.lower().rstrip(".")
+        if tx.size and dom not in tx.domains and not self.srv.intake.space_ok(tx.size * (len(tx.domains) + 1)):
+            # One spool copy per destination domain (_envelopes): a new domain is one more SIZE.
+            out.append(R.SPOOL_LOW_SPACE.wire)  # 452 4.3.1: the others stay accepted
+            return
+        tx.domains.add(dom)
         tx.rcpts.append((path, rest.strip()))
         self.state = S_RCPT
         out.append(R.RCPT_OK.wire)
@@ -655,18 +738,18 @@ class Session(asyncio.Protocol):
 
     def smtp_BDAT(self, arg: str, out: list[bytes]) -> None:
         # RFC 3030. Whatever we answer, a well-formed BDAT's chunk must be consumed.
-        parts = arg.split()
+        # RFC 3030 §2: "BDAT" SP chunk-size [ SP end-marker ]: split on SP only (str.split() would
+        # also split on \x1c-\x1f, NBSP and other Unicode spaces).
+        parts = [p for p in arg.split(" ") if p]
         if not self.esmtp:
             out.append(R.BDAT_NOT_OFFERED.wire)  # case 29: what follows is raw content
             self.state = S_CLOSING
             return
-        if not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 18 or (
-            len(parts) == 2 and parts[1].upper() != "LAST"
-        ):
+        size = smtp_number(parts[0], 18) if parts else None
+        if size is None or len(parts) > 2 or (len(parts) == 2 and parts[1].upper() != "LAST"):
             out.append(R.BDAT_BAD_COUNT.wire)
             self.state = S_CLOSING
             return
-        size = int(parts[0])
         last = len(parts) == 2
         if size == 0 and not last:
             out.append(R.BDAT_ZERO_NOT_LAST.wire)
@@ -793,6 +876,8 @@ class Session(asyncio.Protocol):
         reply = None
         if flags & F_TOO_BIG or tx.bdat_failed:
             reply = R.SIZE_EXCEEDED  # case 11: read to the end, then 552
+        elif flags & F_NUL and not self.srv.s.allow_nul:
+            reply = R.NUL_IN_DATA  # case 25, issue 9: <CR><LF><NUL>.<CR><LF> smuggling
         elif flags & (F_BARE_LF | F_BARE_CR):
             if self.normalize:
                 body = _normalize_line_ends(body)
@@ -862,6 +947,15 @@ class Session(asyncio.Protocol):
             )
             items.append((env, full))
         return items
+
+
+def smtp_number(text: str | None, max_digits: int) -> int | None:
+    """An SMTP number: 1 to max_digits ASCII digits, else None. RFC 3030 §2 (chunk-size) and RFC 1870
+    §3 (size-value) say DIGIT, which is ASCII 0-9 (RFC 5234 B.1); str.isdigit() also takes "²" (that
+    int() refuses) and fullwidth U+FF15 "5" (that int() takes), so neither may decide alone."""
+    if not text or len(text) > max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 def _normalize_line_ends(body: bytes) -> bytes:
