@@ -27,6 +27,18 @@ NEGATIVE_TTL = 60.0
 MIN_TTL = 1.0
 
 
+def is_localhost(name: str) -> bool:
+    """RFC 6761 §6.3: "localhost" and names under it are loopback, never looked up in DNS."""
+    n = name.rstrip(".").lower()
+    return n == "localhost" or n.endswith(".localhost")
+
+
+# RFC 6761 §6.3: what a localhost name resolves to. IPv4 loopback only: a localhost route is one
+# group spread evenly, and a message store listening on 127.0.0.1 alone (the usual LMTP setup)
+# must not see every other connection tried on ::1 first.
+LOCALHOST_ADDRESSES = ["127.0.0.1"]
+
+
 class DNSTempError(Exception):
     """SERVFAIL, a timeout, a refusal: the lookup must be retried later (RFC 5321 §5.1)."""
 
@@ -116,6 +128,8 @@ class Resolver:
             pass
         else:
             return [str(ip)], float("inf")
+        if is_localhost(host):
+            return list(LOCALHOST_ADDRESSES), float("inf")
         a, aaaa = await asyncio.gather(self._query(host, T_A), self._query(host, T_AAAA), return_exceptions=True)
         out: list[str] = []
         ttls: list[float] = []
