@@ -208,10 +208,16 @@ class Queue:
             while len(d.ready) > d.connecting and not self._stopping:
                 try:
                     plan = await self.router.plan(d.domain, d.binding)
+                    host = self.router.acquire(plan)
                 except RouteError as e:
                     await self._route_failed(d, e)
                     continue
-                host = self.router.acquire(plan)
+                except Exception:
+                    # A bug or an unexpected failure while planning must not strand the ready
+                    # messages (case 50): each gets a T record and a retry, then is bounced.
+                    log.exception("internal error planning %s (binding %s)", d.domain, d.binding)
+                    await self._destination_error(d, "routing")
+                    continue
                 if host == NO_SLOT:
                     self._blocked_site.setdefault(plan.site, set()).add(d)
                     for h in plan.hops:
@@ -229,12 +235,32 @@ class Queue:
             d.pumping = False
 
     async def _route_failed(self, d: Dest, e: RouteError) -> None:
-        if e.permanent:
-            items = self._drain(d)
-            for it in items:
-                await self._finish_all(it, FAILED, e.code, e.text, remote="")
-        else:
-            await self._defer_ready(d, e.code, e.text)
+        await self._finish_ready(d, FAILED if e.permanent else PENDING, e.code, e.text)
+
+    async def _finish_ready(self, d: Dest, state: int, code: int, text: str) -> None:
+        """Every ready message of `d` gets this outcome without a delivery attempt."""
+        for it in self._drain(d):
+            try:
+                await self._finish_all(it, state, code, text, remote="")
+            except Exception:
+                # Recording the outcome failed (a spool write, say): the message must still have
+                # a next step, so it is retried later rather than left busy.
+                log.exception("could not record the route failure of message %d", it.id)
+                self._retry_later(it)
+
+    async def _destination_error(self, d: Dest, where: str) -> None:
+        for it in self._drain(d):
+            it.errors += 1
+            await self._internal_error(it, where)
+
+    def _retry_later(self, it: Item) -> None:
+        """Back to the heap after retry_interval, in memory only: the last resort when even
+        recording an outcome failed."""
+        if self.items.get(it.id) is not it:
+            return
+        it.busy = False
+        it.due = time.time() + self.cfg.get("retry_interval", it.domain, it.binding)
+        self._schedule(it, time.time())
 
     def _drain(self, d: Dest) -> list[Item]:
         items = []
@@ -247,8 +273,7 @@ class Queue:
 
     async def _defer_ready(self, d: Dest, code: int, text: str) -> None:
         """Every ready message of `d` gets a transient failure and a later retry."""
-        for it in self._drain(d):
-            await self._finish_all(it, PENDING, code, text, remote="")
+        await self._finish_ready(d, PENDING, code, text)
 
     def _settings(self, d: Dest) -> D.Settings:
         if d.settings is None:
@@ -266,6 +291,12 @@ class Queue:
                 # RELIABILITY.md cases 38-39: this host is avoided for a while; the messages stay
                 # ready and the next session tries another host (or finds ALL_DOWN and defers).
                 log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
+                self.router.host_failed(plan, host)
+                return
+            except Exception:
+                # Not a host answer but a failure of ours: treated like one (the host is avoided
+                # for a while) so the pump does not spin on it; the messages stay ready.
+                log.exception("%s: internal error connecting to %s:%s", d.domain, hop.ip, hop.port)
                 self.router.host_failed(plan, host)
                 return
             self.router.host_ok(plan, host)
@@ -346,15 +377,18 @@ class Queue:
             conn.usable = False
             await self._internal_error(it)
 
-    async def _internal_error(self, it: Item) -> None:
-        if it.errors >= MAX_INTERNAL_ERRORS:
-            loaded = await self.spool.load(it.id)
-            if loaded is not None:
-                await self._finish_all(it, FAILED, 554, "5.3.0 Internal error delivering this message", "", loaded)
-            return
-        it.busy = False
-        it.due = time.time() + self.cfg.get("retry_interval", it.domain, it.binding)
-        self._schedule(it, time.time())
+    async def _internal_error(self, it: Item, where: str = "delivering") -> None:
+        """A message hit an unexpected failure: a T record and a retry, or after
+        MAX_INTERNAL_ERRORS a bounce (5.3.0). Never raises: the message always has a next step."""
+        try:
+            if it.errors >= MAX_INTERNAL_ERRORS:
+                await self._finish_all(it, FAILED, 554, f"5.3.0 Internal error {where} this message", "")
+            else:
+                await self._finish_all(it, PENDING, 451, f"4.3.0 Internal error {where} this message, will retry",
+                                       "")
+        except Exception:
+            log.exception("could not record the internal error of message %d", it.id)
+            self._retry_later(it)
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
