@@ -47,3 +47,9 @@ REAPER_INTERVAL = 1.0
 # Client addresses whose relay/normalize decision is remembered (the cache is simply emptied
 # when full).
 CLIENT_POLICY_CACHE = 4096
+
+# --- Outbound ---------------------------------------------------------------------------------------
+# The least time one DNS question gets before it counts as a timeout (DNS_Timeout). c-ares
+# shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced
+# by the resolver on top of c-ares. 5 s is c-ares' and glibc's default per try.
+DNS_TIMEOUT = 5.0

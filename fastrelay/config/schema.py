@@ -133,6 +133,10 @@ OPTIONS: list[OptionDef] = [
     OptionDef("DNS_Servers", t.HostList(), frozenset({GLOBAL}), (),
               "The DNS servers asked for MX, A and AAAA records, as \"ip:port\". Empty means the "
               "system's resolv.conf."),
+    OptionDef("DNS_Timeout", t.Time(lo=0.01), frozenset({GLOBAL}), limits.DNS_TIMEOUT,
+              "The least time a DNS question (MX, A, AAAA) gets before it counts as a timeout, and "
+              "the mail waiting for it is deferred. It holds even after fast answers, when the resolver "
+              "library would otherwise give up on a slower one in well under a second."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
     OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
