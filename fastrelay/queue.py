@@ -54,7 +54,7 @@ class Item:
 class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
-    __slots__ = ("binding", "connecting", "domain", "idle", "pumping", "ready", "sessions", "settings")
+    __slots__ = ("avoid", "binding", "connecting", "domain", "idle", "pumping", "ready", "sessions", "settings")
 
     def __init__(self, domain: str, binding: str):
         self.domain = domain
@@ -65,6 +65,9 @@ class Dest:
         self.idle: deque[asyncio.Future] = deque()  # open connections waiting for more mail
         self.pumping = False
         self.settings: D.Settings | None = None
+        # Hosts this destination's own TLS policy refused: route-table host id -> (monotonic
+        # until, code, text). Other destinations still use them (the host itself is fine).
+        self.avoid: dict[int, tuple[float, int, str]] = {}
 
 
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
@@ -130,6 +133,9 @@ class Queue:
         self._blocked_site: dict[int, set[Dest]] = {}
         self._blocked_host: dict[int, set[Dest]] = {}
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0}
+        # The last connect failure of each host (code, text), so that "every host is down" can
+        # say why (the mainlog and the DSN carry the real reason).
+        self._host_errors: dict[int, tuple[int, str]] = {}
 
     # --- intake -------------------------------------------------------------------------------
     def enqueue(self, entries: list) -> None:
@@ -207,7 +213,7 @@ class Queue:
             # Open a session only for ready messages no starting session will take.
             while len(d.ready) > d.connecting and not self._stopping:
                 try:
-                    plan = await self.router.plan(d.domain, d.binding)
+                    plan = self._narrow(d, await self.router.plan(d.domain, d.binding))
                     host = self.router.acquire(plan)
                 except RouteError as e:
                     await self._route_failed(d, e)
@@ -224,7 +230,8 @@ class Queue:
                         self._blocked_host.setdefault(h, set()).add(d)
                     return  # a release on this site or one of its hosts kicks the pump again
                 if host == ALL_DOWN:
-                    await self._defer_ready(d, 451, "4.4.1 All hosts for this destination are unavailable")
+                    code, text = self._down_reason(plan)
+                    await self._defer_ready(d, code, text)
                     continue
                 # Reserve and release in pairs: the slot goes back when the session task ends,
                 # however it ends (even cancelled before its first step, when no `finally` runs).
@@ -233,6 +240,32 @@ class Queue:
                 self._spawn(self._session(slot)).add_done_callback(slot.release)
         finally:
             d.pumping = False
+
+    def _narrow(self, d: Dest, plan: Plan) -> Plan:
+        """The plan without the hosts this destination's TLS policy refused lately; a RouteError
+        with the policy's reason (4.7.x) when no host is left."""
+        if not d.avoid:
+            return plan
+        now = time.monotonic()
+        for h in [h for h, (until, _, _) in d.avoid.items() if until <= now]:
+            del d.avoid[h]
+        avoid = {h for h in d.avoid if h in plan.hops}
+        if not avoid:
+            return plan
+        narrowed = self.router.without(plan, avoid)
+        if narrowed is None:
+            _, code, text = max(d.avoid[h] for h in avoid)  # the latest refusal
+            raise RouteError(False, code, text)
+        return narrowed
+
+    def _down_reason(self, plan: Plan) -> tuple[int, str]:
+        """Why no host of `plan` is up: the last failure seen on one of them, if any."""
+        for h in plan.hops:
+            err = self._host_errors.get(h)
+            if err is not None:
+                code, text = err
+                return code, f"{text} (all hosts for this destination are unavailable)"
+        return 451, "4.4.1 All hosts for this destination are unavailable"
 
     async def _route_failed(self, d: Dest, e: RouteError) -> None:
         await self._finish_ready(d, FAILED if e.permanent else PENDING, e.code, e.text)
@@ -288,9 +321,15 @@ class Queue:
             try:
                 conn = await self.connect(hop, self._settings(d))
             except D.ConnectError as e:
+                log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
+                if e.policy:
+                    # This destination's TLS policy refused the host: only this destination
+                    # avoids it (for host_failure_retry); other domains keep using it.
+                    d.avoid[host] = (time.monotonic() + self.router.failure_wait(plan, host), e.code, e.text)
+                    return
                 # RELIABILITY.md cases 38-39: this host is avoided for a while; the messages stay
                 # ready and the next session tries another host (or finds ALL_DOWN and defers).
-                log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
+                self._host_errors[host] = (e.code, e.text)
                 self.router.host_failed(plan, host)
                 return
             except Exception:
@@ -536,6 +575,7 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         rset_timeout=g("RSET_Timeout", domain, binding),
         tls=g("TLS", domain, binding),
         tls_verify=g("TLS_Verify", domain, binding),
+        tls_fallback=g("TLS_Ifavailable_Fallback", domain, binding),
         tls_ca=g("TLS_CA", domain, binding),
         http_uri=g("HTTP_URI", domain, binding),
         http_method=g("HTTP_METHOD", domain, binding),

@@ -14,7 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastrelay import _impl
 from fastrelay.config import Config
@@ -363,12 +363,34 @@ class Router:
     def release(self, plan: Plan, host: int) -> None:
         self.table.release(plan.site, host)
 
-    def host_failed(self, plan: Plan, host: int) -> None:
-        """Avoid a failing host for host_failure_retry seconds (Host scope first)."""
+    def failure_wait(self, plan: Plan, host: int) -> float:
+        """host_failure_retry for this host of `plan` (Host scope first)."""
         hop = plan.hops[host]
         s = self.cfg.host_lookup("host_failure_retry", hop.ip)
-        wait = s.value if s is not None else self.cfg.get("host_failure_retry", plan.domain, plan.binding)
-        self.table.mark_down(host, time.monotonic() + wait)
+        return s.value if s is not None else self.cfg.get("host_failure_retry", plan.domain, plan.binding)
+
+    def host_failed(self, plan: Plan, host: int) -> None:
+        """Avoid a failing host for host_failure_retry seconds, for every destination."""
+        self.table.mark_down(host, time.monotonic() + self.failure_wait(plan, host))
+
+    def without(self, plan: Plan, avoid: set[int]) -> Plan | None:
+        """`plan` minus the hosts `avoid` (one destination's own refusals, such as its TLS
+        policy), in the same order, on its own route-table site; None if no host is left. Host
+        counts and limits are the table's, so they stay shared with every other site."""
+        ids = {hop: h for h, hop in plan.hops.items()}
+        groups: list[list[int]] = []
+        tiers: list[Tier] = []
+        for tier in plan.tiers:
+            kept = [tuple(hop for hop in g if ids[hop] not in avoid) for g in tier.groups]
+            kept = [g for g in kept if g]
+            if kept:
+                groups.extend([ids[hop] for hop in g] for g in kept)
+                tiers.append(replace(tier, groups=tuple(kept)))
+        if not groups:
+            return None
+        site = self.table.site(groups, self.table.site_limit(plan.site))
+        hops = {h: hop for h, hop in plan.hops.items() if h not in avoid}
+        return replace(plan, site=site, hops=hops, tiers=tuple(tiers))
 
     def host_ok(self, plan: Plan, host: int) -> None:
         self.table.mark_up(host)

@@ -382,3 +382,20 @@ async def test_loops_back_to_myself_only_for_our_own_listener(server, make):
     with pytest.raises(RouteError) as e:
         await r.plan("me.test")
     assert e.value.permanent and "loops back to myself" in e.value.text
+
+
+async def test_plan_without_some_hosts_keeps_the_order_and_shares_counts(server, make):
+    """One destination's own refusals (its TLS policy) narrow its plan only: "the first item is
+    used exclusively unless it's unavailable, in which case the second item is used and so on"."""
+    _mx_zone(server)
+    r = make('Domain dest.test { Routes = ( "mxhost.test" "127.0.0.3" ) }\n')
+    p = await r.plan("dest.test")
+    ids = {hop.ip: h for h, hop in p.hops.items()}
+    q = r.without(p, {ids["127.0.0.7"], ids["127.0.0.8"]})
+    assert order(r, q) == [["127.0.0.9"], ["127.0.0.3"]]
+    assert q.site != p.site and picks(r, q, 2) == ["127.0.0.9"] * 2
+    h = r.acquire(q)
+    assert r.table.host_active(h) == 1  # the host's count is the one every site sees
+    r.release(q, h)
+    assert r.without(p, set(p.hops)) is None
+    assert order(r, p) == [["127.0.0.7", "127.0.0.8"], ["127.0.0.9"], ["127.0.0.3"]]

@@ -157,15 +157,26 @@ OPTIONS: list[OptionDef] = [
               "How long an outbound connection with nothing more to send stays open in case more "
               "mail comes for its destination (Postfix smtp_connection_cache_time_limit); 0 closes "
               "it at once."),
-    OptionDef("TLS", t.Enum("ifavailable", "required", "disabled"), OUTBOUND, "ifavailable",
-              "Outbound STARTTLS: ifavailable (opportunistic: used when offered; a failed handshake "
-              "is retried in plaintext on a new connection), required (never plaintext: defer "
-              "instead), disabled."),
-    OptionDef("TLS_Verify", t.Bool(), OUTBOUND, False,
-              "Check the next hop's certificate chain and name. Off for opportunistic TLS, as "
-              "Postfix's `may` level."),
+    OptionDef("TLS", t.Enum("no", "ifavailable", "required", aliases={"disabled": "no"}), OUTBOUND, "ifavailable",
+              "Outbound STARTTLS, as Momentum's `TLS`: no (never; `disabled` is accepted too), "
+              "ifavailable (opportunistic: used when offered; a failed handshake is retried in "
+              "plaintext on a new connection unless TLS_Ifavailable_Fallback is off), required "
+              "(never plaintext: the mail is deferred with the 4.7.x reason). A TLS failure under this "
+              "policy is the domain's, not the host's: the host stays usable for other domains. "
+              "(Momentum's default is no.)"),
+    OptionDef("TLS_Verify", t.Enum("no", "ca", "host", aliases={
+                  **{w: "host" for w in ("1", "true", "yes", "on", "enabled", "enable")},
+                  **{w: "no" for w in ("0", "false", "off", "disabled", "disable")}}), OUTBOUND, "no",
+              "How the next hop's certificate is checked once TLS is negotiated, as Momentum's "
+              "`TLS_Verify`: no (not at all, as Postfix's `may`), ca (signed by a trusted CA: the "
+              "system store plus TLS_CA), host (ca, and the name matches the MX or route host). A "
+              "boolean is accepted too: true means host, false means no."),
+    OptionDef("TLS_Ifavailable_Fallback", t.Bool(), OUTBOUND, True,
+              "With TLS = ifavailable, what a failed TLS negotiation does: true sends the message "
+              "in plaintext at once on a new connection; false defers it (4.7.5) to be retried later, "
+              "with TLS again (Momentum's TLS_Ifavailable_Fallback)."),
     OptionDef("TLS_CA", t.String(nonempty=True, expected="a PEM file path"), OUTBOUND, None,
-              "Extra CA certificates (PEM) to trust when TLS_Verify is on."),
+              "Extra CA certificates (PEM) to trust when TLS_Verify is ca or host."),
     # --- Retries, expiry, reroutes ------------------------------------------------------------
     OptionDef("retry_interval", t.Time(lo=1), OUTBOUND, 1200.0,
               "The first retry delay after a transient failure; it doubles with each attempt."),
