@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastrelay import _impl
 from fastrelay.config import loads
@@ -399,3 +401,27 @@ async def test_plan_without_some_hosts_keeps_the_order_and_shares_counts(server,
     r.release(q, h)
     assert r.without(p, set(p.hops)) is None
     assert order(r, p) == [["127.0.0.7", "127.0.0.8"], ["127.0.0.9"], ["127.0.0.3"]]
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(0, 5)), max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_order_entries_properties(prefs):
+    """Seed 004: "the routes are listed in preferential order, with the first listed item being
+    attempted before any others, unless there is an explicit preference applied to the item"."""
+    routes = [parse_route(f"smtp://10.0.0.{i}" + ("" if p is None else f"?pref={p}")) for i, p in enumerate(prefs)]
+    tiers = order_entries(routes)
+    # Every entry exactly once.
+    assert sorted(i for _, members in tiers for i in members) == list(range(len(prefs)))
+    implicit = [members for pref, members in tiers if pref is None]
+    explicit = [(pref, members) for pref, members in tiers if pref is not None]
+    # Unmarked entries: one tier each, in list order.
+    assert implicit == [[i] for i, p in enumerate(prefs) if p is None]
+    # Marked entries: one contiguous block, sorted by pref, equal prefs together in list order,
+    # standing where the first marked entry stood among the unmarked ones.
+    assert [p for p, _ in explicit] == sorted({p for p in prefs if p is not None})
+    for p, members in explicit:
+        assert members == [i for i, q in enumerate(prefs) if q == p]
+    if explicit:
+        first = next(i for i, p in enumerate(prefs) if p is not None)
+        at = sum(1 for p in prefs[:first] if p is None)
+        assert [pref for pref, _ in tiers[at:at + len(explicit)]] == [p for p, _ in explicit]
