@@ -65,7 +65,7 @@ def test_local_route_table_pair(benchmark):
     """The same decision without a cluster: one acquire/release pair in the route table."""
     rt = _impl.ACTIVE.RouteTable()
     hosts = [rt.host(f"192.0.2.{i}:25") for i in range(4)]
-    s = rt.site([(h, 10) for h in hosts], 0)
+    s = rt.site([hosts], 0)  # one group of four equal-preference MXs
 
     def pairs() -> None:
         acquire, release = rt.acquire, rt.release

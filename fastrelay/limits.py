@@ -63,3 +63,8 @@ CLIENT_POLICY_CACHE = 4096
 # Seconds a cluster connection lease lives in Redis without renewal (Cluster_Lease_Time): a dead
 # node's slots come back within this long. Renewed every third of it.
 CLUSTER_LEASE_TIME = 15.0
+# --- Outbound ---------------------------------------------------------------------------------------
+# The least time one DNS question gets before it counts as a timeout (DNS_Timeout). c-ares
+# shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced
+# by the resolver on top of c-ares. 5 s is c-ares' and glibc's default per try.
+DNS_TIMEOUT = 5.0
