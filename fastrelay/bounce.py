@@ -118,16 +118,17 @@ def make_dsn(env: Envelope, body: bytes, failed: list[int], hostname: str, remot
     ]
     # RFC 3461 §4.3: RET decides what a failure DSN returns; other DSNs return the headers only.
     full = action == FAILED and env.ret == "FULL" and len(body) <= MAX_RETURNED_MESSAGE
-    if full:
-        returned = body
-    else:
-        end = body.find(b"\r\n\r\n")
-        returned = body[: end + 2 if end >= 0 else len(body)][:MAX_RETURNED_HEADERS]
-    global_orig = global_ or not returned.isascii()
+    end = body.find(b"\r\n\r\n")
+    headers = body[: end + 2 if end >= 0 else len(body)][:MAX_RETURNED_HEADERS]
+    returned = body if full else headers
+    # RFC 6532/6533: UTF-8 in the returned header section makes it message/global(-headers); an
+    # 8-bit body alone (BODY=8BITMIME) stays message/rfc822, sent as 8bit, no SMTPUTF8 needed.
+    global_orig = global_ or not headers.isascii()
     if full:
         orig_type = "message/global" if global_orig else "message/rfc822"
     else:
         orig_type = "message/global-headers" if global_orig else "text/rfc822-headers"
+    orig_cte = "" if returned.isascii() else "Content-Transfer-Encoding: 8bit\r\n"
     undelivered = "Undelivered " if action in (FAILED, DELAYED) else ""
     report = "global-delivery-status" if global_ else "delivery-status"
     text = (
@@ -164,6 +165,7 @@ def make_dsn(env: Envelope, body: bytes, failed: list[int], hostname: str, remot
         f"--{boundary}\r\n"
         f"Content-Description: {undelivered}{'Message' if full else 'Message Headers'}\r\n"
         f"Content-Type: {orig_type}\r\n"
+        f"{orig_cte}"
         "\r\n"
     ).encode("utf-8")
     dsn_body = text + returned + f"\r\n--{boundary}--\r\n".encode()
@@ -172,7 +174,7 @@ def make_dsn(env: Envelope, body: bytes, failed: list[int], hostname: str, remot
     mail_params = ""
     if not dsn_body.isascii():
         mail_params = "BODY=8BITMIME"
-    if global_ or global_orig or not env.sender.isascii():
+    if global_orig or not env.sender.isascii():
         mail_params = (mail_params + " SMTPUTF8").strip()
     dsn = Envelope(
         sender="",  # RFC 5321 §4.5.5: DSNs are sent with the null reverse-path

@@ -391,3 +391,22 @@ async def test_bad_dsn_parameters_are_refused(relay, mail, rcpt, reply):
     mcode, mtext, rcode, rtext = await _exchange(h, mail, rcpt)
     code, text = (mcode, mtext) if mcode != 250 else (rcode, rtext)
     assert (code, text) == (reply.code, f"{reply.esc} {reply.text}")
+
+
+async def test_ret_full_of_an_8bit_body_needs_no_smtputf8(dns, envsinks, relay):
+    """An 8-bit body returned with RET=FULL stays message/rfc822 (8bit): the DSN needs 8BITMIME,
+    not SMTPUTF8, so it still reaches a sender whose server lacks SMTPUTF8."""
+    _dest, senders = await envsinks(sender_smtputf8=False)
+    _mx(dns, "dest.test", "127.0.0.2")
+    _mx(dns, "sender.test", "127.0.0.3")
+    h = await relay()
+    await _send(h, "s@sender.test", [("permfail@dest.test", "")], body("8b", "café\r\n".encode()),
+                mail_params="BODY=8BITMIME RET=FULL")
+    (got,) = await senders.wait_for(1)
+    await drained(h)
+    assert "SMTPUTF8" not in got.mail_params and "BODY=8BITMIME" in got.mail_params
+    d = DSN(got.data)
+    assert d.report_type == "message/delivery-status"
+    assert d.returned.get_content_type() == "message/rfc822"
+    assert d.returned["Content-Transfer-Encoding"] == "8bit"
+    assert "café" in d.returned.as_string()
