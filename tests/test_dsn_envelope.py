@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fastrelay.bounce import mta_name
+from fastrelay.bounce import DELAYED, DELIVERED, FAILED, RELAYED, make_dsn, mta_name
 from fastrelay.delivery import Hop
 from fastrelay.message import DEFAULT_NOTIFY, Envelope, Recipient
+from fastrelay.smtp.address import check_rcpt_params, valid_envid, valid_orcpt, valid_ret
 from fastrelay.spool import Spool
 
 # An envelope row as fastrelay wrote it before DSN support: the same v1 JSON, no DSN parameters.
@@ -90,3 +95,37 @@ async def test_dsn_parameters_survive_the_spool(tmp_path):
 def test_remote_mta_name(name, ip, want):
     """Issue #9: "`Remote-MTA` is `dns; <host name>` (RFC 3464 §2.3.5), never `ip:port`." """
     assert mta_name(Hop(ip, 2525, "smtp", name, 10)) == want
+
+
+# --- never a traceback: whatever a spool row or an XFER peer holds, validators and DSNs cope ------------
+
+
+_param_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
+_param = st.one_of(
+    _param_text,
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["NOTIFY", "ORCPT", "RET", "ENVID", "notify"]), _param_text),
+)
+
+
+@given(value=st.one_of(st.none(), _param_text), smtputf8=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_validators_answer_for_any_value(value, smtputf8):
+    for ok in (valid_ret(value), valid_envid(value), valid_orcpt(value, smtputf8)):
+        assert ok in (True, False)
+    reply = check_rcpt_params({"NOTIFY": value, "ORCPT": value}, smtputf8)
+    assert reply is None or reply.code in (501, 555)
+
+
+@given(rcpt_params=st.lists(_param, max_size=4), mail_params=st.lists(_param, max_size=4),
+       action=st.sampled_from([FAILED, DELAYED, DELIVERED, RELAYED]),
+       sender=st.sampled_from(["s@src.test", "jü@src.test"]))
+@settings(max_examples=200, deadline=None)
+def test_any_stored_parameters_give_a_parseable_dsn(rcpt_params, mail_params, action, sender):
+    env = Envelope(sender, [Recipient("a@dst.test", " ".join(rcpt_params), detail="550 5.1.1 x"),
+                            Recipient("ü@dst.test")], "dst.test", mail_params=" ".join(mail_params), msgid="M")
+    out = make_dsn(env, b"Subject: s\r\n\r\nbody\r\n", [0, 1], "relay.test", "mx.dst.test", action=action)
+    for dsn, raw in out:
+        assert dsn.sender == "" and dsn.recipients[0].address == sender
+        m = email.message_from_string(raw.decode("utf-8"), policy=email.policy.SMTPUTF8)
+        assert m.get_content_type() == "multipart/report"
+        assert len(list(m.iter_parts())) == 3
