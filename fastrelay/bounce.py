@@ -19,7 +19,7 @@ MAX_RETURNED_MESSAGE = 256 * 1024
 # Actions (RFC 3464 §2.3.3).
 FAILED = "failed"
 DELAYED = "delayed"
-DELIVERED = "delivered"  # final delivery here (LMTP): nothing after us can report it
+DELIVERED = "delivered"  # final delivery here (LMTP, RFC 3461 §5.2.3): nothing after us reports it
 RELAYED = "relayed"  # handed to a next hop that does not offer DSN (RFC 3461 §5.2.2)
 
 # The NOTIFY word that asks for each action (RFC 3461 §4.1).

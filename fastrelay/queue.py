@@ -341,7 +341,7 @@ class Queue:
                     [(env.recipients[i].address, env.recipients[i].params) for i in idx], body,
                 )
             crashpoint("after_remote_ok")
-            # A next hop that took the DSN parameters reports success itself (RFC 3461 §5.2.2);
+            # A next hop that took the DSN parameters reports success itself (RFC 3461 §5.2.1);
             # XFER carries them to the peer. Otherwise NOTIFY=SUCCESS is answered here.
             success = None if hop.proto == "xfer" or getattr(conn, "takes_dsn", True) else \
                 (DELIVERED_ACTION if hop.proto == "lmtp" else RELAYED_ACTION)
@@ -447,7 +447,7 @@ class Queue:
             env.next_attempt = now + min(cap, base * (2 ** min(env.attempts - 1, 30)))
         warn = cfg.get("delay_warning_time", env.domain, env.binding)
         if warn and now - env.first_queued >= warn and not env.meta.get("delay_warned"):
-            # Postfix's delay_warning_time: one notice per message (the flag is saved with the
+            # RFC 3461 §5.2.5, Postfix's delay_warning_time: one notice per message (the flag is saved with the
             # reschedule below; a crash in between gives a second notice, never none).
             await self._bounce(env, body, env.pending(), "", action=DELAYED_ACTION,
                                retry_until=env.first_queued + expiration)
