@@ -386,7 +386,7 @@ BAD = [  # (MAIL, RCPT, the reply that refuses one of them)
 
 @pytest.mark.parametrize(("mail", "rcpt", "reply"), BAD)
 async def test_bad_dsn_parameters_are_refused(relay, mail, rcpt, reply):
-    # RFC 3461 §4 lets NOTIFY and ORCPT add 500 characters to a RCPT line: room for that here.
+    # RFC 3461 §3 lets NOTIFY and ORCPT add 500 characters to a RCPT line: room for that here.
     h = await relay("suspend_delivery = 1\nmax_command_line = 1100\n")
     mcode, mtext, rcode, rtext = await _exchange(h, mail, rcpt)
     code, text = (mcode, mtext) if mcode != 250 else (rcode, rtext)
