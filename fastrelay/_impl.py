@@ -9,6 +9,7 @@ ImportError, so a CI run meant for the Cython build cannot silently test the twi
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -33,18 +34,19 @@ if NO_EXTENSIONS:
     _core = None
 else:
     try:
-        from fastrelay import _core
+        # import_module, not `from fastrelay import _core`: while the package initialises, that
+        # form reports a missing module as a "partially initialized module" circular import.
+        _core = importlib.import_module("fastrelay._core")
     except ImportError as e:
         if _flag("FASTRELAY_REQUIRE_EXTENSIONS"):
             raise
         _core = None
         # Once per process (this module runs once); tests of the twins set FASTRELAY_NO_EXTENSIONS=1.
         warnings.warn(
-            f"fastrelay: the compiled extension fastrelay._core is not available ({e}); "
-            f"using the pure-Python twins from {os.path.dirname(os.path.abspath(__file__))}, which are slower. "
-            "Build it in place with `python setup.py build_ext --inplace` (or `pip install -e .`) in the "
-            "source tree, run from outside the source tree to use an installed build, "
-            "or set FASTRELAY_NO_EXTENSIONS=1 to choose the twins and silence this.",
+            f"fastrelay: the compiled extension is not available ({e}), so the pure-Python twins in "
+            f"{os.path.dirname(os.path.abspath(__file__))} run, slower. Build it in place (`pip install -e .` "
+            "or `python setup.py build_ext --inplace`), run from outside the source tree to use an "
+            "installed build, or set FASTRELAY_NO_EXTENSIONS=1 to choose the twins and silence this.",
             ExtensionFallbackWarning,
             stacklevel=2,
         )
