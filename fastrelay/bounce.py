@@ -128,9 +128,11 @@ def make_dsn(env: Envelope, body: bytes, failed: list[int], hostname: str, remot
         orig_type = "message/global" if global_orig else "message/rfc822"
     else:
         orig_type = "message/global-headers" if global_orig else "text/rfc822-headers"
-    orig_cte = "" if returned.isascii() else "Content-Transfer-Encoding: 8bit\r\n"
+    orig_cte = _cte(returned)
     undelivered = "Undelivered " if action in (FAILED, DELAYED) else ""
     report = "global-delivery-status" if global_ else "delivery-status"
+    notice = f"{_explain(action, env, retry_until)}\r\n\r\n{human}"
+    fields = "\r\n".join(per_message) + "\r\n\r\n" + "\r\n\r\n".join(per_rcpt)
     text = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{env.sender}>\r\n"
@@ -146,28 +148,25 @@ def make_dsn(env: Envelope, body: bytes, failed: list[int], hostname: str, remot
         f"--{boundary}\r\n"
         "Content-Description: Notification\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
+        f"{_cte(notice)}"
         "\r\n"
         f"This is the mail system at host {hostname}.\r\n"
         "\r\n"
-        f"{_explain(action, env, retry_until)}\r\n"
-        "\r\n"
-        f"{human}\r\n"
+        f"{notice}\r\n"
         "\r\n"
         f"--{boundary}\r\n"
         "Content-Description: Delivery report\r\n"
         f"Content-Type: message/{report}\r\n"
+        f"{_cte(fields)}"
         "\r\n"
-        + "\r\n".join(per_message)
-        + "\r\n\r\n"
-        + "\r\n\r\n".join(per_rcpt)
-        + "\r\n"
+        f"{fields}\r\n"
         "\r\n"
         f"--{boundary}\r\n"
         f"Content-Description: {undelivered}{'Message' if full else 'Message Headers'}\r\n"
         f"Content-Type: {orig_type}\r\n"
         f"{orig_cte}"
         "\r\n"
-    ).encode("utf-8")
+    ).encode("utf-8", "surrogateescape")  # a sender kept byte for byte (case 19) comes back as sent
     dsn_body = text + returned + f"\r\n--{boundary}--\r\n".encode()
     # RFC 6533 §3 / RFC 6531: a DSN to a UTF-8 address, or holding UTF-8 addresses or headers,
     # goes out with SMTPUTF8 (and 8BITMIME for its 8-bit body).
@@ -189,6 +188,11 @@ def make_dsn(env: Envelope, body: bytes, failed: list[int], hostname: str, remot
         meta={"dsn_for": env.msgid, "dsn_action": action},
     )
     return [(dsn, dsn_body)]
+
+
+def _cte(part: str | bytes) -> str:
+    """The Content-Transfer-Encoding line an 8-bit part needs (RFC 2045 §6.2; 7bit is the default)."""
+    return "" if part.isascii() else "Content-Transfer-Encoding: 8bit\r\n"
 
 
 def _explain(action: str, env: Envelope, retry_until: float | None) -> str:

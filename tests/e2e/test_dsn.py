@@ -284,6 +284,7 @@ async def test_dsn_for_a_utf8_recipient_is_global(dns, envsinks, relay):
     d = DSN(got.data)
     assert d.msg.get_param("report-type") == "global-delivery-status"
     assert d.report_type == "message/global-delivery-status"
+    assert d.parts[1]["Content-Transfer-Encoding"] == "8bit"  # raw UTF-8 in the report (RFC 6533 §6)
     assert d.returned.get_content_type() == "message/global-headers"
     b = d.rcpt("permfail-ü@dest.test")
     assert b["Final-Recipient"] == "utf-8; permfail-ü@dest.test"
