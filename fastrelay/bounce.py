@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
@@ -57,6 +58,7 @@ def _addr(kind: str, address: str, global_: bool) -> str:
     return f"{kind}; {_clean(address)}"
 
 
+@functools.lru_cache(maxsize=4096)  # called per delivery; hops repeat, and parsing an IP is not free
 def mta_name(hop: Hop) -> str:
     """The next hop as Remote-MTA names it (RFC 3464 §2.3.5: `dns; <host name>`, never ip:port):
     its host name (MX exchange, route host), or an address literal when it was given as an IP."""
