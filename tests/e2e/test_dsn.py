@@ -411,3 +411,24 @@ async def test_ret_full_of_an_8bit_body_needs_no_smtputf8(dns, envsinks, relay):
     assert d.returned.get_content_type() == "message/rfc822"
     assert d.returned["Content-Transfer-Encoding"] == "8bit"
     assert "café" in d.returned.as_string()
+
+
+async def test_delay_notice_is_not_repeated_after_a_restart(dns, envsinks, relay):
+    """"Once per message" holds across a restart: the spooled envelope remembers the notice."""
+    _dest, senders = await envsinks()
+    _mx(dns, "dest.test", "127.0.0.2")
+    _mx(dns, "sender.test", "127.0.0.3")
+    conf = "Domain dest.test { delay_warning_time = 1s message_expiration = 1h }\n"
+    h = await relay(conf)
+    await _send(h, "s@sender.test", [("tempfail@dest.test", "")], body("rs"))
+    (d,) = await _dsns(senders, 1)
+    assert d.actions == ["delayed"]
+    before = len(records(h, "T"))
+    await h.stop()
+    h2 = await relay(conf)  # the same spool (and mainlog)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 20
+    while len(records(h2, "T")) < before + 3:  # three more attempts after the restart
+        assert loop.time() < end, records(h2, "T")
+        await asyncio.sleep(0.1)
+    assert len(senders.messages) == 1
