@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.confgen import generate_conf
 from fastrelay import _impl
+from fastrelay.bench.confgen import generate_conf
 
 TARGET_BYTES = 1_000_000
 CONF = generate_conf(TARGET_BYTES, seed=1)

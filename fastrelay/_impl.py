@@ -1,14 +1,17 @@
 """Choose between the Cython hot paths and their pure-Python twins: the only module that imports _core.
 
 FASTRELAY_NO_EXTENSIONS=1 forces the twins everywhere (as AIOHTTP_NO_EXTENSIONS does for aiohttp).
-If the extension is missing, the twins are used and IMPL says so; FASTRELAY_REQUIRE_EXTENSIONS=1
-turns that fallback into an ImportError, so a CI run meant for the Cython build cannot silently
-test the twins instead.
+If the extension is missing, the twins are used, IMPL says so and one ExtensionFallbackWarning on
+stderr says how to build it (a source tree imported without its build, as `python -m ...` from a
+clone does, must not be silently slower); FASTRELAY_REQUIRE_EXTENSIONS=1 turns that fallback into an
+ImportError, so a CI run meant for the Cython build cannot silently test the twins instead.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 from types import ModuleType
 
 from fastrelay._purepy import framing as _py_framing
@@ -20,6 +23,10 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+class ExtensionFallbackWarning(RuntimeWarning):
+    """The compiled extension is missing, so the pure-Python twins run (FASTRELAY_NO_EXTENSIONS=1 not set)."""
+
+
 NO_EXTENSIONS = _flag("FASTRELAY_NO_EXTENSIONS")
 
 _core: ModuleType | None
@@ -27,11 +34,22 @@ if NO_EXTENSIONS:
     _core = None
 else:
     try:
-        from fastrelay import _core
-    except ImportError:
+        # import_module, not `from fastrelay import _core`: while the package initialises, that
+        # form reports a missing module as a "partially initialized module" circular import.
+        _core = importlib.import_module("fastrelay._core")
+    except ImportError as e:
         if _flag("FASTRELAY_REQUIRE_EXTENSIONS"):
             raise
         _core = None
+        # Once per process (this module runs once); tests of the twins set FASTRELAY_NO_EXTENSIONS=1.
+        warnings.warn(
+            f"fastrelay: the compiled extension is not available ({e}), so the pure-Python twins in "
+            f"{os.path.dirname(os.path.abspath(__file__))} run, slower. Build it in place (`pip install -e .` "
+            "or `python setup.py build_ext --inplace`), run from outside the source tree to use an "
+            "installed build, or set FASTRELAY_NO_EXTENSIONS=1 to choose the twins and silence this.",
+            ExtensionFallbackWarning,
+            stacklevel=2,
+        )
 
 #: "cython" or "python": which implementation of the hot paths this process uses.
 IMPL = "cython" if _core is not None else "python"

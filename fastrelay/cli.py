@@ -94,7 +94,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.e2e import main as bench_main
+    from fastrelay.bench.e2e import main as bench_main
 
     return bench_main(args.rest)
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     d.set_defaults(func=cmd_drain)
 
-    b = sub.add_parser("bench", help="end-to-end throughput tool (same as python -m bench.e2e)",
+    b = sub.add_parser("bench", help="end-to-end throughput tool (same as python -m fastrelay.bench.e2e)",
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         # Everything after `bench` belongs to the bench tool (options like --messages included).
-        from bench.e2e import main as bench_main
+        from fastrelay.bench.e2e import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,40 @@ DELIVERED = 1  # the next hop accepted it (2xx)
 FAILED = 2  # permanently failed or expired; a DSN was queued if the sender is not <>
 
 FINAL_STATES = frozenset({DELIVERED, FAILED})
+
+# DSN requests (RFC 3461) are kept as the client sent them, in the parameter strings the spool
+# already stores (Recipient.params, Envelope.mail_params) and XFER already carries; the accessors
+# below read them. So a spool row written before DSN support reads as "no DSN parameters given"
+# (the RFC 3461 defaults), and the parameters go on to a next hop exactly as received.
+NOTIFY_SUCCESS = "SUCCESS"
+NOTIFY_FAILURE = "FAILURE"
+NOTIFY_DELAY = "DELAY"
+NOTIFY_NEVER = "NEVER"
+# RFC 3461 §4.1: without NOTIFY the MTA behaves as for NOTIFY=FAILURE or FAILURE,DELAY, its choice;
+# this one (as Postfix) sends delay notices then, when delay_warning_time is on.
+DEFAULT_NOTIFY = frozenset({NOTIFY_FAILURE, NOTIFY_DELAY})
+
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_UNICODE_ESC = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def param_value(params: str, key: str) -> str | None:
+    """The value of ESMTP parameter `key` (uppercase) in a stored parameter string; None if absent."""
+    for p in params.split():
+        k, eq, v = p.partition("=")
+        if k.upper() == key:
+            return v if eq else ""
+    return None
+
+
+def xtext_decode(text: str) -> str:
+    """RFC 3461 §4: "+HH" is the octet HH; every other character stands for itself."""
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), text)
+
+
+def utf8_addr_decode(text: str) -> str:
+    """RFC 6533 §3 utf-8-addr-xtext / -unitext: xtext, plus "\\x{HEX}" for one Unicode character."""
+    return _UNICODE_ESC.sub(lambda m: chr(int(m.group(1), 16)), xtext_decode(text))
 
 
 @dataclass(slots=True)
@@ -26,6 +61,29 @@ class Recipient:
     @classmethod
     def from_json(cls, v: list) -> Recipient:
         return cls(v[0], v[1], v[2], v[3])
+
+    @property
+    def notify(self) -> frozenset[str]:
+        """What the sender asked to be told about this recipient (RFC 3461 §4.1): a set of
+        SUCCESS/FAILURE/DELAY, empty for NOTIFY=NEVER, DEFAULT_NOTIFY without NOTIFY."""
+        v = param_value(self.params, "NOTIFY")
+        if v is None:
+            return DEFAULT_NOTIFY
+        words = frozenset(w.strip().upper() for w in v.split(","))
+        return frozenset() if NOTIFY_NEVER in words else words
+
+    @property
+    def orcpt(self) -> tuple[str, str] | None:
+        """ORCPT (RFC 3461 §4.2) as (address type, decoded address), or None."""
+        v = param_value(self.params, "ORCPT")
+        if not v or ";" not in v:
+            return None
+        kind, _, addr = v.partition(";")
+        kind = kind.lower()
+        try:
+            return kind, (utf8_addr_decode(addr) if kind == "utf-8" else xtext_decode(addr))
+        except (ValueError, OverflowError):  # not from our intake (which refuses it): keep it as sent
+            return kind, addr
 
 
 @dataclass(slots=True)
@@ -50,6 +108,16 @@ class Envelope:
     attempts: int = 0
     next_attempt: float = 0.0  # wall-clock time it is due
     meta: dict[str, Any] = field(default_factory=dict)  # context: reroute, XFER origin and hops, ...
+
+    @property
+    def ret(self) -> str:
+        """RET (RFC 3461 §4.3): "FULL", "HDRS", or "" when the client did not say."""
+        return (param_value(self.mail_params, "RET") or "").upper()
+
+    @property
+    def envid(self) -> str:
+        """ENVID (RFC 3461 §4.4), xtext-decoded; "" when none was given."""
+        return xtext_decode(param_value(self.mail_params, "ENVID") or "")
 
     def pending(self) -> list[int]:
         """Indexes of the recipients not yet final."""

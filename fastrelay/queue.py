@@ -21,6 +21,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastrelay import delivery as D
+from fastrelay.bounce import DELAYED as DELAYED_ACTION
+from fastrelay.bounce import DELIVERED as DELIVERED_ACTION
+from fastrelay.bounce import FAILED as FAILED_ACTION
+from fastrelay.bounce import RELAYED as RELAYED_ACTION
+from fastrelay.bounce import make_dsn, mta_name
 from fastrelay.config import Config
 from fastrelay.crash import crashpoint
 from fastrelay.mainlog import MainLog
@@ -455,8 +460,12 @@ class Queue:
                     [(env.recipients[i].address, env.recipients[i].params) for i in idx], body,
                 )
             crashpoint("after_remote_ok")
+            # A next hop that took the DSN parameters reports success itself (RFC 3461 §5.2.1);
+            # XFER carries them to the peer. Otherwise NOTIFY=SUCCESS is answered here.
+            success = None if hop.proto == "xfer" or getattr(conn, "takes_dsn", True) else \
+                (DELIVERED_ACTION if hop.proto == "lmtp" else RELAYED_ACTION)
             await self._apply(it, env, body, idx, results, f"{hop.ip}:{hop.port}",
-                              ok_kind="X" if hop.proto == "xfer" else "D")
+                              ok_kind="X" if hop.proto == "xfer" else "D", mta=mta_name(hop), success=success)
         except Exception:
             # A bug or an unexpected failure must not kill the worker or lose the message
             # (RELIABILITY.md case 50): retry later; quarantine a message that keeps failing.
@@ -480,15 +489,19 @@ class Queue:
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
-                     ok_kind: str = "D") -> None:
+                     ok_kind: str = "D", mta: str = "", success: str | None = None) -> None:
+        """`remote` (ip:port) is for the mainlog; `mta` (the host's name) for DSNs' Remote-MTA;
+        `success` the DSN action (delivered, relayed) owed to NOTIFY=SUCCESS, None if none is."""
         size = len(body)
         failed: list[int] = []
+        ok: list[int] = []
         temp = False
         for i, res in zip(idx, results, strict=True):
             r = env.recipients[i]
             r.detail = res.response
             if res.status == D.OK:
                 r.state = DELIVERED
+                ok.append(i)
                 self.stats["delivered"] += 1
                 self.mainlog.outcome(ok_kind, env, r.address, size, remote, res.response)
             elif res.status == D.PERM:
@@ -500,7 +513,9 @@ class Queue:
                 temp = True
                 self.mainlog.outcome("T", env, r.address, size, remote, res.response)
         if failed:
-            await self._bounce(env, body, failed, remote)
+            await self._bounce(env, body, failed, mta)
+        if ok and success is not None:
+            await self._bounce(env, body, ok, mta, action=success)
         if temp:
             await self._retry_or_expire(it, env, body)
         else:
@@ -552,6 +567,13 @@ class Queue:
             base = cfg.get("retry_interval", env.domain, env.binding)
             cap = cfg.get("max_retry_interval", env.domain, env.binding)
             env.next_attempt = now + min(cap, base * (2 ** min(env.attempts - 1, 30)))
+        warn = cfg.get("delay_warning_time", env.domain, env.binding)
+        if warn and now - env.first_queued >= warn and not env.meta.get("delay_warned"):
+            # RFC 3461 §5.2.5, Postfix's delay_warning_time: one notice per message (the flag is saved with the
+            # reschedule below; a crash in between gives a second notice, never none).
+            await self._bounce(env, body, env.pending(), "", action=DELAYED_ACTION,
+                               retry_until=env.first_queued + expiration)
+            env.meta["delay_warned"] = True
         self.stats["deferred"] += 1
         crashpoint("mid_reschedule")
         await self.spool.reschedule(it.id, env)
@@ -570,15 +592,17 @@ class Queue:
             await self.spool.mark_recipients(it.id, env)
             it.busy = False
 
-    async def _bounce(self, env: Envelope, body: bytes, idx: list[int], remote: str) -> None:
-        """A failure DSN to the sender for these recipients; never for the null sender
-        (RFC 5321 §6.1, RELIABILITY.md case 18). It is durable before the recipients are
-        marked failed, so a crash in between gives a duplicate DSN, never a lost one."""
+    async def _bounce(self, env: Envelope, body: bytes, idx: list[int], mta: str, action: str = FAILED_ACTION,
+                      retry_until: float | None = None) -> None:
+        """A DSN to the sender for these recipients (a failure unless `action` says otherwise),
+        for those whose NOTIFY asks for it; never for the null sender (RFC 5321 §6.1,
+        RELIABILITY.md case 18). It is durable before the recipients are marked failed, so a
+        crash in between gives a duplicate DSN, never a lost one."""
         if not env.sender or not idx or self.submit is None:
             return
-        from fastrelay.bounce import make_dsn
-
-        items = make_dsn(env, body, idx, self.hostname, remote)
+        items = make_dsn(env, body, idx, self.hostname, mta, action=action, retry_until=retry_until)
+        if not items:
+            return
         await self.submit(items)
         self.stats["dsns"] += 1
 

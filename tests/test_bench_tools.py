@@ -6,15 +6,17 @@ import hashlib
 import json
 import smtplib
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from bench import e2e
-from bench.client import ACKED, LoadSpec, percentile_ms, run_load, run_load_procs
-from bench.procs import RelayProcess, SinkProcess, find_postfix_tools, free_port, relay_conf
-from bench.sink import find_test_id, strip_received
+from fastrelay.bench import e2e
+from fastrelay.bench.client import ACKED, LoadSpec, percentile_ms, run_load, run_load_procs
+from fastrelay.bench.procs import RelayProcess, SinkProcess, find_postfix_tools, free_port, relay_conf
+from fastrelay.bench.sink import find_test_id, strip_received
 
 
 @pytest.fixture
@@ -283,8 +285,40 @@ def test_e2e_postfix_tools(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_xfer_bench_small_run():
-    from bench import xfer
+    from fastrelay.bench import xfer
 
     res = xfer.run(messages=200, size=4096, concurrency=4, connections=4, timeout=60)
     assert res["accepted"] == 200
     assert res["transferred_per_s"] > 0 and res["delivered_per_s"] > 0
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ("e2e", "client", "sink", "chaos", "deferred", "xfer")
+
+
+def test_wheel_packages_no_top_level_bench():
+    """Issue #9: "`pip install fastrelay` installs a top-level package named `bench` into
+    site-packages, where it can clash with anyone else's." The packages a wheel gets, found with
+    pyproject's own packages.find, are all under fastrelay; the tools are among them and the
+    pytest-benchmark files are not."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(where=str(ROOT), include=find.get("include", ["*"]), exclude=find.get("exclude", ()))
+    assert "fastrelay.bench" in packages
+    assert [p for p in packages if p.split(".")[0] != "fastrelay"] == []
+    for tool in (*TOOLS, "procs", "confgen"):
+        assert (ROOT / "fastrelay" / "bench" / f"{tool}.py").is_file()
+    assert list((ROOT / "fastrelay" / "bench").glob("test_*")) == []
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tools_run_as_fastrelay_bench_modules(tool, tmp_path):
+    """The README's commands: `python -m fastrelay.bench.X --help` works from any directory."""
+    out = subprocess.run([sys.executable, "-m", f"fastrelay.bench.{tool}", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    prog = "fastrelay bench" if tool == "e2e" else f"python -m fastrelay.bench.{tool}"
+    assert out.stdout.startswith(f"usage: {prog}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.chaos import ChaosSpec, format_report, run_chaos
+from fastrelay.bench.chaos import ChaosSpec, format_report, run_chaos
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ async def test_greeting_and_ehlo(relay):
         assert (code, lines) == (220, ["relay.test ESMTP fastrelay"])
         code, lines = await c.command("EHLO client.test")
         assert code == 250
-        assert lines == ["relay.test", "PIPELINING", "SIZE 10240000", "8BITMIME", "ENHANCEDSTATUSCODES",
+        assert lines == ["relay.test", "PIPELINING", "SIZE 10240000", "8BITMIME", "ENHANCEDSTATUSCODES", "DSN",
                          "SMTPUTF8", "CHUNKING"]
         assert await c.command("QUIT") == (221, ["2.0.0 Bye"])
         assert await c.closed()

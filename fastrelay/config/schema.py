@@ -207,6 +207,11 @@ OPTIONS: list[OptionDef] = [
     OptionDef("max_retries", t.Int(0, 1_000_000), OUTBOUND, 0,
               "Attempts after which a message is bounced; 0 means no limit (message_expiration "
               "decides)."),
+    OptionDef("delay_warning_time", t.Time(), OUTBOUND, 0.0,
+              "Once a message has waited this long, send its sender one delay notice (a DSN with "
+              "Action: delayed) for the recipients whose NOTIFY allows it, once per message (per "
+              "destination domain: the spool keeps each domain's recipients apart), as Postfix's "
+              "delay_warning_time does; 0 (the default, as Postfix's 0h) turns it off."),
     OptionDef("reroute_domain", t.DomainRef(), OUTBOUND, None,
               "Send mail of this domain using the settings of the named domain (e.g. a synthetic "
               "XFER domain); \"disabled\" turns it off in this scope."),

@@ -365,6 +365,12 @@ class WireSession:
 
     # -- session setup ---------------------------------------------------------------------------
 
+    @property
+    def takes_dsn(self) -> bool:
+        """The next hop offered DSN (RFC 3461): NOTIFY, ORCPT, RET and ENVID went on with the
+        message, so reporting its delivery is that hop's job from here (RFC 3461 §5.2.1)."""
+        return "dsn" in self._ext
+
     async def _open(self, try_tls: bool) -> None:
         hop, s = self._hop, self._settings
         sock = await tcp_connect(hop, s.connect_timeout)

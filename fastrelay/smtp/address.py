@@ -11,6 +11,7 @@ import ipaddress
 import re
 from typing import NamedTuple
 
+from fastrelay.message import NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS, utf8_addr_decode, xtext_decode
 from fastrelay.smtp import replies as R
 
 # RFC 5321 §4.5.3.1.1 and .2: local part 64 octets, domain 255 octets.
@@ -26,6 +27,17 @@ _LABEL = re.compile(r"[A-Za-z0-9_\u0080-\U0010ffff](?:[A-Za-z0-9_\u0080-\U0010ff
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")
+# RFC 3461 §4: xtext = *( xchar / "+" 2HEXUPPER ), xchar = "!".."~" except "+" and "=".
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
+# RFC 6533 §3: utf-8-addr-xtext adds "\x{HEX}"; utf-8-addr-unitext (SMTPUTF8 only) adds raw UTF-8.
+_UTF8_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]|\+[0-9A-F]{2}|\\x\{[0-9A-Fa-f]{1,6}\})+")
+_UTF8_UNITEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e\u0080-\U0010ffff]|\+[0-9A-F]{2}|"
+                           r"\\x\{[0-9A-Fa-f]{1,6}\})+")
+_ADDR_TYPE = re.compile(rf"[{_ATEXT}]+")
+# RFC 3461 §4.4: ENVID at most 100 characters; §4.2: an ORCPT parameter at most 500.
+MAX_ENVID = 100
+MAX_ORCPT = 500
+_NOTIFY_WORDS = frozenset({NOTIFY_SUCCESS, NOTIFY_FAILURE, NOTIFY_DELAY})
 
 
 class AddressError(Exception):
@@ -158,8 +170,72 @@ def parse_params(text: str, bad: R.Reply) -> dict[str, str | None]:
         key, eq, value = part.partition("=")
         if not _PARAM_KEY.fullmatch(key) or (eq and not _PARAM_VALUE.fullmatch(value)):
             raise AddressError(R.SYNTAX)
-        out[key.upper()] = value if eq else None
+        key = key.upper()
+        if key in out:
+            raise AddressError(R.SYNTAX)  # RFC 3461 §4.1-4.4 (and 1870, 6152): each at most once
+        out[key] = value if eq else None
     return out
+
+
+# --- DSN parameters (RFC 3461, RFC 6533) ------------------------------------------------------------
+
+
+def valid_ret(value: str | None) -> bool:
+    """RET=FULL|HDRS (RFC 3461 §4.3), any case."""
+    return value is not None and value.upper() in ("FULL", "HDRS")
+
+
+def valid_envid(value: str | None) -> bool:
+    """ENVID=xtext (RFC 3461 §4.4): at most 100 characters, printable US-ASCII once decoded."""
+    if value is None or len(value) > MAX_ENVID or not _XTEXT.fullmatch(value):
+        return False
+    return all(" " <= c <= "~" for c in xtext_decode(value))
+
+
+def valid_notify(value: str | None) -> bool:
+    """NOTIFY=NEVER or a comma list of SUCCESS, FAILURE, DELAY, each once (RFC 3461 §4.1)."""
+    if not value:
+        return False
+    words = value.upper().split(",")
+    if words == [NOTIFY_NEVER]:
+        return True
+    return len(set(words)) == len(words) and all(w in _NOTIFY_WORDS for w in words)
+
+
+def valid_orcpt(value: str | None, smtputf8: bool) -> bool:
+    """ORCPT=addr-type;xtext (RFC 3461 §4.2); for addr-type utf-8 the RFC 6533 §3 forms (raw UTF-8
+    only in an SMTPUTF8 transaction). The decoded address must not be empty or hold controls."""
+    if not value or len(value) > MAX_ORCPT - len("ORCPT="):
+        return False
+    kind, semi, addr = value.partition(";")
+    if not semi or not _ADDR_TYPE.fullmatch(kind):
+        return False
+    if kind.lower() == "utf-8":
+        if not (_UTF8_UNITEXT if smtputf8 else _UTF8_XTEXT).fullmatch(addr):
+            return False
+        try:
+            decoded = utf8_addr_decode(addr)
+        except (ValueError, OverflowError):  # \x{110000} and beyond are no characters
+            return False
+    else:
+        if not _XTEXT.fullmatch(addr):
+            return False
+        decoded = xtext_decode(addr)
+    return bool(decoded) and not has_control(decoded)
+
+
+def check_rcpt_params(params: dict[str, str | None], smtputf8: bool) -> R.Reply | None:
+    """The reply refusing RCPT parameters, or None: NOTIFY and ORCPT (DSN) are the only ones."""
+    for key, value in params.items():
+        if key == "NOTIFY":
+            if not valid_notify(value):
+                return R.BAD_DSN_PARAM
+        elif key == "ORCPT":
+            if not valid_orcpt(value, smtputf8):
+                return R.BAD_DSN_PARAM
+        else:
+            return R.UNKNOWN_PARAM
+    return None
 
 
 def has_control(text: str) -> bool:

@@ -64,6 +64,7 @@ NEED_RCPT = Reply(503, "5.5.1", "Need RCPT before DATA")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA is not allowed after BDAT")  # case 29 (RFC 3030 §3)
 UNKNOWN_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+BAD_DSN_PARAM = Reply(501, "5.5.4", "Invalid DSN parameter (NOTIFY, ORCPT, RET or ENVID; RFC 3461)")
 PIPELINING_VIOLATION = Reply(554, "5.5.0", "SMTP protocol synchronization error")  # case 4 (then close)
 
 # --- Addresses (cases 20-23) ---------------------------------------------------------------------

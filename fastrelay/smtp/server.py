@@ -24,7 +24,15 @@ from typing import Any, Protocol
 from fastrelay import _impl, limits
 from fastrelay.message import Envelope, Recipient
 from fastrelay.smtp import replies as R
-from fastrelay.smtp.address import AddressError, Path, parse_params, parse_path
+from fastrelay.smtp.address import (
+    AddressError,
+    Path,
+    check_rcpt_params,
+    parse_params,
+    parse_path,
+    valid_envid,
+    valid_ret,
+)
 
 log = logging.getLogger("fastrelay.smtp")
 
@@ -229,6 +237,7 @@ class SMTPServer:
                 f"SIZE {self.s.max_size}",
                 "8BITMIME",
                 "ENHANCEDSTATUSCODES",
+                "DSN",  # RFC 3461: NOTIFY, ORCPT, RET, ENVID
             ]
             if self.s.tls is not None and not tls_active:
                 lines.append("STARTTLS")
@@ -637,6 +646,12 @@ class Session(asyncio.Protocol):
             elif key == "SMTPUTF8":
                 if value is not None:
                     return R.SYNTAX
+            elif key == "RET":
+                if not valid_ret(value):
+                    return R.BAD_DSN_PARAM
+            elif key == "ENVID":
+                if not valid_envid(value):
+                    return R.BAD_DSN_PARAM
             else:
                 return R.UNKNOWN_PARAM
         if path.utf8 and "SMTPUTF8" not in params:
@@ -672,8 +687,9 @@ class Session(asyncio.Protocol):
             out.append(R.RELAY_DENIED.wire if unqualified and not self.trusted else e.reply.wire)
             self._error(out)
             return
-        if params:
-            out.append(R.UNKNOWN_PARAM.wire)
+        reply = check_rcpt_params(params, tx.smtputf8) if params else None
+        if reply is not None:
+            out.append(reply.wire)
             self._error(out)
             return
         if not self.trusted and not postmaster and not self._may_receive_for(path):

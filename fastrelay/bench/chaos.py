@@ -1,11 +1,11 @@
 """Crash chaos (RELIABILITY.md (a)): kill -9 fastrelay at random while injecting; prove no acked mail is lost."""
 
 # The recipe, steps 1-3 and 5:
-#   sink      bench.sink with an fsynced ledger (id TAB rcpt TAB sha256 per delivered recipient,
+#   sink      fastrelay.bench.sink with an fsynced ledger (id TAB rcpt TAB sha256 per delivered recipient,
 #             written before its 250), in its own process, never killed.
 #   relay     fastrelay in its own process group on a fixed port, delivering to the sink with
 #             1 s retries; spool_fsync on.
-#   injector  bench.client with `persist` and `record`: 20 connections, 1-5 recipients and a
+#   injector  fastrelay.bench.client with `persist` and `record`: 20 connections, 1-5 recipients and a
 #             unique X-Test-Id per message; per id acked / rejected / unknown (lost after the
 #             dot) / aborted (lost before the dot: the relay owes nothing and must deliver nothing).
 #   kills     K intervals drawn from U(0.2 s, 3 s); after each, os.killpg(pgid, SIGKILL), then a
@@ -15,7 +15,7 @@
 #             (peeked read-only), or the time limit; then a clean SIGTERM stop.
 #   check     every acked (id, rcpt) in the ledger at least once (lost = 0); each ledger line's
 #             sha256 equals the sha256 of the bytes sent (whole; the sink hashes the body after the
-#             relay's Received: header, see bench/sink.py); no rejected or aborted id delivered;
+#             relay's Received: header, see fastrelay/bench/sink.py); no rejected or aborted id delivered;
 #             duplicates counted; the spool, recovered with fastrelay.spool.Spool after the stop,
 #             empty, nothing quarantined, no stray files.
 
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.client import ABORTED, ACKED, REJECTED, UNKNOWN, LoadGenerator, LoadSpec
-from bench.procs import RelayProcess, SinkProcess, ToolError, child_env, end_all, free_port, relay_conf
+from fastrelay.bench.client import ABORTED, ACKED, REJECTED, UNKNOWN, LoadGenerator, LoadSpec
+from fastrelay.bench.procs import RelayProcess, SinkProcess, ToolError, child_env, end_all, free_port, relay_conf
 
 SPOOL_FILES = {"spool.db", "spool.db-wal", "spool.db-shm", "spool.lock", "spool.reserve"}
 
@@ -350,7 +350,7 @@ def format_report(rep: ChaosReport) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fastrelay.bench.chaos", description=__doc__)
     p.add_argument("--long", action="store_true", help="the long form: 10,000 messages, 30 kills")
     p.add_argument("--messages", type=int, help="messages that must reach the dot (short 3000, long 10000)")
     p.add_argument("--kills", type=int, help="kill -9 cycles (short 5, long 30)")

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.client import LoadSpec, run_load_procs
-from bench.e2e import Progress, command_line, machine_info
-from bench.procs import RelayProcess, ToolError, child_env, end_all, fastrelay_version, free_port, relay_conf
+from fastrelay.bench.client import LoadSpec, run_load_procs
+from fastrelay.bench.e2e import Progress, command_line, machine_info
+from fastrelay.bench.procs import RelayProcess, ToolError, child_env, end_all, fastrelay_version, free_port, relay_conf
 
 
 def _files(path: Path) -> dict[str, int]:
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.deferred", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fastrelay.bench.deferred", description=__doc__)
     p.add_argument("--messages", type=int, default=200_000, help="deferred messages to queue (default 200000)")
     p.add_argument("--size", type=int, default=1024, help="message size in bytes (default 1024)")
     p.add_argument("--concurrency", type=int, default=20)

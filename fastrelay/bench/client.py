@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, child_env, end_group, track
+from fastrelay.bench.procs import ROOT, child_env, end_group, track
 
 ACKED, REJECTED, UNKNOWN, ABORTED = "acked", "rejected", "unknown", "aborted"
 
@@ -491,7 +491,7 @@ def run_load_procs(spec: LoadSpec, procs: int, progress: list[int] | None = None
                               "id_prefix": f"{spec.id_prefix}p{i}-", "seed": spec.seed + i,
                               "rate": spec.rate / procs})
             children.append(track(subprocess.Popen(
-                [sys.executable, "-m", "bench.client", "--child", json.dumps(asdict(sub))],
+                [sys.executable, "-m", "fastrelay.bench.client", "--child", json.dumps(asdict(sub))],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(), cwd=ROOT,
                 start_new_session=True,
             )))
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if argv[:1] == ["--child"]:
         return _child_main(argv[1])
-    p = argparse.ArgumentParser(prog="python -m bench.client", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fastrelay.bench.client", description=__doc__)
     p.add_argument("target", help="HOST:PORT of the SMTP server")
     p.add_argument("--messages", type=int, default=10000)
     p.add_argument("--size", type=int, default=4096)

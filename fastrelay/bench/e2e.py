@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.client import LoadSpec, percentile_ms, run_load_procs
-from bench.procs import (
+from fastrelay.bench.client import LoadSpec, percentile_ms, run_load_procs
+from fastrelay.bench.procs import (
     PostfixSink,
     RelayProcess,
     SinkProcess,
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`fastrelay bench ARGS` / `python -m bench.e2e ARGS`: 0 on success, 1 with one line on failure."""
+    """`fastrelay bench ARGS` / `python -m fastrelay.bench.e2e ARGS`: 0 on success, 1 with one line on failure."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
         # `fastrelay bench -- ARGS`: fastrelay's REMAINDER argument keeps the "--" it was given.

@@ -417,7 +417,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.sink", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fastrelay.bench.sink", description=__doc__)
     p.add_argument("--listen", default="127.0.0.2:2526", help="ADDR:PORT (port 0 picks a free one)")
     p.add_argument("--ledger", help="append 'id TAB rcpt TAB sha256' per delivered recipient, fsynced before the 250")
     p.add_argument("--print", action="store_true", help="print every message on stdout")

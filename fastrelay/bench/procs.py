@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent  # the directory holding the fastrelay package
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -138,7 +138,7 @@ def _wait_counter(sink: Any, key: str, target: int, timeout: float) -> None:
 
 
 class SinkProcess:
-    """`python -m bench.sink` in its own process group; its JSON status lines are read in a thread."""
+    """`python -m fastrelay.bench.sink` in its own process group; its JSON status lines are read in a thread."""
 
     kind = "own"
 
@@ -165,7 +165,7 @@ class SinkProcess:
         return self.proc.pid if self.proc else 0
 
     def start(self, timeout: float = 15.0) -> SinkProcess:
-        cmd = [sys.executable, "-m", "bench.sink", "--listen", self.listen,
+        cmd = [sys.executable, "-m", "fastrelay.bench.sink", "--listen", self.listen,
                "--status-interval", str(self.status_interval)]
         if self.ledger:
             cmd += ["--ledger", self.ledger]

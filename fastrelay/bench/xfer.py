@@ -1,6 +1,6 @@
 """XFER throughput between two fastrelay nodes: transfers/s from node A to node B (4 KB default).
 
-`python -m bench.xfer [--messages N] [--size S] [--concurrency C] [--connections K] [--json FILE]`
+`python -m fastrelay.bench.xfer [--messages N] [--size S] [--concurrency C] [--connections K] [--json FILE]`
 
 Node A accepts the load over SMTP and routes every message (domain example.com) to the synthetic
 domain xfer.test, whose Delivery_Method is delay_xfer to node B (seeds 000/001); B spools each
@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.client import LoadSpec, run_load
-from bench.procs import RelayProcess, SinkProcess, end_all, free_port, proc_cpu_seconds
+from fastrelay.bench.client import LoadSpec, run_load
+from fastrelay.bench.procs import RelayProcess, SinkProcess, end_all, free_port, proc_cpu_seconds
 
 SECRET = "bench-xfer-secret"
 
@@ -104,7 +104,7 @@ def run(messages: int, size: int, concurrency: int, connections: int, timeout: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.xfer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fastrelay.bench.xfer", description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=10000)
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--concurrency", type=int, default=20, help="SMTP client connections into node A")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run(args.messages, args.size, args.concurrency, args.connections)
     except Exception as e:  # one clear line, the tool's contract
-        print(f"bench.xfer: failed: {e}", file=sys.stderr)
+        print(f"fastrelay.bench.xfer: failed: {e}", file=sys.stderr)
         return 1
     for k, v in res.items():
         print(f"{k:24} {v}")
