@@ -277,12 +277,12 @@ class XferServer:
             raise WireError(415, "unsupported_encoding", "Content-Encoding must be identity (no compression)")
         if request.content_type != wire.CONTENT_TYPE:
             raise WireError(415, "unsupported_media_type", f"Content-Type must be {wire.CONTENT_TYPE}")
-        version = request.headers.get(wire.H_VERSION, "").strip()
-        if not version.isdigit() or len(version) > 6:
+        version = wire.header_uint(request.headers.get(wire.H_VERSION), max_digits=6)  # ASCII digits only
+        if version is None:
             raise WireError(400, "bad_version", f"{wire.H_VERSION} must be an integer")
-        if int(version) != wire.VERSION:
+        if version != wire.VERSION:
             raise WireError(415, "unsupported_version",
-                            f"{wire.H_VERSION} {int(version)} is not supported; this node speaks {wire.VERSION}")
+                            f"{wire.H_VERSION} {version} is not supported; this node speaks {wire.VERSION}")
         if request.content_length is not None and request.content_length > s.max_body:
             raise WireError(413, "too_large", f"the body is larger than this server's limit of {s.max_body} bytes")
         expect = request.headers.get("Expect")
