@@ -157,3 +157,111 @@ def test_run_bad_conf_exits_2(tmp_path):
     f.write_text("Spool_Base = \n")
     out = fr("run", "-c", str(f))
     assert out.returncode == 2 and out.stderr.startswith(f"{f}:2:1: unexpected end of the file")
+
+
+# --- check-config and run agree (issue 9) ------------------------------------------------------------
+
+AGREE = {
+    "no listener": 'Spool_Base = "spool"\nDomain a.test { Gateway = "10.0.0.1" }\n',
+    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Concurrency = 10\n}\n',
+    "delay_xfer without msys.xfer.client": (
+        'Spool_Base = "spool"\nDomain xfer.test {\n  Delivery_Method = "delay_xfer"\n}\n'
+        'ESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
+    "msys.xfer.server without HTTP_Listener": (
+        'Spool_Base = "spool"\nscriptlet "scriptlet" {\n  script xfer_server {\n    source = "msys.xfer.server"\n'
+        '  }\n}\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
+    "Momentum option": 'Spool_Base = "spool"\nehlo_hostname = "mx.test"\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n',
+}
+
+
+@pytest.mark.parametrize("name", list(AGREE))
+def test_check_config_and_run_refuse_the_same_confs_with_the_same_errors(tmp_path, name):
+    """Issue 9: "`check-config` and `run` always agree: `run` must never refuse a file that
+    `check-config` passes." Each of these once passed check-config, or started and said "ready"."""
+    f = tmp_path / "r.conf"
+    f.write_text(AGREE[name])
+    check = fr("check-config", str(f))
+    run = fr("run", "-c", str(f))
+    assert (check.returncode, run.returncode) == (2, 2)
+    assert check.stderr == run.stderr and check.stderr.startswith(f"{f}:")
+    assert "Traceback" not in check.stderr
+
+
+def test_check_config_errors_name_the_place(tmp_path):
+    f = tmp_path / "r.conf"
+    f.write_text(AGREE["delay_xfer without msys.xfer.client"])
+    assert fr("check-config", str(f)).stderr.startswith(f"{f}:3:3: Delivery_Method = delay_xfer needs the XFER client")
+    f.write_text(AGREE["ESMTP_Listener without Listen"])
+    assert fr("check-config", str(f)).stderr.startswith(f"{f}:2:1: ESMTP_Listener has no Listen stanza")
+    f.write_text(AGREE["no listener"])
+    assert fr("check-config", str(f)).stderr.startswith(f"{f}:1:1: no listener: nothing would receive mail")
+    f.write_text(AGREE["Momentum option"])
+    assert fr("check-config", str(f)).stderr == (
+        f"{f}:2:1: ehlo_hostname is a Momentum option that fastrelay does not support; expected an option or "
+        "stanza of docs/config.md (--lenient ignores it with a warning)\n")
+
+
+def test_lenient_check_config_and_run_warn_about_momentum_names_and_go_on(tmp_path):
+    """Issue 9: "check-config `--lenient` turns those errors, and only those, into warnings, for
+    operators migrating a Momentum configuration." run --lenient starts on the same file."""
+    f = tmp_path / "r.conf"
+    f.write_text(AGREE["Momentum option"] + 'ac_auth { }\n')
+    warning = f"{f}:2:1: warning: ehlo_hostname is a Momentum option that fastrelay does not support"
+    check = fr("check-config", "--lenient", str(f))
+    assert check.returncode == 0 and check.stdout == f"{f}: OK\n"
+    assert [ln.split(";")[0] for ln in check.stderr.splitlines()] == [
+        warning, f"{f}:4:1: warning: ac_auth is a Momentum module that fastrelay does not support"]
+    proc, lines, _ready = _start(str(f), "--lenient")
+    try:
+        assert any(f"{f}:2:1: ehlo_hostname is a Momentum option" in ln for ln in lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # --lenient turns nothing else into a warning.
+    f.write_text(AGREE["Momentum option"] + "max_retries = x\n")
+    for out in (fr("check-config", "--lenient", str(f)), fr("run", "--lenient", "-c", str(f))):
+        assert out.returncode == 2
+        assert f"{f}:4:15: bad value for 'max_retries'" in out.stderr
+
+
+def test_seed_xfer_server_conf_runs_as_written_and_takes_a_transfer_from_loopback(tmp_path):
+    """Issue 9: "The seed's XFER server configuration runs as written. Today `run` refuses it without
+    `xfer_secret` while `check-config` accepts it. New rule: with no secret or token, the XFER
+    server accepts only from `xfer_allowed_clients`, whose default is loopback."
+    conf/examples/seed000_xfer_server.conf (seed 000, "Server Configuration To Receive XFER
+    messages"), included unchanged but for its port (8080 may be taken on a shared machine), beside a
+    spool directory."""
+    import urllib.request
+
+    from fastrelay.message import Envelope, Recipient
+    from fastrelay.xfer import wire
+    from tests.support import free_port
+
+    port = free_port()
+    seed = open(os.path.join(ROOT, "conf", "examples", "seed000_xfer_server.conf")).read()
+    assert 'Listen ":8080" {}' in seed and "xfer_secret" not in seed
+    (tmp_path / "seed.conf").write_text(seed.replace('":8080"', f'":{port}"'))
+    f = tmp_path / "r.conf"
+    f.write_text('Spool_Base = "spool"\nsuspend_delivery = 1\ninclude "seed.conf"\n')
+    check = fr("check-config", str(f))
+    assert (check.returncode, check.stderr) == (0, "")
+    proc, _lines, ready = _start(str(f))
+    try:
+        assert f"xfer on 0.0.0.0:{port}" in ready or f"xfer on [::]:{port}" in ready
+        env = Envelope("s@src.test", [Recipient("r@dst.test")], "dst.test", client_ip="192.0.2.1", helo="h.test",
+                       msgid="1.aaaa", received_at=time.time())
+        payload, n = wire.encode_request(env, [0], b"Subject: x\r\n\r\nhi\r\n", ("node-a", "1"))
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/delay_message", data=payload, method="POST",
+            headers={"Content-Type": wire.CONTENT_TYPE, wire.H_VERSION: "1", wire.H_ENVELOPE_LENGTH: str(n)})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+            assert wire.decode_response(r.read()).duplicate is False
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

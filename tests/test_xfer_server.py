@@ -517,3 +517,31 @@ async def test_400_for_context_meta_holding_json_infinity(start, http, spool):
     head = json.dumps(doc, separators=(",", ":")).encode().replace(b'"meta":{}', b'"meta":{"x":1e999}')
     assert err(await post(http, node, head + BODY, len(head))) == (400, "bad_field")
     assert await spooled(spool) == []
+
+
+async def test_without_secret_or_tokens_the_allow_list_is_the_authentication(start, spool):
+    """Issue 9: "with no secret or token, the XFER server accepts only from `xfer_allowed_clients`,
+    whose default is loopback. That is network authentication, as `relay_hosts` is for SMTP."
+    A client inside the list needs no Authorization header (any it sends is not needed); one
+    outside gets 403 and nothing is spooled."""
+    import ipaddress
+
+    node = await start(secret=None, allowed_clients=(ipaddress.ip_network("127.0.0.1/32"),))
+    async with aiohttp.ClientSession() as http:
+        payload, n = transfer(key=("node-a", "1"))
+        r = await post(http, node, payload, n, secret=None)
+        assert (r.status, r.doc["status"], r.doc["duplicate"]) == (200, "accepted", False)
+        payload, n = transfer(key=("node-a", "2"))
+        assert (await post(http, node, payload, n, secret="whatever")).status == 200
+    conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=conn) as other:
+        payload, n = transfer(key=("node-a", "3"))
+        assert err(await post(other, node, payload, n, secret=None)) == (403, "forbidden")
+    assert sorted(e.meta["xfer_origin"]["id"] for e, _ in await spooled(spool)) == ["1", "2"]
+
+
+async def test_with_a_secret_the_allow_list_alone_is_not_enough(start, spool, http):
+    node = await start()  # secret set, loopback allowed
+    payload, n = transfer()
+    assert err(await post(http, node, payload, n, secret=None)) == (401, "auth_required")
+    assert await spooled(spool) == []

@@ -4,8 +4,9 @@ One `XferServer` per HTTP_Listener Listen address (seeds 000/001: `script ... { 
 "msys.xfer.server" }` plus `HTTP_Listener { Listen ":8080" {} }`). A request goes through these
 checks, in this order, each answered with a JSON error body and the connection closed:
 
-    403  the client address is not in xfer_allowed_clients
-    401  no valid HMAC signature (xfer_secret) or bearer token (xfer_tokens)   (RELIABILITY.md case 32)
+    403  the client address is not in xfer_allowed_clients (loopback by default)
+    401  no valid HMAC signature (xfer_secret) or bearer token (xfer_tokens)   (RELIABILITY.md case 32);
+         with neither configured, xfer_allowed_clients alone authenticates (as relay_hosts does for SMTP)
     404  not HTTP_URI;  405  not HTTP_METHOD
     415  a Content-Encoding other than identity (no decompression bombs, case 33), another media
          type, or an X-Xfer-Version above ours
@@ -262,12 +263,18 @@ class XferServer:
         peer = self._allowed(request)
         claimed = request.headers.get(wire.H_CONTENT_SHA256)
         claimed = claimed.strip().lower() if claimed is not None else None
-        try:
-            scheme = wire.verify(request.headers.get("Authorization"), request.method, request.raw_path, claimed,
-                                 secret=s.secret, tokens=s.tokens, nonces=self.nonces, window=s.replay_window)
-        except WireError as e:
-            log.warning("XFER: refused a request from %s: %s %s", peer, e.code, e.message)
-            raise
+        if not s.secret and not s.tokens:
+            # No secret or token configured: xfer_allowed_clients (checked above) is the
+            # authentication, as relay_hosts is for SMTP; an Authorization header is not needed.
+            scheme = "network"
+        else:
+            try:
+                scheme = wire.verify(request.headers.get("Authorization"), request.method, request.raw_path,
+                                     claimed, secret=s.secret, tokens=s.tokens, nonces=self.nonces,
+                                     window=s.replay_window)
+            except WireError as e:
+                log.warning("XFER: refused a request from %s: %s %s", peer, e.code, e.message)
+                raise
         if request.raw_path != s.uri:
             raise WireError(404, "not_found", f"no XFER endpoint at this path; transfers go to {s.uri}")
         if request.method != self._method:
