@@ -125,6 +125,8 @@ def test_xfer_server_without_a_secret_warns_only_for_a_non_loopback_allow_list(c
      "t.conf:2:3: Outbound_Throttle_Messages is a Momentum option that fastrelay does not support;"),
     ('ESMTP_Listener {\n  Listen ":25" { }\n  SMTP_Extensions = ( "AUTH LOGIN" )\n}\n',
      "t.conf:3:3: SMTP_Extensions is a Momentum option that fastrelay does not support;"),
+    ('ESMTP_Listener {\n  Listen ":25" { }\n  AuthLoginParameters = [ uri = "ac_auth://" ]\n}\n',
+     "t.conf:3:3: AuthLoginParameters is a Momentum option that fastrelay does not support;"),
     ("ac_auth { }\n", "t.conf:1:1: ac_auth is a Momentum module that fastrelay does not support;"),
     ('pathway "p1" { }\n', "t.conf:1:1: pathway is a Momentum stanza that fastrelay does not support;"),
     ('Threadpool "cpu" { concurrency = 4 }\n', "t.conf:1:1: Threadpool is a Momentum stanza that fastrelay"),
@@ -172,3 +174,85 @@ def test_momentum_names_file_is_derived_and_holds_the_reference_names():
     for opt in ["Gateway", "Routes", "Delivery_Method", "max_outbound_connections", "retry_interval",
                 "relay_hosts", "Hostname", "suspend_delivery", "TLS_Certificate"]:
         assert schema.BY_KEY[opt.lower()] and momentum.lookup(opt) is not None
+
+
+def test_a_hash_for_a_fastrelay_option_is_a_type_error(conf_impl):
+    assert errors('Gateway = [ host = "10.0.0.1" ]\n') == [
+        "t.conf:1:11: bad value for 'Gateway': got a hash [ key = value ... ]; expected a hostname or IP "
+        "address, optionally with :port (IPv6 in brackets: [2001:db8::1]:25)"]
+
+
+# Momentum configurations from its reference, as written (the ESMTP listener is fastrelay's own).
+MOMENTUM_CONFS = {
+    "modules/ac-auth.md": """
+ac_auth {}
+Esmtp_Listener {
+  SMTP_Extensions = ( "AUTH LOGIN" )
+  AuthLoginParameters = [
+    uri = "ac_auth://"
+    log_authentication = "true"
+  ]
+  Listen "127.0.0.1:0" { }
+}
+HTTP_Listener {
+  enable_authentication = true
+  Log_Requests_to_Paniclog = true
+  AuthPlainParameters = [
+    uri = "ac_auth://"
+    log_authentication = "true"
+  ]
+  Listen "127.0.0.1:0" { }
+}
+""",
+    "inbound-ssl.md": """
+ESMTP_Listener = {
+  Listen ":465" {
+    Use_SSL = true
+    TLS_Certificate = "/path/to/cert.pem"
+    TLS_Key = "/path/to/key.pem"
+    TLS_Client_CA = "/path/to/clientca.bundle"
+    TLS_Ciphers = "DEFAULT"
+  }
+}
+""",
+    "modules/pipe-transport.md": """
+pipe_transport "pipe_transport1"
+{
+   program_name  = "/bin/cat"
+   domain =  ( "example.com" "another.example.com" )
+   code = [
+     "0" = "250 ok"
+   ]
+}
+""" + ESMTP,
+    "modules/auth-ds.md": """
+auth_ds {
+  Scheme "mysqlauth" {
+    Authenticate {
+        query = "SELECT 1 AS ALLOW FROM users WHERE user_name = :user and
+          password = encrypt(:pass, PASSWORD)"
+      cache = "authdb"
+      map = [
+        user = "%{username}"
+        pass = "%{password}"
+      ]
+    }
+  }
+}
+ESMTP_Listener {
+  AuthLoginParameters = [uri = "mysqlauth://"]
+  Listen "127.0.0.1:0" { }
+}
+""",
+}
+
+
+@pytest.mark.parametrize("name", list(MOMENTUM_CONFS))
+def test_momentum_reference_confs_parse_and_lenient_loads_them(conf_impl, name):
+    text = MOMENTUM_CONFS[name]
+    errs = errors(text)
+    # Every error is a Momentum name fastrelay does not support: no syntax error left.
+    assert errs and all("is a Momentum" in e for e in errs), errs
+    cfg = loads(text, "t.conf", lenient=True)
+    assert len(cfg.warnings) == len(errs)
+    assert check_runnable(cfg)[0] == []

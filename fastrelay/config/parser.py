@@ -43,7 +43,23 @@ class ListValue:
     pos: Pos
 
 
-Value = Atom | ListValue
+@dataclass(slots=True)
+class HashValue:
+    """A bracketed hash of key = value pairs, as Momentum writes module and listener parameters:
+    [ uri = "ac_auth://" log_authentication = "true" ]. Keys are words, numbers or strings;
+    values are atoms, lists or hashes. Pairs keep their written order."""
+
+    items: list[tuple[Atom, Value]]
+    pos: Pos
+
+    def get(self, key: str) -> Value | None:
+        for k, v in self.items:
+            if k.text == key:
+                return v
+        return None
+
+
+Value = Atom | ListValue | HashValue
 
 
 @dataclass(slots=True)
@@ -159,6 +175,13 @@ class _Parser:
             )
         if nxt is not None and nxt[0] == T.EQUALS:
             self.i += 1
+            brace = self.peek()
+            if brace is not None and brace[0] == T.LBRACE:
+                # Momentum also writes a stanza as `ESMTP_Listener = { ... }` (inbound-ssl.md).
+                self.i += 1
+                stanza = Stanza(name_tok[1], None, _tok_pos(name_tok))
+                stanza.children = self.stanza_body(brace, name_tok[1])
+                return stanza
             return Option(name_tok[1], self.parse_value(), _tok_pos(name_tok))
         if nxt is not None and nxt[0] == T.LBRACE:
             self.i += 1
@@ -203,6 +226,7 @@ class _Parser:
             return Atom(tok[1], kind == T.STRING, _tok_pos(tok))
         if kind == T.LPAREN:
             self.i += 1
+            self.enter(tok, "lists")
             items: list[Atom] = []
             while True:
                 t = self.peek()
@@ -210,6 +234,7 @@ class _Parser:
                     raise _tok_pos(tok).error("unclosed '(' opened here; expected ')' before the end of the file")
                 if t[0] == T.RPAREN:
                     self.i += 1
+                    self.depth -= 1
                     return ListValue(items, _tok_pos(tok))
                 if t[0] not in (T.WORD, T.STRING, T.NUMBER):
                     raise _tok_pos(t).error(
@@ -217,9 +242,44 @@ class _Parser:
                     )
                 items.append(Atom(t[1], t[0] == T.STRING, _tok_pos(t)))
                 self.i += 1
+        if kind == T.LBRACKET:
+            self.i += 1
+            return self.parse_hash(tok)
         raise _tok_pos(tok).error(
-            f"unexpected {_describe(tok)}; expected a value (a word, a number, a string or a list)"
+            f"unexpected {_describe(tok)}; expected a value (a word, a number, a string, a list or a hash)"
         )
+
+    def parse_hash(self, opener: tuple) -> HashValue:
+        """`[ key = value ... ]` after its '['; pairs are separated by white space only."""
+        self.enter(opener, "lists and hashes")
+        items: list[tuple[Atom, Value]] = []
+        seen: dict[str, Pos] = {}
+        while True:
+            t = self.peek()
+            if t is None:
+                raise _tok_pos(opener).error("unclosed '[' opened here; expected ']' before the end of the file")
+            if t[0] == T.RBRACKET:
+                self.i += 1
+                self.depth -= 1
+                return HashValue(items, _tok_pos(opener))
+            if t[0] not in (T.WORD, T.STRING, T.NUMBER):
+                raise _tok_pos(t).error(f"unexpected {_describe(t)} in a hash; expected key = value pairs, then ']'")
+            key = Atom(t[1], t[0] == T.STRING, _tok_pos(t))
+            self.i += 1
+            eq = self.peek()
+            if eq is None or eq[0] != T.EQUALS:
+                where = _tok_pos(eq) if eq is not None else self.eof
+                raise where.error(f"unexpected {_describe(eq)} after the key '{key.text}' in a hash; expected '='")
+            self.i += 1
+            if self.peek() is None:
+                raise self.eof.error(f"unexpected end of the file; expected a value for '{key.text}' in the hash")
+            value = self.parse_value()
+            if key.text in seen:
+                # Which of the two would count is a guess either way: refuse it.
+                raise key.pos.error(f"the key '{key.text}' is already in this hash (at {seen[key.text]}); "
+                                    "expected each key once")
+            seen[key.text] = key.pos
+            items.append((key, value))
 
     def parse_include(self, inc_tok: tuple) -> list[Node]:
         tok = self.peek()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastrelay.config.parser import Atom, ListValue, Value
+from fastrelay.config.parser import Atom, HashValue, ListValue, Value
 
 
 class Invalid(Exception):
@@ -27,6 +27,8 @@ class OptType:
     is_list = False
 
     def convert(self, value: Value) -> Any:
+        if isinstance(value, HashValue):
+            raise Invalid(f"got a hash [ key = value ... ]; expected {self.expected}")
         if isinstance(value, ListValue):
             if self.is_list:
                 return self.convert_list(value.items)
