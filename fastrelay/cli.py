@@ -62,14 +62,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_config_eval(args: argparse.Namespace) -> int:
-    from fastrelay.config import schema
+    from fastrelay.config import momentum, schema
 
-    cfg, err = _load(args.conf)
+    cfg, err = _load(args.conf, args.lenient)
     if err is not None:
         for e in err.errors:
             print(e, file=sys.stderr)
         return EXIT_CONFIG
     opt = schema.BY_KEY.get(args.option.lower())
+    if opt is None and momentum.lookup(args.option) is not None:
+        kind = momentum.lookup(args.option)[0]
+        print(f"fastrelay: {args.option} is a Momentum {kind} that fastrelay does not support", file=sys.stderr)
+        return EXIT_CONFIG
     if opt is None:
         close = difflib.get_close_matches(args.option.lower(), list(schema.BY_KEY), n=1, cutoff=0.75)
         hint = f"; did you mean '{schema.BY_KEY[close[0]].name}'?" if close else ""
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--conf", default=DEFAULT_CONF)
     ev.add_argument("--domain", help="evaluate for mail to this domain")
     ev.add_argument("--binding", help="evaluate for this binding")
+    ev.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     ev.add_argument("option")
     ev.set_defaults(func=cmd_config_eval)
 

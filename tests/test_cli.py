@@ -265,3 +265,16 @@ def test_seed_xfer_server_conf_runs_as_written_and_takes_a_transfer_from_loopbac
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_config_eval_names_a_momentum_option_without_a_guess(tmp_path):
+    """Issue 9: a real Momentum option "gets "unknown option" or a misleading "did you mean"
+    (`ehlo_hostname` suggests `Hostname`)"."""
+    out = fr("config", "eval", "-c", "conf/fastrelay.conf", "ehlo_hostname")
+    assert (out.returncode, out.stderr) == (
+        2, "fastrelay: ehlo_hostname is a Momentum option that fastrelay does not support\n")
+    f = tmp_path / "m.conf"
+    f.write_text('ehlo_hostname = "mx.test"\nmax_retries = 4\n')
+    assert fr("config", "eval", "-c", str(f), "max_retries").returncode == 2
+    out = fr("config", "eval", "--lenient", "-c", str(f), "max_retries")
+    assert out.stdout == f"max_retries = 4\t# {f}:2 (global)\n"

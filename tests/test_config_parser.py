@@ -263,3 +263,29 @@ def test_hashes_nested_past_the_limit(conf_impl):
     # Stanzas and hashes count together.
     e = err("Binding b { " * (n - 1) + "h = [ k = [ k = v ] ]" + " }" * (n - 1))
     assert e.message.startswith(f"lists and hashes nested more than {n} deep")
+
+
+# --- Hypothesis: the parser and the model answer every input with ConfigError(s) or a result -----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fastrelay.config import ConfigErrors, loads  # noqa: E402
+
+_PARSER_FRAGMENTS = [
+    b"Domain", b"ESMTP_Listener", b"Listen", b"Routes", b"Gateway", b"AuthLoginParameters", b"ac_auth", b"x",
+    b"a.test", b"10", b'"127.0.0.1:0"', b"[::1]:25", b'"s"', b'"a\nb"', b" ", b"\n", b"=", b"{", b"}", b"(",
+    b")", b"[", b"]", b"#c\n", b"/*c*/", b"include", b'"\xff"', b"\x01",
+]
+conf_text = st.lists(st.sampled_from(_PARSER_FRAGMENTS), max_size=60).map(b" ".join)
+
+
+# conf_impl only selects the tokeniser for the whole test; it holds nothing an example could change.
+@settings(max_examples=500, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(conf_text)
+def test_parse_and_model_raise_only_config_errors(conf_impl, data):
+    try:
+        loads(data, "p.conf")
+    except ConfigErrors as e:
+        assert e.errors and all(isinstance(x, ConfigError) for x in e.errors)
