@@ -278,3 +278,30 @@ def test_config_eval_names_a_momentum_option_without_a_guess(tmp_path):
     assert fr("config", "eval", "-c", str(f), "max_retries").returncode == 2
     out = fr("config", "eval", "--lenient", "-c", str(f), "max_retries")
     assert out.stdout == f"max_retries = 4\t# {f}:2 (global)\n"
+
+
+def test_xfer_server_open_beyond_loopback_without_a_secret_starts_with_a_warning(tmp_path):
+    """Issue 9: "A non-loopback allow-list without a secret starts with a warning naming the risk."
+    check-config prints the same warning and passes the file."""
+    from tests.support import free_port
+
+    port = free_port()
+    f = tmp_path / "x.conf"
+    f.write_text('Spool_Base = "spool"\nsuspend_delivery = 1\n'
+                 'scriptlet "scriptlet" { script xfer_server { source = "msys.xfer.server" } }\n'
+                 f'HTTP_Listener {{\n  xfer_allowed_clients = ( 10.0.0.0/8 127.0.0.0/8 )\n  Listen "127.0.0.1:{port}" {{}}\n}}\n')
+    warning = (f"{f}:5:3: warning: the XFER server on 127.0.0.1:{port} takes unauthenticated transfers from "
+               "10.0.0.0/8 (xfer_allowed_clients, no xfer_secret or xfer_tokens): any host there can relay mail "
+               "through this node")
+    check = fr("check-config", str(f))
+    assert check.returncode == 0 and check.stderr.startswith(warning)
+    proc, lines, _ready = _start(str(f))
+    try:
+        logged = [ln for ln in lines if "takes unauthenticated transfers from 10.0.0.0/8" in ln]
+        assert len(logged) == 1 and "WARNING" in logged[0]
+        assert warning.replace(": warning:", ":") in logged[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
