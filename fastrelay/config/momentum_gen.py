@@ -14,7 +14,7 @@ HEADER = """\
 # Derived, without any text copied beyond the names, from:
 #   - the titles of config/*.md and config/mta-sts/*.md (one option per page, e.g. ref-ehlo-hostname.md
 #     is "ehlo_hostname"; a title listing several names gives each), skipping titles that are not
-#     names ("eccelerity.conf File", "Category File", ...);
+#     names ("ecelerity.conf File", "Category File", ...);
 #   - config-options-summary.md, the option table: its first column (a "(scope)" mark makes it a
 #     stanza) and every scope named in its Scopes column (a stanza);
 #   - the titles of modules/*.md ("ac_auth - Authentication Handler" is the module ac_auth, which a
