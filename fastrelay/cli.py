@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from typing import Any
 
 from fastrelay import __version__, _impl
 
@@ -33,7 +34,7 @@ def _load(path: str, lenient: bool = False):
         return None, e
 
 
-def _load_runnable(path: str, lenient: bool):
+def _load_runnable(path: str, lenient: bool) -> tuple[Any, list, list]:
     """load() and check_runnable(): the one path of check-config and run, so they always agree.
     Returns (cfg, errors, warnings); cfg is None when there are errors."""
     from fastrelay.config.model import check_runnable
@@ -45,7 +46,8 @@ def _load_runnable(path: str, lenient: bool):
     return (None if errors else cfg), errors, [*cfg.warnings, *warnings]
 
 
-def warning_line(e) -> str:
+def warning_line(e: Any) -> str:
+    """A ConfigError as a warning line: file:line:col: warning: message."""
     return f"{e.file}:{e.line}:{e.col}: warning: {e.message}"
 
 
