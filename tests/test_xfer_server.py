@@ -545,3 +545,20 @@ async def test_with_a_secret_the_allow_list_alone_is_not_enough(start, spool, ht
     payload, n = transfer()
     assert err(await post(http, node, payload, n, secret=None)) == (401, "auth_required")
     assert await spooled(spool) == []
+
+
+@pytest.mark.parametrize("value", ["\u00e9", "\u00b2" * 64, "g" * 64, "ab", "\u0661" * 64])
+@pytest.mark.parametrize("auth", ["network", "bearer"])
+async def test_400_for_a_content_hash_that_is_not_hex(start, spool, value, auth):
+    """Found probing issue 9's "every malformed request is a 4xx with a JSON error": a non-ASCII
+    X-Xfer-Content-SHA256 reached hmac.compare_digest (TypeError) and gave 500, which the sender
+    retries forever. With HMAC it is a 401 missing_content_hash before the body is read, as before."""
+    node = await start(secret=None, tokens=("tok",) if auth == "bearer" else ())
+    payload, n = transfer()
+    head = (f"POST {URI} HTTP/1.1\r\nHost: x\r\nContent-Type: {wire.CONTENT_TYPE}\r\n{wire.H_VERSION}: 1\r\n"
+            f"{wire.H_ENVELOPE_LENGTH}: {n}\r\n{wire.H_CONTENT_SHA256}: {value}\r\n"
+            + ("Authorization: Bearer tok\r\n" if auth == "bearer" else "")
+            + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    status, doc = parse_raw(await raw_exchange(node, head + payload))
+    assert (status, doc["error"]) == (400, "bad_content_hash")
+    assert await spooled(spool) == []

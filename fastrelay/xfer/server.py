@@ -262,7 +262,7 @@ class XferServer:
         s = self.s
         peer = self._allowed(request)
         claimed = request.headers.get(wire.H_CONTENT_SHA256)
-        claimed = claimed.strip().lower() if claimed is not None else None
+        claimed = claimed.strip(" \t").lower() if claimed is not None else None
         if not s.secret and not s.tokens:
             # No secret or token configured: xfer_allowed_clients (checked above) is the
             # authentication, as relay_hosts is for SMTP; an Authorization header is not needed.
@@ -275,6 +275,10 @@ class XferServer:
             except WireError as e:
                 log.warning("XFER: refused a request from %s: %s %s", peer, e.code, e.message)
                 raise
+        if claimed is not None and not wire.is_sha256_hex(claimed):
+            # Checked here too, not only by the HMAC scheme: with a bearer token or no credentials,
+            # a non-ASCII value reached hmac.compare_digest, whose TypeError was a 500.
+            raise WireError(400, "bad_content_hash", f"{wire.H_CONTENT_SHA256} must be 64 hex digits")
         if request.raw_path != s.uri:
             raise WireError(404, "not_found", f"no XFER endpoint at this path; transfers go to {s.uri}")
         if request.method != self._method:

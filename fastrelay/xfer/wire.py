@@ -598,6 +598,11 @@ def decode_error(body: bytes) -> tuple[str, str]:
 # --- Authentication (RELIABILITY.md case 32) ----------------------------------------------------
 
 
+def is_sha256_hex(text: str) -> bool:
+    """64 lowercase ASCII hex digits: the form of X-Xfer-Content-SHA256."""
+    return bool(_HEX64.fullmatch(text))
+
+
 def content_sha256(body: bytes) -> str:
     """The lowercase hex SHA-256 of the whole request body (JSON part and message)."""
     return hashlib.sha256(body).hexdigest()
