@@ -9,7 +9,8 @@ checks, in this order, each answered with a JSON error body and the connection c
          with neither configured, xfer_allowed_clients alone authenticates (as relay_hosts does for SMTP)
     404  not HTTP_URI;  405  not HTTP_METHOD
     415  a Content-Encoding other than identity (no decompression bombs, case 33), another media
-         type, or an X-Xfer-Version above ours
+         type, or an X-Xfer-Version above ours; 400 for an X-Xfer-Version or X-Xfer-Content-SHA256
+         that is not ASCII digits / 64 hex digits
     413  a body over xfer_max_body: refused from Content-Length at once, and counted while it is
          read (chunked bodies have no Content-Length to trust); 408 if it is not all there within
          the read deadline (case 33)
@@ -275,10 +276,6 @@ class XferServer:
             except WireError as e:
                 log.warning("XFER: refused a request from %s: %s %s", peer, e.code, e.message)
                 raise
-        if claimed is not None and not wire.is_sha256_hex(claimed):
-            # Checked here too, not only by the HMAC scheme: with a bearer token or no credentials,
-            # a non-ASCII value reached hmac.compare_digest, whose TypeError was a 500.
-            raise WireError(400, "bad_content_hash", f"{wire.H_CONTENT_SHA256} must be 64 hex digits")
         if request.raw_path != s.uri:
             raise WireError(404, "not_found", f"no XFER endpoint at this path; transfers go to {s.uri}")
         if request.method != self._method:
@@ -294,6 +291,10 @@ class XferServer:
         if version != wire.VERSION:
             raise WireError(415, "unsupported_version",
                             f"{wire.H_VERSION} {version} is not supported; this node speaks {wire.VERSION}")
+        if claimed is not None and not wire.is_sha256_hex(claimed):
+            # Checked here too, not only by the HMAC scheme: with a bearer token or no credentials,
+            # a non-ASCII value reached hmac.compare_digest, whose TypeError was a 500.
+            raise WireError(400, "bad_content_hash", f"{wire.H_CONTENT_SHA256} must be 64 hex digits")
         if request.content_length is not None and request.content_length > s.max_body:
             raise WireError(413, "too_large", f"the body is larger than this server's limit of {s.max_body} bytes")
         expect = request.headers.get("Expect")
