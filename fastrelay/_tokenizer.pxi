@@ -28,6 +28,8 @@ cdef enum _TokKind:
     _TOK_RBRACE = 6
     _TOK_LPAREN = 7
     _TOK_RPAREN = 8
+    _TOK_LBRACKET = 9
+    _TOK_RBRACKET = 10
 
 _tok_kinds = {
     "WORD": _TOK_WORD,
@@ -38,6 +40,8 @@ _tok_kinds = {
     "RBRACE": _TOK_RBRACE,
     "LPAREN": _TOK_LPAREN,
     "RPAREN": _TOK_RPAREN,
+    "LBRACKET": _TOK_LBRACKET,
+    "RBRACKET": _TOK_RBRACKET,
 }
 
 # Byte classes. The three word-byte classes come first and are small so a word's bytes can be
@@ -53,6 +57,8 @@ cdef enum _TokClass:
     _TOK_C_QUOTE = 7
     _TOK_C_HASH = 8
     _TOK_C_CONTROL = 9
+    _TOK_C_LBRACKET = 10  # a bracket, or a word byte: see the twin's spec
+    _TOK_C_RBRACKET = 11
 
 cdef unsigned char _tok_class[256]
 cdef int _tok_punct_kind[128]
@@ -63,6 +69,8 @@ cdef unsigned char _tok_word_bits[256]
 cdef unsigned char _tok_string_plain[256]
 # The byte a known escape stands for, 0 if the backslash pair is not a known escape.
 cdef unsigned char _tok_escape[256]
+# 1 for the bytes that may stand between the brackets of an IPv6 literal ([fe80::1%eth0]).
+cdef unsigned char _tok_ipv6[256]
 
 
 cdef void _tok_init_tables() noexcept:
@@ -85,6 +93,8 @@ cdef void _tok_init_tables() noexcept:
     _tok_class[ord('/')] = _TOK_C_SLASH
     _tok_class[ord('"')] = _TOK_C_QUOTE
     _tok_class[ord('#')] = _TOK_C_HASH
+    _tok_class[ord('[')] = _TOK_C_LBRACKET
+    _tok_class[ord(']')] = _TOK_C_RBRACKET
     _tok_punct_kind[ord('=')] = _TOK_EQUALS
     _tok_punct_kind[ord('{')] = _TOK_LBRACE
     _tok_punct_kind[ord('}')] = _TOK_RBRACE
@@ -98,6 +108,7 @@ cdef void _tok_init_tables() noexcept:
         _tok_string_plain[b] = (_tok_class[b] != _TOK_C_CONTROL and _tok_class[b] != _TOK_C_LF
                                 and b != ord('"') and b != ord('\\'))
         _tok_escape[b] = 0
+        _tok_ipv6[b] = (b < 0x80 and (chr(b).isalnum() or b in (ord(':'), ord('.'), ord('%'), ord('_'), ord('-'))))
     _tok_escape[ord('\\')] = ord('\\')
     _tok_escape[ord('"')] = ord('"')
     _tok_escape[ord('n')] = ord('\n')
@@ -108,16 +119,37 @@ cdef void _tok_init_tables() noexcept:
 _tok_init_tables()
 
 # Texts of the one-character tokens, indexed by kind (created once, shared by every token).
-cdef tuple _tok_punct_text = (None, None, None, None, "=", "{", "}", "(", ")")
+cdef tuple _tok_punct_text = (None, None, None, None, "=", "{", "}", "(", ")", "[", "]")
 
 cdef str _TOK_UNTERMINATED_STRING = (
-    "unterminated string; expected a closing '\"' before the end of the line")
+    "unterminated string; expected a closing '\"' before the end of the file")
 cdef str _TOK_UNTERMINATED_COMMENT = "unterminated comment; expected '*/' before the end of the file"
 
 
 cdef object _tok_control_error(object filename, Py_ssize_t line, Py_ssize_t col, unsigned char byte):
     return _tok_ConfigError(
         filename, line, col, "unexpected control character 0x%02X; expected printable text" % byte)
+
+
+cdef object _tok_unterminated(object filename, Py_ssize_t line, Py_ssize_t col,
+                              Py_ssize_t ml_line, Py_ssize_t ml_col):
+    # ml_line/ml_col: the first earlier string that ran over several lines (0 if none).
+    cdef str message = _TOK_UNTERMINATED_STRING
+    if ml_line:
+        message += (f" (the string opened at {ml_line}:{ml_col} runs over several lines; "
+                    "is its closing '\"' missing?)")
+    return _tok_ConfigError(filename, line, col, message)
+
+
+cdef inline bint _tok_ipv6_literal(const unsigned char* buf, Py_ssize_t i) noexcept:
+    # Just after a '[': an IPv6 literal's inside (one ':' at least), then ']'. The NUL terminator
+    # at buf[n] is in neither set, so the scan needs no bounds test.
+    cdef bint colon = False
+    while _tok_ipv6[buf[i]]:
+        if buf[i] == b':':
+            colon = True
+        i += 1
+    return colon and buf[i] == b']'
 
 
 cdef inline str _tok_decode(const unsigned char* s, Py_ssize_t size, bint ascii, str what,
@@ -239,6 +271,9 @@ cdef list _tok_run(object data, object filename, _TokCache* cache):
     cdef Py_ssize_t pos = 0, start, i, col
     cdef Py_ssize_t line = 1, line_start = 0  # line_start: offset of the current line's first byte
     cdef Py_ssize_t comment_line, comment_line_start
+    cdef Py_ssize_t s_line, s_line_start  # where a string's scan is (strings may cross lines)
+    cdef Py_ssize_t ml_line = 0, ml_col = 0  # the first string that ran over several lines
+    cdef Py_ssize_t brackets
     # The int object for the current line, made once per line that has tokens, not per token.
     cdef Py_ssize_t cached_line = 0
     cdef object line_obj = None
@@ -272,12 +307,19 @@ cdef list _tok_run(object data, object filename, _TokCache* cache):
             _tok_emit(tokens, kind, _tok_punct_text[kind], filename, line_obj, col, untrack)
             pos += 1
 
+        elif k == _TOK_C_RBRACKET or (k == _TOK_C_LBRACKET and not _tok_ipv6_literal(buf, pos + 1)):
+            kind = _TOK_RBRACKET if k == _TOK_C_RBRACKET else _TOK_LBRACKET
+            _tok_emit(tokens, kind, _tok_punct_text[kind], filename, line_obj, col, untrack)
+            pos += 1
+
         elif k == _TOK_C_QUOTE:
             # Scan to the closing quote first (errors in byte order), then decode once.
             start = pos + 1
             i = start
             seen = 0
             escaped = False
+            s_line = line
+            s_line_start = line_start
             # The bytes object's NUL terminator (buf[n] == 0) stops every scan below, so the
             # bounds test is only made on the slow path.
             while True:
@@ -294,10 +336,15 @@ cdef list _tok_run(object data, object filename, _TokCache* cache):
                         i += 2
                     else:
                         i += 1
-                elif c == b'\n' or i >= n:
-                    raise _tok_ConfigError(filename, line, col, _TOK_UNTERMINATED_STRING)
+                elif c == b'\n':
+                    # Line breaks are string content (Momentum writes long values over lines).
+                    s_line += 1
+                    s_line_start = i + 1
+                    i += 1
+                elif i >= n:
+                    raise _tok_unterminated(filename, line, col, ml_line, ml_col)
                 else:
-                    raise _tok_control_error(filename, line, i - line_start + 1, c)
+                    raise _tok_control_error(filename, s_line, i - s_line_start + 1, c)
             if escaped:
                 text = _tok_unescape(buf + start, i - start, seen < 0x80, filename, line, col)
             elif seen < 0x80:
@@ -305,6 +352,12 @@ cdef list _tok_run(object data, object filename, _TokCache* cache):
             else:
                 text = _tok_decode(buf + start, i - start, False, "string", filename, line, col)
             _tok_emit(tokens, _TOK_STRING, text, filename, line_obj, col, untrack)
+            if s_line != line:
+                if not ml_line:
+                    ml_line = line
+                    ml_col = col
+                line = s_line
+                line_start = s_line_start
             pos = i + 1
 
         elif k == _TOK_C_HASH:
@@ -340,12 +393,22 @@ cdef list _tok_run(object data, object filename, _TokCache* cache):
             # test; a '/' seen here is before it, so buf[pos + 1] is readable.
             start = pos
             seen = 0
+            brackets = 0
             while True:
                 c = buf[pos]
                 if _tok_word_bits[c]:
                     seen |= _tok_word_bits[c]
                     pos += 1
                 elif c == b'/' and buf[pos + 1] != b'*':
+                    seen |= 1u << _TOK_C_OTHER
+                    pos += 1
+                elif c == b'[':
+                    # '[' and a ']' that closes one are word bytes ([::1]:25, smtp://[::1]).
+                    brackets += 1
+                    seen |= 1u << _TOK_C_OTHER
+                    pos += 1
+                elif c == b']' and brackets:
+                    brackets -= 1
                     seen |= 1u << _TOK_C_OTHER
                     pos += 1
                 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from typing import Any
 
 from fastrelay import __version__, _impl
 
@@ -16,24 +17,46 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
+LENIENT_HELP = ("warn about Momentum options and stanzas fastrelay does not support instead of refusing "
+                "them (for a migrated Momentum conf); every other error stays an error")
+
 
 def _version() -> str:
     return f"fastrelay {__version__} ({_impl.IMPL} hot paths)"
 
 
-def _load(path: str):
+def _load(path: str, lenient: bool = False):
     from fastrelay.config import ConfigErrors, load
 
     try:
-        return load(path), None
+        return load(path, lenient=lenient), None
     except ConfigErrors as e:
         return None, e
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    _cfg, err = _load(args.file)
+def _load_runnable(path: str, lenient: bool) -> tuple[Any, list, list]:
+    """load() and check_runnable(): the one path of check-config and run, so they always agree.
+    Returns (cfg, errors, warnings); cfg is None when there are errors."""
+    from fastrelay.config.model import check_runnable
+
+    cfg, err = _load(path, lenient)
     if err is not None:
-        for e in err.errors:
+        return None, err.errors, []
+    errors, warnings = check_runnable(cfg)
+    return (None if errors else cfg), errors, [*cfg.warnings, *warnings]
+
+
+def warning_line(e: Any) -> str:
+    """A ConfigError as a warning line: file:line:col: warning: message."""
+    return f"{e.file}:{e.line}:{e.col}: warning: {e.message}"
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg, errors, warnings = _load_runnable(args.file, args.lenient)
+    for w in warnings:
+        print(warning_line(w), file=sys.stderr)
+    if cfg is None:
+        for e in errors:
             print(e, file=sys.stderr)
         return EXIT_CONFIG
     print(f"{args.file}: OK")
@@ -41,14 +64,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_config_eval(args: argparse.Namespace) -> int:
-    from fastrelay.config import schema
+    from fastrelay.config import momentum, schema
 
-    cfg, err = _load(args.conf)
+    cfg, err = _load(args.conf, args.lenient)
     if err is not None:
         for e in err.errors:
             print(e, file=sys.stderr)
         return EXIT_CONFIG
     opt = schema.BY_KEY.get(args.option.lower())
+    if opt is None and momentum.lookup(args.option) is not None:
+        kind = momentum.lookup(args.option)[0]
+        print(f"fastrelay: {args.option} is a Momentum {kind} that fastrelay does not support", file=sys.stderr)
+        return EXIT_CONFIG
     if opt is None:
         close = difflib.get_close_matches(args.option.lower(), list(schema.BY_KEY), n=1, cutoff=0.75)
         hint = f"; did you mean '{schema.BY_KEY[close[0]].name}'?" if close else ""
@@ -63,11 +90,12 @@ def cmd_config_eval(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fastrelay.runner import run
 
-    cfg, err = _load(args.conf)
-    if err is not None:
-        for e in err.errors:
+    cfg, errors, _warnings = _load_runnable(args.conf, args.lenient)
+    if cfg is None:
+        for e in errors:
             print(e, file=sys.stderr)
         return EXIT_CONFIG
+    # The warnings are logged by the relay as it starts (the same ones check-config prints).
     return run(cfg, use_uvloop=not args.asyncio, log_level=args.log_level)
 
 
@@ -108,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--conf", default=DEFAULT_CONF, help=f"conf file (default {DEFAULT_CONF})")
     r.add_argument("--asyncio", action="store_true", help="plain asyncio instead of uvloop (debugging)")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("check-config", help="check a conf file: prints OK or every error")
     c.add_argument("file")
+    c.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     c.set_defaults(func=cmd_check_config)
 
     cfg = sub.add_parser("config", help="query the configuration")
@@ -120,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--conf", default=DEFAULT_CONF)
     ev.add_argument("--domain", help="evaluate for mail to this domain")
     ev.add_argument("--binding", help="evaluate for this binding")
+    ev.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     ev.add_argument("option")
     ev.set_defaults(func=cmd_config_eval)
 

@@ -1,5 +1,16 @@
 """Every built-in limit as a named constant; the conf file can override each one."""
 
+# --- Reading conf files (fastrelay.config.parser). These bound the reading of the conf itself,
+# so no conf option can change them: a hostile or broken file gets a file:line:col error, never a
+# RecursionError, an unbounded read or a hang (issue 9). -----------------------------------------
+# Stanzas, lists and hashes inside one another, counted across includes. Momentum's own confs
+# nest 3 deep (Binding_Group > Binding > Domain; auth_ds > Scheme > Authenticate).
+MAX_CONF_NESTING = 32
+# Files included inside one another (a loop is reported as a loop before this).
+MAX_CONF_INCLUDE_DEPTH = 32
+# The largest conf file read, each file apart (a generated 1 MB conf takes 10 ms to tokenise).
+MAX_CONF_FILE_SIZE = 16 * 1024 * 1024
+
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE = 512
 # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets, CRLF included.

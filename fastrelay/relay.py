@@ -41,6 +41,7 @@ class Relay:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
+        self._check_config()
         self.spool = Spool(cfg.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
         try:
             await self.spool.open()
@@ -77,6 +78,17 @@ class Relay:
                     addr = sock.getsockname()
                     self.queue.router.own_addresses.add((addr[0], addr[1]))
 
+    def _check_config(self) -> None:
+        """The whole-conf checks `check-config` makes (fastrelay.config.model.check_runnable), so a
+        Relay started from code refuses what the CLI refuses; warnings go to the log."""
+        from fastrelay.config.model import check_runnable
+
+        errors, warnings = check_runnable(self.cfg)
+        if errors:
+            raise StartupError("; ".join(str(e) for e in errors))
+        for w in [*self.cfg.warnings, *warnings]:
+            log.warning("config: %s:%d:%d: %s", w.file, w.line, w.col, w.message)
+
     async def _start_delivery(self, entries: list) -> None:
         """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
         cfg = self.cfg
@@ -110,17 +122,14 @@ class Relay:
         cfg = self.cfg
         if not cfg.xfer_server_enabled:
             return
-        if not cfg.http_listens:
-            raise StartupError("msys.xfer.server is loaded but there is no HTTP_Listener to serve it on")
         from fastrelay.xfer.server import XferServer, XferServerSettings
 
+        # No HTTP_Listener, or no authentication with a non-loopback xfer_allowed_clients, were
+        # dealt with by _check_config (an error; a warning naming the risk). With no xfer_secret
+        # or xfer_tokens the server accepts from xfer_allowed_clients only: network
+        # authentication, as relay_hosts is for SMTP (docs/xfer.md).
         for listen in cfg.http_listens:
             settings = XferServerSettings.from_listen(listen)
-            if not settings.secret and not settings.tokens:
-                raise StartupError(
-                    f"XFER server on {listen.address}: set xfer_secret (or xfer_tokens); without "
-                    "authentication an XFER server is an open relay (docs/xfer.md)"
-                )
             srv = XferServer(settings, self)
             try:
                 await srv.start(listen.address.host or None, listen.address.port)

@@ -157,3 +157,151 @@ def test_run_bad_conf_exits_2(tmp_path):
     f.write_text("Spool_Base = \n")
     out = fr("run", "-c", str(f))
     assert out.returncode == 2 and out.stderr.startswith(f"{f}:2:1: unexpected end of the file")
+
+
+# --- check-config and run agree (issue 9) ------------------------------------------------------------
+
+AGREE = {
+    "no listener": 'Spool_Base = "spool"\nDomain a.test { Gateway = "10.0.0.1" }\n',
+    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Concurrency = 10\n}\n',
+    "delay_xfer without msys.xfer.client": (
+        'Spool_Base = "spool"\nDomain xfer.test {\n  Delivery_Method = "delay_xfer"\n}\n'
+        'ESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
+    "msys.xfer.server without HTTP_Listener": (
+        'Spool_Base = "spool"\nscriptlet "scriptlet" {\n  script xfer_server {\n    source = "msys.xfer.server"\n'
+        '  }\n}\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
+    "Momentum option": 'Spool_Base = "spool"\nehlo_hostname = "mx.test"\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n',
+}
+
+
+@pytest.mark.parametrize("name", list(AGREE))
+def test_check_config_and_run_refuse_the_same_confs_with_the_same_errors(tmp_path, name):
+    """Issue 9: "`check-config` and `run` always agree: `run` must never refuse a file that
+    `check-config` passes." Each of these once passed check-config, or started and said "ready"."""
+    f = tmp_path / "r.conf"
+    f.write_text(AGREE[name])
+    check = fr("check-config", str(f))
+    run = fr("run", "-c", str(f))
+    assert (check.returncode, run.returncode) == (2, 2)
+    assert check.stderr == run.stderr and check.stderr.startswith(f"{f}:")
+    assert "Traceback" not in check.stderr
+
+
+def test_check_config_errors_name_the_place(tmp_path):
+    f = tmp_path / "r.conf"
+    f.write_text(AGREE["delay_xfer without msys.xfer.client"])
+    assert fr("check-config", str(f)).stderr.startswith(f"{f}:3:3: Delivery_Method = delay_xfer needs the XFER client")
+    f.write_text(AGREE["ESMTP_Listener without Listen"])
+    assert fr("check-config", str(f)).stderr.startswith(f"{f}:2:1: ESMTP_Listener has no Listen stanza")
+    f.write_text(AGREE["no listener"])
+    assert fr("check-config", str(f)).stderr.startswith(f"{f}:1:1: no listener: nothing would receive mail")
+    f.write_text(AGREE["Momentum option"])
+    assert fr("check-config", str(f)).stderr == (
+        f"{f}:2:1: ehlo_hostname is a Momentum option that fastrelay does not support; expected an option or "
+        "stanza of docs/config.md (--lenient ignores it with a warning)\n")
+
+
+def test_lenient_check_config_and_run_warn_about_momentum_names_and_go_on(tmp_path):
+    """Issue 9: "check-config `--lenient` turns those errors, and only those, into warnings, for
+    operators migrating a Momentum configuration." run --lenient starts on the same file."""
+    f = tmp_path / "r.conf"
+    f.write_text(AGREE["Momentum option"] + 'ac_auth { }\n')
+    warning = f"{f}:2:1: warning: ehlo_hostname is a Momentum option that fastrelay does not support"
+    check = fr("check-config", "--lenient", str(f))
+    assert check.returncode == 0 and check.stdout == f"{f}: OK\n"
+    assert [ln.split(";")[0] for ln in check.stderr.splitlines()] == [
+        warning, f"{f}:4:1: warning: ac_auth is a Momentum module that fastrelay does not support"]
+    proc, lines, _ready = _start(str(f), "--lenient")
+    try:
+        assert any(f"{f}:2:1: ehlo_hostname is a Momentum option" in ln for ln in lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # --lenient turns nothing else into a warning.
+    f.write_text(AGREE["Momentum option"] + "max_retries = x\n")
+    for out in (fr("check-config", "--lenient", str(f)), fr("run", "--lenient", "-c", str(f))):
+        assert out.returncode == 2
+        assert f"{f}:4:15: bad value for 'max_retries'" in out.stderr
+
+
+def test_seed_xfer_server_conf_runs_as_written_and_takes_a_transfer_from_loopback(tmp_path):
+    """Issue 9: "The seed's XFER server configuration runs as written. Today `run` refuses it without
+    `xfer_secret` while `check-config` accepts it. New rule: with no secret or token, the XFER
+    server accepts only from `xfer_allowed_clients`, whose default is loopback."
+    conf/examples/seed000_xfer_server.conf (seed 000, "Server Configuration To Receive XFER
+    messages"), included unchanged but for its port (8080 may be taken on a shared machine), beside a
+    spool directory."""
+    import urllib.request
+
+    from fastrelay.message import Envelope, Recipient
+    from fastrelay.xfer import wire
+    from tests.support import free_port
+
+    port = free_port()
+    seed = open(os.path.join(ROOT, "conf", "examples", "seed000_xfer_server.conf")).read()
+    assert 'Listen ":8080" {}' in seed and "xfer_secret" not in seed
+    (tmp_path / "seed.conf").write_text(seed.replace('":8080"', f'":{port}"'))
+    f = tmp_path / "r.conf"
+    f.write_text('Spool_Base = "spool"\nsuspend_delivery = 1\ninclude "seed.conf"\n')
+    check = fr("check-config", str(f))
+    assert (check.returncode, check.stderr) == (0, "")
+    proc, _lines, ready = _start(str(f))
+    try:
+        assert f"xfer on 0.0.0.0:{port}" in ready or f"xfer on [::]:{port}" in ready
+        env = Envelope("s@src.test", [Recipient("r@dst.test")], "dst.test", client_ip="192.0.2.1", helo="h.test",
+                       msgid="1.aaaa", received_at=time.time())
+        payload, n = wire.encode_request(env, [0], b"Subject: x\r\n\r\nhi\r\n", ("node-a", "1"))
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/delay_message", data=payload, method="POST",
+            headers={"Content-Type": wire.CONTENT_TYPE, wire.H_VERSION: "1", wire.H_ENVELOPE_LENGTH: str(n)})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+            assert wire.decode_response(r.read()).duplicate is False
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_config_eval_names_a_momentum_option_without_a_guess(tmp_path):
+    """Issue 9: a real Momentum option "gets "unknown option" or a misleading "did you mean"
+    (`ehlo_hostname` suggests `Hostname`)"."""
+    out = fr("config", "eval", "-c", "conf/fastrelay.conf", "ehlo_hostname")
+    assert (out.returncode, out.stderr) == (
+        2, "fastrelay: ehlo_hostname is a Momentum option that fastrelay does not support\n")
+    f = tmp_path / "m.conf"
+    f.write_text('ehlo_hostname = "mx.test"\nmax_retries = 4\n')
+    assert fr("config", "eval", "-c", str(f), "max_retries").returncode == 2
+    out = fr("config", "eval", "--lenient", "-c", str(f), "max_retries")
+    assert out.stdout == f"max_retries = 4\t# {f}:2 (global)\n"
+
+
+def test_xfer_server_open_beyond_loopback_without_a_secret_starts_with_a_warning(tmp_path):
+    """Issue 9: "A non-loopback allow-list without a secret starts with a warning naming the risk."
+    check-config prints the same warning and passes the file."""
+    from tests.support import free_port
+
+    port = free_port()
+    f = tmp_path / "x.conf"
+    f.write_text('Spool_Base = "spool"\nsuspend_delivery = 1\n'
+                 'scriptlet "scriptlet" { script xfer_server { source = "msys.xfer.server" } }\n'
+                 f'HTTP_Listener {{\n  xfer_allowed_clients = ( 10.0.0.0/8 127.0.0.0/8 )\n  Listen "127.0.0.1:{port}" {{}}\n}}\n')
+    warning = (f"{f}:5:3: warning: the XFER server on 127.0.0.1:{port} takes unauthenticated transfers from "
+               "10.0.0.0/8 (xfer_allowed_clients, no xfer_secret or xfer_tokens): any host there can relay mail "
+               "through this node")
+    check = fr("check-config", str(f))
+    assert check.returncode == 0 and check.stderr.startswith(warning)
+    proc, lines, _ready = _start(str(f))
+    try:
+        logged = [ln for ln in lines if "takes unauthenticated transfers from 10.0.0.0/8" in ln]
+        assert len(logged) == 1 and "WARNING" in logged[0]
+        assert warning.replace(": warning:", ":") in logged[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

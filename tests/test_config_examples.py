@@ -75,3 +75,16 @@ def test_seed004_balance(conf_impl):
     assert [(r.host, r.pref) for r in cfg.get("Routes")] == [
         ("10.0.11.7", 10), ("10.0.11.8", 10), ("10.0.11.10", 10), ("10.0.11.13", 10), ("10.0.11.56", 10),
     ]
+
+
+@pytest.mark.parametrize("name", ["seed000_xfer_server.conf", "seed001_xfer_server.conf"])
+def test_seed_xfer_server_confs_are_runnable_as_written(conf_impl, name):
+    """Issue 9: "The seed's XFER server configuration runs as written": no secret, so the XFER
+    server authenticates by xfer_allowed_clients (loopback by default), with nothing to warn about."""
+    from fastrelay.config.model import check_runnable
+
+    cfg = example(name)
+    assert check_runnable(cfg) == ([], [])
+    (listen,) = cfg.http_listens
+    assert listen.get("xfer_secret") is None and [str(n) for n in listen.get("xfer_allowed_clients")] == [
+        "127.0.0.0/8", "::1/128"]

@@ -297,3 +297,20 @@ def test_every_option_has_a_doc_and_a_valid_default():
     for opt in schema.OPTIONS:
         assert opt.doc and opt.scopes, opt.name
         assert opt.format(opt.default)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('Gateway = "a.test:\u00b2"', "t.conf:1:11: bad value for 'Gateway': port '\u00b2' is not a number from 1 to 65535"),
+    ('Gateway = "a.test:\uff15"', "t.conf:1:11: bad value for 'Gateway': port '\uff15' is not a number from 1 to 65535"),
+    ('Routes = ( "smtp://1.2.3.4?port=\uff15" )',
+     "t.conf:1:12: bad value for 'Routes': route parameter port='\uff15' is not a number from 1 to 65535"),
+    ('Routes = ( "smtp://1.2.3.4?pref=\u00b2" )',
+     "t.conf:1:12: bad value for 'Routes': route parameter pref='\u00b2' is not a number from 0 to 65535"),
+])
+def test_numbers_in_values_are_ascii_digits_only(conf_impl, text, expected):
+    """Issue 9: "SMTP numbers are ASCII digits only ... Look for every `isdigit()` and `strip()` used
+    before `int()`": a fullwidth 5 was read as port 5, a '²' gave int()'s own message."""
+    with pytest.raises(ConfigErrors) as ei:
+        loads(text, "t.conf")
+    (err,) = ei.value.errors
+    assert str(err).startswith(expected + "; expected") or str(err) == expected

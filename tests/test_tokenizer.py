@@ -10,7 +10,7 @@ from fastrelay import _impl
 from fastrelay.config import tokens as T
 from fastrelay.config.errors import ConfigError
 
-UNTERMINATED_STRING = "unterminated string; expected a closing '\"' before the end of the line"
+UNTERMINATED_STRING = "unterminated string; expected a closing '\"' before the end of the file"
 UNTERMINATED_COMMENT = "unterminated comment; expected '*/' before the end of the file"
 BAD_WORD = "invalid UTF-8 in word; expected UTF-8 text"
 BAD_STRING = "invalid UTF-8 in string; expected UTF-8 text"
@@ -47,9 +47,9 @@ def test_every_token_kind(impl):
 
 
 def test_kind_values_are_the_shared_constants():
-    assert (T.WORD, T.STRING, T.NUMBER, T.EQUALS, T.LBRACE, T.RBRACE, T.LPAREN, T.RPAREN) == tuple(
-        range(1, 9)
-    )
+    assert (T.WORD, T.STRING, T.NUMBER, T.EQUALS, T.LBRACE, T.RBRACE, T.LPAREN, T.RPAREN, T.LBRACKET,
+            T.RBRACKET) == tuple(range(1, 11))
+    assert set(T.NAMES) == set(range(1, 11))
 
 
 @pytest.mark.needs_compiled
@@ -267,6 +267,71 @@ def test_utf8_in_words_and_strings(impl):
     ]
 
 
+# -- Momentum's forms (issue 9, part 4: "hash values `[ key = value ... ]`, used by many module
+# and listener options; a string continued on the next line") ------------------------------------
+
+L, R = (T.LBRACKET, "["), (T.RBRACKET, "]")
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    # modules/ac-auth.md, auth-ds.md: a hash on one line, and over several
+    (b'AuthLoginParameters = [uri = "mysqlauth://"]',
+     [(T.WORD, "AuthLoginParameters"), (T.EQUALS, "="), L, (T.WORD, "uri"), (T.EQUALS, "="),
+      (T.STRING, "mysqlauth://"), R]),
+    (b'AuthLoginParameters = [\n  uri = "ac_auth://"\n  log_authentication = "true"\n]\n',
+     [(T.WORD, "AuthLoginParameters"), (T.EQUALS, "="), L, (T.WORD, "uri"), (T.EQUALS, "="),
+      (T.STRING, "ac_auth://"), (T.WORD, "log_authentication"), (T.EQUALS, "="), (T.STRING, "true"), R]),
+    # a bare value right before ']' (no space), keys that are numbers, strings and dotted words
+    (b"m = [a = b]", [(T.WORD, "m"), (T.EQUALS, "="), L, (T.WORD, "a"), (T.EQUALS, "="), (T.WORD, "b"), R]),
+    (b'code = [ 100 = "550 failed" "0" = "250 ok" ]',
+     [(T.WORD, "code"), (T.EQUALS, "="), L, (T.NUMBER, "100"), (T.EQUALS, "="), (T.STRING, "550 failed"),
+      (T.STRING, "0"), (T.EQUALS, "="), (T.STRING, "250 ok"), R]),
+    (b'bits = [ 0.0.0.1 = "l1" ]',
+     [(T.WORD, "bits"), (T.EQUALS, "="), L, (T.WORD, "0.0.0.1"), (T.EQUALS, "="), (T.STRING, "l1"), R]),
+    (b"[] [[a]]", [L, R, L, L, (T.WORD, "a"), R, R]),
+    # IPv6 literals stay words, at the start of a word or inside one, in a hash or a list
+    (b"[::1] [2001:db8::1]:25 [fe80::1%eth0] smtp://[::1]:2525 x[y]z",
+     [(T.WORD, "[::1]"), (T.WORD, "[2001:db8::1]:25"), (T.WORD, "[fe80::1%eth0]"), (T.WORD, "smtp://[::1]:2525"),
+      (T.WORD, "x[y]z")]),
+    (b"h = [ip = [::1]]", [(T.WORD, "h"), (T.EQUALS, "="), L, (T.WORD, "ip"), (T.EQUALS, "="), (T.WORD, "[::1]"), R]),
+    (b"( [::1] 10.0.0.1 )", [(T.LPAREN, "("), (T.WORD, "[::1]"), (T.WORD, "10.0.0.1"), (T.RPAREN, ")")]),
+    # brackets that are not an IPv6 literal: no ':' inside, a space, or no ']'
+    (b"[a] [1.2] [:: 1] [::1", [L, (T.WORD, "a"), R, L, (T.WORD, "1.2"), R, L, (T.WORD, "::"), (T.NUMBER, "1"), R,
+                                L, (T.WORD, "::1")]),
+    # a ']' that closes nothing ends a word
+    (b"a]b", [(T.WORD, "a"), R, (T.WORD, "b")]),
+    # Momentum's `Name = { ... }` is plain tokens
+    (b"ESMTP_Listener = {", [(T.WORD, "ESMTP_Listener"), (T.EQUALS, "="), (T.LBRACE, "{")]),
+])
+def test_hash_brackets(impl, data, expected):
+    assert kt(impl.tokenize(data)) == expected
+
+
+@pytest.mark.parametrize(("data", "text"), [
+    # modules/auth-ds.md: query = "SELECT ... and\n          password = encrypt(:pass, PASSWORD)"
+    (b'"SELECT 1 AS ALLOW FROM users WHERE user_name = :user and\n          password = encrypt(:pass, PASSWORD)"',
+     "SELECT 1 AS ALLOW FROM users WHERE user_name = :user and\n          password = encrypt(:pass, PASSWORD)"),
+    (b'"a\r\nb"', "a\r\nb"),  # the line break as written
+    (b'"a\n\n\nb"', "a\n\n\nb"),
+    (b'"a\\\nb"', "a\\\nb"),  # a backslash before a line break is kept, and so is the break
+    (b'"a\\n\nb\\t"', "a\n\nb\t"),  # escapes on either side of a real line break
+    ('"Réseau\n配信"'.encode(), "Réseau\n配信"),
+])
+def test_string_continued_on_the_next_line(impl, data, text):
+    assert kt(impl.tokenize(data)) == [(T.STRING, text)]
+
+
+def test_positions_after_a_string_over_several_lines(impl):
+    data = b'q = "one\n  two\n  three" x\n  y = [ k = "a\r\nb" ] z\n"'
+    with pytest.raises(ConfigError):
+        impl.tokenize(data)
+    assert positions(impl.tokenize(data[:-1])) == [
+        ("q", 1, 1), ("=", 1, 3), ("one\n  two\n  three", 1, 5), ("x", 3, 10),
+        ("y", 4, 3), ("=", 4, 5), ("[", 4, 7), ("k", 4, 9), ("=", 4, 11), ("a\r\nb", 4, 13), ("]", 5, 4),
+        ("z", 5, 6),
+    ]
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 
@@ -285,10 +350,19 @@ def test_utf8_in_words_and_strings(impl):
         (b"a\x08", 1, 2, control(0x08)),
         # unterminated strings
         (b'x = "abc', 1, 5, UNTERMINATED_STRING),
-        (b'"abc\n"', 1, 1, UNTERMINATED_STRING),
-        (b'"abc\r\n"', 1, 1, UNTERMINATED_STRING),
+        (b'"abc\n', 1, 1, UNTERMINATED_STRING),  # a string may cross lines, not the end of the file
+        (b'"abc\r\n  x = 1\n', 1, 1, UNTERMINATED_STRING),
         (b'a\n\n  "abc\\"', 3, 3, UNTERMINATED_STRING),  # the last quote is escaped
-        (b'"abc\\\ndef"', 1, 1, UNTERMINATED_STRING),  # a backslash does not continue a line
+        (b'"abc\\\ndef', 1, 1, UNTERMINATED_STRING),
+        # a string after one that crossed lines: the message points back at that one
+        (b'x = "a\nb"\ny = "c', 3, 5, UNTERMINATED_STRING + " (the string opened at 1:5 runs over several "
+                                                        "lines; is its closing '\"' missing?)"),
+        (b'g = "x\n  r = "y"\n', 2, 9, UNTERMINATED_STRING + " (the string opened at 1:5 runs over several "
+                                                          "lines; is its closing '\"' missing?)"),
+        (b'"a" "b"\n"c', 2, 1, UNTERMINATED_STRING),  # no earlier string crossed a line
+        # a control byte on a later line of a string is reported where it is
+        (b'q = "one\n  two\x01"', 2, 6, control(0x01)),
+        (b'q = "one\r\n\x7f"', 2, 1, control(0x7F)),
         (b'"\\', 1, 1, UNTERMINATED_STRING),
         (b'"', 1, 1, UNTERMINATED_STRING),
         # unterminated comments
@@ -438,6 +512,7 @@ def _compiled_tokenize():
 
 _CLEAN_FRAGMENTS = [
     b"Domain", b"Routes", b"x", b"10", b"8080", b"10.0.0.1", b"[::1]", b"__mx__", b"smtp://h?p=1",
+    b"[", b"]", b"[::1]:25", b"[fe80::1%eth0]", b"[a", b":", b"%", b"smtp://[::1]", b'"\n"', b'"a\r\nb"',
     b" ", b"  ", b"\t", b"\n", b"\r\n", b"\r", b"\x0b", b"\x0c",
     b'"', b'"', b"\\", b"\\\\", b'\\"', b"\\n", b"\\t", b"\\r", b"\\q",
     b"{", b"}", b"(", b")", b"=", b"#", b"/*", b"*/", b"/", b"*", "é".encode(), "配".encode(),

@@ -476,3 +476,89 @@ async def test_settings_from_a_listen_entry(tmp_path):
     assert s == XferServerSettings(uri="/global", method="PUT", secret="sekrit", tokens=("t1", "t2"),
                                    allowed_clients=(ipaddress.ip_network("10.0.0.0/8"),), max_body=2 * 1024 * 1024,
                                    max_hops=4, replay_window=60.0)
+
+
+def raw_head(payload: bytes, *, version: str = "1", length: str) -> bytes:
+    # Built by hand: aiohttp's client refuses control characters in header values.
+    digest = wire.content_sha256(payload)
+    auth = wire.authorization(SECRET, "POST", URI, digest)
+    return (f"POST {URI} HTTP/1.1\r\nHost: x\r\nContent-Type: {wire.CONTENT_TYPE}\r\n{wire.H_VERSION}: {version}\r\n"
+            f"{wire.H_ENVELOPE_LENGTH}: {length}\r\n{wire.H_CONTENT_SHA256}: {digest}\r\nAuthorization: {auth}\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("version", ["²", "\uff15", "1\x1f", "\x1c1", "\u0661", "1.0", "01a"])
+async def test_400_for_a_version_header_that_is_not_ascii_digits(start, spool, version):
+    """Issue 9: "`X-Xfer-Version: ²` ... give[s] 500 with a traceback instead of 400 (the sender treats
+    500 as transient and retries forever)". Numbers are ASCII digits only; nothing is spooled.
+    (llhttp itself refuses some control bytes in a header value: a JSON 400 bad_request then.)"""
+    node = await start()
+    payload, n = transfer()
+    status, doc = parse_raw(await raw_exchange(node, raw_head(payload, version=version, length=str(n)) + payload))
+    assert (status, doc["error"]) in ((400, "bad_version"), (400, "bad_request"))
+    assert await spooled(spool) == []
+
+
+@pytest.mark.parametrize("length", ["0\x1f", "2\x1c", "²", "\uff15"])
+async def test_400_for_an_envelope_length_header_that_is_not_ascii_digits(start, spool, length):
+    node = await start()
+    payload, _n = transfer()
+    status, doc = parse_raw(await raw_exchange(node, raw_head(payload, length=length) + payload))
+    assert (status, doc["error"]) in ((400, "bad_envelope_length"), (400, "bad_request"))
+    assert await spooled(spool) == []
+
+
+async def test_400_for_context_meta_holding_json_infinity(start, http, spool):
+    """A context meta value of `1e999` (JSON infinity) gave 500 with a traceback."""
+    node = await start()
+    payload, n = transfer()
+    doc = json.loads(payload[:n])
+    doc["context"] = {"attempts": 1, "first_queued": time.time(), "next_attempt": time.time(), "meta": {}}
+    head = json.dumps(doc, separators=(",", ":")).encode().replace(b'"meta":{}', b'"meta":{"x":1e999}')
+    assert err(await post(http, node, head + BODY, len(head))) == (400, "bad_field")
+    assert await spooled(spool) == []
+
+
+async def test_without_secret_or_tokens_the_allow_list_is_the_authentication(start, spool):
+    """Issue 9: "with no secret or token, the XFER server accepts only from `xfer_allowed_clients`,
+    whose default is loopback. That is network authentication, as `relay_hosts` is for SMTP."
+    A client inside the list needs no Authorization header (any it sends is not needed); one
+    outside gets 403 and nothing is spooled."""
+    import ipaddress
+
+    node = await start(secret=None, allowed_clients=(ipaddress.ip_network("127.0.0.1/32"),))
+    async with aiohttp.ClientSession() as http:
+        payload, n = transfer(key=("node-a", "1"))
+        r = await post(http, node, payload, n, secret=None)
+        assert (r.status, r.doc["status"], r.doc["duplicate"]) == (200, "accepted", False)
+        payload, n = transfer(key=("node-a", "2"))
+        assert (await post(http, node, payload, n, secret="whatever")).status == 200
+    conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=conn) as other:
+        payload, n = transfer(key=("node-a", "3"))
+        assert err(await post(other, node, payload, n, secret=None)) == (403, "forbidden")
+    assert sorted(e.meta["xfer_origin"]["id"] for e, _ in await spooled(spool)) == ["1", "2"]
+
+
+async def test_with_a_secret_the_allow_list_alone_is_not_enough(start, spool, http):
+    node = await start()  # secret set, loopback allowed
+    payload, n = transfer()
+    assert err(await post(http, node, payload, n, secret=None)) == (401, "auth_required")
+    assert await spooled(spool) == []
+
+
+@pytest.mark.parametrize("value", ["\u00e9", "\u00b2" * 64, "g" * 64, "ab", "\u0661" * 64])
+@pytest.mark.parametrize("auth", ["network", "bearer"])
+async def test_400_for_a_content_hash_that_is_not_hex(start, spool, value, auth):
+    """Found probing issue 9's "every malformed request is a 4xx with a JSON error": a non-ASCII
+    X-Xfer-Content-SHA256 reached hmac.compare_digest (TypeError) and gave 500, which the sender
+    retries forever. With HMAC it is a 401 missing_content_hash before the body is read, as before."""
+    node = await start(secret=None, tokens=("tok",) if auth == "bearer" else ())
+    payload, n = transfer()
+    head = (f"POST {URI} HTTP/1.1\r\nHost: x\r\nContent-Type: {wire.CONTENT_TYPE}\r\n{wire.H_VERSION}: 1\r\n"
+            f"{wire.H_ENVELOPE_LENGTH}: {n}\r\n{wire.H_CONTENT_SHA256}: {value}\r\n"
+            + ("Authorization: Bearer tok\r\n" if auth == "bearer" else "")
+            + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+    status, doc = parse_raw(await raw_exchange(node, head + payload))
+    assert (status, doc["error"]) == (400, "bad_content_hash")
+    assert await spooled(spool) == []

@@ -518,3 +518,46 @@ def test_decode_raises_only_wire_error_on_arbitrary_json(doc):
         decode_doc(doc)
     except WireError:
         pass
+
+
+# --- Deterministic regressions (issue 9, part 3: "XFER: `X-Xfer-Envelope-Length: 0\x1f` raises
+# ValueError ... Every malformed request is a 4xx with a JSON error, and nothing is spooled.") -----
+
+@pytest.mark.parametrize("length", [
+    "0\x1f", "2\x1c", "\x1e2", "12\x85", " 1\u2028", "²", "\uff15", "1\u0663", "0x10", "+5", "-1", "", " ", "1 2",
+])
+def test_envelope_length_that_is_not_ascii_digits_is_400(length):
+    """"Numbers are ASCII digits only": what str.strip() or str.isdigit() would let through is refused,
+    never a ValueError."""
+    payload, _n = encoded()
+    with pytest.raises(WireError) as e:
+        wire.decode_request(payload, length)
+    assert (e.value.status, e.value.code) == (400, "bad_envelope_length")
+
+
+@pytest.mark.parametrize("pad", ["", " ", "\t", " \t "])
+def test_envelope_length_with_http_whitespace_is_read(pad):
+    payload, n = encoded()
+    assert wire.decode_request(payload, f"{pad}{n}{pad}").origin_id == "17"
+
+
+@pytest.mark.parametrize("meta_json", [
+    b'{"big":1e999}', b'{"neg":-1e999}', b'{"deep":[{"x":1E400}]}', b'{"k":{"k":[1,2,1e309]}}',
+])
+def test_context_meta_holding_json_infinity_is_400(meta_json):
+    """A context meta value of 1e999 (JSON infinity) used to give 500 with a traceback, and the
+    sender treats 500 as transient and retries forever."""
+    doc = valid_doc()
+    doc["context"] = dict(CTX)
+    head = json.dumps(doc, separators=(",", ":")).encode().replace(b'"meta":{}', b'"meta":' + meta_json)
+    with pytest.raises(WireError) as e:
+        wire.decode_request(head + b"x", str(len(head)))
+    assert (e.value.status, e.value.code) == (400, "bad_field")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1", 1), (" 1\t", 1), ("007", 7), ("²", None), ("\uff15", None), ("1\x1f", None), ("\x1c1", None),
+    ("", None), (None, None), ("1234567", None), ("1.0", None),
+])
+def test_header_uint_takes_ascii_digits_only(value, expected):
+    assert wire.header_uint(value, max_digits=6) == expected

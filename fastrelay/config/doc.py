@@ -11,11 +11,25 @@ HEADER = """# fastrelay configuration reference
 Generated from `fastrelay/config/schema.py` by `python -m fastrelay.config.doc > docs/config.md`;
 a test fails when this file is out of date.
 
-The language is Momentum's ecelerity.conf: `option = value`; stanzas `Type [NAME] { ... }`; lists
-`( a "b" c )` with space-separated values; double-quoted strings with the escapes `\\\\ \\" \\n \\t \\r`;
-`#` comments to the end of the line and non-nesting `/* ... */` comments; `include "PATH"` (a file,
-or a directory read in alphabetical order without its dot-files; relative to the including file).
+The language is Momentum's ecelerity.conf: `option = value`; stanzas `Type [NAME] { ... }` (a
+stanza without a name may also be written `Type = { ... }`, as Momentum's own examples do); lists
+`( a "b" c )` with space-separated values; hashes `[ key = value ... ]` (keys are words, numbers or
+strings, each once; values are values, lists or hashes; used by Momentum's module and listener
+parameters such as `AuthLoginParameters = [ uri = "ac_auth://" ]`); double-quoted strings with the
+escapes `\\\\ \\" \\n \\t \\r`, which may continue on the next lines (the line breaks are part of the
+string, as in Momentum's multi-line SQL queries; the `»` that Momentum's printed documentation puts
+at the end of a wrapped line is not conf syntax: join such lines when copying); `#` comments to the
+end of the line and non-nesting `/* ... */` comments; `include "PATH"` (a regular file of at most
+16 MiB, or a directory whose regular files are read in alphabetical order without its dot-files;
+relative to the including file). Stanzas, lists and hashes nest at most 32 deep, includes counted.
 Option and stanza names are case-insensitive.
+
+An option or stanza of Momentum's reference that fastrelay does not implement (the list is
+`fastrelay/config/momentum_names.txt`) is refused as "X is a Momentum option that fastrelay does not
+support"; `check-config --lenient` and `run --lenient` warn about those instead, and only those,
+for operators migrating a Momentum configuration. `check-config` also makes the checks `run` makes
+before it starts (a listener to serve, a `Listen` in each listener, the XFER client loaded for
+`Delivery_Method = delay_xfer`, an HTTP_Listener for the XFER server), so the two always agree.
 
 Times: a plain number is seconds (milliseconds where noted, as Momentum does), or a number with a
 unit: `500ms`, `10s`, `3m`, `2h`, `7d`. Sizes: bytes, or `64k`, `10m`, `1g`. Booleans: `1 0 true

@@ -28,6 +28,14 @@ class ConfigError(Exception):
         return hash(self.args)
 
 
+class UnsupportedMomentumName(ConfigError):
+    """A Momentum option or stanza that fastrelay does not implement (fastrelay/config/momentum_names.txt).
+
+    The one kind of error `check-config --lenient` and `run --lenient` turn into a warning, for
+    operators migrating a Momentum configuration.
+    """
+
+
 class ConfigErrors(Exception):
     """Every error found in a configuration, in file order."""
 

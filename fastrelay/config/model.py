@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from fastrelay.config import momentum
 from fastrelay.config import schema as S
-from fastrelay.config.errors import ConfigError, ConfigErrors
+from fastrelay.config.errors import ConfigError, ConfigErrors, UnsupportedMomentumName
 from fastrelay.config.parser import Atom, Option, Pos, Stanza, parse_file, parse_text
 from fastrelay.config.types import DISABLED, HostPort, Invalid
 
@@ -92,6 +94,8 @@ class Config:
         self.esmtp_listens: list[ListenScope] = []
         self.http_listens: list[ListenScope] = []
         self.scripts: dict[str, tuple[str, Pos]] = {}  # source -> (script name, pos)
+        # Momentum names ignored under --lenient (check_runnable() returns its own warnings).
+        self.warnings: list[ConfigError] = []
         self._cache: dict[tuple[str, str | None, str | None], Setting] = {}
 
     # -- queries ----------------------------------------------------------------------------
@@ -173,6 +177,20 @@ class _Builder:
     def fail(self, pos: Pos, message: str) -> None:
         self.errors.append(pos.error(message))
 
+    def momentum(self, name: str, pos: Pos) -> bool:
+        """A name fastrelay does not know but Momentum's reference does: say so, with no guess
+        (`ehlo_hostname` is not a misspelt `Hostname`). True if it was one."""
+        hit = momentum.lookup(name)
+        if hit is None:
+            return False
+        kind = hit[0]
+        self.errors.append(UnsupportedMomentumName(
+            pos.file, pos.line, pos.col,
+            f"{name} is a Momentum {kind} that fastrelay does not support; expected an option or stanza "
+            "of docs/config.md (--lenient ignores it with a warning)",
+        ))
+        return True
+
     def build(self, nodes: list) -> None:
         self.items(nodes, S.GLOBAL, self.cfg.global_, ctx={})
 
@@ -185,6 +203,8 @@ class _Builder:
 
     def option(self, node: Option, scope_kind: str, scope: Scope) -> None:
         opt = S.BY_KEY.get(node.key)
+        if opt is None and node.key not in S.STANZA_BY_KEY and self.momentum(node.name, node.pos):
+            return
         if opt is None:
             msg = f"unknown option '{node.name}'"
             close = difflib.get_close_matches(node.key, list(S.BY_KEY), n=1, cutoff=0.75)
@@ -214,6 +234,8 @@ class _Builder:
 
     def stanza(self, node: Stanza, parent_kind: str, ctx: dict) -> None:
         sdef = S.STANZA_BY_KEY.get(node.key)
+        if sdef is None and node.key not in S.BY_KEY and self.momentum(node.type, node.pos):
+            return
         if sdef is None:
             msg = f"unknown stanza '{node.type}'"
             close = difflib.get_close_matches(node.key, list(S.STANZA_BY_KEY), n=1, cutoff=0.7)
@@ -274,13 +296,21 @@ class _Builder:
         sc = self.cfg.hosts.setdefault(name, Scope(S.HOST, name, f"Host {name}"))
         self.items(node.children, S.HOST, sc, ctx)
 
+    def _needs_listen(self, node: Stanza) -> None:
+        # A listener with no Listen would listen nowhere: an error, never silently ignored.
+        if not any(isinstance(c, Stanza) and c.key == "listen" for c in node.children):
+            self.fail(node.pos, f"{node.type} has no Listen stanza, so it would listen nowhere; "
+                                f'expected {node.type} {{ Listen "ADDRESS:PORT" {{ }} }}')
+
     def s_esmtp_listener(self, node: Stanza, name: None, ctx: dict) -> None:
         sc = Scope(S.ESMTP_LISTENER, None, "ESMTP_Listener")
         self.items(node.children, S.ESMTP_LISTENER, sc, {**ctx, "listener": sc})
+        self._needs_listen(node)
 
     def s_http_listener(self, node: Stanza, name: None, ctx: dict) -> None:
         sc = Scope(S.HTTP_LISTENER, None, "HTTP_Listener")
         self.items(node.children, S.HTTP_LISTENER, sc, {**ctx, "listener": sc})
+        self._needs_listen(node)
 
     def _listen(self, node: Stanza, addr: HostPort, ctx: dict, kind: str, into: list[ListenScope]) -> None:
         sc = Scope(kind, str(addr), f"Listen \"{node.name.text if node.name else addr}\"")
@@ -314,32 +344,98 @@ class _Builder:
         self.cfg.scripts[src[0]] = (name, src[1])
 
 
-def build(nodes: list, files: list[str] | None = None) -> Config:
+def build(nodes: list, files: list[str] | None = None, *, lenient: bool = False) -> Config:
+    """Model a parsed tree. With `lenient`, Momentum options and stanzas fastrelay does not
+    support become warnings (cfg.warnings) instead of errors; nothing else does."""
     b = _Builder()
     b.build(nodes)
-    if b.errors:
-        raise ConfigErrors(b.errors)
+    errors = b.errors
+    if lenient:
+        b.cfg.warnings.extend(e for e in errors if isinstance(e, UnsupportedMomentumName))
+        errors = [e for e in errors if not isinstance(e, UnsupportedMomentumName)]
+    if errors:
+        raise ConfigErrors(errors)
     b.cfg.files = files or []
     return b.cfg
 
 
-def load(path: str) -> Config:
+def load(path: str, *, lenient: bool = False) -> Config:
     """Read, check and model a conf file (and its includes). Raises ConfigErrors with every error."""
     try:
         nodes = parse_file(path)
     except ConfigError as e:
         raise ConfigErrors([e]) from None
-    return build(nodes, [path])
+    return build(nodes, [path], lenient=lenient)
 
 
-def loads(text: str | bytes, filename: str = "<string>") -> Config:
+def loads(text: str | bytes, filename: str = "<string>", *, lenient: bool = False) -> Config:
     """Model conf text; includes are read relative to `filename`'s directory."""
     data = text.encode() if isinstance(text, str) else text
     try:
         nodes = parse_text(data, filename)
     except ConfigError as e:
         raise ConfigErrors([e]) from None
-    return build(nodes, [filename])
+    return build(nodes, [filename], lenient=lenient)
 
 
-__all__ = ["Atom", "Config", "Setting", "load", "loads"]
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _loopback_only(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    return any(net.version == lo.version and net.subnet_of(lo) for lo in _LOOPBACK)  # type: ignore[arg-type]
+
+
+def _outbound_scopes(cfg: Config) -> list[Scope]:
+    out = [cfg.global_, *cfg.domains.values(), *cfg.binding_groups.values()]
+    for b in cfg.bindings.values():
+        out.append(b.scope)
+        out.extend(b.domains.values())
+    return out
+
+
+def check_runnable(cfg: Config) -> tuple[list[ConfigError], list[ConfigError]]:
+    """What a whole configuration must hold to be run: (errors, warnings).
+
+    `check-config` and `run` both make exactly these checks (after load), so run never refuses a
+    file check-config passes. A conf fragment (a seed snippet, a unit test's loads()) need not pass
+    them: they are about the whole relay, not the language.
+    """
+    errors: list[ConfigError] = []
+    warnings: list[ConfigError] = []
+    top = Pos(cfg.files[0] if cfg.files else "<string>", 1, 1)
+    xfer_server = cfg.scripts.get("msys.xfer.server")
+    if xfer_server is not None and not cfg.http_listens:
+        errors.append(xfer_server[1].error(
+            "msys.xfer.server is loaded but there is no HTTP_Listener to serve it on; "
+            'expected HTTP_Listener { Listen ":8080" { } }'))
+    if not cfg.esmtp_listens and not (xfer_server is not None and cfg.http_listens):
+        hint = " (an HTTP_Listener serves only the msys.xfer.server script, which is not loaded)" \
+            if cfg.http_listens else ""
+        errors.append(top.error(
+            f"no listener: nothing would receive mail{hint}; expected an ESMTP_Listener with a Listen, "
+            "or an HTTP_Listener with the msys.xfer.server script"))
+    if "msys.xfer.client" not in cfg.scripts:
+        # Momentum: the delay_xfer delivery method exists only once the XFER client is loaded.
+        hits = [sc.get("delivery_method") for sc in _outbound_scopes(cfg)]
+        for hit in sorted((h for h in hits if h is not None and h[0] == "delay_xfer"),
+                          key=lambda h: (h[1].file, h[1].line, h[1].col)):
+            errors.append(hit[1].error(
+                    "Delivery_Method = delay_xfer needs the XFER client, which is not loaded; expected "
+                    'scriptlet "scriptlet" { script xfer_client { source = "msys.xfer.client" } }'))
+    if xfer_server is not None:
+        for listen in cfg.http_listens:
+            if listen.get("xfer_secret") or listen.get("xfer_tokens"):
+                continue
+            allowed = listen.lookup("xfer_allowed_clients")
+            open_to = [str(n) for n in allowed.value if not _loopback_only(n)]
+            if open_to:
+                # Network authentication only, as relay_hosts is for SMTP: say what that means.
+                warnings.append((allowed.pos or listen.pos).error(
+                    f"the XFER server on {listen.address} takes unauthenticated transfers from "
+                    f"{', '.join(open_to)} (xfer_allowed_clients, no xfer_secret or xfer_tokens): any host "
+                    "there can relay mail through this node; expected xfer_secret set, or a loopback-only "
+                    "xfer_allowed_clients"))
+    return errors, warnings
+
+
+__all__ = ["Atom", "Config", "Setting", "check_runnable", "load", "loads"]

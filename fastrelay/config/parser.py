@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
-from fastrelay import _impl
+from fastrelay import _impl, limits
 from fastrelay.config import tokens as T
 from fastrelay.config.errors import ConfigError
 
@@ -42,7 +43,23 @@ class ListValue:
     pos: Pos
 
 
-Value = Atom | ListValue
+@dataclass(slots=True)
+class HashValue:
+    """A bracketed hash of key = value pairs, as Momentum writes module and listener parameters:
+    [ uri = "ac_auth://" log_authentication = "true" ]. Keys are words, numbers or strings;
+    values are atoms, lists or hashes. Pairs keep their written order."""
+
+    items: list[tuple[Atom, Value]]
+    pos: Pos
+
+    def get(self, key: str) -> Value | None:
+        for k, v in self.items:
+            if k.text == key:
+                return v
+        return None
+
+
+Value = Atom | ListValue | HashValue
 
 
 @dataclass(slots=True)
@@ -80,7 +97,10 @@ STANZA_WORDS = frozenset(
 )
 
 # Includes deeper than this are surely a mistake (and would exhaust the stack).
-MAX_INCLUDE_DEPTH = 32
+MAX_INCLUDE_DEPTH = limits.MAX_CONF_INCLUDE_DEPTH
+# Stanzas and values nested deeper than this, across includes (the parser and the model recurse).
+MAX_NESTING = limits.MAX_CONF_NESTING
+MAX_FILE_SIZE = limits.MAX_CONF_FILE_SIZE
 
 
 def _tok_pos(tok: tuple) -> Pos:
@@ -101,12 +121,21 @@ def _describe(tok: tuple | None) -> str:
 class _Parser:
     """Recursive descent over one file's tokens; `include` re-enters parse_file."""
 
-    def __init__(self, tokens: list, filename: str, stack: tuple[str, ...], eof: Pos):
+    def __init__(self, tokens: list, filename: str, stack: tuple[str, ...], eof: Pos, depth: int = 0):
         self.toks = tokens
         self.i = 0
         self.filename = filename
         self.stack = stack
         self.eof = eof
+        self.depth = depth  # stanzas and values open around the current token, includes counted
+
+    def enter(self, tok: tuple, what: str) -> None:
+        """One more level of nesting, refused past MAX_NESTING (a conf 300 stanzas deep used to
+        end in a RecursionError)."""
+        if self.depth >= MAX_NESTING:
+            raise _tok_pos(tok).error(
+                f"{what} nested more than {MAX_NESTING} deep; expected a shallower conf (limits.MAX_CONF_NESTING)")
+        self.depth += 1
 
     def peek(self, k: int = 0) -> tuple | None:
         j = self.i + k
@@ -146,11 +175,18 @@ class _Parser:
             )
         if nxt is not None and nxt[0] == T.EQUALS:
             self.i += 1
+            brace = self.peek()
+            if brace is not None and brace[0] == T.LBRACE:
+                # Momentum also writes a stanza as `ESMTP_Listener = { ... }` (inbound-ssl.md).
+                self.i += 1
+                stanza = Stanza(name_tok[1], None, _tok_pos(name_tok))
+                stanza.children = self.stanza_body(brace, name_tok[1])
+                return stanza
             return Option(name_tok[1], self.parse_value(), _tok_pos(name_tok))
         if nxt is not None and nxt[0] == T.LBRACE:
             self.i += 1
             stanza = Stanza(name_tok[1], None, _tok_pos(name_tok))
-            stanza.children = self.parse_items(nxt, name_tok[1])
+            stanza.children = self.stanza_body(nxt, name_tok[1])
             return stanza
         after = self.peek(1)
         if (
@@ -162,7 +198,7 @@ class _Parser:
             self.i += 2
             name = Atom(nxt[1], nxt[0] == T.STRING, _tok_pos(nxt))
             stanza = Stanza(name_tok[1], name, _tok_pos(name_tok))
-            stanza.children = self.parse_items(after, name_tok[1])
+            stanza.children = self.stanza_body(after, name_tok[1])
             return stanza
         if nxt is not None and nxt[0] in (T.WORD, T.STRING, T.NUMBER) and name_tok[1].lower() in STANZA_WORDS:
             # `Domain a b {`: a stanza type and a name, then something other than '{'.
@@ -174,6 +210,12 @@ class _Parser:
             "or a stanza name and '{'"
         )
 
+    def stanza_body(self, opener: tuple, stanza_type: str) -> list[Node]:
+        self.enter(opener, "stanzas")
+        children = self.parse_items(opener, stanza_type)
+        self.depth -= 1
+        return children
+
     def parse_value(self) -> Value:
         tok = self.peek()
         if tok is None:
@@ -184,6 +226,7 @@ class _Parser:
             return Atom(tok[1], kind == T.STRING, _tok_pos(tok))
         if kind == T.LPAREN:
             self.i += 1
+            self.enter(tok, "lists")
             items: list[Atom] = []
             while True:
                 t = self.peek()
@@ -191,6 +234,7 @@ class _Parser:
                     raise _tok_pos(tok).error("unclosed '(' opened here; expected ')' before the end of the file")
                 if t[0] == T.RPAREN:
                     self.i += 1
+                    self.depth -= 1
                     return ListValue(items, _tok_pos(tok))
                 if t[0] not in (T.WORD, T.STRING, T.NUMBER):
                     raise _tok_pos(t).error(
@@ -198,9 +242,44 @@ class _Parser:
                     )
                 items.append(Atom(t[1], t[0] == T.STRING, _tok_pos(t)))
                 self.i += 1
+        if kind == T.LBRACKET:
+            self.i += 1
+            return self.parse_hash(tok)
         raise _tok_pos(tok).error(
-            f"unexpected {_describe(tok)}; expected a value (a word, a number, a string or a list)"
+            f"unexpected {_describe(tok)}; expected a value (a word, a number, a string, a list or a hash)"
         )
+
+    def parse_hash(self, opener: tuple) -> HashValue:
+        """`[ key = value ... ]` after its '['; pairs are separated by white space only."""
+        self.enter(opener, "lists and hashes")
+        items: list[tuple[Atom, Value]] = []
+        seen: dict[str, Pos] = {}
+        while True:
+            t = self.peek()
+            if t is None:
+                raise _tok_pos(opener).error("unclosed '[' opened here; expected ']' before the end of the file")
+            if t[0] == T.RBRACKET:
+                self.i += 1
+                self.depth -= 1
+                return HashValue(items, _tok_pos(opener))
+            if t[0] not in (T.WORD, T.STRING, T.NUMBER):
+                raise _tok_pos(t).error(f"unexpected {_describe(t)} in a hash; expected key = value pairs, then ']'")
+            key = Atom(t[1], t[0] == T.STRING, _tok_pos(t))
+            self.i += 1
+            eq = self.peek()
+            if eq is None or eq[0] != T.EQUALS:
+                where = _tok_pos(eq) if eq is not None else self.eof
+                raise where.error(f"unexpected {_describe(eq)} after the key '{key.text}' in a hash; expected '='")
+            self.i += 1
+            if self.peek() is None:
+                raise self.eof.error(f"unexpected end of the file; expected a value for '{key.text}' in the hash")
+            value = self.parse_value()
+            if key.text in seen:
+                # Which of the two would count is a guess either way: refuse it.
+                raise key.pos.error(f"the key '{key.text}' is already in this hash (at {seen[key.text]}); "
+                                    "expected each key once")
+            seen[key.text] = key.pos
+            items.append((key, value))
 
     def parse_include(self, inc_tok: tuple) -> list[Node]:
         tok = self.peek()
@@ -222,23 +301,60 @@ class _Parser:
             nodes: list[Node] = []
             for n in names:
                 full = os.path.join(path, n)
-                if os.path.isfile(full):
-                    nodes.extend(parse_file(full, self.stack, pos))
+                if os.path.isfile(full):  # regular files only (no FIFO, device or socket)
+                    nodes.extend(parse_file(full, self.stack, pos, self.depth, shown=n))
             return nodes
-        return parse_file(path, self.stack, pos)
+        return parse_file(path, self.stack, pos, self.depth, shown=tok[1])
 
 
-def parse_text(data: bytes, filename: str = "<string>", stack: tuple[str, ...] = ()) -> list[Node]:
-    """Parse the bytes of one conf file; `include`s are read relative to `filename`."""
+def parse_text(data: bytes, filename: str = "<string>", stack: tuple[str, ...] = (), depth: int = 0) -> list[Node]:
+    """Parse the bytes of one conf file; `include`s are read relative to `filename`. `depth` is the
+    nesting around an included file's text, so MAX_NESTING holds across includes."""
     tokens = _impl.tokenize(data, filename)
     lines = data.count(b"\n")
     last_nl = data.rfind(b"\n")
     eof = Pos(filename, lines + 1, len(data) - last_nl)
-    return _Parser(tokens, filename, stack, eof).parse_items(None, None)
+    return _Parser(tokens, filename, stack, eof, depth).parse_items(None, None)
 
 
-def parse_file(path: str, stack: tuple[str, ...] = (), included_at: Pos | None = None) -> list[Node]:
-    """Parse a conf file and everything it includes; ConfigError on the first syntax error."""
+_FILE_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+
+
+def _read_conf(path: str) -> bytes:
+    """A conf file's bytes: a regular file of at most MAX_FILE_SIZE bytes, else ValueError with the
+    reason. Opened without blocking and checked on the open descriptor, so a FIFO (or
+    /dev/stdin on a terminal) cannot hang the read and /dev/zero cannot make it endless; OSError
+    if it cannot be opened or read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise ValueError(f"it is {kind}; expected a regular file")
+        if st.st_size > MAX_FILE_SIZE:
+            raise ValueError(f"it is {st.st_size} bytes, more than {MAX_FILE_SIZE} (limits.MAX_CONF_FILE_SIZE); "
+                             "expected a smaller file")
+        chunks = []
+        left = MAX_FILE_SIZE + 1  # one byte more tells a file that grew past the limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise ValueError(f"it is more than {MAX_FILE_SIZE} bytes (limits.MAX_CONF_FILE_SIZE); "
+                             "expected a smaller file")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def parse_file(path: str, stack: tuple[str, ...] = (), included_at: Pos | None = None, depth: int = 0,
+               shown: str | None = None) -> list[Node]:
+    """Parse a conf file and everything it includes; ConfigError on the first syntax error.
+    `shown` is how the include named the file, for its errors."""
     real = os.path.realpath(path)
     if real in stack:
         chain = " -> ".join([*stack[stack.index(real):], real])
@@ -248,10 +364,13 @@ def parse_file(path: str, stack: tuple[str, ...] = (), included_at: Pos | None =
         where = included_at or Pos(path, 1, 1)
         raise where.error(f"includes nested more than {MAX_INCLUDE_DEPTH} deep; expected a shallower include tree")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_conf(path)
+    except ValueError as e:
+        if included_at is not None:
+            raise included_at.error(f"cannot include '{shown or path}': {e}") from None
+        raise ConfigError(path, 1, 1, f"cannot read the file: {e}") from None
     except OSError as e:
         if included_at is not None:
             raise included_at.error(f"cannot read '{path}': {e.strerror}; expected a readable file") from None
         raise ConfigError(path, 1, 1, f"cannot read the file: {e.strerror}; expected a readable conf file") from None
-    return parse_text(data, path, (*stack, real))
+    return parse_text(data, path, (*stack, real), depth)

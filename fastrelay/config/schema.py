@@ -233,15 +233,17 @@ OPTIONS: list[OptionDef] = [
     OptionDef("xfer_secret", t.String(nonempty=True, expected="a shared secret"), OUTBOUND | HTTP, None,
               "The XFER shared secret: the client signs each transfer with HMAC-SHA256 over method, "
               "path, body hash, timestamp and nonce (docs/xfer.md); the server accepts only valid "
-              "signatures inside xfer_replay_window. An XFER server needs xfer_secret or xfer_tokens: "
-              "without authentication it would be an open relay."),
+              "signatures inside xfer_replay_window. An XFER server with neither xfer_secret nor "
+              "xfer_tokens authenticates by address only (xfer_allowed_clients, loopback by default), "
+              "and warns when that list reaches beyond loopback."),
     OptionDef("xfer_token", t.String(nonempty=True, expected="a bearer token"), OUTBOUND, None,
               "A bearer token the XFER client sends when no xfer_secret is set."),
     OptionDef("xfer_tokens", t.StringList(), HTTP, (),
               "Bearer tokens the XFER server accepts (besides HMAC signatures with xfer_secret)."),
     OptionDef("xfer_allowed_clients", t.CIDRList(), HTTP, _nets("127.0.0.0/8", "::1/128"),
-              "Networks the XFER server accepts transfers from (403 for others), on top of "
-              "authentication. The default is loopback only."),
+              "Networks the XFER server accepts transfers from (403 for others): on top of "
+              "xfer_secret/xfer_tokens, or, with neither, the only authentication (as relay_hosts is "
+              "for SMTP). The default is loopback only."),
     OptionDef("xfer_max_body", t.Size(lo=1024), HTTP, 64 * 1024 * 1024,
               "The largest XFER request body accepted (413 beyond it)."),
     OptionDef("xfer_max_hops", t.Int(1, 100), HTTP, 10,

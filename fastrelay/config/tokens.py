@@ -13,6 +13,8 @@ LBRACE = 5  # {
 RBRACE = 6  # }
 LPAREN = 7  # (
 RPAREN = 8  # )
+LBRACKET = 9  # [ opening a hash value (Momentum's `AuthLoginParameters = [ uri = "..." ]`)
+RBRACKET = 10  # ]
 
 NAMES = {
     WORD: "word",
@@ -23,4 +25,6 @@ NAMES = {
     RBRACE: "'}'",
     LPAREN: "'('",
     RPAREN: "')'",
+    LBRACKET: "'['",
+    RBRACKET: "']'",
 }

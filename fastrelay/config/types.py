@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastrelay.config.parser import Atom, ListValue, Value
+from fastrelay.config.parser import Atom, HashValue, ListValue, Value
 
 
 class Invalid(Exception):
@@ -27,6 +27,8 @@ class OptType:
     is_list = False
 
     def convert(self, value: Value) -> Any:
+        if isinstance(value, HashValue):
+            raise Invalid(f"got a hash [ key = value ... ]; expected {self.expected}")
         if isinstance(value, ListValue):
             if self.is_list:
                 return self.convert_list(value.items)
@@ -205,6 +207,12 @@ def parse_host(text: str) -> str:
     return text.lower().rstrip(".")
 
 
+def ascii_digits(text: str) -> bool:
+    """Only ASCII digits: str.isdigit() also takes '²' and fullwidth digits, which int() refuses or
+    reads (issue 9: numbers are ASCII digits only)."""
+    return text.isascii() and text.isdigit()
+
+
 def split_host_port(text: str, default_port: int | None = None, min_port: int = 1) -> tuple[str, int | None]:
     """'host', 'host:25', '1.2.3.4:25', '[::1]:25', '[::1]' -> (host, port); ValueError if malformed."""
     t = text.strip()
@@ -222,7 +230,7 @@ def split_host_port(text: str, default_port: int | None = None, min_port: int = 
         host, port_s = t, None
     port = default_port
     if port_s is not None:
-        if not port_s.isdigit() or not min_port <= int(port_s) <= 65535:
+        if not ascii_digits(port_s) or not min_port <= int(port_s) <= 65535:
             raise ValueError(f"port '{port_s}' is not a number from {min_port} to 65535")
         port = int(port_s)
     return parse_host(host) if host else "", port
@@ -320,7 +328,7 @@ def parse_route(text: str) -> Route:
         if name not in params:
             return None
         v = params[name]
-        if not v.isdigit() or not lo <= int(v) <= hi:
+        if not ascii_digits(v) or not lo <= int(v) <= hi:
             raise ValueError(f"route parameter {name}='{v}' is not a number from {lo} to {hi}")
         return int(v)
 

@@ -4,11 +4,13 @@ One `XferServer` per HTTP_Listener Listen address (seeds 000/001: `script ... { 
 "msys.xfer.server" }` plus `HTTP_Listener { Listen ":8080" {} }`). A request goes through these
 checks, in this order, each answered with a JSON error body and the connection closed:
 
-    403  the client address is not in xfer_allowed_clients
-    401  no valid HMAC signature (xfer_secret) or bearer token (xfer_tokens)   (RELIABILITY.md case 32)
+    403  the client address is not in xfer_allowed_clients (loopback by default)
+    401  no valid HMAC signature (xfer_secret) or bearer token (xfer_tokens)   (RELIABILITY.md case 32);
+         with neither configured, xfer_allowed_clients alone authenticates (as relay_hosts does for SMTP)
     404  not HTTP_URI;  405  not HTTP_METHOD
     415  a Content-Encoding other than identity (no decompression bombs, case 33), another media
-         type, or an X-Xfer-Version above ours
+         type, or an X-Xfer-Version above ours; 400 for an X-Xfer-Version or X-Xfer-Content-SHA256
+         that is not ASCII digits / 64 hex digits
     413  a body over xfer_max_body: refused from Content-Length at once, and counted while it is
          read (chunked bodies have no Content-Length to trust); 408 if it is not all there within
          the read deadline (case 33)
@@ -261,13 +263,19 @@ class XferServer:
         s = self.s
         peer = self._allowed(request)
         claimed = request.headers.get(wire.H_CONTENT_SHA256)
-        claimed = claimed.strip().lower() if claimed is not None else None
-        try:
-            scheme = wire.verify(request.headers.get("Authorization"), request.method, request.raw_path, claimed,
-                                 secret=s.secret, tokens=s.tokens, nonces=self.nonces, window=s.replay_window)
-        except WireError as e:
-            log.warning("XFER: refused a request from %s: %s %s", peer, e.code, e.message)
-            raise
+        claimed = claimed.strip(" \t").lower() if claimed is not None else None
+        if not s.secret and not s.tokens:
+            # No secret or token configured: xfer_allowed_clients (checked above) is the
+            # authentication, as relay_hosts is for SMTP; an Authorization header is not needed.
+            scheme = "network"
+        else:
+            try:
+                scheme = wire.verify(request.headers.get("Authorization"), request.method, request.raw_path,
+                                     claimed, secret=s.secret, tokens=s.tokens, nonces=self.nonces,
+                                     window=s.replay_window)
+            except WireError as e:
+                log.warning("XFER: refused a request from %s: %s %s", peer, e.code, e.message)
+                raise
         if request.raw_path != s.uri:
             raise WireError(404, "not_found", f"no XFER endpoint at this path; transfers go to {s.uri}")
         if request.method != self._method:
@@ -277,12 +285,16 @@ class XferServer:
             raise WireError(415, "unsupported_encoding", "Content-Encoding must be identity (no compression)")
         if request.content_type != wire.CONTENT_TYPE:
             raise WireError(415, "unsupported_media_type", f"Content-Type must be {wire.CONTENT_TYPE}")
-        version = request.headers.get(wire.H_VERSION, "").strip()
-        if not version.isdigit() or len(version) > 6:
+        version = wire.header_uint(request.headers.get(wire.H_VERSION), max_digits=6)  # ASCII digits only
+        if version is None:
             raise WireError(400, "bad_version", f"{wire.H_VERSION} must be an integer")
-        if int(version) != wire.VERSION:
+        if version != wire.VERSION:
             raise WireError(415, "unsupported_version",
-                            f"{wire.H_VERSION} {int(version)} is not supported; this node speaks {wire.VERSION}")
+                            f"{wire.H_VERSION} {version} is not supported; this node speaks {wire.VERSION}")
+        if claimed is not None and not wire.is_sha256_hex(claimed):
+            # Checked here too, not only by the HMAC scheme: with a bearer token or no credentials,
+            # a non-ASCII value reached hmac.compare_digest, whose TypeError was a 500.
+            raise WireError(400, "bad_content_hash", f"{wire.H_CONTENT_SHA256} must be 64 hex digits")
         if request.content_length is not None and request.content_length > s.max_body:
             raise WireError(413, "too_large", f"the body is larger than this server's limit of {s.max_body} bytes")
         expect = request.headers.get("Expect")

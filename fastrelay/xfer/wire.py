@@ -124,7 +124,6 @@ _NONCE = re.compile(r"[0-9a-f]{16,128}")
 _SIG = re.compile(r"[0-9a-f]{64}")
 _HEX64 = _SIG
 _TS = re.compile(r"[0-9]{1,12}")
-_DIGITS = re.compile(r"[0-9]{1,12}")
 _DOMAIN_LIKE = re.compile(r"[^\s<>@\"\\]{1,255}")  # no room for a local part or a second address
 _MISSING = object()
 
@@ -387,8 +386,24 @@ def _check_meta(v: Any, name: str, depth: int = 0) -> None:
     elif isinstance(v, list):
         for x in v:
             _check_meta(x, name, depth + 1)
+    elif isinstance(v, float) and not math.isfinite(v):
+        # 1e999 parses as infinity, which JSON cannot carry on (allow_nan=False refuses it when the
+        # size is checked): a 400 here, not a 500 there.
+        raise _bad("bad_field", f"{name} holds a number too large for JSON")
     elif v is not None and not isinstance(v, bool | int | float):
         raise _bad("bad_field", f"{name} holds a value that is not JSON")
+
+
+def header_uint(value: str | None, max_digits: int = 12) -> int | None:
+    """A header holding a whole number: ASCII digits only (not '²' or a fullwidth 5, which str.isdigit()
+    accepts), around them only the optional whitespace HTTP allows (SP and HTAB, RFC 9110 §5.6.3),
+    not what str.strip() removes (\x1c-\x1f, NEL, ...). None if it is anything else."""
+    if value is None:
+        return None
+    text = value.strip(" \t")
+    if not 1 <= len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 def decode_request(data: bytes, envelope_length: str | int | None) -> Transfer:
@@ -396,7 +411,10 @@ def decode_request(data: bytes, envelope_length: str | int | None) -> Transfer:
     WireError (400, or 415 for a version above ours) for anything else than a well-formed v1
     transfer. Unknown fields are ignored."""
     if isinstance(envelope_length, str):
-        n = int(envelope_length) if _DIGITS.fullmatch(envelope_length.strip()) else -1
+        # The check and the conversion see the same string (a \x1f that str.strip() removed used to
+        # pass the check and then make int() raise).
+        parsed = header_uint(envelope_length)
+        n = -1 if parsed is None else parsed
     elif isinstance(envelope_length, int) and not isinstance(envelope_length, bool):
         n = envelope_length
     else:
@@ -578,6 +596,11 @@ def decode_error(body: bytes) -> tuple[str, str]:
 
 
 # --- Authentication (RELIABILITY.md case 32) ----------------------------------------------------
+
+
+def is_sha256_hex(text: str) -> bool:
+    """64 lowercase ASCII hex digits: the form of X-Xfer-Content-SHA256."""
+    return bool(_HEX64.fullmatch(text))
 
 
 def content_sha256(body: bytes) -> str:
