@@ -47,3 +47,11 @@ REAPER_INTERVAL = 1.0
 # Client addresses whose relay/normalize decision is remembered (the cache is simply emptied
 # when full).
 CLIENT_POLICY_CACHE = 4096
+
+# --- Spool and queue (RELIABILITY.md part (a)) -----------------------------------------------------
+# How soon a message is tried again when the spool could not read or write it (at most; a shorter
+# retry_interval of its domain wins): a failing disk must not strand it, nor spin on it.
+SPOOL_FAILURE_RETRY = 10.0
+# Mainlog records kept in memory while the log cannot be written (full or read-only disk): past
+# this many bytes the oldest are dropped, and the count is logged when writing works again.
+MAINLOG_MAX_PENDING = 8 * 1024 * 1024

@@ -22,9 +22,11 @@ from typing import Any
 from fastrelay import delivery as D
 from fastrelay.config import Config
 from fastrelay.crash import crashpoint
+from fastrelay.limits import SPOOL_FAILURE_RETRY
 from fastrelay.mainlog import MainLog
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
+from fastrelay.spool import SpoolError
 
 log = logging.getLogger("fastrelay.queue")
 
@@ -36,7 +38,8 @@ MAX_INTERNAL_ERRORS = 3
 class Item:
     """The in-memory record of one spool entry."""
 
-    __slots__ = ("attempts", "binding", "busy", "domain", "due", "errors", "first_queued", "id", "size")
+    __slots__ = ("attempts", "binding", "busy", "domain", "due", "errors", "first_queued", "id", "saving", "size",
+                 "unsaved")
 
     def __init__(self, id: int, domain: str, binding: str, due: float, attempts: int, first_queued: float,
                  size: int):
@@ -49,6 +52,10 @@ class Item:
         self.size = size
         self.busy = False  # in a session, or being rescheduled: never on two paths at once
         self.errors = 0
+        # A spool write the spool could not take ("remove" or ("update", env)): retried when due;
+        # meanwhile the item is busy, so no session takes it (see Queue._save_later).
+        self.unsaved: Any = None
+        self.saving = False
 
 
 class Dest:
@@ -129,7 +136,8 @@ class Queue:
         # there wakes them (domains sharing MXs share limits, so one's release is another's slot).
         self._blocked_site: dict[int, set[Dest]] = {}
         self._blocked_host: dict[int, set[Dest]] = {}
-        self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0}
+        self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0, "spool_failures": 0}
+        self._spool_failing = False  # a spool failure was logged and no spool write has worked since
 
     # --- intake -------------------------------------------------------------------------------
     def enqueue(self, entries: list) -> None:
@@ -177,7 +185,10 @@ class Queue:
         now = time.time()
         while self._heap and self._heap[0][0] <= now:
             _, _, it = heapq.heappop(self._heap)
-            if self.items.get(it.id) is it and not it.busy and it.due <= now:
+            if it.unsaved is not None and not it.saving and it.due <= now and self.items.get(it.id) is it:
+                it.saving = True
+                self._spawn(self._save(it))
+            elif self.items.get(it.id) is it and not it.busy and it.due <= now:
                 d = self._dest(it)
                 d.ready.append(it)
                 self._kick(d)
@@ -230,9 +241,8 @@ class Queue:
 
     async def _route_failed(self, d: Dest, e: RouteError) -> None:
         if e.permanent:
-            items = self._drain(d)
-            for it in items:
-                await self._finish_all(it, FAILED, e.code, e.text, remote="")
+            for it in self._drain(d):
+                await self._guarded(it, self._finish_all(it, FAILED, e.code, e.text, remote=""))
         else:
             await self._defer_ready(d, e.code, e.text)
 
@@ -248,7 +258,21 @@ class Queue:
     async def _defer_ready(self, d: Dest, code: int, text: str) -> None:
         """Every ready message of `d` gets a transient failure and a later retry."""
         for it in self._drain(d):
-            await self._finish_all(it, PENDING, code, text, remote="")
+            await self._guarded(it, self._finish_all(it, PENDING, code, text, remote=""))
+
+    async def _guarded(self, it: Item, step: Awaitable[None]) -> None:
+        """Run one outcome step for a message this task took (drained ones are all busy): however
+        it fails, the message ends released with a retry, so one failure strands no one (neither
+        this message nor the others drained with it, which the caller handles next)."""
+        try:
+            await step
+        except SpoolError as e:
+            self._retry_later(it, e)
+        except Exception:
+            # RELIABILITY.md case 50: a bug must not lose the message nor kill the scheduler.
+            it.errors += 1
+            log.exception("internal error handling message %d (%d/%d)", it.id, it.errors, MAX_INTERNAL_ERRORS)
+            await self._internal_error(it)
 
     def _settings(self, d: Dest) -> D.Settings:
         if d.settings is None:
@@ -338,6 +362,10 @@ class Queue:
             crashpoint("after_remote_ok")
             await self._apply(it, env, body, idx, results, f"{hop.ip}:{hop.port}",
                               ok_kind="X" if hop.proto == "xfer" else "D")
+        except SpoolError as e:
+            # The spool could not read or write this message now: not the message's fault, so it
+            # does not count towards quarantine; nothing changed on disk, so it is simply tried again.
+            self._retry_later(it, e)
         except Exception:
             # A bug or an unexpected failure must not kill the worker or lose the message
             # (RELIABILITY.md case 50): retry later; quarantine a message that keeps failing.
@@ -347,14 +375,90 @@ class Queue:
             await self._internal_error(it)
 
     async def _internal_error(self, it: Item) -> None:
-        if it.errors >= MAX_INTERNAL_ERRORS:
-            loaded = await self.spool.load(it.id)
-            if loaded is not None:
-                await self._finish_all(it, FAILED, 554, "5.3.0 Internal error delivering this message", "", loaded)
+        """After a bug: retry later, or after MAX_INTERNAL_ERRORS give up (bounce, or quarantine when
+        even that fails). Never raises: it is the last step of every failure path."""
+        if it.errors < MAX_INTERNAL_ERRORS:
+            it.busy = False
+            it.due = time.time() + self.cfg.get("retry_interval", it.domain, it.binding)
+            self._schedule(it, time.time())
             return
+        try:
+            loaded = await self.spool.load(it.id)
+            if loaded is None:
+                self.items.pop(it.id, None)
+                return
+            await self._finish_all(it, FAILED, 554, "5.3.0 Internal error delivering this message", "", loaded)
+        except SpoolError as e:
+            self._retry_later(it, e)
+        except Exception:
+            log.exception("message %d: the failure path failed too; quarantining it", it.id)
+            try:
+                await self.spool.quarantine(it.id, f"internal error {MAX_INTERNAL_ERRORS} times")
+                self.items.pop(it.id, None)
+            except SpoolError as e:
+                self._retry_later(it, e)
+
+    # --- spool failures -----------------------------------------------------------------------
+    # A spool that cannot read or write for a while (full or failing disk, exhausted quota) must not
+    # strand what the scheduler took: every path releases the message with a retry, and the trouble
+    # is logged once per episode, not once per message and retry.
+
+    def _spool_failed(self, e: SpoolError) -> None:
+        self.stats["spool_failures"] += 1
+        if not self._spool_failing:
+            self._spool_failing = True
+            log.error("queue: spool write failed (%s); the messages concerned stay queued and are retried "
+                      "(logged once until the spool works again)", e)
+
+    def _spool_ok(self) -> None:
+        if self._spool_failing:
+            self._spool_failing = False
+            log.warning("queue: the spool works again (%d operations had failed)", self.stats["spool_failures"])
+
+    def _retry_delay(self, it: Item) -> float:
+        return min(float(self.cfg.get("retry_interval", it.domain, it.binding)), SPOOL_FAILURE_RETRY)
+
+    def _retry_later(self, it: Item, e: SpoolError) -> None:
+        """The spool failed before anything was written for this attempt: try the message again later."""
+        self._spool_failed(e)
+        now = time.time()
         it.busy = False
-        it.due = time.time() + self.cfg.get("retry_interval", it.domain, it.binding)
-        self._schedule(it, time.time())
+        it.due = now + self._retry_delay(it)
+        self._schedule(it, now)
+
+    def _save_later(self, it: Item, unsaved: Any, e: SpoolError) -> None:
+        """The outcome is known but the spool did not take it: keep it in memory and write it again
+        when due (not the delivery: a message already delivered is not sent twice for this)."""
+        self._spool_failed(e)
+        now = time.time()
+        it.busy = True
+        it.unsaved = unsaved
+        it.saving = False
+        it.due = now + self._retry_delay(it)
+        heapq.heappush(self._heap, (it.due, next(self._seq), it))
+        if it.due < self._timer_at:
+            self._arm()
+
+    async def _save(self, it: Item) -> None:
+        unsaved = it.unsaved
+        try:
+            if unsaved == "remove":
+                await self.spool.remove(it.id)
+            else:
+                await self.spool.reschedule(it.id, unsaved[1])
+        except SpoolError as e:
+            self._save_later(it, unsaved, e)
+            return
+        except BaseException:
+            it.saving = False  # cancelled (stop): the write is retried at the next start from disk
+            raise
+        self._spool_ok()
+        it.unsaved = None
+        it.saving = False
+        if unsaved == "remove":
+            self.items.pop(it.id, None)
+        else:
+            self._rescheduled(it, unsaved[1])
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
@@ -432,20 +536,37 @@ class Queue:
             env.next_attempt = now + min(cap, base * (2 ** min(env.attempts - 1, 30)))
         self.stats["deferred"] += 1
         crashpoint("mid_reschedule")
-        await self.spool.reschedule(it.id, env)
+        try:
+            await self.spool.reschedule(it.id, env)
+        except SpoolError as e:
+            self._save_later(it, ("update", env), e)
+            return
+        self._spool_ok()
+        self._rescheduled(it, env)
+
+    def _rescheduled(self, it: Item, env: Envelope) -> None:
         it.domain = env.domain
         it.attempts = env.attempts
         it.due = env.next_attempt
         it.busy = False
-        self._schedule(it, now)
+        self._schedule(it, time.time())
 
     async def _done(self, it: Item, env: Envelope) -> None:
         if env.done():
             # P4: the local copy goes only when every recipient is final.
-            await self.spool.remove(it.id)
+            try:
+                await self.spool.remove(it.id)
+            except SpoolError as e:
+                self._save_later(it, "remove", e)
+                return
+            self._spool_ok()
             self.items.pop(it.id, None)
         else:  # pragma: no cover - callers only get here with every recipient final
-            await self.spool.mark_recipients(it.id, env)
+            try:
+                await self.spool.mark_recipients(it.id, env)
+            except SpoolError as e:
+                self._save_later(it, ("update", env), e)
+                return
             it.busy = False
 
     async def _bounce(self, env: Envelope, body: bytes, idx: list[int], remote: str) -> None:

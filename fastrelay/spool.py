@@ -304,6 +304,7 @@ class Spool:
         self._db_free = 0  # bytes of free pages inside spool.db (reused before the file grows)
         self._freelist_at = 0.0
         self._space_ok = True
+        self._failing = False  # a write failure was logged and no batch has committed since
 
     # ------------------------------------------------------------------ open / close
 
@@ -622,6 +623,13 @@ class Spool:
             old = next(iter(recent))
             self._recent_bytes -= len(recent.pop(old)[1])
 
+    async def quarantine(self, id: int, reason: str) -> None:
+        """Move a message out of the queue with a reason, keeping whatever is readable of it (P6)."""
+        if not self._open or self._closed:
+            raise SpoolError("spool is closed" if self._closed else "spool is not open")
+        self._forget_recent(id)
+        await self._quarantine(id, reason)
+
     async def _quarantine(self, id: int, reason: str) -> None:
         # Internal: allowed while closing too (a load finished by the reader may need it).
         if not self._open or self._wq_closed:
@@ -691,10 +699,18 @@ class Spool:
                 else:
                     self._run_batch(conn, batch)
                 self._after_commit(conn)
+                if self._failing:
+                    self._failing = False
+                    log.warning("spool: writes succeed again (%d batches had failed)", self.stats["batch_failures"])
                 return None
             except Exception as e:
                 self.stats["batch_failures"] += 1
-                log.warning("spool: batch of %d operations failed (%s); retrying one by one", len(batch), e)
+                if not self._failing:
+                    # Once per episode: a failing disk fails every batch, and a line each would bury
+                    # the log (the callers get SpoolError and log or answer it themselves).
+                    self._failing = True
+                    log.warning("spool: batch of %d operations failed (%s); retrying one by one; further "
+                                "failures are not logged until a write succeeds", len(batch), e)
                 self._rollback(conn)
                 if isinstance(_spool_error(e, ""), SpoolFull):
                     self._disk_full(conn)
