@@ -88,6 +88,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -219,6 +220,10 @@ def _spool_error(e: BaseException, what: str) -> SpoolError:
         err = SpoolError(f"{what}: {e}")
     err.__cause__ = e
     return err
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
 
 
 def _fsync_dir(path: str) -> None:
@@ -364,6 +369,9 @@ class Spool:
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0, cached_statements=512
         )
         conn.execute("PRAGMA busy_timeout=30000")
+        # TEXT that is not UTF-8 (a damaged or hand-edited row) reads as a str with surrogates, to
+        # be found bad and quarantined by its reader, instead of failing the whole query.
+        conn.text_factory = _text
         return conn
 
     def _setup(self) -> tuple[sqlite3.Connection, str, int]:
@@ -381,12 +389,17 @@ class Spool:
                 raise SpoolError(f"spool {self.directory} is in use by another process") from None
             self._lock_fd = fd
             created = not os.path.exists(self.path)
+            if created:
+                self._create()
+            elif os.path.getsize(self.path) == 0:
+                # spool.db is only ever made whole (see _create), so an empty one is damage (a failed
+                # copy, a truncation): starting over on it would lose the queue without a word.
+                raise SpoolError(
+                    f"spool {self.path} is empty (0 bytes): it is not a spool this relay made, and starting a "
+                    "new, empty spool over it would lose the queue it held; restore it from a backup, or "
+                    "move it away to start a new spool (with a new node id)")
             conn = self._connect()
             try:
-                if created:
-                    # 4 KiB pages, measured best for 4 KB bodies: with 8 KiB pages only one such row
-                    # fits a page, doubling the bytes written to the WAL (and fsync'd).
-                    conn.execute("PRAGMA page_size=4096")
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode.lower() != "wal":
                     raise SpoolError(f"spool {self.path}: cannot use WAL mode (got {mode})")
@@ -408,6 +421,8 @@ class Spool:
                 if row is None:
                     node_id = secrets.token_hex(8)
                     conn.execute("INSERT INTO meta(k, v) VALUES ('node_id', ?)", (node_id,))
+                    log.error("spool %s had no node id (damaged?): made a new one, %s; XFER peers see this "
+                              "node as a new one", self.path, node_id)
                 else:
                     node_id = str(row[0])
                 conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('next_id', 1)")
@@ -426,9 +441,6 @@ class Spool:
             if not self._reserve_held:
                 log.warning("spool: cannot make the %d-byte reserve file %s (disk nearly full?)",
                             self._reserve_size, self._reserve_path)
-            if created:
-                # The new file's directory entry must be durable too (Exim's order, P1).
-                _fsync_dir(self.directory)
             return conn, node_id, max(int(hwm), int(top) + 1)
         except SpoolError:
             self._release_lock()
@@ -436,6 +448,38 @@ class Spool:
         except (sqlite3.Error, OSError) as e:
             self._release_lock()
             raise SpoolError(f"spool {self.directory} is unusable: {e}") from e
+
+    def _create(self) -> None:
+        """Make a new spool.db whole under another name, then rename it into place: so spool.db is
+        never seen empty or half made, and an empty spool.db is always damage (see _setup)."""
+        tmp = self.path + ".new"
+        for p in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+            try:
+                os.unlink(p)  # left by a crash during an earlier creation
+            except FileNotFoundError:
+                pass
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            # 4 KiB pages, measured best for 4 KB bodies: with 8 KiB pages only one such row fits a
+            # page, doubling the bytes written to the WAL (and fsync'd).
+            conn.execute("PRAGMA page_size=4096")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.execute("INSERT INTO meta(k, v) VALUES ('node_id', ?)", (secrets.token_hex(8),))
+            conn.execute("INSERT INTO meta(k, v) VALUES ('next_id', 1)")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        # The new file's directory entry must be durable too (Exim's order, P1).
+        _fsync_dir(self.directory)
 
     # ------------------------------------------------------------------ space
 
@@ -471,12 +515,20 @@ class Spool:
             bad: list[tuple[int, str]] = []
             rows = conn.execute(
                 "SELECT m.id, m.domain, m.binding, m.next_attempt, m.attempts, m.first_queued, m.size,"
-                " CAST(m.env AS BLOB), b.id, b.len, length(b.data) FROM msg m LEFT JOIN body b ON b.id = m.id"
-                " ORDER BY m.id"
+                " CAST(m.env AS BLOB), b.id, b.len, length(b.data), typeof(b.data)"
+                " FROM msg m LEFT JOIN body b ON b.id = m.id ORDER BY m.id"
             )
-            for mid, domain, binding, nxt, attempts, fq, size, env, bid, blen, dlen in rows:
+            for mid, domain, binding, nxt, attempts, fq, size, env, bid, blen, dlen, dtype in rows:
+                why = _index_problem(domain, binding, nxt, attempts, fq, size)
+                if why is not None:
+                    # One bad row must not stop the relay (its values reach the scheduler's heap).
+                    bad.append((mid, why))
+                    continue
                 if bid is None:
                     bad.append((mid, "body row missing"))
+                    continue
+                if dtype != "blob":
+                    bad.append((mid, f"body stored as {dtype}, not as a blob"))
                     continue
                 if blen != dlen or dlen is None:
                     bad.append((mid, f"body length mismatch: stored {blen}, data {dlen}"))
@@ -1053,12 +1105,17 @@ class Spool:
 
     @staticmethod
     def _load_one(conn: sqlite3.Connection, mid: int) -> Any:
-        rows = conn.execute(_SEL_LOAD, (mid,)).fetchall()
+        try:
+            rows = conn.execute(_SEL_LOAD, (mid,)).fetchall()
+        except (sqlite3.DataError, ValueError, UnicodeError) as e:  # a value Python cannot take
+            return f"row does not read: {type(e).__name__}: {e}"
         if not rows:
             return None
         env_js, data, blen, crc, bid = rows[0]
         if bid is None:
             return "body row missing"
+        if not isinstance(data, bytes):
+            return f"body stored as {type(data).__name__}, not as a blob"
         if data is None or blen != len(data):
             return f"body length mismatch: stored {blen}, data {None if data is None else len(data)}"
         if _crc32(data) != crc:
@@ -1068,6 +1125,21 @@ class Spool:
         except Exception as e:
             return f"envelope does not parse: {type(e).__name__}: {e}"
         return (env, data)
+
+
+def _index_problem(domain: Any, binding: Any, nxt: Any, attempts: Any, fq: Any, size: Any) -> str | None:
+    """Why a msg row's index columns cannot be used (None if they can): the queue compares and
+    sorts them, so a wrong type would fail far from here, for every message."""
+    for name, v in (("domain", domain), ("binding", binding)):
+        if type(v) is not str:
+            return f"index column {name} is {v!r}, not a string"
+    for name, v in (("next_attempt", nxt), ("first_queued", fq)):
+        if type(v) not in (int, float) or not math.isfinite(v):
+            return f"index column {name} is {v!r}, not a time"
+    for name, v in (("attempts", attempts), ("size", size)):
+        if type(v) is not int or v < 0:
+            return f"index column {name} is {v!r}, not a count"
+    return None
 
 
 def _batches(q: queue.SimpleQueue, max_batch: int):
