@@ -55,3 +55,6 @@ SPOOL_FAILURE_RETRY = 10.0
 # Mainlog records kept in memory while the log cannot be written (full or read-only disk): past
 # this many bytes the oldest are dropped, and the count is logged when writing works again.
 MAINLOG_MAX_PENDING = 8 * 1024 * 1024
+# teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer
+# failure"): bytes of bodies kept in memory for their quick retry, in all (teleport_memory_limit).
+TELEPORT_MEMORY_LIMIT = 64 * 1024 * 1024

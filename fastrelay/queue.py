@@ -138,6 +138,12 @@ class Queue:
         self._blocked_host: dict[int, set[Dest]] = {}
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0, "spool_failures": 0}
         self._spool_failing = False  # a spool failure was logged and no spool write has worked since
+        # teleport_enabled (seed 000): messages kept loaded after a transient failure, for their quick
+        # retry; insertion order is age, the oldest go back to disk only past the memory limit.
+        self._held: dict[int, tuple[Envelope, bytes]] = {}
+        self._held_bytes = 0
+        self.held_limit = int(cfg.get("teleport_memory_limit"))
+        self.stats["held_hits"] = 0
 
     # --- intake -------------------------------------------------------------------------------
     def enqueue(self, entries: list) -> None:
@@ -341,7 +347,7 @@ class Queue:
 
     async def _deliver_one(self, it: Item, conn: D.Connection, hop: D.Hop) -> None:
         try:
-            loaded = await self.spool.load(it.id)
+            loaded = await self._load(it)
             if loaded is None:  # removed, or quarantined as corrupt (P6)
                 self.items.pop(it.id, None)
                 return
@@ -384,7 +390,7 @@ class Queue:
             self._schedule(it, time.time())
             return
         try:
-            loaded = await self.spool.load(it.id)
+            loaded = await self._load(it)
             if loaded is None:
                 self.items.pop(it.id, None)
                 return
@@ -423,6 +429,7 @@ class Queue:
     def _retry_later(self, it: Item, e: SpoolError) -> None:
         """The spool failed before anything was written for this attempt: try the message again later."""
         self._spool_failed(e)
+        self._unhold(it.id)  # the next attempt starts from what the spool holds
         now = time.time()
         it.busy = False
         it.due = now + self._retry_delay(it)
@@ -495,7 +502,7 @@ class Queue:
         """Give every pending recipient of `it` the same outcome without a delivery attempt
         (route errors, all hosts down, poison messages)."""
         if loaded is None:
-            loaded = await self.spool.load(it.id)
+            loaded = await self._load(it)
         if loaded is None:
             self.items.pop(it.id, None)
             return
@@ -547,7 +554,34 @@ class Queue:
             self._save_later(it, ("update", env), e)
             return
         self._spool_ok()
+        if cfg.get("teleport_enabled", od, env.binding):
+            self._hold(it.id, env, body)
         self._rescheduled(it, env)
+
+    # --- teleport_enabled: kept loaded for the quick retry ------------------------------------
+    async def _load(self, it: Item) -> tuple[Envelope, bytes] | None:
+        held = self._held.pop(it.id, None)
+        if held is not None:
+            self._held_bytes -= len(held[1])
+            self.stats["held_hits"] += 1
+            return held
+        return await self.spool.load(it.id)
+
+    def _hold(self, id: int, env: Envelope, body: bytes) -> None:
+        """Keep a message loaded (the same envelope as just made durable, the same body): its next
+        attempt needs no read. Bounded by teleport_memory_limit; the oldest go back to disk only."""
+        if len(body) > self.held_limit:
+            return
+        self._unhold(id)
+        self._held[id] = (env, body)
+        self._held_bytes += len(body)
+        while self._held_bytes > self.held_limit:
+            self._unhold(next(iter(self._held)))
+
+    def _unhold(self, id: int) -> None:
+        held = self._held.pop(id, None)
+        if held is not None:
+            self._held_bytes -= len(held[1])
 
     def _rescheduled(self, it: Item, env: Envelope) -> None:
         it.domain = env.domain
@@ -566,6 +600,7 @@ class Queue:
                 return
             self._spool_ok()
             self.items.pop(it.id, None)
+            self._unhold(it.id)
         else:  # pragma: no cover - callers only get here with every recipient final
             try:
                 await self.spool.mark_recipients(it.id, env)
@@ -609,6 +644,8 @@ class Queue:
             "ready": sum(len(d.ready) for d in self.dests.values()),
             "sessions": sum(d.sessions for d in self.dests.values()),
             "waiting": len(self._heap),
+            "held": len(self._held),  # kept loaded by teleport_enabled
+            "held_bytes": self._held_bytes,
         }
 
 

@@ -144,8 +144,15 @@ OPTIONS: list[OptionDef] = [
               "\"disabled\" turns it off in this scope."),
     # --- XFER client (seeds 000 and 001) -----------------------------------------------------
     OptionDef("teleport_enabled", t.Bool(), OUTBOUND, False,
-              "Keep the message's context (schedule, attempts, first-queued time, metadata) across "
-              "an XFER transfer instead of starting afresh on the receiver."),
+              "Seed 000's meaning: \"don't swap out xfer message context if there is a temporary xfer "
+              "failure\": after a transient failure the message stays loaded (body and envelope in "
+              "memory, up to teleport_memory_limit in all) for its quick retry, instead of being read "
+              "back from the spool. Also: the message's context (schedule, attempts, first-queued "
+              "time, metadata) is carried across an XFER transfer instead of the receiver starting "
+              "afresh."),
+    OptionDef("teleport_memory_limit", t.Size(), frozenset({GLOBAL}), limits.TELEPORT_MEMORY_LIMIT,
+              "At most this many bytes of bodies kept loaded by teleport_enabled; past it the oldest "
+              "go back to disk only (they are read from the spool for their retry)."),
     OptionDef("HTTP_URI", t.URIPath(), OUTBOUND | HTTP, "/delay_message",
               "The path XFER transfers are sent to (in a Domain), and accepted on (at an HTTP_Listener "
               "or global)."),
