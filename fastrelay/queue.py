@@ -52,8 +52,8 @@ class Item:
         self.size = size
         self.busy = False  # in a session, or being rescheduled: never on two paths at once
         self.errors = 0
-        # A spool write the spool could not take ("remove" or ("update", env)): retried when due;
-        # meanwhile the item is busy, so no session takes it (see Queue._save_later).
+        # A removal the spool could not take: retried when due; meanwhile the item is busy, so no
+        # session takes it (see Queue._save_later).
         self.unsaved: Any = None
         self.saving = False
 
@@ -141,6 +141,8 @@ class Queue:
         # teleport_enabled (seed 000): messages kept loaded after a transient failure, for their quick
         # retry; insertion order is age, the oldest go back to disk only past the memory limit.
         self._held: dict[int, tuple[Envelope, bytes]] = {}
+        # Envelopes whose last outcome the spool did not take (see _unsaved_env), until one is written.
+        self._unsaved: dict[int, Envelope] = {}
         self._held_bytes = 0
         self.held_limit = int(cfg.get("teleport_memory_limit"))
         self.stats["held_hits"] = 0
@@ -435,9 +437,23 @@ class Queue:
         it.due = now + self._retry_delay(it)
         self._schedule(it, now)
 
+    def _unsaved_env(self, it: Item, env: Envelope, e: SpoolError) -> None:
+        """A reschedule (or progress) the spool did not take: the envelope in memory is now the
+        truth (recipients delivered or failed, attempts). The message goes on to its next attempt
+        with it, and that attempt's outcome writes it (so a recipient already delivered is not sent
+        again, unless the relay stops before any write succeeds: then a duplicate, never a loss)."""
+        self._spool_failed(e)
+        self._unsaved[it.id] = env
+        it.domain = env.domain
+        it.attempts = env.attempts
+        it.busy = False
+        now = time.time()
+        it.due = min(env.next_attempt, now + self._retry_delay(it)) if env.next_attempt > now else now
+        self._schedule(it, now)
+
     def _save_later(self, it: Item, unsaved: Any, e: SpoolError) -> None:
-        """The outcome is known but the spool did not take it: keep it in memory and write it again
-        when due (not the delivery: a message already delivered is not sent twice for this)."""
+        """The message is done but the spool did not take its removal: keep it busy and write the
+        removal again when due (not the delivery: a message delivered is not sent twice for this)."""
         self._spool_failed(e)
         now = time.time()
         it.busy = True
@@ -451,10 +467,7 @@ class Queue:
     async def _save(self, it: Item) -> None:
         unsaved = it.unsaved
         try:
-            if unsaved == "remove":
-                await self.spool.remove(it.id)
-            else:
-                await self.spool.reschedule(it.id, unsaved[1])
+            await self.spool.remove(it.id)
         except SpoolError as e:
             self._save_later(it, unsaved, e)
             return
@@ -464,10 +477,8 @@ class Queue:
         self._spool_ok()
         it.unsaved = None
         it.saving = False
-        if unsaved == "remove":
-            self.items.pop(it.id, None)
-        else:
-            self._rescheduled(it, unsaved[1])
+        self.items.pop(it.id, None)
+        self._unsaved.pop(it.id, None)
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
@@ -551,9 +562,10 @@ class Queue:
         try:
             await self.spool.reschedule(it.id, env)
         except SpoolError as e:
-            self._save_later(it, ("update", env), e)
+            self._unsaved_env(it, env, e)
             return
         self._spool_ok()
+        self._unsaved.pop(it.id, None)
         if cfg.get("teleport_enabled", od, env.binding):
             self._hold(it.id, env, body)
         self._rescheduled(it, env)
@@ -565,7 +577,11 @@ class Queue:
             self._held_bytes -= len(held[1])
             self.stats["held_hits"] += 1
             return held
-        return await self.spool.load(it.id)
+        loaded = await self.spool.load(it.id)
+        env = self._unsaved.get(it.id)
+        if loaded is None or env is None:
+            return loaded
+        return env, loaded[1]  # the spool has not taken this envelope's last outcome yet
 
     def _hold(self, id: int, env: Envelope, body: bytes) -> None:
         """Keep a message loaded (the same envelope as just made durable, the same body): its next
@@ -605,8 +621,9 @@ class Queue:
             try:
                 await self.spool.mark_recipients(it.id, env)
             except SpoolError as e:
-                self._save_later(it, ("update", env), e)
+                self._unsaved_env(it, env, e)
                 return
+            self._unsaved.pop(it.id, None)
             it.busy = False
 
     async def _bounce(self, env: Envelope, body: bytes, idx: list[int], remote: str) -> None:

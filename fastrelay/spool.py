@@ -829,7 +829,9 @@ class Spool:
                 busy, nlog, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 self.stats["checkpoints"] += 1
             except sqlite3.Error as e:
-                log.warning("spool: idle checkpoint failed: %s", e)
+                if not self._failing:
+                    self._failing = True  # logged once; a batch that commits logs the recovery
+                    log.warning("spool: idle checkpoint failed: %s", e)
                 return
             if busy == 0 and nlog == done:
                 self._idle_mark = self._ckpt_mark = self._written
