@@ -447,9 +447,8 @@ class Queue:
         it.domain = env.domain
         it.attempts = env.attempts
         it.busy = False
-        now = time.time()
-        it.due = min(env.next_attempt, now + self._retry_delay(it)) if env.next_attempt > now else now
-        self._schedule(it, now)
+        it.due = env.next_attempt  # its own schedule: the next outcome written makes it durable
+        self._schedule(it, time.time())
 
     def _save_later(self, it: Item, unsaved: Any, e: SpoolError) -> None:
         """The message is done but the spool did not take its removal: keep it busy and write the
@@ -581,7 +580,9 @@ class Queue:
         env = self._unsaved.get(it.id)
         if loaded is None or env is None:
             return loaded
-        return env, loaded[1]  # the spool has not taken this envelope's last outcome yet
+        # The spool has not taken this envelope's last outcome yet. A copy: an attempt that fails
+        # half way (a DSN not queued) must not leave its changes in the one true envelope.
+        return Envelope.from_json(env.to_json()), loaded[1]
 
     def _hold(self, id: int, env: Envelope, body: bytes) -> None:
         """Keep a message loaded (the same envelope as just made durable, the same body): its next
@@ -617,6 +618,7 @@ class Queue:
             self._spool_ok()
             self.items.pop(it.id, None)
             self._unhold(it.id)
+            self._unsaved.pop(it.id, None)
         else:  # pragma: no cover - callers only get here with every recipient final
             try:
                 await self.spool.mark_recipients(it.id, env)
