@@ -22,7 +22,6 @@ from typing import Any
 from fastrelay import delivery as D
 from fastrelay.config import Config
 from fastrelay.crash import crashpoint
-from fastrelay.limits import SPOOL_FAILURE_RETRY
 from fastrelay.mainlog import MainLog
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
@@ -145,6 +144,7 @@ class Queue:
         self._unsaved: dict[int, Envelope] = {}
         self._held_bytes = 0
         self.held_limit = int(cfg.get("teleport_memory_limit"))
+        self.spool_failure_retry = float(cfg.get("spool_failure_retry"))
         self.stats["held_hits"] = 0
 
     # --- intake -------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ class Queue:
 
     def _retry_delay(self, it: Item) -> float:
         od = self.cfg.delivery_domain(it.domain, it.binding)
-        return min(float(self.cfg.get("retry_interval", od, it.binding)), SPOOL_FAILURE_RETRY)
+        return min(float(self.cfg.get("retry_interval", od, it.binding)), self.spool_failure_retry)
 
     def _retry_later(self, it: Item, e: SpoolError) -> None:
         """The spool failed before anything was written for this attempt: try the message again later."""

@@ -397,6 +397,14 @@ class Spool:
                 raise SpoolError(f"spool {self.directory} is in use by another process") from None
             self._lock_fd = fd
             created = not os.path.exists(self.path)
+            wal = self.path + "-wal"
+            if created and os.path.exists(wal) and os.path.getsize(wal) > 0:
+                # A WAL left without its database: the newest part of a queue. A new spool.db would
+                # take it for its own WAL (or lose it): refuse, as for an empty spool.db.
+                raise SpoolError(
+                    f"spool {self.path} is missing but its write-ahead log {wal} ({os.path.getsize(wal)} bytes) "
+                    "is there: refusing to start a new, empty spool beside it; restore spool.db, or move both "
+                    "away to start a new spool")
             if created:
                 self._create()
             elif os.path.getsize(self.path) == 0:

@@ -103,6 +103,16 @@ async def test_an_empty_spool_db_is_refused_not_replaced(tmp_path):
         await h.start()
 
 
+async def test_a_wal_without_its_database_is_refused(tmp_path):
+    """spool.db gone but spool.db-wal there: the newest part of a queue; never started over silently."""
+    d = tmp_path / "spool"
+    d.mkdir()
+    (d / "spool.db-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 4092)
+    with pytest.raises(SpoolError, match=r"is missing but its write-ahead log .* is there"):
+        await Spool(str(d)).open()
+    assert not (d / "spool.db").exists()
+
+
 async def test_a_new_spool_is_made_whole_before_it_is_named_spool_db(tmp_path):
     """The reason an empty spool.db can be refused: a spool is created under another name and renamed."""
     d = tmp_path / "spool"

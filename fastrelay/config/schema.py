@@ -249,6 +249,13 @@ OPTIONS: list[OptionDef] = [
     OptionDef("spool_min_free", t.Size(), frozenset({GLOBAL}), limits.SPOOL_MIN_FREE,
               "Below this much free space on the spool's filesystem, MAIL gets 452 4.3.1 "
               "(RELIABILITY.md case 17); delivery keeps draining."),
+    OptionDef("spool_failure_retry", t.Time(lo=1), frozenset({GLOBAL}), limits.SPOOL_FAILURE_RETRY,
+              "When the spool cannot read or write a message (failing or full disk), it is tried again "
+              "after this long at most (a shorter retry_interval of its domain wins)."),
+    OptionDef("mainlog_max_pending", t.Size(), frozenset({GLOBAL}), limits.MAINLOG_MAX_PENDING,
+              "While the mainlog cannot be written (full or read-only disk), at most this many bytes of "
+              "records wait in memory; past it the oldest are dropped, and the count is logged when "
+              "writing works again. No record is ever written twice."),
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
               "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
               "\"mainlog\" in the spool's parent directory. Relative to the conf file."),
