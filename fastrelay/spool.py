@@ -52,12 +52,20 @@
 #
 # msgid (when the caller left it empty) is "<id in hex>.<node_id>", unique across nodes too.
 #
+# spool.db is made whole under another name and renamed into place (_create), so an empty spool.db,
+# or a WAL without its spool.db, is damage: open() refuses both with a message instead of starting a
+# new, empty spool with a new node id over a queue. Rows whose index columns or body have the wrong
+# type are quarantined with the reason at recovery, like torn entries (P6).
+#
 # One process at a time: open() takes an exclusive flock on <directory>/spool.lock, so a second
 # relay on the same directory fails at start instead of allocating the same ids.
 #
 # Checkpoints (copying the WAL into spool.db) run in a third thread with its own connection, not in
 # the writer: SQLite's automatic checkpoint would run inside a COMMIT and make that batch's callers
-# wait for it. The writer only steps in when the checkpointer falls too far behind (see below).
+# wait for it. The writer only steps in when the checkpointer falls too far behind (see below), to
+# start the WAL over (_restart: SQLite restarts it only at a write that began with every frame
+# already copied, which a checkpointer racing a busy writer never achieves), and when it has been
+# idle for a second (_idle: the WAL is copied whole and truncated to 0 bytes).
 #
 # A full disk (RELIABILITY.md recipe step 7, case 17) must not stop the spool: progress updates (P3)
 # and removals must still be written, or delivered mail would be sent again and nothing could free
