@@ -297,7 +297,9 @@ class Spool:
         self._ckpt_event = threading.Event()
         self._ckpt_stop = False
         self._ckpt_full = False  # the checkpointer hit a full disk (read by the writer)
-        self._ckpt_lock = threading.Lock()  # one checkpoint at a time (writer or checkpointer)
+        # One checkpoint at a time (writer or checkpointer); reentrant: the writer holds it through a
+        # restart batch (_restart), whose backlog check may checkpoint again.
+        self._ckpt_lock = threading.RLock()
         # The reader's batch, or a writer step that needs no reader inside a transaction (reentrant:
         # the writer may take it for a batch and again for a RESTART within it).
         self._read_lock = threading.RLock()
