@@ -94,6 +94,7 @@ class MainLog:
     def flush(self) -> None:
         self._scheduled = False
         if self._fd is None:
+            self._buf.clear()  # not open (or closed): as before, records have nowhere to go
             return
         if self._buf:
             self._pending += "".join(self._buf).encode("utf-8", "replace")
