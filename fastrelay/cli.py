@@ -81,9 +81,17 @@ def cmd_config_eval(args: argparse.Namespace) -> int:
         hint = f"; did you mean '{schema.BY_KEY[close[0]].name}'?" if close else ""
         print(f"fastrelay: unknown option '{args.option}'{hint}", file=sys.stderr)
         return EXIT_CONFIG
-    s = cfg.lookup(opt.name, args.domain, args.binding)
+    domain, via = args.domain, ""
+    if domain and schema.DOMAIN in opt.scopes and opt.key != "reroute_domain":
+        # The runtime delivers rerouted mail with the target domain's options (Queue, seed 000).
+        target = cfg.delivery_domain(domain, args.binding)
+        if target != domain:
+            r = cfg.lookup("reroute_domain", domain, args.binding)
+            at = "" if r.pos is None else f" at {r.pos.file}:{r.pos.line} ({r.scope})"
+            domain, via = target, f"; mail to {args.domain} is rerouted to {target} (reroute_domain{at})"
+    s = cfg.lookup(opt.name, domain, args.binding)
     where = "default" if s.pos is None else f"{s.pos.file}:{s.pos.line} ({s.scope})"
-    print(f"{opt.name} = {opt.format(s.value)}\t# {where}")
+    print(f"{opt.name} = {opt.format(s.value)}\t# {where}{via}")
     return EXIT_OK
 
 

@@ -79,3 +79,15 @@ CLUSTER_LEASE_TIME = 15.0
 # shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced
 # by the resolver on top of c-ares. 5 s is c-ares' and glibc's default per try.
 DNS_TIMEOUT = 5.0
+# --- Spool and queue (RELIABILITY.md part (a)) -----------------------------------------------------
+# How soon a message is tried again when the spool could not read or write it (at most; a shorter
+# retry_interval of its domain wins): a failing disk must not strand it, nor spin on it.
+# Conf: spool_failure_retry.
+SPOOL_FAILURE_RETRY = 10.0
+# Mainlog records kept in memory while the log cannot be written (full or read-only disk): past
+# this many bytes the oldest are dropped, and the count is logged when writing works again.
+# Conf: mainlog_max_pending.
+MAINLOG_MAX_PENDING = 8 * 1024 * 1024
+# teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer
+# failure"): bytes of bodies kept in memory for their quick retry, in all (teleport_memory_limit).
+TELEPORT_MEMORY_LIMIT = 64 * 1024 * 1024

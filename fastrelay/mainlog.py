@@ -17,16 +17,20 @@ time is Unix seconds with milliseconds. Fields are cleaned of tabs and control c
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-import sys
 import time
-from typing import TextIO
 
+from fastrelay.limits import MAINLOG_MAX_PENDING
 from fastrelay.message import Envelope
+
+log = logging.getLogger("fastrelay.mainlog")
 
 _CLEAN = {c: "?" for c in range(32)} | {127: "?"}
 # How long a log line may wait in memory before it is written (lines are flushed on stop too).
 FLUSH_INTERVAL = 0.1
+# While writes fail (full or read-only disk), how often the records kept in memory are tried again.
+RETRY_INTERVAL = 1.0
 
 
 def _f(v: object) -> str:
@@ -35,43 +39,113 @@ def _f(v: object) -> str:
 
 
 class MainLog:
-    def __init__(self, path: str | None):
+    """Buffered records, written with os.write so that exactly what the kernel took is known.
+
+    A write that fails (ENOSPC, EROFS, EIO, a quota) or writes only part keeps the rest in memory,
+    byte-exact: the next flush continues where the kernel stopped, so no record is written twice
+    (a buffered file object re-sends its whole buffer after a failed flush) and none is cut. What
+    waits is bounded by max_pending bytes: past it the oldest whole records are dropped and counted.
+    The failure is logged once, and once more, with the count dropped, when writes work again.
+    """
+
+    def __init__(self, path: str | None, max_pending: int = MAINLOG_MAX_PENDING):
         self.path = path
-        self._f: TextIO | None = None
+        self.max_pending = max_pending
+        self._fd: int | None = None
         self._buf: list[str] = []
+        self._pending = bytearray()  # encoded, not yet written (starts mid-record if _partial)
+        self._partial = False  # the kernel took the start of _pending's first record already
         self._scheduled = False
+        self._failing: OSError | None = None  # the failure logged; None while writes work
+        self.dropped = 0  # records dropped (memory bound) since the failure began
+        self.stats = {"write_failures": 0, "dropped": 0}
 
     def open(self) -> None:
         if self.path is None or self.path == "-":
-            self._f = sys.stderr
+            self._fd = 2
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def close(self) -> None:
         self.flush()
-        if self._f is not None and self._f is not sys.stderr:
-            self._f.close()
-        self._f = None
+        if self._pending:
+            log.error("mainlog %s: %d records could not be written and are lost",
+                      self.path, self._pending.count(b"\n"))
+            self._pending.clear()
+        if self._fd is not None and self._fd != 2:
+            os.close(self._fd)
+        self._fd = None
 
     def _emit(self, line: str) -> None:
         self._buf.append(line)
         if not self._scheduled:
-            self._scheduled = True
-            try:
-                # One write per FLUSH_INTERVAL, not per event-loop tick: at full load a write per
-                # tick was a measurable share of the loop's system calls.
-                asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
-            except RuntimeError:
-                self.flush()
+            self._schedule(FLUSH_INTERVAL)
+
+    def _schedule(self, delay: float) -> None:
+        self._scheduled = True
+        try:
+            # One write per FLUSH_INTERVAL, not per event-loop tick: at full load a write per
+            # tick was a measurable share of the loop's system calls.
+            asyncio.get_running_loop().call_later(delay, self.flush)
+        except RuntimeError:
+            self.flush()
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._buf and self._f is not None:
-            self._f.write("".join(self._buf))
-            self._f.flush()
-        self._buf.clear()
+        if self._fd is None:
+            self._buf.clear()  # not open (or closed): as before, records have nowhere to go
+            return
+        if self._buf:
+            self._pending += "".join(self._buf).encode("utf-8", "replace")
+            self._buf.clear()
+        pending = self._pending
+        try:
+            while pending:
+                n = os.write(self._fd, pending)
+                self._partial = pending[n - 1] != 0x0A
+                del pending[:n]
+        except OSError as e:
+            self.stats["write_failures"] += 1
+            if self._failing is None:
+                self._failing = e
+                log.error("mainlog %s: write failed: %s; records are kept in memory (up to %d bytes) and "
+                          "written when it works again; not logged again until then", self.path,
+                          e.strerror or e, self.max_pending)
+            self._trim()
+            try:
+                # Try again later even if no new record comes (without a loop: at the next record).
+                asyncio.get_running_loop().call_later(RETRY_INTERVAL, self.flush)
+                self._scheduled = True
+            except RuntimeError:
+                pass
+            return
+        if self._failing is not None:
+            self._failing = None
+            if self.dropped:
+                log.error("mainlog %s: writing again; %d records were dropped meanwhile", self.path, self.dropped)
+            else:
+                log.warning("mainlog %s: writing again; no record was lost", self.path)
+            self.dropped = 0
 
+    def _trim(self) -> None:
+        """Drop the oldest whole records past max_pending (the rest of one half written stays)."""
+        pending = self._pending
+        excess = len(pending) - self.max_pending
+        if excess <= 0:
+            return
+        start = 0
+        if self._partial:
+            start = pending.find(b"\n") + 1
+            if start == 0:
+                return  # all there is is the rest of one record: keep it
+        end = pending.find(b"\n", start + excess - 1)
+        if end < 0:
+            end = len(pending) - 1
+        lost = pending.count(b"\n", start, end + 1)
+        del pending[start:end + 1]
+        self.dropped += lost
+        self.stats["dropped"] += lost
     def received(self, env: Envelope, size: int) -> None:
         t = f"{time.time():.3f}"
         tail = f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}\n"

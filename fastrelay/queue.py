@@ -31,6 +31,7 @@ from fastrelay.crash import crashpoint
 from fastrelay.mainlog import MainLog
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
+from fastrelay.spool import SpoolError
 
 log = logging.getLogger("fastrelay.queue")
 
@@ -45,7 +46,8 @@ MAX_INTERNAL_ERRORS = 3
 class Item:
     """The in-memory record of one spool entry."""
 
-    __slots__ = ("attempts", "binding", "busy", "domain", "due", "errors", "first_queued", "id", "size")
+    __slots__ = ("attempts", "binding", "busy", "domain", "due", "errors", "first_queued", "id", "saving", "size",
+                 "unsaved")
 
     def __init__(self, id: int, domain: str, binding: str, due: float, attempts: int, first_queued: float,
                  size: int):
@@ -58,12 +60,16 @@ class Item:
         self.size = size
         self.busy = False  # in a session, or being rescheduled: never on two paths at once
         self.errors = 0
+        # A removal the spool could not take: retried when due; meanwhile the item is busy, so no
+        # session takes it (see Queue._save_later).
+        self.unsaved: Any = None
+        self.saving = False
 
 
 class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
-    __slots__ = ("avoid", "binding", "connecting", "domain", "held", "idle", "pumping", "ready", "sessions",
+    __slots__ = ("avoid", "binding", "connecting", "domain", "idle", "paused", "pumping", "ready", "sessions",
                  "settings")
 
     def __init__(self, domain: str, binding: str):
@@ -77,7 +83,7 @@ class Dest:
         self.settings: D.Settings | None = None
         # Set while the cluster said "not yet" (a shared limit full, or a throttle): no new
         # connection is tried until it fires, so a refusal never turns into a busy loop.
-        self.held: asyncio.TimerHandle | None = None
+        self.paused: asyncio.TimerHandle | None = None
         # Hosts this destination's own TLS policy refused: route-table host id -> (monotonic
         # until, code, text). Other destinations still use them (the host itself is fine).
         self.avoid: dict[int, tuple[float, int, str]] = {}
@@ -146,11 +152,21 @@ class Queue:
         # there wakes them (domains sharing MXs share limits, so one's release is another's slot).
         self._blocked_site: dict[int, set[Dest]] = {}
         self._blocked_host: dict[int, set[Dest]] = {}
-        self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0}
+        self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0, "spool_failures": 0}
         self.draining: dict | None = None  # {"to": route text, "since": time} during a drain
         # The last connect failure of each host (code, text), so that "every host is down" can
         # say why (the mainlog and the DSN carry the real reason).
         self._host_errors: dict[int, tuple[int, str]] = {}
+        self._spool_failing = False  # a spool failure was logged and no spool write has worked since
+        # teleport_enabled (seed 000): messages kept loaded after a transient failure, for their quick
+        # retry; insertion order is age, the oldest go back to disk only past the memory limit.
+        self._held: dict[int, tuple[Envelope, bytes]] = {}
+        # Envelopes whose last outcome the spool did not take (see _unsaved_env), until one is written.
+        self._unsaved: dict[int, Envelope] = {}
+        self._held_bytes = 0
+        self.held_limit = int(cfg.get("teleport_memory_limit"))
+        self.spool_failure_retry = float(cfg.get("spool_failure_retry"))
+        self.stats["held_hits"] = 0
 
     # --- intake -------------------------------------------------------------------------------
     def enqueue(self, entries: list) -> None:
@@ -202,7 +218,10 @@ class Queue:
         now = time.time()
         while self._heap and self._heap[0][0] <= now:
             _, _, it = heapq.heappop(self._heap)
-            if self.items.get(it.id) is it and not it.busy and it.due <= now:
+            if it.unsaved is not None and not it.saving and it.due <= now and self.items.get(it.id) is it:
+                it.saving = True
+                self._spawn(self._save(it))
+            elif self.items.get(it.id) is it and not it.busy and it.due <= now:
                 d = self._dest(it)
                 d.ready.append(it)
                 self._kick(d)
@@ -216,7 +235,7 @@ class Queue:
             if not waiter.done():
                 waiter.set_result(True)
                 d.connecting += 1
-        if not d.pumping and d.ready and not self._stopping and d.held is None:
+        if not d.pumping and d.ready and not self._stopping and d.paused is None:
             d.pumping = True
             self._spawn(self._pump(d))
 
@@ -263,7 +282,7 @@ class Queue:
                         # A cluster-wide limit is full or the connection throttle waits: give the
                         # local slot back and ask again later, holding no worker meanwhile.
                         self._free_slot(plan, host)
-                        self._hold(d, adm.retry_in)
+                        self._pause(d, adm.retry_in)
                         return
                     leases = adm.leases
                 # Reserve and release in pairs: the slot goes back when the session task ends,
@@ -282,13 +301,15 @@ class Queue:
             for w in waiting:
                 self._kick(w)
 
-    def _hold(self, d: Dest, seconds: float) -> None:
-        if d.held is None and not self._stopping:
-            d.held = asyncio.get_running_loop().call_later(seconds, self._unhold, d)
+    def _pause(self, d: Dest, seconds: float) -> None:
+        """No new connection for `d` for `seconds` (the cluster said "not yet")."""
+        if d.paused is None and not self._stopping:
+            d.paused = asyncio.get_running_loop().call_later(seconds, self._unpause, d)
 
-    def _unhold(self, d: Dest) -> None:
-        d.held = None
+    def _unpause(self, d: Dest) -> None:
+        d.paused = None
         self._kick(d)
+
     def _narrow(self, d: Dest, plan: Plan) -> Plan:
         """The plan without the hosts this destination's TLS policy refused lately; a RouteError
         with the policy's reason (4.7.x) when no host is left."""
@@ -321,27 +342,12 @@ class Queue:
     async def _finish_ready(self, d: Dest, state: int, code: int, text: str) -> None:
         """Every ready message of `d` gets this outcome without a delivery attempt."""
         for it in self._drain(d):
-            try:
-                await self._finish_all(it, state, code, text, remote="")
-            except Exception:
-                # Recording the outcome failed (a spool write, say): the message must still have
-                # a next step, so it is retried later rather than left busy.
-                log.exception("could not record the route failure of message %d", it.id)
-                self._retry_later(it)
+            await self._guarded(it, self._finish_all(it, state, code, text, remote=""))
 
     async def _destination_error(self, d: Dest, where: str) -> None:
         for it in self._drain(d):
             it.errors += 1
             await self._internal_error(it, where)
-
-    def _retry_later(self, it: Item) -> None:
-        """Back to the heap after retry_interval, in memory only: the last resort when even
-        recording an outcome failed."""
-        if self.items.get(it.id) is not it:
-            return
-        it.busy = False
-        it.due = time.time() + self.cfg.get("retry_interval", it.domain, it.binding)
-        self._schedule(it, time.time())
 
     def _drain(self, d: Dest) -> list[Item]:
         items = []
@@ -355,6 +361,20 @@ class Queue:
     async def _defer_ready(self, d: Dest, code: int, text: str) -> None:
         """Every ready message of `d` gets a transient failure and a later retry."""
         await self._finish_ready(d, PENDING, code, text)
+
+    async def _guarded(self, it: Item, step: Awaitable[None]) -> None:
+        """Run one outcome step for a message this task took (drained ones are all busy): however
+        it fails, the message ends released with a retry, so one failure strands no one (neither
+        this message nor the others drained with it, which the caller handles next)."""
+        try:
+            await step
+        except SpoolError as e:
+            self._retry_later(it, e)
+        except Exception:
+            # RELIABILITY.md case 50: a bug must not lose the message nor kill the scheduler.
+            it.errors += 1
+            log.exception("internal error handling message %d (%d/%d)", it.id, it.errors, MAX_INTERNAL_ERRORS)
+            await self._internal_error(it)
 
     def _settings(self, d: Dest) -> D.Settings:
         if d.settings is None:
@@ -441,7 +461,7 @@ class Queue:
 
     async def _deliver_one(self, it: Item, conn: D.Connection, hop: D.Hop) -> None:
         try:
-            loaded = await self.spool.load(it.id)
+            loaded = await self._load(it)
             if loaded is None:  # removed, or quarantined as corrupt (P6)
                 self.items.pop(it.id, None)
                 return
@@ -466,6 +486,10 @@ class Queue:
                 (DELIVERED_ACTION if hop.proto == "lmtp" else RELAYED_ACTION)
             await self._apply(it, env, body, idx, results, f"{hop.ip}:{hop.port}",
                               ok_kind="X" if hop.proto == "xfer" else "D", mta=mta_name(hop), success=success)
+        except SpoolError as e:
+            # The spool could not read or write this message now: not the message's fault, so it
+            # does not count towards quarantine; nothing changed on disk, so it is simply tried again.
+            self._retry_later(it, e)
         except Exception:
             # A bug or an unexpected failure must not kill the worker or lose the message
             # (RELIABILITY.md case 50): retry later; quarantine a message that keeps failing.
@@ -475,17 +499,107 @@ class Queue:
             await self._internal_error(it)
 
     async def _internal_error(self, it: Item, where: str = "delivering") -> None:
-        """A message hit an unexpected failure: a T record and a retry, or after
-        MAX_INTERNAL_ERRORS a bounce (5.3.0). Never raises: the message always has a next step."""
+        """A message hit an unexpected failure: a T record and a retry, or after MAX_INTERNAL_ERRORS
+        a bounce (5.3.0), or quarantine when even that fails. Never raises: it is the last step of
+        every failure path, so the message always has a next step."""
+        final = it.errors >= MAX_INTERNAL_ERRORS
         try:
-            if it.errors >= MAX_INTERNAL_ERRORS:
-                await self._finish_all(it, FAILED, 554, f"5.3.0 Internal error {where} this message", "")
+            if final:
+                loaded = await self._load(it)
+                if loaded is None:
+                    self.items.pop(it.id, None)
+                    return
+                await self._finish_all(it, FAILED, 554, f"5.3.0 Internal error {where} this message", "", loaded)
             else:
                 await self._finish_all(it, PENDING, 451, f"4.3.0 Internal error {where} this message, will retry",
                                        "")
+        except SpoolError as e:
+            self._retry_later(it, e)
         except Exception:
-            log.exception("could not record the internal error of message %d", it.id)
-            self._retry_later(it)
+            if not final:
+                log.exception("could not record the internal error of message %d", it.id)
+                self._retry_later(it)
+                return
+            log.exception("message %d: the failure path failed too; quarantining it", it.id)
+            try:
+                await self.spool.quarantine(it.id, f"internal error {MAX_INTERNAL_ERRORS} times")
+                self.items.pop(it.id, None)
+            except SpoolError as e:
+                self._retry_later(it, e)
+
+    # --- spool failures -----------------------------------------------------------------------
+    # A spool that cannot read or write for a while (full or failing disk, exhausted quota) must not
+    # strand what the scheduler took: every path releases the message with a retry, and the trouble
+    # is logged once per episode, not once per message and retry.
+
+    def _spool_failed(self, e: SpoolError) -> None:
+        self.stats["spool_failures"] += 1
+        if not self._spool_failing:
+            self._spool_failing = True
+            log.error("queue: spool write failed (%s); the messages concerned stay queued and are retried "
+                      "(logged once until the spool works again)", e)
+
+    def _spool_ok(self) -> None:
+        if self._spool_failing:
+            self._spool_failing = False
+            log.warning("queue: the spool works again (%d operations had failed)", self.stats["spool_failures"])
+
+    def _retry_delay(self, it: Item) -> float:
+        od = self.cfg.delivery_domain(it.domain, it.binding)
+        return min(float(self.cfg.get("retry_interval", od, it.binding)), self.spool_failure_retry)
+
+    def _retry_later(self, it: Item, e: SpoolError | None = None) -> None:
+        """Nothing was written for this attempt (the spool failed, or even recording an outcome
+        failed): try the message again later, from what the spool holds."""
+        if e is not None:
+            self._spool_failed(e)
+        self._unhold(it.id)  # the next attempt starts from what the spool holds
+        now = time.time()
+        it.busy = False
+        it.due = now + self._retry_delay(it)
+        self._schedule(it, now)
+
+    def _unsaved_env(self, it: Item, env: Envelope, e: SpoolError) -> None:
+        """A reschedule (or progress) the spool did not take: the envelope in memory is now the
+        truth (recipients delivered or failed, attempts). The message goes on to its next attempt
+        with it, and that attempt's outcome writes it (so a recipient already delivered is not sent
+        again, unless the relay stops before any write succeeds: then a duplicate, never a loss)."""
+        self._spool_failed(e)
+        self._unsaved[it.id] = env
+        it.domain = env.domain
+        it.attempts = env.attempts
+        it.busy = False
+        it.due = env.next_attempt  # its own schedule: the next outcome written makes it durable
+        self._schedule(it, time.time())
+
+    def _save_later(self, it: Item, unsaved: Any, e: SpoolError) -> None:
+        """The message is done but the spool did not take its removal: keep it busy and write the
+        removal again when due (not the delivery: a message delivered is not sent twice for this)."""
+        self._spool_failed(e)
+        now = time.time()
+        it.busy = True
+        it.unsaved = unsaved
+        it.saving = False
+        it.due = now + self._retry_delay(it)
+        heapq.heappush(self._heap, (it.due, next(self._seq), it))
+        if it.due < self._timer_at:
+            self._arm()
+
+    async def _save(self, it: Item) -> None:
+        unsaved = it.unsaved
+        try:
+            await self.spool.remove(it.id)
+        except SpoolError as e:
+            self._save_later(it, unsaved, e)
+            return
+        except BaseException:
+            it.saving = False  # cancelled (stop): the write is retried at the next start from disk
+            raise
+        self._spool_ok()
+        it.unsaved = None
+        it.saving = False
+        self.items.pop(it.id, None)
+        self._unsaved.pop(it.id, None)
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
@@ -526,7 +640,7 @@ class Queue:
         """Give every pending recipient of `it` the same outcome without a delivery attempt
         (route errors, all hosts down, poison messages)."""
         if loaded is None:
-            loaded = await self.spool.load(it.id)
+            loaded = await self._load(it)
         if loaded is None:
             self.items.pop(it.id, None)
             return
@@ -539,8 +653,11 @@ class Queue:
         now = time.time()
         cfg = self.cfg
         env.attempts += 1
-        expiration = cfg.get("message_expiration", env.domain, env.binding)
-        max_retries = cfg.get("max_retries", env.domain, env.binding)
+        # Seed 000: mail rerouted to another domain (reroute_domain = "xfer.test" on gmail.com) is
+        # retried and expired by that domain's options ("retry xfer messages quicker").
+        od = cfg.delivery_domain(env.domain, env.binding)
+        expiration = cfg.get("message_expiration", od, env.binding)
+        max_retries = cfg.get("max_retries", od, env.binding)
         if now - env.first_queued >= expiration or (max_retries and env.attempts > max_retries):
             # RFC 5321 §4.5.4.1: give up, and tell the sender.
             why = "5.4.7 Delivery time expired" if now - env.first_queued >= expiration else \
@@ -555,8 +672,8 @@ class Queue:
             await self._bounce(env, body, idx, "")
             await self._done(it, env)
             return
-        target = cfg.reroute_target("delayed_reroute_domain", env.domain, env.binding)
-        if target and target != env.domain and not env.meta.get("delayed_rerouted"):
+        target = cfg.reroute_target("delayed_reroute_domain", od, env.binding)
+        if target and target not in (env.domain, od) and not env.meta.get("delayed_rerouted"):
             # Seeds 000/001: after its first transient failure, the message moves to the named
             # (XFER) domain and goes out from there at once.
             env.meta["delayed_rerouted"] = True
@@ -564,8 +681,8 @@ class Queue:
             env.domain = target
             env.next_attempt = now
         else:
-            base = cfg.get("retry_interval", env.domain, env.binding)
-            cap = cfg.get("max_retry_interval", env.domain, env.binding)
+            base = cfg.get("retry_interval", od, env.binding)
+            cap = cfg.get("max_retry_interval", od, env.binding)
             env.next_attempt = now + min(cap, base * (2 ** min(env.attempts - 1, 30)))
         warn = cfg.get("delay_warning_time", env.domain, env.binding)
         if warn and now - env.first_queued >= warn and not env.meta.get("delay_warned"):
@@ -576,20 +693,74 @@ class Queue:
             env.meta["delay_warned"] = True
         self.stats["deferred"] += 1
         crashpoint("mid_reschedule")
-        await self.spool.reschedule(it.id, env)
+        try:
+            await self.spool.reschedule(it.id, env)
+        except SpoolError as e:
+            self._unsaved_env(it, env, e)
+            return
+        self._spool_ok()
+        self._unsaved.pop(it.id, None)
+        if cfg.get("teleport_enabled", od, env.binding):
+            self._hold(it.id, env, body)
+        self._rescheduled(it, env)
+
+    # --- teleport_enabled: kept loaded for the quick retry ------------------------------------
+    async def _load(self, it: Item) -> tuple[Envelope, bytes] | None:
+        held = self._held.pop(it.id, None)
+        if held is not None:
+            self._held_bytes -= len(held[1])
+            self.stats["held_hits"] += 1
+            return held
+        loaded = await self.spool.load(it.id)
+        env = self._unsaved.get(it.id)
+        if loaded is None or env is None:
+            return loaded
+        # The spool has not taken this envelope's last outcome yet. A copy: an attempt that fails
+        # half way (a DSN not queued) must not leave its changes in the one true envelope.
+        return Envelope.from_json(env.to_json()), loaded[1]
+
+    def _hold(self, id: int, env: Envelope, body: bytes) -> None:
+        """Keep a message loaded (the same envelope as just made durable, the same body): its next
+        attempt needs no read. Bounded by teleport_memory_limit; the oldest go back to disk only."""
+        if len(body) > self.held_limit:
+            return
+        self._unhold(id)
+        self._held[id] = (env, body)
+        self._held_bytes += len(body)
+        while self._held_bytes > self.held_limit:
+            self._unhold(next(iter(self._held)))
+
+    def _unhold(self, id: int) -> None:
+        held = self._held.pop(id, None)
+        if held is not None:
+            self._held_bytes -= len(held[1])
+
+    def _rescheduled(self, it: Item, env: Envelope) -> None:
         it.domain = env.domain
         it.attempts = env.attempts
         it.due = env.next_attempt
         it.busy = False
-        self._schedule(it, now)
+        self._schedule(it, time.time())
 
     async def _done(self, it: Item, env: Envelope) -> None:
         if env.done():
             # P4: the local copy goes only when every recipient is final.
-            await self.spool.remove(it.id)
+            try:
+                await self.spool.remove(it.id)
+            except SpoolError as e:
+                self._save_later(it, "remove", e)
+                return
+            self._spool_ok()
             self.items.pop(it.id, None)
+            self._unhold(it.id)
+            self._unsaved.pop(it.id, None)
         else:  # pragma: no cover - callers only get here with every recipient final
-            await self.spool.mark_recipients(it.id, env)
+            try:
+                await self.spool.mark_recipients(it.id, env)
+            except SpoolError as e:
+                self._unsaved_env(it, env, e)
+                return
+            self._unsaved.pop(it.id, None)
             it.busy = False
 
     async def _bounce(self, env: Envelope, body: bytes, idx: list[int], mta: str, action: str = FAILED_ACTION,
@@ -630,9 +801,9 @@ class Queue:
     async def stop(self) -> None:
         self._stopping = True
         for d in self.dests.values():
-            if d.held is not None:
-                d.held.cancel()
-                d.held = None
+            if d.paused is not None:
+                d.paused.cancel()
+                d.paused = None
             while d.idle:
                 w = d.idle.popleft()
                 if not w.done():
@@ -652,6 +823,8 @@ class Queue:
             "ready": sum(len(d.ready) for d in self.dests.values()),
             "sessions": sum(d.sessions for d in self.dests.values()),
             "waiting": len(self._heap),
+            "held": len(self._held),  # kept loaded by teleport_enabled
+            "held_bytes": self._held_bytes,
         }
 
 

@@ -51,7 +51,7 @@ class Relay:
         self.recovered = len(entries)
         if entries:
             log.info("recovered %d queued messages from %s", len(entries), cfg.spool_dir)
-        self.mainlog = MainLog(self._mainlog_path())
+        self.mainlog = MainLog(self._mainlog_path(), max_pending=cfg.get("mainlog_max_pending"))
         try:
             self.mainlog.open()
         except OSError as e:

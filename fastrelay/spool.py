@@ -52,12 +52,20 @@
 #
 # msgid (when the caller left it empty) is "<id in hex>.<node_id>", unique across nodes too.
 #
+# spool.db is made whole under another name and renamed into place (_create), so an empty spool.db,
+# or a WAL without its spool.db, is damage: open() refuses both with a message instead of starting a
+# new, empty spool with a new node id over a queue. Rows whose index columns or body have the wrong
+# type are quarantined with the reason at recovery, like torn entries (P6).
+#
 # One process at a time: open() takes an exclusive flock on <directory>/spool.lock, so a second
 # relay on the same directory fails at start instead of allocating the same ids.
 #
 # Checkpoints (copying the WAL into spool.db) run in a third thread with its own connection, not in
 # the writer: SQLite's automatic checkpoint would run inside a COMMIT and make that batch's callers
-# wait for it. The writer only steps in when the checkpointer falls too far behind (see below).
+# wait for it. The writer only steps in when the checkpointer falls too far behind (see below), to
+# start the WAL over (_restart: SQLite restarts it only at a write that began with every frame
+# already copied, which a checkpointer racing a busy writer never achieves), and when it has been
+# idle for a second (_idle: the WAL is copied whole and truncated to 0 bytes).
 #
 # A full disk (RELIABILITY.md recipe step 7, case 17) must not stop the spool: progress updates (P3)
 # and removals must still be written, or delivered mail would be sent again and nothing could free
@@ -88,6 +96,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -205,6 +214,11 @@ _SQLITE_FULL = 13
 
 # The WAL file is truncated back to this size when it restarts.
 _WAL_LIMIT = 16 * 1024 * 1024
+# The writer starts the WAL over once this much was written since the last time (see _restart):
+# the WAL file stays near this size under any load. Smaller costs more tail checkpoints.
+_WAL_RESTART_AFTER = _WAL_LIMIT
+# With nothing to write for this long, the WAL is checkpointed whole and truncated (see _idle).
+_IDLE_CHECKPOINT = 1.0
 _PAGE = 4096
 
 
@@ -219,6 +233,10 @@ def _spool_error(e: BaseException, what: str) -> SpoolError:
         err = SpoolError(f"{what}: {e}")
     err.__cause__ = e
     return err
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
 
 
 def _fsync_dir(path: str) -> None:
@@ -258,6 +276,7 @@ class Spool:
             "load_batches": 0,
             "quarantined": 0,
             "checkpoints": 0,
+            "wal_restarts": 0,  # times the writer started the WAL over after the checkpointer's work
             "disk_full": 0,  # times a write failed for lack of space (the reserve was released)
         }
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -278,11 +297,15 @@ class Spool:
         self._ckpt_event = threading.Event()
         self._ckpt_stop = False
         self._ckpt_full = False  # the checkpointer hit a full disk (read by the writer)
-        self._ckpt_lock = threading.Lock()  # one checkpoint at a time (writer or checkpointer)
+        # One checkpoint at a time (writer or checkpointer); reentrant: the writer holds it through a
+        # restart batch (_restart), whose backlog check may checkpoint again.
+        self._ckpt_lock = threading.RLock()
         # The reader's batch, or a writer step that needs no reader inside a transaction (reentrant:
         # the writer may take it for a batch and again for a RESTART within it).
         self._read_lock = threading.RLock()
-        self._restartable = False  # a checkpoint completed: the next write may start the WAL over
+        self._restartable = False  # a checkpoint completed: the writer may start the WAL over (_restart)
+        self._since_restart = 0  # bytes (estimated) written to the WAL since it last started over
+        self._idle_mark = 0  # _written when the idle checkpoint last emptied the WAL
         self._wal_bytes = 0  # written to the WAL since the last checkpoint was asked for (estimate)
         # The reserve (see _disk_full) and the checkpoint thresholds scale with min_free_bytes, so
         # that the WAL never holds more new pages than the reserve can absorb.
@@ -305,6 +328,7 @@ class Spool:
         self._freelist_at = 0.0
         self._free = 0  # free bytes at the last statvfs, spool.db's free pages included
         self._added = 0  # bytes of mail added since that statvfs (they count against it)
+        self._failing = False  # a write failure was logged and no batch has committed since
 
     # ------------------------------------------------------------------ open / close
 
@@ -364,6 +388,9 @@ class Spool:
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0, cached_statements=512
         )
         conn.execute("PRAGMA busy_timeout=30000")
+        # TEXT that is not UTF-8 (a damaged or hand-edited row) reads as a str with surrogates, to
+        # be found bad and quarantined by its reader, instead of failing the whole query.
+        conn.text_factory = _text
         return conn
 
     def _setup(self) -> tuple[sqlite3.Connection, str, int]:
@@ -381,12 +408,25 @@ class Spool:
                 raise SpoolError(f"spool {self.directory} is in use by another process") from None
             self._lock_fd = fd
             created = not os.path.exists(self.path)
+            wal = self.path + "-wal"
+            if created and os.path.exists(wal) and os.path.getsize(wal) > 0:
+                # A WAL left without its database: the newest part of a queue. A new spool.db would
+                # take it for its own WAL (or lose it): refuse, as for an empty spool.db.
+                raise SpoolError(
+                    f"spool {self.path} is missing but its write-ahead log {wal} ({os.path.getsize(wal)} bytes) "
+                    "is there: refusing to start a new, empty spool beside it; restore spool.db, or move both "
+                    "away to start a new spool")
+            if created:
+                self._create()
+            elif os.path.getsize(self.path) == 0:
+                # spool.db is only ever made whole (see _create), so an empty one is damage (a failed
+                # copy, a truncation): starting over on it would lose the queue without a word.
+                raise SpoolError(
+                    f"spool {self.path} is empty (0 bytes): it is not a spool this relay made, and starting a "
+                    "new, empty spool over it would lose the queue it held; restore it from a backup, or "
+                    "move it away to start a new spool (with a new node id)")
             conn = self._connect()
             try:
-                if created:
-                    # 4 KiB pages, measured best for 4 KB bodies: with 8 KiB pages only one such row
-                    # fits a page, doubling the bytes written to the WAL (and fsync'd).
-                    conn.execute("PRAGMA page_size=4096")
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode.lower() != "wal":
                     raise SpoolError(f"spool {self.path}: cannot use WAL mode (got {mode})")
@@ -408,6 +448,8 @@ class Spool:
                 if row is None:
                     node_id = secrets.token_hex(8)
                     conn.execute("INSERT INTO meta(k, v) VALUES ('node_id', ?)", (node_id,))
+                    log.error("spool %s had no node id (damaged?): made a new one, %s; XFER peers see this "
+                              "node as a new one", self.path, node_id)
                 else:
                     node_id = str(row[0])
                 conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('next_id', 1)")
@@ -426,9 +468,6 @@ class Spool:
             if not self._reserve_held:
                 log.warning("spool: cannot make the %d-byte reserve file %s (disk nearly full?)",
                             self._reserve_size, self._reserve_path)
-            if created:
-                # The new file's directory entry must be durable too (Exim's order, P1).
-                _fsync_dir(self.directory)
             return conn, node_id, max(int(hwm), int(top) + 1)
         except SpoolError:
             self._release_lock()
@@ -436,6 +475,38 @@ class Spool:
         except (sqlite3.Error, OSError) as e:
             self._release_lock()
             raise SpoolError(f"spool {self.directory} is unusable: {e}") from e
+
+    def _create(self) -> None:
+        """Make a new spool.db whole under another name, then rename it into place: so spool.db is
+        never seen empty or half made, and an empty spool.db is always damage (see _setup)."""
+        tmp = self.path + ".new"
+        for p in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+            try:
+                os.unlink(p)  # left by a crash during an earlier creation
+            except FileNotFoundError:
+                pass
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            # 4 KiB pages, measured best for 4 KB bodies: with 8 KiB pages only one such row fits a
+            # page, doubling the bytes written to the WAL (and fsync'd).
+            conn.execute("PRAGMA page_size=4096")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.execute("INSERT INTO meta(k, v) VALUES ('node_id', ?)", (secrets.token_hex(8),))
+            conn.execute("INSERT INTO meta(k, v) VALUES ('next_id', 1)")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        # The new file's directory entry must be durable too (Exim's order, P1).
+        _fsync_dir(self.directory)
 
     # ------------------------------------------------------------------ space
 
@@ -477,12 +548,20 @@ class Spool:
             bad: list[tuple[int, str]] = []
             rows = conn.execute(
                 "SELECT m.id, m.domain, m.binding, m.next_attempt, m.attempts, m.first_queued, m.size,"
-                " CAST(m.env AS BLOB), b.id, b.len, length(b.data) FROM msg m LEFT JOIN body b ON b.id = m.id"
-                " ORDER BY m.id"
+                " CAST(m.env AS BLOB), b.id, b.len, length(b.data), typeof(b.data)"
+                " FROM msg m LEFT JOIN body b ON b.id = m.id ORDER BY m.id"
             )
-            for mid, domain, binding, nxt, attempts, fq, size, env, bid, blen, dlen in rows:
+            for mid, domain, binding, nxt, attempts, fq, size, env, bid, blen, dlen, dtype in rows:
+                why = _index_problem(domain, binding, nxt, attempts, fq, size)
+                if why is not None:
+                    # One bad row must not stop the relay (its values reach the scheduler's heap).
+                    bad.append((mid, why))
+                    continue
                 if bid is None:
                     bad.append((mid, "body row missing"))
+                    continue
+                if dtype != "blob":
+                    bad.append((mid, f"body stored as {dtype}, not as a blob"))
                     continue
                 if blen != dlen or dlen is None:
                     bad.append((mid, f"body length mismatch: stored {blen}, data {dlen}"))
@@ -630,6 +709,13 @@ class Spool:
             old = next(iter(recent))
             self._recent_bytes -= len(recent.pop(old)[1])
 
+    async def quarantine(self, id: int, reason: str) -> None:
+        """Move a message out of the queue with a reason, keeping whatever is readable of it (P6)."""
+        if not self._open or self._closed:
+            raise SpoolError("spool is closed" if self._closed else "spool is not open")
+        self._forget_recent(id)
+        await self._quarantine(id, reason)
+
     async def _quarantine(self, id: int, reason: str) -> None:
         # Internal: allowed while closing too (a load finished by the reader may need it).
         if not self._open or self._wq_closed:
@@ -663,7 +749,7 @@ class Spool:
 
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
         stats = self.stats
-        for batch in _batches(self._wq, self.max_batch):
+        for batch in _batches(self._wq, self.max_batch, lambda: self._idle(conn), _IDLE_CHECKPOINT):
             stats["batches"] += 1
             if len(batch) > stats["largest_batch"]:
                 stats["largest_batch"] = len(batch)
@@ -688,21 +774,21 @@ class Spool:
                     todo.append(i)
         else:
             try:
-                if self._restartable:
-                    # The WAL is all in spool.db: SQLite starts it over at this write - but only if
-                    # no reader is inside a transaction then, and under load the reader nearly
-                    # always is. So the reader waits for this one batch (without this the WAL grew
-                    # to 1.9 GB for 200,000 deferred messages; journal_size_limit trims it now).
-                    self._restartable = False
-                    with self._read_lock:
-                        self._run_batch(conn, batch)
-                else:
+                if not (self._restartable and self._since_restart >= _WAL_RESTART_AFTER and self._restart(conn, batch)):
                     self._run_batch(conn, batch)
                 self._after_commit(conn)
+                if self._failing:
+                    self._failing = False
+                    log.warning("spool: writes succeed again (%d batches had failed)", self.stats["batch_failures"])
                 return None
             except Exception as e:
                 self.stats["batch_failures"] += 1
-                log.warning("spool: batch of %d operations failed (%s); retrying one by one", len(batch), e)
+                if not self._failing:
+                    # Once per episode: a failing disk fails every batch, and a line each would bury
+                    # the log (the callers get SpoolError and log or answer it themselves).
+                    self._failing = True
+                    log.warning("spool: batch of %d operations failed (%s); retrying one by one; further "
+                                "failures are not logged until a write succeeds", len(batch), e)
                 self._rollback(conn)
                 if isinstance(_spool_error(e, ""), SpoolFull):
                     self._disk_full(conn)
@@ -725,6 +811,57 @@ class Spool:
                     self._disk_full(conn)
         self._after_commit(conn)
         return errors
+
+    def _restart(self, conn: sqlite3.Connection, batch: list) -> bool:
+        """Start the WAL over at this batch; False (nothing run) if a checkpoint is running now.
+
+        SQLite restarts the WAL at a write only if that write's transaction began with every frame
+        already in spool.db, and no reader then holds a snapshot of it. A PASSIVE checkpoint in the
+        checkpointer completes only the frames there were when it began: under a steady load the
+        writer has always added some by the time it writes again, so the WAL never restarted and
+        grew without bound (measured: 120 MiB in 30 s of deferrals at 150 msg/s, beside an 8 MiB
+        spool.db, and it stayed that size when idle). So here, once the checkpointer has done the
+        bulk, the writer copies the few frames since (the tail) itself, with the reader held off, and
+        its next transaction restarts the WAL; journal_size_limit then trims the file.
+        """
+        if not self._ckpt_lock.acquire(blocking=False):
+            return False  # the checkpointer is running: it sets _restartable again when it is done
+        try:
+            self._restartable = False
+            with self._read_lock:
+                mark = self._written
+                try:
+                    busy, nlog, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.stats["checkpoints"] += 1
+                except sqlite3.Error as e:
+                    log.warning("spool: checkpoint failed: %s", e)
+                    busy = 1
+                if busy == 0 and nlog == done:
+                    self._ckpt_mark = mark
+                    self._since_restart = 0
+                    self.stats["wal_restarts"] += 1
+                self._run_batch(conn, batch)
+            return True
+        finally:
+            self._ckpt_lock.release()
+
+    def _idle(self, conn: sqlite3.Connection) -> None:
+        """Nothing to write for a while: put the whole WAL into spool.db and truncate it to 0 bytes,
+        so an idle spool keeps no WAL (journal_size_limit only trims the file at a restart)."""
+        if self._written == self._idle_mark:
+            return
+        with self._ckpt_lock, self._read_lock:
+            try:
+                busy, nlog, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                self.stats["checkpoints"] += 1
+            except sqlite3.Error as e:
+                if not self._failing:
+                    self._failing = True  # logged once; a batch that commits logs the recovery
+                    log.warning("spool: idle checkpoint failed: %s", e)
+                return
+            if busy == 0 and nlog == done:
+                self._idle_mark = self._ckpt_mark = self._written
+                self._since_restart = 0
 
     def _after_commit(self, conn: sqlite3.Connection) -> None:
         if not self._reserve_held:
@@ -948,6 +1085,7 @@ class Spool:
             self._freed = self._batch_freed = True
         self._wal_bytes += wal_bytes
         self._written += wal_bytes
+        self._since_restart += wal_bytes
         if self._wal_bytes >= self._ckpt_bytes:
             self._wal_bytes = 0
             self._ckpt_event.set()
@@ -966,6 +1104,7 @@ class Spool:
                 done = self._checkpoint(conn, "RESTART", wait=backlog > 2 * self._backlog_limit)
             if done:
                 self._ckpt_mark = mark
+                self._since_restart = 0
 
     def _wake(self, batch: list, errors: list | None) -> None:
         """Resolve the batch's futures with one call into the event loop."""
@@ -1045,12 +1184,17 @@ class Spool:
 
     @staticmethod
     def _load_one(conn: sqlite3.Connection, mid: int) -> Any:
-        rows = conn.execute(_SEL_LOAD, (mid,)).fetchall()
+        try:
+            rows = conn.execute(_SEL_LOAD, (mid,)).fetchall()
+        except (sqlite3.DataError, ValueError, UnicodeError) as e:  # a value Python cannot take
+            return f"row does not read: {type(e).__name__}: {e}"
         if not rows:
             return None
         env_js, data, blen, crc, bid = rows[0]
         if bid is None:
             return "body row missing"
+        if not isinstance(data, bytes):
+            return f"body stored as {type(data).__name__}, not as a blob"
         if data is None or blen != len(data):
             return f"body length mismatch: stored {blen}, data {None if data is None else len(data)}"
         if _crc32(data) != crc:
@@ -1062,13 +1206,36 @@ class Spool:
         return (env, data)
 
 
-def _batches(q: queue.SimpleQueue, max_batch: int):
+def _index_problem(domain: Any, binding: Any, nxt: Any, attempts: Any, fq: Any, size: Any) -> str | None:
+    """Why a msg row's index columns cannot be used (None if they can): the queue compares and
+    sorts them, so a wrong type would fail far from here, for every message."""
+    for name, v in (("domain", domain), ("binding", binding)):
+        if type(v) is not str:
+            return f"index column {name} is {v!r}, not a string"
+    for name, v in (("next_attempt", nxt), ("first_queued", fq)):
+        if type(v) not in (int, float) or not math.isfinite(v):
+            return f"index column {name} is {v!r}, not a time"
+    for name, v in (("attempts", attempts), ("size", size)):
+        if type(v) is not int or v < 0:
+            return f"index column {name} is {v!r}, not a count"
+    return None
+
+
+def _batches(q: queue.SimpleQueue, max_batch: int, idle: Any = None, idle_after: float = 1.0):
     """Block for the first queued request, then take everything else waiting (up to max_batch):
     one batch per wake-up is what makes group commit (and batched reads) work. A None in the
-    queue ends the stream after the requests before it."""
+    queue ends the stream after the requests before it. idle() is called once the queue has been
+    empty for idle_after seconds (and again after each later batch)."""
     get, get_nowait = q.get, q.get_nowait
     while True:
-        req = get()
+        if idle is None:
+            req = get()
+        else:
+            try:
+                req = get(timeout=idle_after)
+            except queue.Empty:
+                idle()
+                req = get()
         if req is None:
             return
         batch = [req]

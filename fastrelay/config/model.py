@@ -150,6 +150,11 @@ class Config:
         v = self.get(option, domain, binding)
         return None if v in (None, DISABLED) else v
 
+    def delivery_domain(self, domain: str, binding: str | None = None) -> str:
+        """The domain whose delivery options (retries, expiry, TLS, timeouts, routes) apply to mail
+        for `domain`: its reroute_domain target (seeds 000/001), or the domain itself."""
+        return self.reroute_target("reroute_domain", domain, binding) or domain
+
     @property
     def xfer_server_enabled(self) -> bool:
         return "msys.xfer.server" in self.scripts

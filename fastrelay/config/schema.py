@@ -220,8 +220,15 @@ OPTIONS: list[OptionDef] = [
               "\"disabled\" turns it off in this scope."),
     # --- XFER client (seeds 000 and 001) -----------------------------------------------------
     OptionDef("teleport_enabled", t.Bool(), OUTBOUND, False,
-              "Keep the message's context (schedule, attempts, first-queued time, metadata) across "
-              "an XFER transfer instead of starting afresh on the receiver."),
+              "Seed 000's meaning: \"don't swap out xfer message context if there is a temporary xfer "
+              "failure\": after a transient failure the message stays loaded (body and envelope in "
+              "memory, up to teleport_memory_limit in all) for its quick retry, instead of being read "
+              "back from the spool. Also: the message's context (schedule, attempts, first-queued "
+              "time, metadata) is carried across an XFER transfer instead of the receiver starting "
+              "afresh."),
+    OptionDef("teleport_memory_limit", t.Size(), frozenset({GLOBAL}), limits.TELEPORT_MEMORY_LIMIT,
+              "At most this many bytes of bodies kept loaded by teleport_enabled; past it the oldest "
+              "go back to disk only (they are read from the spool for their retry)."),
     OptionDef("HTTP_URI", t.URIPath(), OUTBOUND | HTTP, "/delay_message",
               "The path XFER transfers are sent to (in a Domain), and accepted on (at an HTTP_Listener "
               "or global)."),
@@ -371,6 +378,13 @@ OPTIONS: list[OptionDef] = [
               "Below this much free space on the spool's filesystem, MAIL gets 452 4.3.1 "
               "(RELIABILITY.md case 17), and so does MAIL or RCPT when the SIZE announced (one copy "
               "per destination domain) would go below it; delivery keeps draining."),
+    OptionDef("spool_failure_retry", t.Time(lo=1), frozenset({GLOBAL}), limits.SPOOL_FAILURE_RETRY,
+              "When the spool cannot read or write a message (failing or full disk), it is tried again "
+              "after this long at most (a shorter retry_interval of its domain wins)."),
+    OptionDef("mainlog_max_pending", t.Size(), frozenset({GLOBAL}), limits.MAINLOG_MAX_PENDING,
+              "While the mainlog cannot be written (full or read-only disk), at most this many bytes of "
+              "records wait in memory; past it the oldest are dropped, and the count is logged when "
+              "writing works again. No record is ever written twice."),
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
               "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
               "\"mainlog\" in the spool's parent directory. Relative to the conf file."),
