@@ -47,3 +47,14 @@ REAPER_INTERVAL = 1.0
 # Client addresses whose relay/normalize decision is remembered (the cache is simply emptied
 # when full).
 CLIENT_POLICY_CACHE = 4096
+
+# --- admin API (issue 12) ---------------------------------------------------------------------
+# Envelopes read at most per message-list call filtering on sender or recipient.
+ADMIN_SCAN_MAX = 10000
+# Messages per page of the message list, at most (and by default).
+ADMIN_PAGE_MAX = 1000
+ADMIN_PAGE_DEFAULT = 100
+# Largest admin API request body (JSON); the injection endpoint uses max_message_size instead.
+ADMIN_MAX_REQUEST = 1024 * 1024
+# Audit lines kept in memory for GET /api/v1/audit (the log has them all).
+ADMIN_AUDIT_KEEP = 1000

@@ -29,6 +29,7 @@ class Relay:
         self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
         self.smtp_servers: list[SMTPServer] = []
         self.xfer_servers: list = []
+        self.admin_servers: list = []  # fastrelay.admin: the admin API on each Admin_Listener address
         self.recovered = 0
         self.resolver = None
         self.hostname = cfg.get("Hostname") or socket.gethostname()
@@ -68,6 +69,20 @@ class Relay:
                 for sock in srv.sockets:
                     addr = sock.getsockname()
                     self.queue.router.own_addresses.add((addr[0], addr[1]))
+        await self._start_admin()
+
+    async def _start_admin(self) -> None:
+        """Issue 12: the admin API, /metrics and the status page on each Admin_Listener address."""
+        from fastrelay.admin.server import start_admin
+
+        self.admin_servers = await start_admin(self)
+
+    async def reload(self, new_cfg: Config | None = None) -> dict:
+        """Validate and apply a configuration (re-read from the conf file when None) without a
+        restart; one that does not validate changes nothing. What SIGHUP and the API call."""
+        from fastrelay.admin.reload import reload_relay
+
+        return await reload_relay(self, new_cfg)
 
     async def _start_delivery(self, entries: list) -> None:
         """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
@@ -134,6 +149,9 @@ class Relay:
         return out
 
     async def stop(self) -> None:
+        for asrv in self.admin_servers:
+            await asrv.stop()
+        self.admin_servers.clear()
         for srv in self.smtp_servers:
             await srv.stop()
         self.smtp_servers.clear()
