@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("option")
     ev.set_defaults(func=cmd_config_eval)
 
+    from fastrelay.admin.cli import add_admin_commands  # queue, suspend, resume, reroute-queue, reload
+
+    add_admin_commands(sub, DEFAULT_CONF)
+
     b = sub.add_parser("bench", help="end-to-end throughput tool (same as python -m bench.e2e)",
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
