@@ -20,6 +20,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from fastrelay.message import Envelope
@@ -40,6 +41,9 @@ class MainLog:
         self._f: TextIO | None = None
         self._buf: list[str] = []
         self._scheduled = False
+        # Called as fn(kind, env, rcpt) for each record (kind R with rcpt None, once per entry):
+        # how /metrics counts receptions and outcomes without a second bookkeeping path.
+        self.observers: list[Callable[[str, Envelope, str | None], None]] = []
 
     def open(self) -> None:
         if self.path is None or self.path == "-":
@@ -47,6 +51,15 @@ class MainLog:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
+
+    def reopen(self) -> None:
+        """Close and open the file again by its path (after logrotate renamed it: SIGUSR1).
+        Buffered lines go to the old file first, so none is lost or split across the two."""
+        self.flush()
+        if self._f is not None and self._f is not sys.stderr:
+            self._f.close()
+        self._f = None
+        self.open()
 
     def close(self) -> None:
         self.flush()
@@ -77,6 +90,8 @@ class MainLog:
         tail = f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}\n"
         for r in env.recipients:
             self._emit(f"{t}\tR\t{env.msgid}\t{_f(r.address)}{tail}")
+        for obs in self.observers:
+            obs("R", env, None)
 
     def outcome(self, kind: str, env: Envelope, rcpt: str, size: int, remote: str, response: str) -> None:
         """kind is D, T, P or X."""
@@ -85,3 +100,5 @@ class MainLog:
             f"{now:.3f}\t{kind}\t{env.msgid}\t{_f(rcpt)}\t{env.domain}\t{size}\t{_f(env.binding)}\t"
             f"{env.attempts}\t{int(now - env.first_queued)}\t{_f(remote)}\t{_f(response)}\n"
         )
+        for obs in self.observers:
+            obs(kind, env, rcpt)

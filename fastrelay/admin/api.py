@@ -187,6 +187,7 @@ class AdminApp:
         self.relay = relay
         self.token = token
         self._queue = queue
+        self.metrics: Any = None  # fastrelay.admin.metrics.RelayMetrics, when serving a started relay
         self.audit: collections.deque[dict] = collections.deque(maxlen=limits.ADMIN_AUDIT_KEEP)
         self.app = web.Application(middlewares=[self._middleware], client_max_size=limits.ADMIN_MAX_REQUEST)
         self.app.add_routes(self.routes())
@@ -449,3 +450,8 @@ class AdminServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        if getattr(self.api, "metrics", None) is not None:
+            from fastrelay.admin.metrics import release
+
+            release(self.api.relay)
+            self.api.metrics = None
