@@ -845,6 +845,31 @@ class Queue:
         return {"from": src, "to": dst, "dry_run": False, "moved": len(moved), "would_move": len(moved),
                 "ids": moved, "in_delivery": busy}
 
+    def api_reconfigure(self, cfg: Config) -> None:
+        """A reload: every decision from now on reads `cfg`. Destinations are replaced by fresh
+        ones (their settings and plans are read again), their ready mail moves over, and open
+        sessions of the old ones finish the message they hold, find nothing more and close: so
+        new mail takes the new route at once, and nothing in flight is cut."""
+        self.cfg = cfg
+        old = self.dests
+        self.dests = {}
+        for d in old.values():
+            while d.idle:  # idle cached connections close now
+                w = d.idle.popleft()
+                if not w.done():
+                    w.set_result(False)
+        moved: set[int] = set()
+        now = time.time()
+        for d in old.values():
+            while d.ready:
+                it = d.ready.popleft()
+                if self.items.get(it.id) is it and not it.busy and it.due <= now and it.id not in moved:
+                    moved.add(it.id)
+                    self._dest(it).ready.append(it)
+        self._blocked_site.clear()
+        self._blocked_host.clear()
+        self._api_kick_all()
+
 
 def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> D.Settings:
     g = cfg.get

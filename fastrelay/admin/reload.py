@@ -125,21 +125,16 @@ async def _apply(relay: Any, new: Config) -> dict:
     relay.admin_servers.extend(admin_started)
     q = relay.queue
     if q is not None:
-        q.cfg = new
         router = q.router
         router.cfg = new
         router.prohibited = tuple(new.get("Prohibited_Hosts"))
         for key in list(router._plans):
             router.invalidate(*key)  # the next session plans with the new routes and limits
-        for d in q.dests.values():
-            d.settings = None  # timeouts and TLS policy read again at the next connection
         for srv in relay.smtp_servers:
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 router.own_addresses.add((addr[0], addr[1]))
-        for d in list(q.dests.values()):
-            if d.ready:
-                q._kick(d)
+        q.api_reconfigure(new)  # fresh destinations: timeouts, TLS policy and routes read again
     changes.append("configuration applied (routes, limits, TLS policy, relay_hosts, listeners)")
     log.info("configuration reloaded from %s: %s", ", ".join(new.files) or "?", "; ".join(changes))
     return {"reloaded": True, "errors": [], "changes": changes}
