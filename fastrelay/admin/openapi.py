@@ -131,6 +131,29 @@ def document() -> dict:
             [_q("option", {"type": "string", "minLength": 1, "maxLength": 128}, "option name", True),
              _q("domain", _NAME, "for mail to this domain"), _q("binding", _NAME, "on this binding")],
             tags="config")},
+        "/api/v1/inject": {"post": {
+            "summary": "Inject a message: JSON envelope plus RFC 5322 content (or multipart: an envelope part and a "
+                       "message part); 200 with its id once it is on disk. SMTP's relay policy and limits apply.",
+            "tags": ["inject"],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "required": ["sender", "recipients"],
+                    "properties": {
+                        "sender": {"type": "string", "maxLength": 254, "description": "\"\" for the null sender"},
+                        "recipients": {"type": "array", "minItems": 1, "maxItems": 1000,
+                                       "items": {"type": "string", "minLength": 3, "maxLength": 254}},
+                        "binding": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "content": {"type": "string", "description": "the RFC 5322 message"},
+                        "content_base64": {"type": "string", "contentEncoding": "base64"}},
+                    "oneOf": [{"required": ["content"]}, {"required": ["content_base64"]}]}},
+                "multipart/form-data": {"schema": {
+                    "type": "object", "required": ["envelope", "message"],
+                    "properties": {"envelope": {"type": "string", "description": "the JSON envelope"},
+                                   "message": {"type": "string", "format": "binary"}}}}}},
+            "responses": {"200": _json({"type": "object", "required": ["id", "recipients", "entries"],
+                                        "properties": {"id": {"type": "string"}, "recipients": {"type": "integer"},
+                                                       "entries": {"type": "integer"}}}),
+                          **_errors("503")}}},
         "/api/v1/audit": {"get": _op("The latest audited changes", {"type": "object", "required": ["audit"]},
                                      tags="config")},
     }

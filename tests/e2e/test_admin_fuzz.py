@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import positive_data_acceptance
 
 from tests.support.loopthread import LoopThread
 from tests.support.relay import RelayHarness
@@ -57,4 +58,7 @@ def test_the_served_document_is_the_one_fuzzed(live_admin):
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_admin_api_against_its_openapi(case, live_admin):
-    case.call_and_validate(base_url=live_admin)
+    # JSON Schema cannot say what an RFC 5321 address is: a schema-valid string may still be no
+    # address, and injection rightly refuses it (400). Every other check applies there too.
+    excluded = [positive_data_acceptance] if case.path == "/api/v1/inject" else []
+    case.call_and_validate(base_url=live_admin, excluded_checks=excluded)
