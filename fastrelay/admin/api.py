@@ -31,7 +31,9 @@ from fastrelay.admin.queueapi import STATES, LocalQueueAPI, QueueAPI, QueueAPIEr
 log = logging.getLogger("fastrelay.admin")
 audit_log = logging.getLogger("fastrelay.admin.audit")
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Served to anyone: probes, and the status page's assets (which carry no data; the data they
+# fetch needs the token).
+OPEN_PATHS = frozenset({"/health", "/ready", "/status", "/status/app.js", "/status/style.css"})
 API = "/api/v1"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}

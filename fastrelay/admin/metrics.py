@@ -103,7 +103,7 @@ class RelayMetrics:
         if ev is None:
             return
         self.events.add(ev, env.binding, env.domain)
-        self._totals[ev] += 1
+        self._totals[(ev, env.binding)] += 1
         if kind in ("D", "X") and env.received_at:
             self.delivery.observe(max(0.0, time.time() - env.received_at))
 
@@ -182,9 +182,15 @@ class RelayMetrics:
     def _sample(self) -> None:
         """One history point: queue by state and the events since the last point."""
         try:
-            delta = {ev: self._totals[ev] - self._last[ev] for ev in EVENTS.values()}
+            delta = {k: n - self._last[k] for k, n in self._totals.items() if n != self._last[k]}
             self._last = collections.Counter(self._totals)
-            self.history.append({"t": round(time.time(), 3), "queue": self.queue_states(), "events": delta})
+            events = dict.fromkeys(EVENTS.values(), 0)
+            bindings: dict[str, dict[str, int]] = {}
+            for (ev, b), n in delta.items():
+                events[ev] += n
+                bindings.setdefault(b, dict.fromkeys(EVENTS.values(), 0))[ev] += n
+            self.history.append({"t": round(time.time(), 3), "queue": self.queue_states(), "events": events,
+                                 "bindings": bindings, "interval": SAMPLE_EVERY})
             self._timer = asyncio.get_running_loop().call_later(SAMPLE_EVERY, self._sample)
         except (RuntimeError, ReferenceError):  # no loop any more, or the relay is gone
             self._timer = None
