@@ -146,6 +146,11 @@ class Relay:
                 addr = sock.getsockname()
                 host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 out.append(f"xfer on {host}:{addr[1]}")
+        for asrv in self.admin_servers:
+            for sock in asrv.sockets:
+                addr = sock.getsockname()
+                host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                out.append(f"admin on {host}:{addr[1]}")
         return out
 
     async def stop(self) -> None:

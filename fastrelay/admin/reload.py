@@ -135,6 +135,9 @@ async def _apply(relay: Any, new: Config) -> dict:
                 addr = sock.getsockname()
                 router.own_addresses.add((addr[0], addr[1]))
         q.api_reconfigure(new)  # fresh destinations: timeouts, TLS policy and routes read again
+    from fastrelay.admin import logfmt
+
+    logfmt.apply(new)
     changes.append("configuration applied (routes, limits, TLS policy, relay_hosts, listeners)")
     log.info("configuration reloaded from %s: %s", ", ".join(new.files) or "?", "; ".join(changes))
     return {"reloaded": True, "errors": [], "changes": changes}

@@ -9,8 +9,10 @@ from fastrelay.admin.api import AdminServer
 
 async def start_admin(relay: Any) -> list[AdminServer]:
     """One AdminServer per Admin_Listener Listen address; StartupError when one cannot start."""
+    from fastrelay.admin import logfmt
     from fastrelay.relay import StartupError
 
+    logfmt.apply(relay.cfg)  # Log_Format: the process log's lines from here on
     out: list[AdminServer] = []
     try:
         for listen in relay.cfg.admin_listens:
