@@ -417,6 +417,27 @@ class AdminApp:
         return web.json_response({"audit": list(self.audit)})
 
 
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol, with the one JSON error shape for the errors it answers
+    itself (a request it cannot parse never reaches the middleware: RELIABILITY.md case 7)."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if status == 400:
+            why = "".join(c if c.isprintable() else " " for c in str(exc or message)[:200])
+            log.info("admin API: malformed HTTP request from %s: %s", request.remote, why)
+            resp = error_response(400, "bad_request", "malformed HTTP request")
+        elif status == 504:
+            resp = error_response(504, "timeout", "the request took too long")
+        else:
+            log.error("admin API: error handling a request", exc_info=exc)
+            resp = error_response(500, "internal_error", "internal error; see the process log")
+        resp.force_close()
+        return resp
+
+
 class AdminServer:
     """One Admin_Listener Listen address serving an AdminApp."""
 
@@ -431,9 +452,15 @@ class AdminServer:
         # §4.5.3.1.3: a path is at most 256 octets): twice aiohttp's default 8190 bytes.
         runner = web.AppRunner(self.api.app, access_log=None, shutdown_timeout=5.0, max_line_size=MAX_LINE)
         await runner.setup()
+        server = runner.server
+        loop = asyncio.get_running_loop()
+        assert server is not None
+
+        def protocol() -> web.RequestHandler:
+            return _RequestHandler(server, loop=loop, **server._kwargs)
+
         try:
-            self._server = await asyncio.get_running_loop().create_server(
-                runner.server, host, port, reuse_address=True)
+            self._server = await loop.create_server(protocol, host, port, reuse_address=True)
         except BaseException:
             await runner.cleanup()
             raise

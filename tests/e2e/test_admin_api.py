@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import aiohttp
@@ -302,3 +303,34 @@ async def test_health_and_readiness(relay):
     assert await call(h, "GET", "/health") == (200, {"status": "ok"})
     st, r = await call(h, "GET", "/ready")
     assert st == 200 and r["ready"] is True and all(r["checks"].values())
+
+
+async def test_malformed_http_gets_the_json_error_too(relay):
+    """RELIABILITY.md case 7 on the admin port: bytes that are not HTTP get a JSON 400, not a page."""
+    h = await relay(ADMIN)
+    port = h.relay.admin_servers[0].sockets[0].getsockname()[1]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"EHLO example.com\r\n\r\n")
+    await w.drain()
+    data = await asyncio.wait_for(r.read(), 10)
+    w.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400" and b"application/json" in head
+    assert json.loads(payload)["error"]["code"] == "bad_request"
+
+
+async def test_without_a_token_only_loopback_clients_are_served(relay):
+    """"with no token configured, only loopback clients are served." The tests may only use
+    loopback addresses, so the refusal is checked on the API's own request handling with a
+    request whose peer is 192.0.2.7 (the HTTP server under test is not replaced)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    h = await relay(ADMIN)
+    api = h.relay.admin_servers[0].api
+    transport = type("T", (), {"get_extra_info": lambda self, k, d=None: ("192.0.2.7", 4242) if k == "peername"
+                               else d, "is_closing": lambda self: False})()
+    req = make_mocked_request("GET", "/api/v1/queue/summary", app=api.app, transport=transport)
+    match = await api.app.router.resolve(req)
+    req._match_info = match
+    resp = await api._middleware(req, match.handler)
+    assert resp.status == 403 and json.loads(resp.body)["error"]["code"] == "forbidden"
