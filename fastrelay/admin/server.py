@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from typing import Any
 
 from fastrelay.admin.api import AdminServer
+
+log = logging.getLogger("fastrelay.admin")
+
+
+def _loopback_only(host: str) -> bool:
+    try:
+        return bool(host) and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def start_admin(relay: Any) -> list[AdminServer]:
@@ -25,6 +36,9 @@ async def start_admin(relay: Any) -> list[AdminServer]:
             except OSError as e:
                 raise StartupError(f"Admin listener {listen.address}: {e.strerror or e}") from None
             out.append(srv)
+            if srv.api.token is None and not _loopback_only(listen.address.host):
+                log.warning("Admin listener %s has no Admin_Token: only loopback clients will be served",
+                            listen.address)
     except BaseException:
         for srv in out:
             await srv.stop()

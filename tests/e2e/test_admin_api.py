@@ -83,7 +83,7 @@ async def test_summary_list_show_hold_release_by_state(sinks, relay):
     await sink.wait_for(3)
     await asyncio.sleep(0.3)
     assert len(sink.messages) == 3
-    s = await wait_state(h, {"held": 1, "ready": 0})
+    s = await wait_state(h, {"held": 1, "ready": 0, "in_delivery": 0})
     assert s["total"] == 1
     st, _ = await call(h, "POST", f"/api/v1/messages/{target}/release")
     assert st == 200
