@@ -9,7 +9,7 @@ import aiosmtplib
 
 from fastrelay.smtp import replies as R
 from tests.e2e.conftest import body, drained, send
-from tests.e2e.test_admin_api import ADMIN, call
+from tests.e2e.test_admin_api import ADMIN, call, wait_state
 
 
 def rewrite(h, old: str, new: str) -> None:
@@ -143,3 +143,38 @@ async def test_relay_hosts_change_applies_to_new_sessions(relay):
     resp = await c.execute_command(b"RCPT", b"TO:<x@far.test>")
     assert (resp.code, resp.message.split()[0]) == (R.RELAY_DENIED.code, R.RELAY_DENIED.esc)
     await c.quit()
+
+
+async def test_a_limit_change_applies_to_the_next_sessions(sinks, relay):
+    """Limits are reloaded too: max_outbound_connections 1 -> 4 (sink session peaks)."""
+    (a,) = await sinks(1)
+    a.faults.set("dot", delay=0.05)
+    h = await relay("Domain lim.test { Gateway = 127.0.0.2\n max_outbound_connections = 1 }\n"
+                    "Connection_Cache_Time = 0\n" + ADMIN)
+    await asyncio.gather(*(send(h, [f"r{i}@lim.test"], body(f"l{i}")) for i in range(12)))
+    await drained(h, 30)
+    assert a.peak_sessions == 1
+    rewrite(h, "max_outbound_connections = 1", "max_outbound_connections = 4")
+    assert (await h.relay.reload())["reloaded"] is True
+    a.reset()
+    await asyncio.gather(*(send(h, [f"s{i}@lim.test"], body(f"m{i}")) for i in range(40)))
+    await drained(h, 30)
+    assert len(a.messages) == 40
+    assert 1 < a.peak_sessions <= 4
+
+
+async def test_a_tls_policy_change_applies_to_queued_mail(sinks, relay):
+    """TLS policy is reloaded: a sink without STARTTLS under TLS = required defers; after a reload
+    to ifavailable the queued message goes out on the next try."""
+    (a,) = await sinks(1)
+    a.faults.hide.add("STARTTLS")
+    h = await relay("Domain tls.test { Gateway = 127.0.0.2\n TLS = required }\nretry_interval = 1h\n" + ADMIN)
+    await send(h, ["x@tls.test"], body("tls"))
+    await wait_state(h, {"deferred": 1})
+    assert a.messages == []
+    rewrite(h, "TLS = required", "TLS = ifavailable")
+    assert (await h.relay.reload())["reloaded"] is True
+    assert (await call(h, "POST", "/api/v1/flush"))[1]["flushed"] == 1
+    (m,) = await a.wait_for(1)
+    assert m.test_id == "tls"
+    await drained(h)
