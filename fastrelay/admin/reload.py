@@ -138,9 +138,55 @@ async def _apply(relay: Any, new: Config) -> dict:
     from fastrelay.admin import logfmt
 
     logfmt.apply(new)
+    changes += config_diff(old, new)
     changes.append("configuration applied (routes, limits, TLS policy, relay_hosts, listeners)")
     log.info("configuration reloaded from %s: %s", ", ".join(new.files) or "?", "; ".join(changes))
     return {"reloaded": True, "errors": [], "changes": changes}
+
+
+def _values(sc: Any) -> dict:
+    return {k: v for k, (v, _pos) in sc.values.items()}
+
+
+def config_diff(old: Config, new: Config) -> list[str]:
+    """What the operator changed, one line per option or stanza (for the log and the answer)."""
+    from fastrelay.config import schema
+
+    out = []
+
+    def opts(where: str, a: dict, b: dict) -> None:
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                opt = schema.BY_KEY.get(k)
+                name = opt.name if opt else k
+                secret = k in ("admin_token", "xfer_secret", "xfer_token", "xfer_tokens")
+                fa = "(unset)" if k not in a else ("(secret)" if secret else opt.format(a[k]) if opt else a[k])
+                fb = "(unset)" if k not in b else ("(secret)" if secret else opt.format(b[k]) if opt else b[k])
+                out.append(f"{where}{name}: {fa} -> {fb}")
+
+    opts("", _values(old.global_), _values(new.global_))
+    for kind, a, b in (("Domain", old.domains, new.domains), ("Host", old.hosts, new.hosts)):
+        for name in sorted(set(a) | set(b)):
+            if name not in a:
+                out.append(f"{kind} {name} added")
+            elif name not in b:
+                out.append(f"{kind} {name} removed")
+            else:
+                opts(f"{kind} {name}: ", _values(a[name]), _values(b[name]))
+    for name in sorted(set(old.bindings) | set(new.bindings)):
+        if name not in old.bindings:
+            out.append(f"Binding {name} added")
+        elif name not in new.bindings:
+            out.append(f"Binding {name} removed")
+        else:
+            ob, nb = old.bindings[name], new.bindings[name]
+            opts(f"Binding {name}: ", _values(ob.scope), _values(nb.scope))
+            for d in sorted(set(ob.domains) | set(nb.domains)):
+                if d not in ob.domains or d not in nb.domains:
+                    out.append(f"Binding {name} Domain {d} {'added' if d not in ob.domains else 'removed'}")
+                else:
+                    opts(f"Binding {name} Domain {d}: ", _values(ob.domains[d]), _values(nb.domains[d]))
+    return out
 
 
 _TASKS: set[asyncio.Task] = set()

@@ -40,6 +40,7 @@ async def test_route_change_under_load_loses_nothing_and_new_mail_takes_the_new_
     rewrite(h, "Gateway = 127.0.0.2", "Gateway = 127.0.0.3")
     st, r = await call(h, "POST", "/api/v1/reload")
     assert st == 200 and r["reloaded"] is True, r
+    assert "Domain r.test: Gateway: 127.0.0.2 -> 127.0.0.3" in r["changes"]
     mark = len(sent)
     while len(sent) < mark + 40:
         await asyncio.sleep(0.01)
