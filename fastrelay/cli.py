@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     d.set_defaults(func=cmd_drain)
 
+    from fastrelay.admin.cli import add_admin_commands  # queue, suspend, resume, reroute-queue, reload
+
+    add_admin_commands(sub, DEFAULT_CONF)
+
     b = sub.add_parser("bench", help="end-to-end throughput tool (same as python -m fastrelay.bench.e2e)",
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)

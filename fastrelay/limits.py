@@ -91,3 +91,13 @@ MAINLOG_MAX_PENDING = 8 * 1024 * 1024
 # teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer
 # failure"): bytes of bodies kept in memory for their quick retry, in all (teleport_memory_limit).
 TELEPORT_MEMORY_LIMIT = 64 * 1024 * 1024
+# --- admin API (issue 12) ---------------------------------------------------------------------
+# Envelopes read at most per message-list call filtering on sender or recipient.
+ADMIN_SCAN_MAX = 10000
+# Messages per page of the message list, at most (and by default).
+ADMIN_PAGE_MAX = 1000
+ADMIN_PAGE_DEFAULT = 100
+# Largest admin API request body (JSON); the injection endpoint uses max_message_size instead.
+ADMIN_MAX_REQUEST = 1024 * 1024
+# Audit lines kept in memory for GET /api/v1/audit (the log has them all).
+ADMIN_AUDIT_KEEP = 1000

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from fastrelay.limits import MAINLOG_MAX_PENDING
 from fastrelay.message import Envelope
@@ -59,6 +60,9 @@ class MainLog:
         self._failing: OSError | None = None  # the failure logged; None while writes work
         self.dropped = 0  # records dropped (memory bound) since the failure began
         self.stats = {"write_failures": 0, "dropped": 0}
+        # Called as fn(kind, env, rcpt) for each record (kind R with rcpt None, once per entry):
+        # how /metrics counts receptions and outcomes without a second bookkeeping path.
+        self.observers: list[Callable[[str, Envelope, str | None], None]] = []
 
     def open(self) -> None:
         if self.path is None or self.path == "-":
@@ -66,6 +70,15 @@ class MainLog:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def reopen(self) -> None:
+        """Close and open the file again by its path (after logrotate renamed it: SIGUSR1).
+        Buffered lines go to the old file first, so none is lost or split across the two."""
+        self.flush()
+        if self._fd is not None and self._fd != 2:
+            os.close(self._fd)
+        self._fd = None
+        self.open()
 
     def close(self) -> None:
         self.flush()
@@ -151,6 +164,8 @@ class MainLog:
         tail = f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}\n"
         for r in env.recipients:
             self._emit(f"{t}\tR\t{env.msgid}\t{_f(r.address)}{tail}")
+        for obs in self.observers:
+            obs("R", env, None)
 
     def outcome(self, kind: str, env: Envelope, rcpt: str, size: int, remote: str, response: str) -> None:
         """kind is D, T, P or X."""
@@ -159,3 +174,5 @@ class MainLog:
             f"{now:.3f}\t{kind}\t{env.msgid}\t{_f(rcpt)}\t{env.domain}\t{size}\t{_f(env.binding)}\t"
             f"{env.attempts}\t{int(now - env.first_queued)}\t{_f(remote)}\t{_f(response)}\n"
         )
+        for obs in self.observers:
+            obs(kind, env, rcpt)

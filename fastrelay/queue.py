@@ -229,6 +229,8 @@ class Queue:
 
     # --- dispatch -----------------------------------------------------------------------------
     def _kick(self, d: Dest) -> None:
+        if self._suspensions and self._suspended(d):
+            return  # suspended by the operator (queue API): no new session, no idle one woken
         # An idle open connection takes new mail before any new connection is opened.
         while d.idle and len(d.ready) > d.connecting:
             waiter = d.idle.popleft()
@@ -452,6 +454,8 @@ class Queue:
                 pass
 
     def _take(self, d: Dest) -> Item | None:
+        if self._suspensions and self._suspended(d):
+            return None  # an open session of a suspended destination takes nothing more
         while d.ready:
             it = d.ready.popleft()
             if self.items.get(it.id) is it and not it.busy:
@@ -826,6 +830,387 @@ class Queue:
             "held": len(self._held),  # kept loaded by teleport_enabled
             "held_bytes": self._held_bytes,
         }
+
+    # --- queue API (admin, XFER drain) ---------------------------------------------------------
+    # What the admin API (fastrelay.admin) and the XFER drain see and steer, and ALL they touch:
+    # they never read the spool's files. Values in and JSON-ready dicts out; a refusal raises
+    # fastrelay.admin.queueapi.QueueAPIError with an HTTP status (404 unknown, 409 in flight).
+    # A message in a session (Item.busy) is never changed, so it is never on two paths at once.
+    # Held messages are due at HELD_UNTIL: the hold survives a restart with no schema change.
+    HELD_UNTIL = 253402300799.0  # 9999-12-31T23:59:59Z
+    # Operator suspensions: (domain or None, binding or None) -> expiry (wall clock) or None. The
+    # class default is empty and never written: api_suspend gives the instance its own dict.
+    _suspensions: dict[tuple[str | None, str | None], float | None] = {}
+    _suspend_timer: asyncio.TimerHandle | None = None
+
+    def _suspended(self, d: Dest) -> bool:
+        now = time.time()
+        for key in ((d.domain, d.binding), (d.domain, None), (None, d.binding)):
+            exp = self._suspensions.get(key, 0.0)
+            if exp is None or exp > now:
+                return True
+        return False
+
+    def api_state(self, it: Item, now: float) -> str:
+        if it.due >= self.HELD_UNTIL:
+            return "held"
+        if it.busy:
+            return "in_delivery"
+        return "ready" if it.due <= now else "deferred"
+
+    def _api_item(self, id: int | str) -> Item:
+        from fastrelay.admin.queueapi import QueueAPIError
+
+        try:
+            key = int(id)
+        except (TypeError, ValueError):
+            raise QueueAPIError(404, "not_found", f"no queued message {id!r}") from None
+        it = self.items.get(key)
+        if it is None:
+            raise QueueAPIError(404, "not_found", f"no queued message {id}")
+        return it
+
+    def _api_claim(self, it: Item, what: str) -> None:
+        """Take a message for an admin change, or refuse with 409 when delivery has it."""
+        from fastrelay.admin.queueapi import QueueAPIError
+
+        if it.busy:
+            raise QueueAPIError(409, "in_delivery", f"message {it.id} is being delivered; {what} it when the "
+                                                    "attempt is over")
+        it.busy = True
+
+    def _api_unready(self, it: Item) -> None:
+        d = self.dests.get((self._dest(it).domain, it.binding))
+        for dest in ([d] if d is not None else []) + list(self.dests.values()):
+            try:
+                dest.ready.remove(it)
+            except ValueError:
+                continue
+            return
+
+    def _api_row(self, it: Item, now: float) -> dict:
+        return {"id": str(it.id), "domain": it.domain, "binding": it.binding, "state": self.api_state(it, now),
+                "age": max(0.0, round(now - it.first_queued, 3)), "attempts": it.attempts,
+                "next_attempt": None if it.due >= self.HELD_UNTIL else it.due, "size": it.size}
+
+    async def api_summary(self) -> dict:
+        """Counts by state, and per (binding, domain) by state and by qshape age bucket."""
+        from fastrelay.admin.queueapi import AGE_BUCKETS, STATES, age_bucket
+
+        now = time.time()
+        total = dict.fromkeys(STATES, 0)
+        per: dict[tuple[str, str], dict] = {}
+        for it in self.items.values():
+            st = self.api_state(it, now)
+            total[st] += 1
+            row = per.get((it.binding, it.domain))
+            if row is None:
+                row = per[(it.binding, it.domain)] = {
+                    "domain": it.domain, "binding": it.binding, "total": 0, "size": 0,
+                    "by_state": dict.fromkeys(STATES, 0), "by_age": [0] * len(AGE_BUCKETS)}
+            row["total"] += 1
+            row["size"] += it.size
+            row["by_state"][st] += 1
+            row["by_age"][age_bucket(now - it.first_queued)] += 1
+        rows = sorted(per.values(), key=lambda r: (-r["total"], r["domain"], r["binding"]))
+        return {"total": len(self.items), "by_state": total, "age_buckets": list(AGE_BUCKETS),
+                "destinations": rows, "suspended": self.api_suspensions()}
+
+    async def api_list(self, domain: str | None = None, binding: str | None = None, state: str | None = None,
+                       sender: str | None = None, recipient: str | None = None, min_age: float | None = None,
+                       max_age: float | None = None, offset: int = 0, limit: int = 100) -> dict:
+        """Messages in id order matching every filter given, one page of them. Sender and recipient
+        filters read envelopes (case-insensitive substring), at most limits.ADMIN_SCAN_MAX of them."""
+        from fastrelay import limits
+
+        now = time.time()
+        dom = domain.lower() if domain else None
+        cands = []
+        for it in self.items.values():
+            if dom is not None and it.domain != dom:
+                continue
+            if binding is not None and it.binding != binding:
+                continue
+            if state is not None and self.api_state(it, now) != state:
+                continue
+            age = now - it.first_queued
+            if (min_age is not None and age < min_age) or (max_age is not None and age > max_age):
+                continue
+            cands.append(it)
+        cands.sort(key=lambda i: i.id)
+        truncated = False
+        if sender is not None or recipient is not None:
+            s_low, r_low = (sender or "").lower(), (recipient or "").lower()
+            if len(cands) > limits.ADMIN_SCAN_MAX:
+                cands, truncated = cands[: limits.ADMIN_SCAN_MAX], True
+            kept = []
+            for it in cands:
+                loaded = await self.spool.load(it.id)
+                if loaded is None:
+                    continue
+                env = loaded[0]
+                if sender is not None and s_low not in env.sender.lower():
+                    continue
+                if recipient is not None and not any(r_low in r.address.lower() for r in env.recipients):
+                    continue
+                kept.append(it)
+            cands = kept
+        page = cands[offset: offset + limit]
+        out = []
+        for it in page:
+            row = self._api_row(it, now)
+            loaded = await self.spool.load(it.id)
+            if loaded is not None:
+                row["sender"] = loaded[0].sender
+                row["recipients"] = [r.address for r in loaded[0].recipients]
+                row["msgid"] = loaded[0].msgid
+            out.append(row)
+        return {"total": len(cands), "offset": offset, "limit": limit, "truncated": truncated, "messages": out}
+
+    async def api_show(self, id: int | str, body: bool = False) -> dict:
+        """One message: envelope, per-recipient state, attempts, last error, next attempt,
+        headers, and the body when asked."""
+        from fastrelay.admin.queueapi import RCPT_STATES, QueueAPIError, split_headers
+
+        it = self._api_item(id)
+        loaded = await self.spool.load(it.id)
+        if loaded is None:
+            raise QueueAPIError(404, "not_found", f"message {id} is gone")
+        env, data = loaded
+        now = time.time()
+        row = self._api_row(it, now)
+        errors = [r.detail for r in env.recipients if r.detail and r.state != DELIVERED]
+        row.update({
+            "msgid": env.msgid, "sender": env.sender, "mail_params": env.mail_params, "client_ip": env.client_ip,
+            "helo": env.helo, "protocol": env.protocol, "received_at": env.received_at,
+            "first_queued": env.first_queued,
+            "recipients": [{"address": r.address, "params": r.params, "state": RCPT_STATES[r.state],
+                            "detail": r.detail} for r in env.recipients],
+            "last_error": errors[-1] if errors else None,
+            "meta": {k: v for k, v in env.meta.items() if isinstance(v, str | int | float | bool)},
+            "headers": split_headers(data),
+        })
+        if body:
+            row["body"] = data.decode("utf-8", "replace")
+        return row
+
+    async def api_delete(self, id: int | str, dsn: bool = False) -> dict:
+        """Remove a message; with dsn, its pending recipients fail and the sender gets a DSN."""
+        it = self._api_item(id)
+        self._api_claim(it, "delete")
+        try:
+            loaded = await self.spool.load(it.id)
+            if loaded is not None:
+                env, data = loaded
+                idx = env.pending()
+                why = "5.0.0 Deleted by the administrator" if dsn else "5.0.0 Deleted by the administrator (no DSN)"
+                for i in idx:
+                    r = env.recipients[i]
+                    r.state = FAILED
+                    r.detail = why
+                    self.mainlog.outcome("P", env, r.address, len(data), "", why)
+                if dsn:
+                    await self._bounce(env, data, idx, "")
+            await self.spool.remove(it.id)
+        except BaseException:
+            it.busy = False
+            raise
+        self.items.pop(it.id, None)
+        self._api_unready(it)
+        return {"id": str(it.id), "result": "bounced" if dsn else "deleted"}
+
+    async def _api_persist_due(self, it: Item, due: float, held: bool) -> None:
+        loaded = await self.spool.load(it.id)
+        if loaded is None:
+            return
+        env = loaded[0]
+        env.next_attempt = due
+        if held:
+            env.meta["held"] = True
+        else:
+            env.meta.pop("held", None)
+        await self.spool.reschedule(it.id, env)
+
+    async def api_hold(self, id: int | str) -> dict:
+        """Postfix's postsuper -h: the message stays queued and is not tried until released."""
+        it = self._api_item(id)
+        if it.due >= self.HELD_UNTIL:
+            return {"id": str(it.id), "state": "held"}
+        self._api_claim(it, "hold")
+        try:
+            await self._api_persist_due(it, self.HELD_UNTIL, True)
+            self._api_unready(it)
+            it.due = self.HELD_UNTIL
+        finally:
+            it.busy = False
+        return {"id": str(it.id), "state": "held"}
+
+    async def api_release(self, id: int | str) -> dict:
+        """Postfix's postsuper -H: a held message is due now."""
+        from fastrelay.admin.queueapi import QueueAPIError
+
+        it = self._api_item(id)
+        if it.due < self.HELD_UNTIL:
+            raise QueueAPIError(409, "not_held", f"message {it.id} is not held")
+        self._api_claim(it, "release")
+        now = time.time()
+        try:
+            await self._api_persist_due(it, now, False)
+        finally:
+            it.busy = False
+        it.due = now
+        self._schedule(it, now)
+        return {"id": str(it.id), "state": self.api_state(it, now)}
+
+    def _api_due_now(self, it: Item, now: float) -> bool:
+        if it.busy or it.due >= self.HELD_UNTIL:
+            return False
+        if it.due > now:  # already-ready ones are in a ready queue: not twice
+            it.due = now
+            self._schedule(it, now)
+        return True
+
+    async def api_flush_one(self, id: int | str) -> dict:
+        """Retry one message now (postqueue -i)."""
+        from fastrelay.admin.queueapi import QueueAPIError
+
+        it = self._api_item(id)
+        if it.due >= self.HELD_UNTIL:
+            raise QueueAPIError(409, "held", f"message {it.id} is held; release it to retry it")
+        if it.busy:
+            raise QueueAPIError(409, "in_delivery", f"message {it.id} is being delivered now")
+        self._api_due_now(it, time.time())
+        return {"id": str(it.id), "flushed": 1}
+
+    async def api_flush(self, domain: str | None = None) -> dict:
+        """Retry now every deferred message (postqueue -f), or those of one domain (-s)."""
+        now = time.time()
+        dom = domain.lower() if domain else None
+        n = 0
+        for it in list(self.items.values()):
+            if (dom is None or it.domain == dom) and self._api_due_now(it, now):
+                n += 1
+        return {"flushed": n, "domain": dom}
+
+    def api_suspensions(self) -> list[dict]:
+        now = time.time()
+        return [{"domain": k[0], "binding": k[1], "until": exp}
+                for k, exp in sorted(self._suspensions.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or ""))
+                if exp is None or exp > now]
+
+    async def api_suspend(self, domain: str | None = None, binding: str | None = None,
+                          seconds: float | None = None) -> dict:
+        """Stop new deliveries to a domain, a binding or binding::domain, until resumed or until
+        `seconds` pass. Sessions already delivering finish their current message."""
+        from fastrelay.admin.queueapi import QueueAPIError
+
+        if not domain and not binding:
+            raise QueueAPIError(400, "bad_request", "suspend needs a domain, a binding or both")
+        if seconds is not None and not seconds > 0:
+            raise QueueAPIError(400, "bad_request", "the suspension time must be more than 0 seconds")
+        if not self._suspensions:
+            self._suspensions = {}  # this instance's own dict (the class default is shared and empty)
+        until = None if seconds is None else time.time() + seconds
+        key = (domain.lower() if domain else None, binding or None)
+        self._suspensions[key] = until
+        self._api_arm_suspensions()
+        return {"domain": key[0], "binding": key[1], "until": until}
+
+    async def api_resume(self, domain: str | None = None, binding: str | None = None) -> dict:
+        from fastrelay.admin.queueapi import QueueAPIError
+
+        key = (domain.lower() if domain else None, binding or None)
+        if key not in self._suspensions:
+            raise QueueAPIError(404, "not_found", "no such suspension")
+        del self._suspensions[key]
+        self._api_kick_all()
+        return {"domain": key[0], "binding": key[1], "resumed": True}
+
+    def _api_kick_all(self) -> None:
+        for d in list(self.dests.values()):
+            if d.ready:
+                self._kick(d)
+
+    def _api_arm_suspensions(self) -> None:
+        if self._suspend_timer is not None:
+            self._suspend_timer.cancel()
+            self._suspend_timer = None
+        times = [t for t in self._suspensions.values() if t is not None]
+        if times and not self._stopping:
+            self._suspend_timer = asyncio.get_running_loop().call_later(
+                max(0.0, min(times) - time.time()) + 0.01, self._api_expire_suspensions)
+
+    def _api_expire_suspensions(self) -> None:
+        self._suspend_timer = None
+        now = time.time()
+        for k, t in list(self._suspensions.items()):
+            if t is not None and t <= now:
+                del self._suspensions[k]
+        self._api_kick_all()
+        self._api_arm_suspensions()
+
+    async def api_reroute(self, src: str, dst: str, dry_run: bool = False) -> dict:
+        """Momentum's `reroute queue`: the queued mail of domain `src` goes to domain `dst`'s route
+        (the recipients keep their addresses). Messages in delivery are left and listed."""
+        from fastrelay.admin.queueapi import QueueAPIError
+
+        src, dst = src.lower().rstrip("."), dst.lower().rstrip(".")
+        if not src or not dst:
+            raise QueueAPIError(400, "bad_request", "reroute needs two domains")
+        its = sorted((i for i in self.items.values() if i.domain == src), key=lambda i: i.id)
+        busy = [str(i.id) for i in its if i.busy]
+        todo = [i for i in its if not i.busy] if src != dst else []  # A to A: nothing to move
+        if dry_run:
+            return {"from": src, "to": dst, "dry_run": True, "moved": 0, "would_move": len(todo),
+                    "ids": [str(i.id) for i in todo], "in_delivery": busy}
+        moved = []
+        now = time.time()
+        for it in todo:
+            if it.busy or self.items.get(it.id) is not it:
+                continue
+            it.busy = True
+            try:
+                loaded = await self.spool.load(it.id)
+                if loaded is None:
+                    continue
+                env = loaded[0]
+                env.meta.setdefault("rerouted_from", env.domain)
+                env.domain = dst
+                await self.spool.reschedule(it.id, env)
+                self._api_unready(it)
+                it.domain = dst
+                moved.append(str(it.id))
+            finally:
+                it.busy = False
+            if self.items.get(it.id) is it and it.due <= now:
+                self._schedule(it, now)  # ready: into the new destination's ready queue now
+        return {"from": src, "to": dst, "dry_run": False, "moved": len(moved), "would_move": len(moved),
+                "ids": moved, "in_delivery": busy}
+
+    def api_reconfigure(self, cfg: Config) -> None:
+        """A reload: every decision from now on reads `cfg`. Destinations are replaced by fresh
+        ones (their settings and plans are read again), their ready mail moves over, and open
+        sessions of the old ones finish the message they hold, find nothing more and close: so
+        new mail takes the new route at once, and nothing in flight is cut."""
+        self.cfg = cfg
+        old = self.dests
+        self.dests = {}
+        for d in old.values():
+            while d.idle:  # idle cached connections close now
+                w = d.idle.popleft()
+                if not w.done():
+                    w.set_result(False)
+        moved: set[int] = set()
+        now = time.time()
+        for d in old.values():
+            while d.ready:
+                it = d.ready.popleft()
+                if self.items.get(it.id) is it and not it.busy and it.due <= now and it.id not in moved:
+                    moved.add(it.id)
+                    self._dest(it).ready.append(it)
+        self._blocked_site.clear()
+        self._blocked_host.clear()
+        self._api_kick_all()
 
 
 def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> D.Settings:

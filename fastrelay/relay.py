@@ -33,6 +33,7 @@ class Relay:
         self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
         self.smtp_servers: list[SMTPServer] = []
         self.xfer_servers: list = []
+        self.admin_servers: list = []  # fastrelay.admin: the admin API on each Admin_Listener address
         self.recovered = 0
         self.resolver = None
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
@@ -77,6 +78,20 @@ class Relay:
                 for sock in srv.sockets:
                     addr = sock.getsockname()
                     self.queue.router.own_addresses.add((addr[0], addr[1]))
+        await self._start_admin()
+
+    async def _start_admin(self) -> None:
+        """Issue 12: the admin API, /metrics and the status page on each Admin_Listener address."""
+        from fastrelay.admin.server import start_admin
+
+        self.admin_servers = await start_admin(self)
+
+    async def reload(self, new_cfg: Config | None = None) -> dict:
+        """Validate and apply a configuration (re-read from the conf file when None) without a
+        restart; one that does not validate changes nothing. What SIGHUP and the API call."""
+        from fastrelay.admin.reload import reload_relay
+
+        return await reload_relay(self, new_cfg)
 
     def _check_config(self) -> None:
         """The whole-conf checks `check-config` makes (fastrelay.config.model.check_runnable), so a
@@ -157,6 +172,11 @@ class Relay:
                 addr = sock.getsockname()
                 host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
                 out.append(f"xfer on {host}:{addr[1]}")
+        for asrv in self.admin_servers:
+            for sock in asrv.sockets:
+                addr = sock.getsockname()
+                host = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+                out.append(f"admin on {host}:{addr[1]}")
         return out
 
     async def drain(self, route, timeout: float) -> int:
@@ -179,6 +199,9 @@ class Relay:
         return len(self.queue.items)
 
     async def stop(self) -> None:
+        for asrv in self.admin_servers:
+            await asrv.stop()
+        self.admin_servers.clear()
         for srv in self.smtp_servers:
             await srv.stop()
         self.smtp_servers.clear()

@@ -50,6 +50,7 @@ the file:line that set it; `fastrelay check-config FILE` checks a file.
 | `Host ADDR { }` | global | per-host options (IP, [IPv6] or hostname) |
 | `ESMTP_Listener { Listen "ADDR:PORT" { } }` | global | listener options, and Listen stanzas with their own |
 | `HTTP_Listener { Listen ":PORT" { } }` | global | the XFER server's listeners |
+| `Admin_Listener { Listen "127.0.0.1:8025" { } }` | global | the admin API, /metrics and the status page |
 | `scriptlet "NAME" { script NAME { source = "msys.xfer.server" } }` | global | XFER server / client modules |
 
 ## Options

@@ -93,6 +93,7 @@ class Config:
         self.hosts: dict[str, Scope] = {}
         self.esmtp_listens: list[ListenScope] = []
         self.http_listens: list[ListenScope] = []
+        self.admin_listens: list[ListenScope] = []
         self.scripts: dict[str, tuple[str, Pos]] = {}  # source -> (script name, pos)
         # Momentum names ignored under --lenient (check_runnable() returns its own warnings).
         self.warnings: list[ConfigError] = []
@@ -331,6 +332,13 @@ class _Builder:
 
     def s_http_listen(self, node: Stanza, addr: HostPort, ctx: dict) -> None:
         self._listen(node, addr, ctx, S.HTTP_LISTEN, self.cfg.http_listens)
+
+    def s_admin_listener(self, node: Stanza, name: None, ctx: dict) -> None:
+        sc = Scope(S.ADMIN_LISTENER, None, "Admin_Listener")
+        self.items(node.children, S.ADMIN_LISTENER, sc, {**ctx, "listener": sc})
+
+    def s_admin_listen(self, node: Stanza, addr: HostPort, ctx: dict) -> None:
+        self._listen(node, addr, ctx, S.ADMIN_LISTEN, self.cfg.admin_listens)
 
     def s_scriptlet(self, node: Stanza, name: str, ctx: dict) -> None:
         sc = Scope(S.SCRIPTLET, name, f"scriptlet {name}")

@@ -472,6 +472,38 @@ def add_option(opt: OptionDef) -> None:
 def valid_in(opt: OptionDef) -> str:
     order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, ESMTP_LISTENER, ESMTP_LISTEN,
              HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT]
+    order += [s for s in SCOPE_NAMES if s not in order]  # scopes added by later blocks (Admin_Listener)
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
+
+
+# --- Admin_Listener and the process log (issue 12: the operator's side) ----------------------------
+# One contiguous block: the admin HTTP API's listener stanza, its token options and the process
+# log's format. `Listen` inside an Admin_Listener is its own scope, as inside an HTTP_Listener.
+ADMIN_LISTENER = "admin_listener"
+ADMIN_LISTEN = "admin_listen"
+SCOPE_NAMES[ADMIN_LISTENER] = "an Admin_Listener stanza"
+SCOPE_NAMES[ADMIN_LISTEN] = "a Listen stanza of an Admin_Listener"
+ADMIN = frozenset({GLOBAL, ADMIN_LISTENER, ADMIN_LISTEN})
+STANZAS.insert(len(STANZAS) - 1, StanzaDef("Admin_Listener", ADMIN_LISTENER, frozenset({GLOBAL}), False))
+STANZAS[-1] = StanzaDef("Listen", ESMTP_LISTEN, STANZAS[-1].parents | {ADMIN_LISTENER}, True, t.ListenAddress())
+STANZA_BY_KEY.clear()
+STANZA_BY_KEY.update({s.key: s for s in STANZAS})
+NESTED_SCOPE[(ADMIN_LISTENER, ESMTP_LISTEN)] = ADMIN_LISTEN
+for _opt in (
+    OptionDef("Admin_Token", t.String(nonempty=True, expected="a bearer token"), ADMIN, None,
+              "The bearer token the admin API (Admin_Listener) requires in `Authorization: Bearer "
+              "TOKEN`. With neither Admin_Token nor Admin_Token_File set, only loopback clients are "
+              "served. The CLI (`fastrelay queue ...`) reads it from the same conf."),
+    OptionDef("Admin_Token_File", t.String(nonempty=True, expected="a file path"), ADMIN, None,
+              "A file holding the admin API's bearer token (first line; relative to the conf file), "
+              "so the token stays out of the conf. Admin_Token wins when both are set."),
+    OptionDef("Admin_Domain_Labels", t.Int(lo=1, hi=1000), frozenset({GLOBAL}), 20,
+              "How many domains get their own label in /metrics (the busiest ones); the rest are "
+              "counted as \"other\", so label cardinality stays bounded."),
+    OptionDef("Log_Format", t.Enum("text", "json"), frozenset({GLOBAL}), "text",
+              "The process log's format on stderr: text lines, or one JSON object per line (time, "
+              "level, logger, message) for log collectors. The mainlog is not affected."),
+):
+    add_option(_opt)

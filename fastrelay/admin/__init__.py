@@ -1,0 +1,1 @@
+"""The operator's side: admin HTTP API, its CLI, metrics, HTTP injection and the status page."""

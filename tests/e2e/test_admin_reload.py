@@ -1,0 +1,181 @@
+"""Issue 12, item 3: reload without a restart, on a real relay under load, with real sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiosmtplib
+
+from fastrelay.smtp import replies as R
+from tests.e2e.conftest import body, drained, send
+from tests.e2e.test_admin_api import ADMIN, call, wait_state
+
+
+def rewrite(h, old: str, new: str) -> None:
+    text = h.conf_path.read_text()
+    assert old in text
+    h.conf_path.write_text(text.replace(old, new))
+
+
+async def test_route_change_under_load_loses_nothing_and_new_mail_takes_the_new_route(sinks, relay):
+    """"Tests: change a route under load and check that nothing is lost and new mail takes the new
+    route.\""""
+    a, b = await sinks(2)
+    h = await relay("Domain r.test { Gateway = 127.0.0.2 }\n" + ADMIN)
+    sent: list[str] = []
+    stop = asyncio.Event()
+
+    async def load(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            tid = f"w{n}-{i}"
+            await send(h, [f"{tid}@r.test"], body(tid))
+            sent.append(tid)
+            i += 1
+
+    workers = [asyncio.create_task(load(n)) for n in range(4)]
+    while len(sent) < 40:
+        await asyncio.sleep(0.01)
+    rewrite(h, "Gateway = 127.0.0.2", "Gateway = 127.0.0.3")
+    st, r = await call(h, "POST", "/api/v1/reload")
+    assert st == 200 and r["reloaded"] is True, r
+    assert "Domain r.test: Gateway: 127.0.0.2 -> 127.0.0.3" in r["changes"]
+    mark = len(sent)
+    while len(sent) < mark + 40:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.gather(*workers)
+    after = set(sent[mark + 8:])  # sent after the reload answered (with a margin for sends in flight)
+    await drained(h, timeout=60)
+    got_a = [m.test_id for m in a.messages]
+    got_b = [m.test_id for m in b.messages]
+    assert sorted(got_a + got_b) == sorted(sent), "every message delivered exactly once"
+    assert after and after <= set(got_b), "new mail takes the new route"
+    assert got_a, "mail before the reload went the old way"
+
+
+async def test_a_broken_reload_changes_nothing(sinks, relay):
+    """"A configuration that does not validate is refused, the old one stays in force, and the
+    reason is logged and returned.\""""
+    a, b = await sinks(2)
+    h = await relay("Domain r.test { Gateway = 127.0.0.2 }\n" + ADMIN)
+    cfg = h.relay.cfg
+    rewrite(h, "Gateway = 127.0.0.2", "Gateway = 127.0.0.3\nretry_interval = soon")
+    st, r = await call(h, "POST", "/api/v1/reload")
+    assert (st, r["error"]["code"]) == (422, "invalid_config")
+    (line,) = r["error"]["errors"]
+    assert "relay.conf:" in line and "retry_interval" in line
+    assert h.relay.cfg is cfg
+    await send(h, ["x@r.test"], body("still-old"))
+    await a.wait_for(1)
+    await drained(h)
+    assert b.messages == []
+
+
+async def test_reload_refuses_a_listener_it_cannot_bind_and_what_needs_a_restart(relay):
+    h = await relay(ADMIN)
+    cfg = h.relay.cfg
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        h.conf_path.write_text(h.conf_path.read_text() + f'ESMTP_Listener {{\n Listen "127.0.0.1:{port}" {{ }}\n}}\n')
+        r = await h.relay.reload()
+    assert r["reloaded"] is False and "address already in use" in r["errors"][0].lower()
+    assert h.relay.cfg is cfg and len(h.relay.smtp_servers) == 1
+    rewrite(h, 'Spool_Base = "spool"', 'Spool_Base = "elsewhere"')
+    r = await h.relay.reload()
+    assert r["reloaded"] is False and "Spool_Base changed" in r["errors"][0]
+
+
+async def test_listeners_added_and_removed_without_dropping_a_session(sinks, relay):
+    """"bindings and listeners added or removed"; "Connections and messages in flight are not
+    dropped.\""""
+    (sink,) = await sinks(1)
+    h = await relay("Gateway = 127.0.0.2\n" + ADMIN)
+    old_port = h.port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        new_port = s.getsockname()[1]
+    # A session open on the old listener, mid-transaction, while the reload removes that listener.
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=old_port, timeout=10)
+    await c.connect()
+    await c.ehlo()
+    assert (await c.execute_command(b"MAIL", b"FROM:<a@example.com>")).code == 250
+    # The harness's ESMTP listener is the last stanza (the admin one is also on "127.0.0.1:0").
+    head, _, _ = h.conf_path.read_text().rpartition('ESMTP_Listener {')
+    h.conf_path.write_text(head + f'ESMTP_Listener {{\n  Listen "127.0.0.1:{new_port}" {{ }}\n}}\n')
+    r = await h.relay.reload()
+    assert r["reloaded"] is True, r
+    assert any(f"ESMTP listener 127.0.0.1:{new_port} added" == x for x in r["changes"]), r["changes"]
+    assert any(f"ESMTP listener 127.0.0.1:{old_port} removed" in x for x in r["changes"]), r["changes"]
+    assert (await c.execute_command(b"RCPT", b"TO:<x@old-session.test>")).code == 250
+    assert (await c.data(body("old-session"))).code == 250
+    await c.quit()
+    # The old port no longer accepts; the new one does.
+    await asyncio.sleep(0.5)
+    try:
+        await aiosmtplib.SMTP(hostname="127.0.0.1", port=old_port, timeout=3).connect()
+        raise AssertionError("the removed listener still accepts")
+    except (aiosmtplib.SMTPConnectError, OSError):
+        pass
+    errors, _ = await aiosmtplib.send(body("new-listener"), sender="a@example.com", recipients=["y@new.test"],
+                                      hostname="127.0.0.1", port=new_port)
+    assert errors == {}
+    got = await sink.wait_for(2)
+    assert sorted(m.test_id for m in got) == ["new-listener", "old-session"]
+    await drained(h)
+
+
+async def test_relay_hosts_change_applies_to_new_sessions(relay):
+    """"routes, limits, throttles, TLS policy, relay_hosts ..." are applied by the reload."""
+    h = await relay('relay_hosts = ( "127.0.0.0/8" )\n' + ADMIN)
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=h.port, timeout=10)
+    await c.connect()
+    assert (await c.execute_command(b"MAIL", b"FROM:<a@example.com>")).code == 250
+    assert (await c.execute_command(b"RCPT", b"TO:<x@far.test>")).code == 250
+    await c.quit()
+    rewrite(h, 'relay_hosts = ( "127.0.0.0/8" )', 'relay_hosts = ( "192.0.2.0/24" )')
+    assert (await h.relay.reload())["reloaded"] is True
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=h.port, timeout=10)
+    await c.connect()
+    assert (await c.execute_command(b"MAIL", b"FROM:<a@example.com>")).code == 250
+    resp = await c.execute_command(b"RCPT", b"TO:<x@far.test>")
+    assert (resp.code, resp.message.split()[0]) == (R.RELAY_DENIED.code, R.RELAY_DENIED.esc)
+    await c.quit()
+
+
+async def test_a_limit_change_applies_to_the_next_sessions(sinks, relay):
+    """Limits are reloaded too: max_outbound_connections 1 -> 4 (sink session peaks)."""
+    (a,) = await sinks(1)
+    a.faults.set("dot", delay=0.05)
+    h = await relay("Domain lim.test { Gateway = 127.0.0.2\n max_outbound_connections = 1 }\n"
+                    "Connection_Cache_Time = 0\n" + ADMIN)
+    await asyncio.gather(*(send(h, [f"r{i}@lim.test"], body(f"l{i}")) for i in range(12)))
+    await drained(h, 30)
+    assert a.peak_sessions == 1
+    rewrite(h, "max_outbound_connections = 1", "max_outbound_connections = 4")
+    assert (await h.relay.reload())["reloaded"] is True
+    a.reset()
+    await asyncio.gather(*(send(h, [f"s{i}@lim.test"], body(f"m{i}")) for i in range(40)))
+    await drained(h, 30)
+    assert len(a.messages) == 40
+    assert 1 < a.peak_sessions <= 4
+
+
+async def test_a_tls_policy_change_applies_to_queued_mail(sinks, relay):
+    """TLS policy is reloaded: a sink without STARTTLS under TLS = required defers; after a reload
+    to ifavailable the queued message goes out on the next try."""
+    (a,) = await sinks(1)
+    a.faults.hide.add("STARTTLS")
+    h = await relay("Domain tls.test { Gateway = 127.0.0.2\n TLS = required }\nretry_interval = 1h\n" + ADMIN)
+    await send(h, ["x@tls.test"], body("tls"))
+    await wait_state(h, {"deferred": 1})
+    assert a.messages == []
+    rewrite(h, "TLS = required", "TLS = ifavailable")
+    assert (await h.relay.reload())["reloaded"] is True
+    assert (await call(h, "POST", "/api/v1/flush"))[1]["flushed"] == 1
+    (m,) = await a.wait_for(1)
+    assert m.test_id == "tls"
+    await drained(h)
