@@ -914,7 +914,7 @@ class Queue:
             row["by_age"][age_bucket(now - it.first_queued)] += 1
         rows = sorted(per.values(), key=lambda r: (-r["total"], r["domain"], r["binding"]))
         return {"total": len(self.items), "by_state": total, "age_buckets": list(AGE_BUCKETS),
-                "destinations": rows, "suspended": self.api_suspensions()}
+                "destinations": rows, "suspended": self.api_suspensions(), "drain": self.drain_status()}
 
     async def api_list(self, domain: str | None = None, binding: str | None = None, state: str | None = None,
                        sender: str | None = None, recipient: str | None = None, min_age: float | None = None,

@@ -38,7 +38,13 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
         log.debug("startup failure", exc_info=True)
         await relay.stop()
         return 1
-    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    loop = asyncio.get_running_loop()
+    # SIGHUP reloads the configuration (the admin API's reload does the same); SIGUSR1 reopens
+    # the mainlog after logrotate moved it.
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(relay)))
+    if relay.mainlog is not None:
+        loop.add_signal_handler(signal.SIGUSR1, relay.mainlog.reopen)
+    loop_name = type(loop).__module__.split(".")[0]
     log.info(
         "fastrelay %s ready (%s hot paths, %s loop): %s",
         __version__, _impl.IMPL, loop_name, ", ".join(relay.describe_listeners()) or "no listeners",
@@ -57,12 +63,29 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
 
 
 def _sighup() -> None:
-    log.warning("SIGHUP received: configuration reload is not supported yet; still running with the "
-                "configuration loaded at start (restart to apply changes)")
+    # Until the relay is up there is nothing to reload; SIGHUP must still never kill it.
+    log.warning("SIGHUP received while starting: ignored (send it again once the relay is ready)")
+
+
+async def _reload(relay) -> None:
+    try:
+        result = await relay.reload()
+    except Exception:  # a reload must never take the relay down
+        log.exception("SIGHUP: reload failed; the configuration in force is unchanged")
+        return
+    if result.get("reloaded"):
+        changes = result.get("changes") or []
+        log.info("SIGHUP: configuration reloaded: %s", "; ".join(changes) if changes else "nothing changed")
+    else:
+        log.error("SIGHUP: reload refused, the configuration in force is unchanged: %s",
+                  "; ".join(result.get("errors") or []))
 
 
 def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
     setup_logging(log_level)
+    from fastrelay.admin import logfmt
+
+    logfmt.apply(cfg)  # Log_Format: JSON lines from the first one on
     if use_uvloop:
         import uvloop
 
@@ -79,7 +102,7 @@ def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
     try:
         return loop.run_until_complete(serve(cfg, stop))
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

@@ -321,23 +321,36 @@ async def test_postmaster_with_junk_is_still_refused(relay_with):
 
 
 # --- SIGHUP (issue 9) ----------------------------------------------------------------------------------------
-def test_sighup_does_not_kill_the_relay(tmp_path):
-    """Issue 9: "SIGHUP kills the relay, with nothing logged. It must never kill it. [...] until then
-    log that reload is not supported and go on." """
+def test_sighup_does_not_kill_the_relay_and_reloads(tmp_path):
+    """Issue 9: "SIGHUP kills the relay, with nothing logged. It must never kill it." Issue 12:
+    "SIGHUP and the API re-read the configuration, validate it and apply it"; "a configuration that
+    does not validate is refused, the old one stays in force, and the reason is logged"."""
     relay = RelayProcess(tmp_path).start()
     try:
-        for _ in range(2):
-            relay.proc.send_signal(signal.SIGHUP)
-            time.sleep(0.5)
-            assert relay.proc.poll() is None, "the relay died of SIGHUP"
+        relay.proc.send_signal(signal.SIGHUP)  # nothing changed
+        time.sleep(0.5)
+        assert relay.proc.poll() is None, "the relay died of SIGHUP"
+        relay.conf.write_text(relay.conf.read_text() + "max_message_size = 2000000\n")
+        relay.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
-            assert s.ehlo("client.test")[0] == 250
+            code, text = s.ehlo("client.test")
+            assert code == 250 and b"SIZE 2000000" in text, text
             assert s.sendmail("a@example.com", ["b@example.net"], MSG) == {}
+        good = relay.conf.read_text()
+        relay.conf.write_text(good + "max_message_size = lots\n")
+        relay.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert relay.proc.poll() is None, "the relay died of a bad reload"
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as s:
+            assert b"SIZE 2000000" in s.ehlo("client.test")[1]  # the old configuration stays
         assert relay.stop() == 0
     finally:
         relay.kill()
     log = "".join(relay.log)
-    assert log.count("SIGHUP received: configuration reload is not supported") == 2, log
+    assert log.count("SIGHUP: configuration reloaded") == 2, log
+    assert log.count("SIGHUP: reload refused") == 1 and "max_message_size" in log, log
+    assert "Traceback" not in log
 
 
 # --- Half-close after the end of data (issue 16) ---------------------------------------------------------------

@@ -241,6 +241,24 @@ class _Collector:
         g = GaugeMetricFamily("fastrelay_spool_free_bytes", "Free space on the spool's filesystem")
         g.add_metric([], disk["free_bytes"])
         yield g
+        cluster = getattr(m.relay, "cluster", None)
+        if cluster is not None:  # docs/cluster.md: Redis unreachable = the local share is in force
+            h = cluster.health()
+            g = GaugeMetricFamily("fastrelay_cluster_redis_up", "1 while the cluster's Redis answers, 0 while "
+                                  "limits use this node's local share")
+            g.add_metric([], 0 if cluster.degraded else 1)
+            yield g
+            g = GaugeMetricFamily("fastrelay_cluster_live_nodes", "Cluster nodes heard from lately")
+            g.add_metric([], h["live_nodes"])
+            yield g
+            g = GaugeMetricFamily("fastrelay_cluster_leases", "Cluster connection leases this node holds")
+            g.add_metric([], h["leases_held"])
+            yield g
+            c = CounterMetricFamily("fastrelay_cluster_events", "Redis errors, decisions made on the local "
+                                    "share, and leases that expired before renewal", labels=["event"])
+            for ev in ("redis_errors", "fallback_decisions", "leases_lost"):
+                c.add_metric([ev], h[ev])
+            yield c
 
 
 def metrics_for(relay: Any) -> RelayMetrics:

@@ -63,7 +63,8 @@ def document() -> dict:
     paths = {
         "/health": {"get": {"summary": "Liveness", "tags": ["health"], "security": [],
                             "responses": {"200": _json({"type": "object", "required": ["status"],
-                                                        "properties": {"status": {"const": "ok"}}})}}},
+                                                        "properties": {"status": {"enum": ["ok", "degraded"]},
+                                                                       "cluster": _OBJ}})}}},
         "/ready": {"get": {"summary": "Readiness: spool open, listeners bound, disk space", "tags": ["health"],
                            "security": [],
                            "responses": {"200": _json({"type": "object", "required": ["ready", "checks"]}),
@@ -75,7 +76,8 @@ def document() -> dict:
              "properties": {"total": {"type": "integer"}, "by_state": _COUNTS,
                             "age_buckets": {"type": "array", "items": {"enum": list(AGE_BUCKETS)}},
                             "destinations": {"type": "array", "items": _OBJ},
-                            "suspended": {"type": "array", "items": _SUSP}}}, extra=("503",))},
+                            "suspended": {"type": "array", "items": _SUSP},
+                            "drain": {"oneOf": [{"type": "null"}, _OBJ]}}}, extra=("503",))},
         "/api/v1/messages": {"get": _op(
             "List queued messages (filters combine; paging by offset and limit)",
             {"type": "object", "required": ["total", "offset", "limit", "truncated", "messages"],

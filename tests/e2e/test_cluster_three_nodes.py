@@ -192,3 +192,42 @@ async def _send_port(port: int, rcpt: str, i: int) -> None:
         assert errors == {}
     finally:
         await c.quit()
+
+
+async def test_health_and_metrics_report_a_redis_outage(dns, sinks, relay, redis_server):
+    """Issue #14: "logs it once and reports it in metrics and health"."""
+    import aiohttp
+
+    from tests.e2e.test_admin_api import ADMIN, admin_url, call
+
+    h = await relay(_cluster(redis_server.url, "solo", ADMIN))
+    st, health = await call(h, "GET", "/health")
+    assert st == 200 and health["status"] == "ok" and health["cluster"]["redis"] == "ok"
+    redis_server.stop()
+    lease = await h.relay.cluster.acquire("conn:probe", 5)  # a decision notices the outage
+    assert lease is not None and lease.local
+    st, health = await call(h, "GET", "/health")
+    assert st == 200 and health["status"] == "degraded" and health["cluster"]["redis"] == "unreachable"
+    async with aiohttp.ClientSession() as s, s.get(admin_url(h) + "/metrics") as r:
+        text = await r.text()
+    assert "fastrelay_cluster_redis_up 0.0" in text
+    assert 'fastrelay_cluster_events_total{event="fallback_decisions"} 1.0' in text
+    await h.relay.cluster.release(lease)
+
+
+async def test_queue_summary_shows_a_drain_in_progress(dns, sinks, relay):
+    """Issue #14: "The admin queue summary shows a drain in progress." The peer is down, so the
+    drain stays in progress and the summary says where to and how much is left."""
+    from fastrelay.config.types import parse_route
+    from tests.e2e.test_admin_api import ADMIN, call
+    from tests.support import free_port
+
+    h = await relay('xfer_secret = "s"\nDomain far.test { Routes = ( "smtp://127.0.0.4?port=1" ) }\n' + ADMIN)
+    for i in range(3):
+        await send(h, [f"u{i}@far.test"], body(f"dr{i}"))
+    st, s = await call(h, "GET", "/api/v1/queue/summary")
+    assert st == 200 and s["drain"] is None
+    peer = parse_route(f"xfer://127.0.0.1?port={free_port()}")
+    h.relay.queue.drain_to(peer)
+    st, s = await call(h, "GET", "/api/v1/queue/summary")
+    assert st == 200 and s["drain"]["to"] == peer.text and s["drain"]["remaining"] == 3
