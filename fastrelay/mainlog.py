@@ -11,7 +11,9 @@ Format (documented in docs/operations.md): tab-separated fields, the record type
     X  time  X  msgid  recipient  domain  size  binding  retries  seconds_in_queue  peer  response
 
 time is Unix seconds with milliseconds. Fields are cleaned of tabs and control characters
-(RELIABILITY.md case 26). Lines are buffered and written once per event-loop tick.
+(RELIABILITY.md case 26). Lines are buffered and written once per event-loop tick. Each flush is
+one write(2) on an O_APPEND file, so the workers of one relay (fastrelay.supervisor) can share
+the file without interleaving inside a line.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class MainLog:
     def __init__(self, path: str | None):
         self.path = path
         self._f: TextIO | None = None
+        self._fd = -1  # the file, unbuffered, when it is not stderr
         self._buf: list[str] = []
         self._scheduled = False
 
@@ -46,12 +49,13 @@ class MainLog:
             self._f = sys.stderr
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1 << 16)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def close(self) -> None:
         self.flush()
-        if self._f is not None and self._f is not sys.stderr:
-            self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self._f = None
 
     def _emit(self, line: str) -> None:
@@ -67,9 +71,16 @@ class MainLog:
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._buf and self._f is not None:
-            self._f.write("".join(self._buf))
-            self._f.flush()
+        if self._buf:
+            if self._fd >= 0:
+                data = "".join(self._buf).encode("utf-8", "replace")
+                # One write(2) with O_APPEND: whole lines, even with several writers; loop only
+                # for the (regular-file-rare) short write.
+                while data:
+                    data = data[os.write(self._fd, data):]
+            elif self._f is not None:
+                self._f.write("".join(self._buf))
+                self._f.flush()
         self._buf.clear()
 
     def received(self, env: Envelope, size: int) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass, field
+from typing import Any
 
+from fastrelay import shards
 from fastrelay.config import Config
 from fastrelay.mainlog import MainLog
 from fastrelay.message import Envelope
@@ -19,11 +22,29 @@ class StartupError(Exception):
     """The relay cannot start (a listener cannot bind, the spool cannot open)."""
 
 
-class Relay:
-    """Everything one `fastrelay run` process holds. Receiving goes through `submit`."""
+@dataclass
+class WorkerInfo:
+    """What a worker process gets from its supervisor (fastrelay.supervisor): its number, how many
+    workers there are, its listening sockets (one per Listen, in conf order) and the
+    relay-wide shared counters."""
 
-    def __init__(self, cfg: Config):
+    index: int
+    count: int
+    esmtp_sockets: list[socket.socket] = field(default_factory=list)
+    http_sockets: list[socket.socket] = field(default_factory=list)
+    shared: Any = None
+
+
+class Relay:
+    """Everything one `fastrelay run` process holds (or one worker of it). Receiving goes through
+    `submit`."""
+
+    def __init__(self, cfg: Config, worker: WorkerInfo | None = None):
         self.cfg = cfg
+        self.worker = worker
+        # Shard k of n (fastrelay.shards); a single process is shard 0 of 1: the spool directory.
+        self.shard, self.shards = (worker.index, worker.count) if worker is not None else (0, 1)
+        self.spool_dir = shards.shard_dir(cfg.spool_dir, self.shard)
         self.spool: Spool | None = None
         self.mainlog: MainLog | None = None
         self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
@@ -36,15 +57,16 @@ class Relay:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
-        self.spool = Spool(cfg.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
+        self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
         try:
             await self.spool.open()
+            await self._adopt_shards()
             entries = self.spool.recover()
         except (SpoolError, OSError) as e:
-            raise StartupError(f"spool {cfg.spool_dir}: {e}") from None
+            raise StartupError(f"spool {self.spool_dir}: {e}") from None
         self.recovered = len(entries)
         if entries:
-            log.info("recovered %d queued messages from %s", len(entries), cfg.spool_dir)
+            log.info("recovered %d queued messages from %s", len(entries), self.spool_dir)
         self.mainlog = MainLog(self._mainlog_path())
         try:
             self.mainlog.open()
@@ -52,14 +74,17 @@ class Relay:
             raise StartupError(f"mainlog {self.mainlog.path}: {e.strerror or e}") from None
         await self._start_delivery(entries)
         await self._start_xfer_server()
-        for listen in cfg.esmtp_listens:
+        for i, listen in enumerate(cfg.esmtp_listens):
             try:
                 settings = ListenSettings(listen)
             except (OSError, ValueError) as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e}") from None
             srv = SMTPServer(settings, self)
             try:
-                await srv.start(listen.address.host or None, listen.address.port)
+                if self.worker is not None:  # sockets bound by the supervisor (SO_REUSEPORT)
+                    await srv.start(None, 0, sock=self.worker.esmtp_sockets[i])
+                else:
+                    await srv.start(listen.address.host or None, listen.address.port)
             except OSError as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e.strerror or e}") from None
             self.smtp_servers.append(srv)
@@ -68,6 +93,17 @@ class Relay:
                 for sock in srv.sockets:
                     addr = sock.getsockname()
                     self.queue.router.own_addresses.add((addr[0], addr[1]))
+
+    async def _adopt_shards(self) -> None:
+        """Move the messages of shards no worker of this run owns (the previous run had more
+        workers) into ours: no message is orphaned by a smaller Workers (issue 13)."""
+        cfg = self.cfg
+        for j in shards.adopted_by(self.shard, self.shards, cfg.spool_dir):
+            src = shards.shard_dir(cfg.spool_dir, j)
+            n = await shards.adopt(src, self.spool, fsync=cfg.get("spool_fsync"),
+                                   min_free_bytes=cfg.get("spool_min_free"))
+            log.info("adopted spool shard %d (%s): %d queued messages moved into shard %d",
+                     j, src, n, self.shard)
 
     async def _start_delivery(self, entries: list) -> None:
         """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
@@ -97,7 +133,7 @@ class Relay:
             raise StartupError("msys.xfer.server is loaded but there is no HTTP_Listener to serve it on")
         from fastrelay.xfer.server import XferServer, XferServerSettings
 
-        for listen in cfg.http_listens:
+        for i, listen in enumerate(cfg.http_listens):
             settings = XferServerSettings.from_listen(listen)
             if not settings.secret and not settings.tokens:
                 raise StartupError(
@@ -106,7 +142,10 @@ class Relay:
                 )
             srv = XferServer(settings, self)
             try:
-                await srv.start(listen.address.host or None, listen.address.port)
+                if self.worker is not None:
+                    await srv.start(None, 0, sock=self.worker.http_sockets[i])
+                else:
+                    await srv.start(listen.address.host or None, listen.address.port)
             except OSError as e:
                 raise StartupError(f"HTTP listener {listen.address}: {e.strerror or e}") from None
             self.xfer_servers.append(srv)

@@ -1,9 +1,11 @@
-"""Run a Relay in the foreground: event loop choice, logging, signals, clean shutdown."""
+"""Run a Relay in the foreground: event loop choice, logging, signals, clean shutdown; with
+Workers > 1, a supervisor (fastrelay.supervisor) runs one of these per worker process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -13,19 +15,21 @@ from fastrelay.config import Config
 log = logging.getLogger("fastrelay")
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", tag: str = "fastrelay") -> None:
+    """Log to stderr; `tag` names the process (fastrelay, fastrelay[supervisor], fastrelay[w1])."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s fastrelay %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {tag} %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
 
-async def serve(cfg: Config, stop: asyncio.Event) -> int:
-    """Start the relay, wait for `stop`, then shut it down cleanly."""
+async def serve(cfg: Config, stop: asyncio.Event, worker=None, ready=None) -> int:
+    """Start the relay (or worker `worker` of it), wait for `stop`, then shut it down cleanly.
+    `ready()` is called once it serves (a worker tells its supervisor)."""
     from fastrelay.relay import Relay, StartupError
 
-    relay = Relay(cfg)
+    relay = Relay(cfg, worker)
     try:
         await relay.start()
     except StartupError as e:
@@ -39,10 +43,16 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
         await relay.stop()
         return 1
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    log.info(
-        "fastrelay %s ready (%s hot paths, %s loop): %s",
-        __version__, _impl.IMPL, loop_name, ", ".join(relay.describe_listeners()) or "no listeners",
-    )
+    if worker is None:
+        log.info(
+            "fastrelay %s ready (%s hot paths, %s loop): %s",
+            __version__, _impl.IMPL, loop_name, ", ".join(relay.describe_listeners()) or "no listeners",
+        )
+    else:
+        log.info("worker %d of %d started (pid %d, %s loop, spool shard %s, %d recovered)",
+                 worker.index, worker.count, os.getpid(), loop_name, relay.spool_dir, relay.recovered)
+    if ready is not None:
+        ready()
     await stop.wait()
     log.info("stopping")
     await relay.stop()
@@ -51,7 +61,19 @@ async def serve(cfg: Config, stop: asyncio.Event) -> int:
 
 
 def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
+    """`fastrelay run`: one process when Workers = 1 (no supervisor at all), else a supervisor
+    and its workers."""
+    if cfg.workers > 1:
+        from fastrelay.supervisor import Supervisor
+
+        setup_logging(log_level, "fastrelay[supervisor]")
+        return Supervisor(cfg, cfg.workers, use_uvloop=use_uvloop, log_level=log_level).run()
     setup_logging(log_level)
+    return run_loop(cfg, use_uvloop)
+
+
+def run_loop(cfg: Config, use_uvloop: bool = True, worker=None, ready=None) -> int:
+    """Run the relay (or one worker of it) on a new event loop until SIGTERM or SIGINT."""
     if use_uvloop:
         import uvloop
 
@@ -62,10 +84,20 @@ def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        # The supervisor forwards SIGHUP to every worker (issue 13: "SIGHUP reloads all of them").
+        loop.add_signal_handler(signal.SIGHUP, _worker_hup, worker)
     try:
-        return loop.run_until_complete(serve(cfg, stop))
+        return loop.run_until_complete(serve(cfg, stop, worker, ready))
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if worker is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+def _worker_hup(worker) -> None:
+    log.warning("worker %d: SIGHUP received; configuration reload is not implemented yet, going on "
+                "with the running configuration", worker.index)

@@ -37,6 +37,7 @@ the file:line that set it; `fastrelay check-config FILE` checks a file.
 | `ESMTP_Listener { Listen "ADDR:PORT" { } }` | global | listener options, and Listen stanzas with their own |
 | `HTTP_Listener { Listen ":PORT" { } }` | global | the XFER server's listeners |
 | `scriptlet "NAME" { script NAME { source = "msys.xfer.server" } }` | global | XFER server / client modules |
+| `eventloop "NAME" { concurrency = N }` | global | a pool of N worker processes (named by delivery_pool, event_loop) |
 
 ## Options
 """

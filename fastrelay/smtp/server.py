@@ -73,6 +73,17 @@ def new_msgid() -> str:
     return f"{_MSGID_PREFIX}{next(_msg_counter):08X}"
 
 
+def _new_msgid_prefix() -> None:
+    # A worker forked by the supervisor (fastrelay.supervisor) imported this module in its
+    # parent: give it its own pid and start time, or two workers would hand out the same ids.
+    global _msg_counter, _MSGID_PREFIX
+    _msg_counter = itertools.count(1)
+    _MSGID_PREFIX = f"{int(time.time()):08X}{os.getpid() & 0xFFFF:04X}"
+
+
+os.register_at_fork(after_in_child=_new_msgid_prefix)
+
+
 class _DateCache:
     """RFC 5322 date for Received: headers, formatted once a second (formatdate is slow)."""
 
@@ -176,9 +187,15 @@ class SMTPServer:
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
 
-    async def start(self, host: str | None, port: int) -> None:
+    async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or on `sock` when given (a worker's share of a listener its
+        supervisor bound with SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True, backlog=1024)
+        if sock is not None:
+            self.server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
+        else:
+            self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True,
+                                                   backlog=1024)
         self._schedule_reaper()
 
     @property
