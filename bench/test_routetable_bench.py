@@ -27,7 +27,7 @@ def make_workload(impl: _impl.Impl) -> tuple[object, int, list[int]]:
     hosts = [rt.host(f"192.0.2.{i}:25") for i in range(6)]
     for h in hosts:
         rt.set_host_limit(h, 20)
-    s = rt.site([(h, 10) for h in hosts[:4]] + [(hosts[4], 20), (hosts[5], 20)], 200)
+    s = rt.site([hosts[:4], hosts[4:]], 200)
     for _ in range(8):  # two connections already open on each primary
         assert rt.acquire(s, NOW) >= 0
     rt.mark_down(hosts[5], NOW + 300.0)  # one backup recently failed

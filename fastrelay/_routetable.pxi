@@ -2,7 +2,7 @@
 #
 # Spec: fastrelay/_purepy/routetable.py (Momentum semantics, seed 004); this file must behave
 # exactly like it, error messages included. Hosts and sites live in malloc'd arrays so that
-# acquire()/release() touch only C ints and doubles; the Python dicts (host key -> id, pair set ->
+# acquire()/release() touch only C ints and doubles; the Python dicts (host key -> id, groups ->
 # site id) are used only by host() and site().
 
 cimport cython
@@ -19,8 +19,6 @@ cdef enum:
 
 #: Largest accepted connection limit (limits and counts are C ints here).
 MAX_LIMIT = 2**31 - 1
-#: Largest accepted preference: MX preference is a 16-bit field (RFC 1035 3.3.9).
-MAX_PREFERENCE = 65535
 
 
 cdef struct _rt_host:
@@ -31,12 +29,12 @@ cdef struct _rt_host:
 
 cdef struct _rt_slot:
     int host              # host id
-    int pref
+    int tier              # index of its group in the site's order (0 = most preferred)
     int held              # slots held on this site for this host, for release() checks
 
 
 cdef struct _rt_site:
-    _rt_slot *slots       # in the site's order: preference, then first appearance
+    _rt_slot *slots       # in the site's order: group by group, first appearance inside one
     int n
     int last              # position of the last pick; round-robin starts after it
     int limit             # 0 = unlimited
@@ -50,26 +48,28 @@ cdef object _rt_check_limit(object limit):
     return value
 
 
-cdef list _rt_normalise_pairs(object hosts, Py_ssize_t n_hosts):
-    """The site's distinct (host id, preference) pairs in order of first appearance, validated."""
-    pairs = []
-    pref_of = {}
-    for h_obj, pref_obj in hosts:
-        h = _rt_index(h_obj)
-        pref = _rt_index(pref_obj)
-        if not 0 <= h < n_hosts:
-            raise ValueError(f"unknown host id {h!r}")
-        if not 0 <= pref <= MAX_PREFERENCE:
-            raise ValueError(f"preference must be in 0..{MAX_PREFERENCE}, got {pref!r}")
-        seen = pref_of.get(h)
-        if seen is None:
-            pref_of[h] = pref
-            pairs.append((h, pref))
-        elif seen != pref:
-            raise ValueError(f"host id {h!r} given twice with preferences {seen!r} and {pref!r}")
-    if not pairs:
+cdef list _rt_normalise_groups(object groups, Py_ssize_t n_hosts):
+    """The site's groups with each host once, in order of first appearance, validated."""
+    out = []
+    group_of = {}
+    for g, group in enumerate(groups):
+        hosts = []
+        for h_obj in group:
+            h = _rt_index(h_obj)
+            if not 0 <= h < n_hosts:
+                raise ValueError(f"unknown host id {h!r}")
+            seen = group_of.get(h)
+            if seen is None:
+                group_of[h] = g
+                hosts.append(h)
+            elif seen != g:
+                raise ValueError(f"host id {h!r} given in groups {seen!r} and {g!r}")
+        if not hosts:
+            raise ValueError(f"group {g!r} has no host")
+        out.append(hosts)
+    if not out:
         raise ValueError("a site needs at least one host")
-    return pairs
+    return out
 
 
 cdef inline Py_ssize_t _rt_id(object obj, Py_ssize_t n, str what) except -1:
@@ -175,21 +175,21 @@ cdef class RouteTable:
 
     # -- sites -----------------------------------------------------------------------------------
 
-    def site(self, hosts, limit=0):
-        cdef Py_ssize_t cap, pos, n
+    def site(self, groups, limit=0):
+        cdef Py_ssize_t cap, pos, n, tier
         cdef _rt_site *grown
         cdef _rt_site *site
         cdef _rt_slot *slots
         cdef int c_limit = _rt_check_limit(limit)
-        pairs = _rt_normalise_pairs(hosts, self._n_hosts)
-        key = frozenset(pairs)
+        normal = _rt_normalise_groups(groups, self._n_hosts)
+        key = tuple([frozenset(group) for group in normal])
         found = self._site_ids.get(key)
         if found is not None:
             self._sites[<Py_ssize_t>found].limit = c_limit
             return found
-        # Stable sort: equal preferences keep their order of first appearance (the spec's order).
-        ordered = sorted(pairs, key=lambda pair: pair[1])
-        n = len(ordered)
+        n = 0
+        for group in normal:
+            n += len(group)
         if self._n_sites == self._cap_sites:
             cap = self._cap_sites * 2 if self._cap_sites else 16
             grown = <_rt_site *>realloc(self._sites, cap * sizeof(_rt_site))
@@ -200,10 +200,16 @@ cdef class RouteTable:
         slots = <_rt_slot *>malloc(n * sizeof(_rt_slot))
         if slots == NULL:
             raise MemoryError()
-        for pos in range(n):
-            slots[pos].host = ordered[pos][0]
-            slots[pos].pref = ordered[pos][1]
-            slots[pos].held = 0
+        # Flattened in the caller's order: group 0's hosts, then group 1's, ...
+        pos = 0
+        tier = 0
+        for group in normal:
+            for h in group:
+                slots[pos].host = h
+                slots[pos].tier = <int>tier
+                slots[pos].held = 0
+                pos += 1
+            tier += 1
         s = self._n_sites
         site = &self._sites[s]
         site.slots = slots
@@ -222,13 +228,19 @@ cdef class RouteTable:
     def site_limit(self, s):
         return self._sites[self._site_id(s)].limit
 
-    def site_hosts(self, s):
-        # Copy to C first: no pointer into the sites array is held while Python objects are made.
-        cdef _rt_slot *slots = self._sites[self._site_id(s)].slots
-        cdef int pos, n = self._sites[self._site_id(s)].n
+    def site_groups(self, s):
+        # Only site() grows the sites array, so the slots pointer stays valid while lists are made.
+        cdef Py_ssize_t si = self._site_id(s)
+        cdef _rt_slot *slots = self._sites[si].slots
+        cdef int pos, n = self._sites[si].n
         out = []
+        group = None
         for pos in range(n):
-            out.append((slots[pos].host, slots[pos].pref))
+            # (No out[-1]: the module is compiled with wraparound=False.)
+            if pos == 0 or slots[pos].tier != slots[pos - 1].tier:
+                group = []
+                out.append(group)
+            group.append(slots[pos].host)
         return out
 
     def active(self, s):
@@ -245,17 +257,18 @@ cdef class RouteTable:
         cdef _rt_slot *slots = site.slots
         cdef _rt_host *host
         cdef int n = site.n, last = site.last
-        cdef int i = 0, j, pref, pick, fewest = 0, first_any, first_after
+        cdef int i = 0, j, tier, pick, fewest = 0, first_any, first_after
         cdef bint any_up = False
         if site.limit > 0 and site.active >= site.limit:
             return _RT_NO_SLOT
         while i < n:
-            # Momentum: never go to a higher preference while this one has a usable host.
-            pref = slots[i].pref
+            # Momentum: never go to a later group (higher preference) while this one has a
+            # usable host.
+            tier = slots[i].tier
             first_any = -1      # first usable position with the fewest connections
             first_after = -1    # ... and the first one after `last` (round-robin)
             j = i
-            while j < n and slots[j].pref == pref:
+            while j < n and slots[j].tier == tier:
                 host = &self._hosts[slots[j].host]
                 # Written as the spec's `not (down_until > now)` so NaN compares the same way.
                 if not (host.down_until > now):

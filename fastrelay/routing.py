@@ -147,18 +147,18 @@ class Router:
         limit = cfg.get("max_outbound_connections", domain, binding)
         t = self.table
         ids: dict[int, Hop] = {}
-        pairs = []
-        for h in hops:
+        groups: dict[int, list[int]] = {}
+        for h in sorted(hops, key=lambda h: h.pref):
             hid = t.host(f"{h.proto}:{h.ip}:{h.port}")
             if hid in ids:
                 continue  # the same address reached through two names: once is enough
             ids[hid] = h
-            pairs.append((hid, h.pref))
+            groups.setdefault(h.pref, []).append(hid)
             hl = self.cfg.host_lookup("max_outbound_connections", h.ip) or self.cfg.host_lookup(
                 "max_outbound_connections", h.name
             )
             t.set_host_limit(hid, hl.value if hl is not None else 0)
-        site = t.site(pairs, limit)
+        site = t.site(list(groups.values()), limit)
         ttl = min(ttls) if ttls else STATIC_PLAN_TTL
         return Plan(domain, binding, site, ids, method, time.monotonic() + min(ttl, STATIC_PLAN_TTL))
 

@@ -7,6 +7,7 @@ import random
 from collections import Counter
 from decimal import Decimal
 from fractions import Fraction
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -42,7 +43,6 @@ def test_constants_match() -> None:
         assert _core.NO_SLOT == py_routetable.NO_SLOT
         assert _core.ALL_DOWN == py_routetable.ALL_DOWN
         assert _core.MAX_LIMIT == py_routetable.MAX_LIMIT
-        assert _core.MAX_PREFERENCE == py_routetable.MAX_PREFERENCE
 
 
 def test_host_ids_are_stable_per_key(impl) -> None:
@@ -64,9 +64,9 @@ def test_many_hosts_and_sites_grow_the_tables(impl) -> None:
     rt = impl.RouteTable()
     hosts = _hosts(rt, 300)
     assert hosts == list(range(300))
-    sites = [rt.site([(hosts[i], 10), (hosts[i + 1], 20)]) for i in range(299)]
+    sites = [rt.site([[hosts[i]], [hosts[i + 1]]]) for i in range(299)]
     assert sites == list(range(299))
-    assert rt.site_hosts(298) == [(298, 10), (299, 20)]
+    assert rt.site_groups(298) == [[298], [299]]
     assert rt.acquire(298, NOW) == 298
     assert rt.host_active(298) == 1
     assert rt.host_key(299) == "10.0.0.299:25"
@@ -83,64 +83,97 @@ def test_host_key_must_be_str(impl) -> None:
 def test_site_identity(impl) -> None:
     rt = impl.RouteTable()
     a, b, c = _hosts(rt, 3)
-    s = rt.site([(a, 10), (b, 10), (c, 20)], 5)
+    s = rt.site([[a, b], [c]], 5)
     assert s == 0
     assert rt.site_limit(s) == 5
-    # Same pairs in another order: same site, and the limit is updated on each call.
-    assert rt.site([(c, 20), (b, 10), (a, 10)], 7) == s
+    # The same groups, hosts in another order inside a group: same site, and the limit is
+    # updated on each call.
+    assert rt.site([[b, a], [c]], 7) == s
     assert rt.site_limit(s) == 7
-    assert rt.site(((b, 10), (c, 20), (a, 10))) == s
+    assert rt.site(((b, a), (c,))) == s
     assert rt.site_limit(s) == 0
-    # The order is fixed by the first call: preference, then first appearance.
-    assert rt.site_hosts(s) == [(a, 10), (b, 10), (c, 20)]
-    # A different set of pairs is a different site (same hosts, other preference too).
-    assert rt.site([(a, 10), (b, 10)]) == 1
-    assert rt.site([(a, 10), (b, 10), (c, 30)]) == 2
-    assert rt.site([(a, 10), (b, 10), (c, 20)]) == s
+    # The order inside a group is fixed by the first call (first appearance).
+    assert rt.site_groups(s) == [[a, b], [c]]
+    # Other groups, or the same groups in another order, are another site: the order is the
+    # plan's (route entries as listed), so it is part of the identity.
+    assert rt.site([[a, b]]) == 1
+    assert rt.site([[c], [a, b]]) == 2
+    assert rt.site([[a], [b], [c]]) == 3
+    assert rt.site([[a, b, c]]) == 4
+    assert rt.site([[a, b], [c]]) == s
     rt.set_site_limit(s, 3)
     assert rt.site_limit(s) == 3
 
 
-def test_site_orders_by_preference_then_first_appearance(impl) -> None:
+def test_site_keeps_the_callers_group_order(impl) -> None:
+    """Seed 004: "the routes are listed in preferential order, with the first listed item being
+    attempted before any others": the table takes the plan's order as it is and never sorts it."""
     rt = impl.RouteTable()
     h = _hosts(rt, 5)
-    s = rt.site([(h[3], 20), (h[1], 10), (h[4], 5), (h[0], 20), (h[2], 10)])
-    assert rt.site_hosts(s) == [(h[4], 5), (h[1], 10), (h[2], 10), (h[3], 20), (h[0], 20)]
+    s = rt.site([[h[3], h[0]], [h[1], h[2]], [h[4]]])
+    assert rt.site_groups(s) == [[h[3], h[0]], [h[1], h[2]], [h[4]]]
+    assert rt.acquire(s, NOW) == h[3]
+    assert rt.acquire(s, NOW) == h[0]
+    rt.mark_down(h[3], NOW + 10)
+    rt.mark_down(h[0], NOW + 10)
+    assert rt.acquire(s, NOW) == h[1]
+    assert rt.acquire(s, NOW) == h[2]
 
 
-def test_site_duplicate_pairs_count_once(impl) -> None:
+def test_many_groups_no_preference_range(impl) -> None:
+    """A plan of many tiers (route entries x MX preferences) is not squeezed into 16 bits: the
+    table has no preference numbers at all, so any number of groups is fine."""
+    rt = impl.RouteTable()
+    hosts = _hosts(rt, 70)
+    s = rt.site([[h] for h in hosts])
+    assert len(rt.site_groups(s)) == 70
+    for h in hosts[:69]:
+        rt.mark_down(h, NOW + 1)
+    assert rt.acquire(s, NOW) == hosts[69]
+
+
+def test_site_duplicate_hosts_in_a_group_count_once(impl) -> None:
     rt = impl.RouteTable()
     a, b = _hosts(rt, 2)
-    s = rt.site([(a, 10), (b, 10), (a, 10)])
-    assert rt.site_hosts(s) == [(a, 10), (b, 10)]
-    assert rt.site([(b, 10), (a, 10)]) == s
+    s = rt.site([[a, b, a]])
+    assert rt.site_groups(s) == [[a, b]]
+    assert rt.site([[b, a]]) == s
 
 
 def test_site_errors(impl) -> None:
     rt = impl.RouteTable()
     a, b = _hosts(rt, 2)
-    with pytest.raises(ValueError, match="at least one host"):
+    with pytest.raises(ValueError, match=r"^a site needs at least one host$"):
         rt.site([])
-    with pytest.raises(ValueError, match="unknown host id 2"):
-        rt.site([(a, 10), (2, 10)])
-    with pytest.raises(ValueError, match="unknown host id -1"):
-        rt.site([(-1, 10)])
-    with pytest.raises(ValueError, match="given twice"):
-        rt.site([(a, 10), (a, 20)])
-    with pytest.raises(ValueError, match="preference"):
-        rt.site([(a, 65536)])
-    with pytest.raises(ValueError, match="preference"):
-        rt.site([(a, -1)])
+    with pytest.raises(ValueError, match=r"^group 1 has no host$"):
+        rt.site([[a], []])
+    with pytest.raises(ValueError, match=r"^group 0 has no host$"):
+        rt.site([[]])
+    with pytest.raises(ValueError, match=r"^unknown host id 2$"):
+        rt.site([[a, 2]])
+    with pytest.raises(ValueError, match=r"^unknown host id -1$"):
+        rt.site([[-1]])
+    with pytest.raises(ValueError, match=r"^host id 0 given in groups 0 and 1$"):
+        rt.site([[a], [b, a]])
     with pytest.raises(ValueError, match="limit"):
-        rt.site([(a, 10)], -1)
+        rt.site([[a]], -1)
     with pytest.raises(TypeError):
-        rt.site([(a, 1.5)])
+        rt.site([[1.5]])
+    with pytest.raises(TypeError):
+        rt.site([a, b])  # groups, not bare ids
     # Nothing was created by the failed calls, and a failed call on an existing site keeps its limit.
-    assert rt.site([(a, 10), (b, 10)], 4) == 0
+    assert rt.site([[a, b]], 4) == 0
     with pytest.raises(ValueError):
-        rt.site([(b, 10), (a, 10)], -3)
+        rt.site([[b, a]], -3)
     assert rt.site_limit(0) == 4
-    assert rt.site([(a, 0), (b, 65535)]) == 1
+    assert rt.site([[a], [b]]) == 1
+    # Checks run in order: the limit first, then group by group.
+    with pytest.raises(ValueError, match="limit"):
+        rt.site([[]], -1)
+    with pytest.raises(ValueError, match=r"^unknown host id 9$"):
+        rt.site([[a], [b, 9], []])
+    with pytest.raises(ValueError, match=r"^group 1 has no host$"):
+        rt.site([[a], [], [9]])
 
 
 # (method, arguments with ID standing for the bad id, "host" or "site": which kind of id is bad)
@@ -157,7 +190,7 @@ _ID_CALLS = [
     ("release", (0, ID), "host"),
     ("set_site_limit", (ID, 1), "site"),
     ("site_limit", (ID,), "site"),
-    ("site_hosts", (ID,), "site"),
+    ("site_groups", (ID,), "site"),
     ("active", (ID,), "site"),
     ("acquire", (ID, NOW), "site"),
     ("release", (ID, 0), "site"),
@@ -168,7 +201,7 @@ _ID_CALLS = [
 def test_out_of_range_ids_raise_value_error(impl, method: str, args: tuple, kind: str) -> None:
     rt = impl.RouteTable()
     (a,) = _hosts(rt, 1)
-    rt.site([(a, 10)])
+    rt.site([[a]])
     call = getattr(rt, method)
     for bad in (-1, 1, 2**40, 2**80, -(2**80)):
         with pytest.raises(ValueError, match=f"^unknown {kind} id {bad}$"):
@@ -184,7 +217,7 @@ def test_out_of_range_ids_raise_value_error(impl, method: str, args: tuple, kind
 def test_limits_are_validated(impl) -> None:
     rt = impl.RouteTable()
     (a,) = _hosts(rt, 1)
-    s = rt.site([(a, 10)])
+    s = rt.site([[a]])
     rt.set_host_limit(a, py_routetable.MAX_LIMIT)
     assert rt.host_limit(a) == 2**31 - 1
     for bad in (-1, 2**31, 2**80):
@@ -202,7 +235,7 @@ def test_limits_are_validated(impl) -> None:
 def test_lowest_preference_first(impl) -> None:
     rt = impl.RouteTable()
     primary, backup = _hosts(rt, 2)
-    s = rt.site([(backup, 20), (primary, 10)])
+    s = rt.site([[primary], [backup]])
     # Up and unlimited: every acquisition goes to the pref-10 host.
     assert [rt.acquire(s, NOW) for _ in range(5)] == [primary] * 5
     assert (rt.host_active(primary), rt.host_active(backup), rt.active(s)) == (5, 0, 5)
@@ -242,7 +275,7 @@ def test_lowest_preference_first(impl) -> None:
 def test_even_spreading_one_at_a_time(impl) -> None:
     rt = impl.RouteTable()
     hosts = _hosts(rt, 5)
-    s = rt.site([(h, 10) for h in hosts])
+    s = rt.site([hosts])
     picks = []
     for _ in range(1000):
         h = rt.acquire(s, NOW)
@@ -257,7 +290,7 @@ def test_even_spreading_one_at_a_time(impl) -> None:
 def test_even_spreading_concurrent_holds(impl) -> None:
     rt = impl.RouteTable()
     hosts = _hosts(rt, 5)
-    s = rt.site([(h, 10) for h in hosts])
+    s = rt.site([hosts])
     held = [rt.acquire(s, NOW) for _ in range(10)]
     assert held == hosts + hosts
     assert [rt.host_active(h) for h in hosts] == [2, 2, 2, 2, 2]
@@ -275,7 +308,7 @@ def test_even_spreading_with_one_host_limited(impl) -> None:
     rt = impl.RouteTable()
     hosts = _hosts(rt, 5)
     rt.set_host_limit(hosts[2], 1)
-    s = rt.site([(h, 10) for h in hosts])
+    s = rt.site([hosts])
     held = [rt.acquire(s, NOW) for _ in range(9)]
     assert [rt.host_active(h) for h in hosts] == [2, 2, 1, 2, 2]
     assert Counter(held) == {hosts[0]: 2, hosts[1]: 2, hosts[2]: 1, hosts[3]: 2, hosts[4]: 2}
@@ -285,7 +318,7 @@ def test_even_spreading_with_one_host_limited(impl) -> None:
 def test_round_robin_skips_down_and_full_hosts(impl) -> None:
     rt = impl.RouteTable()
     hosts = _hosts(rt, 4)
-    s = rt.site([(h, 10) for h in hosts])
+    s = rt.site([hosts])
     rt.mark_down(hosts[1], NOW + 10.0)
     picks = []
     for _ in range(6):
@@ -300,7 +333,7 @@ def test_round_robin_skips_down_and_full_hosts(impl) -> None:
 def test_site_limit(impl) -> None:
     rt = impl.RouteTable()
     a, b = _hosts(rt, 2)
-    s = rt.site([(a, 10), (b, 10)], 3)
+    s = rt.site([[a, b]], 3)
     assert [rt.acquire(s, NOW) for _ in range(3)] == [a, b, a]
     assert rt.acquire(s, NOW) == py_routetable.NO_SLOT
     assert rt.active(s) == 3
@@ -322,8 +355,8 @@ def test_host_limit_is_shared_by_sites_sharing_the_host(impl) -> None:
     rt = impl.RouteTable()
     shared, only_x, only_y = _hosts(rt, 3)
     rt.set_host_limit(shared, 2)
-    x = rt.site([(shared, 10), (only_x, 20)])
-    y = rt.site([(shared, 10), (only_y, 20)])
+    x = rt.site([[shared], [only_x]])
+    y = rt.site([[shared], [only_y]])
     assert rt.acquire(x, NOW) == shared
     assert rt.acquire(y, NOW) == shared
     # The shared host is full (one connection per site): both sites fall back to their backups.
@@ -339,7 +372,7 @@ def test_host_limit_is_shared_by_sites_sharing_the_host(impl) -> None:
 def test_all_down_versus_no_slot(impl) -> None:
     rt = impl.RouteTable()
     a, b, c = _hosts(rt, 3)
-    s = rt.site([(a, 10), (b, 10), (c, 20)])
+    s = rt.site([[a, b], [c]])
     for h in (a, b, c):
         rt.mark_down(h, NOW + 30)
     assert rt.acquire(s, NOW) == py_routetable.ALL_DOWN
@@ -358,8 +391,8 @@ def test_all_down_versus_no_slot(impl) -> None:
 def test_release_errors_leave_counts_unchanged(impl) -> None:
     rt = impl.RouteTable()
     a, b, other = _hosts(rt, 3)
-    s = rt.site([(a, 10), (b, 20)])
-    t = rt.site([(a, 10), (other, 20)])
+    s = rt.site([[a], [b]])
+    t = rt.site([[a], [other]])
     assert rt.acquire(s, NOW) == a
 
     def counts() -> tuple:
@@ -389,9 +422,9 @@ def test_counters_back_to_zero_after_random_mix(impl) -> None:
     for h in hosts[:4]:
         rt.set_host_limit(h, rng.randint(1, 4))
     sites = [
-        rt.site([(hosts[0], 10), (hosts[1], 10), (hosts[2], 20)], 6),
-        rt.site([(hosts[1], 5), (hosts[3], 10), (hosts[4], 10)]),
-        rt.site([(hosts[5], 0), (hosts[6], 0), (hosts[7], 0), (hosts[0], 50)], 3),
+        rt.site([[hosts[0], hosts[1]], [hosts[2]]], 6),
+        rt.site([[hosts[1]], [hosts[3], hosts[4]]]),
+        rt.site([[hosts[5], hosts[6], hosts[7]], [hosts[0]]], 3),
     ]
     held: list[tuple[int, int]] = []
     got = 0
@@ -423,7 +456,7 @@ def test_counters_back_to_zero_after_random_mix(impl) -> None:
 def test_times_are_converted_like_c_doubles(impl) -> None:
     rt = impl.RouteTable()
     (a,) = _hosts(rt, 1)
-    s = rt.site([(a, 10)], 1)
+    s = rt.site([[a]], 1)
     rt.mark_down(a, 2000)  # an int is fine
     assert type(rt.down_until(a)) is float
     assert rt.down_until(a) == 2000.0
@@ -448,7 +481,7 @@ def test_times_are_converted_like_c_doubles(impl) -> None:
 def test_nan_times_mean_up(impl) -> None:
     rt = impl.RouteTable()
     (a,) = _hosts(rt, 1)
-    s = rt.site([(a, 10)])
+    s = rt.site([[a]])
     rt.mark_down(a, math.nan)
     assert rt.is_down(a, NOW) is False
     assert rt.acquire(s, NOW) == a
@@ -462,7 +495,6 @@ _COMPILED = None if _impl.NO_EXTENSIONS else _impl.compiled()
 
 _KEYS = [f"10.0.0.{i}:25" for i in range(6)] + ["lmtp:10.0.1.1:24", "lmtp:10.0.1.2:24"]
 _limits = st.integers(0, 4)
-_prefs = st.sampled_from([0, 10, 10, 20, 30])
 _times = st.one_of(st.integers(0, 40).map(float), st.floats(0.0, 40.0, allow_nan=False))
 
 
@@ -517,11 +549,17 @@ class TwinsAgree(RuleBasedStateMachine):
 
     @rule(data=st.data(), limit=_limits)
     def site(self, data, limit: int) -> None:
-        good = st.tuples(st.integers(0, self.n_hosts - 1), _prefs)
-        pairs = data.draw(st.lists(good, min_size=1, max_size=6))
-        if data.draw(st.integers(0, 4)) == 0:  # now and then a bad list: empty or an unknown host
-            pairs = data.draw(st.sampled_from([[], [*pairs, (self.n_hosts, 10)], [(-1, 0), *pairs]]))
-        kind, s = self.both("site", pairs, limit)
+        hosts = data.draw(st.lists(st.integers(0, self.n_hosts - 1), min_size=1, max_size=6, unique=True))
+        cuts = sorted(data.draw(st.sets(st.integers(1, len(hosts) - 1))) if len(hosts) > 1 else set())
+        bounds = [0, *cuts, len(hosts)]
+        groups = [hosts[a:b] for a, b in pairwise(bounds)]
+        if data.draw(st.integers(0, 3)) == 0:  # now and then a repeat inside a group (counts once)
+            groups[-1] = [*groups[-1], groups[-1][0]]
+        if data.draw(st.integers(0, 4)) == 0:  # now and then a bad list
+            groups = data.draw(st.sampled_from([
+                [], [*groups, []], [*groups, [self.n_hosts]], [[-1], *groups], [*groups, [groups[0][0]]],
+            ]))
+        kind, s = self.both("site", groups, limit)
         if kind == "ok":
             self.n_sites = max(self.n_sites, s + 1)
 
@@ -545,9 +583,9 @@ class TwinsAgree(RuleBasedStateMachine):
             assert kind == "ValueError"
             return
         # What the Momentum rules allow, worked out from the observable state before the call.
-        pairs = self.py.site_hosts(s)
+        pairs = [(h, tier) for tier, group in enumerate(self.py.site_groups(s)) for h in group]
         site_full = 0 < self.py.site_limit(s) <= self.py.active(s)
-        usable = [(h, pref) for h, pref in pairs if self._usable(h, now)]
+        usable = [(h, tier) for h, tier in pairs if self._usable(h, now)]
         any_up = any(not self.py.is_down(h, now) for h, _ in pairs)
         before = {h: self.py.host_active(h) for h, _ in pairs}
 
@@ -558,9 +596,9 @@ class TwinsAgree(RuleBasedStateMachine):
         elif not usable:
             assert h == (py_routetable.NO_SLOT if any_up else py_routetable.ALL_DOWN)
         else:
-            best = min(pref for _, pref in usable)
-            group = [u for u, pref in usable if pref == best]
-            # Never a higher preference while a lower one is usable; fewest connections first.
+            best = min(tier for _, tier in usable)
+            group = [u for u, tier in usable if tier == best]
+            # Never a later group while an earlier one is usable; fewest connections first.
             assert h in group
             assert before[h] == min(before[u] for u in group)
             assert self.py.host_active(h) == before[h] + 1
@@ -603,7 +641,7 @@ class TwinsAgree(RuleBasedStateMachine):
                 self.both(name, h)
             assert self.py.host_active(h) == sum(1 for _, held in self.held if held == h)
         for s in range(self.n_sites):
-            for name in ("site_hosts", "site_limit", "active"):
+            for name in ("site_groups", "site_limit", "active"):
                 self.both(name, s)
             assert self.py.active(s) == sum(1 for site, _ in self.held if site == s)
 

@@ -16,12 +16,15 @@ class RouteTable()
   host_key(h: int) -> str
   set_host_limit(h: int, limit: int)    per-host connection limit (Host scope
                                         max_outbound_connections); 0 = unlimited (the default)
-  site(hosts: Sequence[tuple[int, int]], limit: int = 0) -> int
-        id of the site made of these (host id, preference) pairs; the same set of pairs, in any
-        order, gives the same id (domains that share MXs share limits). Sets the site's limit to
-        `limit` (0 = unlimited) each call. Within a site, hosts are ordered by preference (lower
-        first), then by the order of first appearance in the first call that made the site.
-        An empty list or an unknown host id raises ValueError.
+  site(groups: Sequence[Sequence[int]], limit: int = 0) -> int
+        id of the site whose hosts are `groups`: the plan's tiers, already in order, most
+        preferred first; each group is a list of host ids of equal preference (fastrelay.routing
+        decides the order: route entries as listed, MX preference inside an entry, explicit
+        pref=). The table never reorders groups and knows nothing of preference numbers. The
+        same groups (same hosts in the same groups, groups in the same order; the order inside a
+        group does not matter) give the same id, so domains that share MXs share limits. Sets
+        the site's limit to `limit` (0 = unlimited) each call. Inside a group, hosts keep their
+        order of first appearance in the call that made the site (the round-robin order).
   set_site_limit(s: int, limit: int)
   acquire(s: int, now: float) -> int    a host id, NO_SLOT or ALL_DOWN; on success the site's and the
                                         host's active counts go up by one
@@ -32,12 +35,12 @@ class RouteTable()
   is_down(h: int, now: float) -> bool   down_until(h) > now
   down_until(h: int) -> float           0.0 if never marked
   active(s: int) -> int; host_active(h: int) -> int; total_active() -> int (sum over hosts)
-  site_hosts(s: int) -> list[tuple[int, int]]   (host id, preference) in the site's order
+  site_groups(s: int) -> list[list[int]]   the site's host ids, group by group, in its order
   site_limit(s: int) -> int; host_limit(h: int) -> int
 
 acquire(s, now):
   1. If the site's limit > 0 and its active count >= limit: NO_SLOT.
-  2. Walk the preference groups, lowest preference first. In a group, a host is up if not
+  2. Walk the groups in the site's order (most preferred first). In a group, a host is up if not
      is_down(h, now); it is usable if up and (its limit is 0 or host_active(h) < its limit).
      In the first group that has a usable host, pick the usable host with the fewest active
      connections; break ties round-robin: the site remembers the position (in its host order) of
@@ -60,12 +63,14 @@ Resolved details (both implementations follow them; the tests pin them down):
   - Ids are ints (operator.index: bool counts as int; float or str is a TypeError). An id that
     names no host or site (negative, or >= the number created) raises ValueError, whatever its
     size. The error messages are part of the spec (the twins are compared message for message).
-  - host(key) takes a str (else TypeError); a limit is an int in 0..MAX_LIMIT and a preference an
-    int in 0..MAX_PREFERENCE (the 16-bit MX preference field), else ValueError.
-  - site(): identical pairs given twice count once; one host with two different preferences in
-    one site is a ValueError (release(s, h) must name one slot list). Checks run in this order:
-    limit, then each pair in turn (host id, then preference, then a clash with an earlier pair),
-    then "empty". A call that raises changes nothing.
+  - host(key) takes a str (else TypeError); a limit is an int in 0..MAX_LIMIT, else ValueError.
+  - site(): `groups` is an iterable of iterables of host ids (lists, tuples, generators). A host
+    given twice in one group counts once; a host in two groups is a ValueError (release(s, h)
+    must name one slot list, and "which tier is it in" must have one answer). An empty group is
+    a ValueError (a tier with no host is the caller's bug, not "skip it"). Checks run in this
+    order: limit, then each group in turn (each host id in turn: the id, then a clash with an
+    earlier group; then the group's emptiness), then "no group at all". A call that raises
+    changes nothing.
   - release(s, h) checks the site id, then the host id, then membership, then the held count.
 """
 
@@ -79,8 +84,6 @@ ALL_DOWN = -2
 
 #: Largest accepted connection limit (the C version keeps limits and counts in C ints).
 MAX_LIMIT = 2**31 - 1
-#: Largest accepted preference: MX preference is a 16-bit field (RFC 1035 3.3.9).
-MAX_PREFERENCE = 65535
 
 
 def _check_limit(limit: object) -> int:
@@ -100,26 +103,32 @@ def _as_float(value: object) -> float:
     raise TypeError(f"must be real number, not {kind.__name__}")
 
 
-def _normalise_pairs(hosts: Iterable[tuple[int, int]], n_hosts: int) -> list[tuple[int, int]]:
-    """The site's distinct (host id, preference) pairs in order of first appearance, validated."""
-    pairs: list[tuple[int, int]] = []
-    pref_of: dict[int, int] = {}
-    for h_obj, pref_obj in hosts:
-        h = index(h_obj)
-        pref = index(pref_obj)
-        if not 0 <= h < n_hosts:
-            raise ValueError(f"unknown host id {h!r}")
-        if not 0 <= pref <= MAX_PREFERENCE:
-            raise ValueError(f"preference must be in 0..{MAX_PREFERENCE}, got {pref!r}")
-        seen = pref_of.get(h)
-        if seen is None:
-            pref_of[h] = pref
-            pairs.append((h, pref))
-        elif seen != pref:
-            raise ValueError(f"host id {h!r} given twice with preferences {seen!r} and {pref!r}")
-    if not pairs:
+def _normalise_groups(groups: Iterable[Iterable[int]], n_hosts: int) -> list[list[int]]:
+    """The site's groups with each host once, in order of first appearance, validated."""
+    out: list[list[int]] = []
+    group_of: dict[int, int] = {}
+    for g, group in enumerate(groups):
+        hosts: list[int] = []
+        for h_obj in group:
+            h = index(h_obj)
+            if not 0 <= h < n_hosts:
+                raise ValueError(f"unknown host id {h!r}")
+            seen = group_of.get(h)
+            if seen is None:
+                group_of[h] = g
+                hosts.append(h)
+            elif seen != g:
+                raise ValueError(f"host id {h!r} given in groups {seen!r} and {g!r}")
+        if not hosts:
+            raise ValueError(f"group {g!r} has no host")
+        out.append(hosts)
+    if not out:
         raise ValueError("a site needs at least one host")
-    return pairs
+    return out
+
+
+def _site_key(groups: list[list[int]]) -> tuple[frozenset[int], ...]:
+    return tuple(frozenset(group) for group in groups)
 
 
 class _Host:
@@ -133,25 +142,22 @@ class _Host:
 
 
 class _Site:
-    __slots__ = ("active", "groups", "held", "hosts", "last", "limit", "position", "prefs")
+    __slots__ = ("active", "groups", "held", "hosts", "last", "limit", "position")
 
-    def __init__(self, pairs: list[tuple[int, int]], limit: int) -> None:
-        # Stable sort: equal preferences keep their order of first appearance (the spec's order).
-        ordered = sorted(pairs, key=lambda pair: pair[1])
-        self.hosts = [h for h, _ in ordered]
-        self.prefs = [pref for _, pref in ordered]
+    def __init__(self, groups: list[list[int]], limit: int) -> None:
+        # Flattened in the caller's order: group 0's hosts, then group 1's, ...
+        self.hosts = [h for group in groups for h in group]
         self.position = {h: pos for pos, h in enumerate(self.hosts)}
-        self.held = [0] * len(ordered)  # slots held per position, for release() checks
+        self.held = [0] * len(self.hosts)  # slots held per position, for release() checks
         self.limit = limit
         self.active = 0
         self.last = -1  # position of the last pick: round-robin starts after it
-        # Preference groups as (start, end) position ranges, lowest preference first.
+        # Groups as (start, end) position ranges, most preferred first.
         self.groups: list[tuple[int, int]] = []
         start = 0
-        for pos in range(1, len(ordered) + 1):
-            if pos == len(ordered) or self.prefs[pos] != self.prefs[start]:
-                self.groups.append((start, pos))
-                start = pos
+        for group in groups:
+            self.groups.append((start, start + len(group)))
+            start += len(group)
 
 
 class RouteTable:
@@ -161,7 +167,7 @@ class RouteTable:
         self._hosts: list[_Host] = []
         self._host_ids: dict[str, int] = {}
         self._sites: list[_Site] = []
-        self._site_ids: dict[frozenset[tuple[int, int]], int] = {}
+        self._site_ids: dict[tuple[frozenset[int], ...], int] = {}
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -218,14 +224,14 @@ class RouteTable:
 
     # -- sites -----------------------------------------------------------------------------------
 
-    def site(self, hosts: Iterable[tuple[int, int]], limit: int = 0) -> int:
+    def site(self, groups: Iterable[Iterable[int]], limit: int = 0) -> int:
         limit = _check_limit(limit)
-        pairs = _normalise_pairs(hosts, len(self._hosts))
-        key = frozenset(pairs)
+        normal = _normalise_groups(groups, len(self._hosts))
+        key = _site_key(normal)
         s = self._site_ids.get(key)
         if s is None:
             s = len(self._sites)
-            self._sites.append(_Site(pairs, limit))
+            self._sites.append(_Site(normal, limit))
             self._site_ids[key] = s
         else:
             self._sites[s].limit = limit
@@ -238,9 +244,9 @@ class RouteTable:
     def site_limit(self, s: int) -> int:
         return self._site(s).limit
 
-    def site_hosts(self, s: int) -> list[tuple[int, int]]:
+    def site_groups(self, s: int) -> list[list[int]]:
         site = self._site(s)
-        return list(zip(site.hosts, site.prefs, strict=True))
+        return [site.hosts[start:end] for start, end in site.groups]
 
     def active(self, s: int) -> int:
         return self._site(s).active
@@ -257,7 +263,8 @@ class RouteTable:
             return NO_SLOT
         any_up = False
         for start, end in site.groups:
-            # Momentum: never go to a higher preference while this one has a usable host.
+            # Momentum: never go to a later group (higher preference) while this one has a
+            # usable host.
             usable = []
             for pos in range(start, end):
                 host = self._hosts[site.hosts[pos]]
