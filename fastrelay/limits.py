@@ -63,3 +63,6 @@ WORKER_STOP_TIMEOUT = 60.0
 # SHARED_PROBE occupied slots a key shares its home slot with another key (stricter, never looser).
 SHARED_SLOTS = 65536
 SHARED_PROBE = 32
+# With workers, a destination waiting for a slot held by another worker looks again this often
+# (a release in another process wakes nobody in this one).
+SHARED_POLL_INTERVAL = 0.05

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastrelay import delivery as D
+from fastrelay import limits
 from fastrelay.config import Config
 from fastrelay.crash import crashpoint
 from fastrelay.mainlog import MainLog
@@ -129,6 +130,7 @@ class Queue:
         # there wakes them (domains sharing MXs share limits, so one's release is another's slot).
         self._blocked_site: dict[int, set[Dest]] = {}
         self._blocked_host: dict[int, set[Dest]] = {}
+        self._polling: set[Dest] = set()  # destinations with a _poll_later timer armed
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0}
 
     # --- intake -------------------------------------------------------------------------------
@@ -216,6 +218,8 @@ class Queue:
                     self._blocked_site.setdefault(plan.site, set()).add(d)
                     for h in plan.hops:
                         self._blocked_host.setdefault(h, set()).add(d)
+                    if self.router.shared:
+                        self._poll_later(d)
                     return  # a release on this site or one of its hosts kicks the pump again
                 if host == ALL_DOWN:
                     await self._defer_ready(d, 451, "4.4.1 All hosts for this destination are unavailable")
@@ -227,6 +231,19 @@ class Queue:
                 self._spawn(self._session(slot)).add_done_callback(slot.release)
         finally:
             d.pumping = False
+
+    def _poll_later(self, d: Dest) -> None:
+        """With workers (issue 13) the slot this destination waits for may be freed by another
+        process, whose release kicks nobody here: look again after SHARED_POLL_INTERVAL."""
+        if d in self._polling or self._stopping:
+            return
+        self._polling.add(d)
+
+        def poll() -> None:
+            self._polling.discard(d)
+            self._kick(d)
+
+        asyncio.get_running_loop().call_later(limits.SHARED_POLL_INTERVAL, poll)
 
     async def _route_failed(self, d: Dest, e: RouteError) -> None:
         if e.permanent:

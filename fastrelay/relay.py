@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastrelay import shards
+from fastrelay import _impl, shards
 from fastrelay.config import Config
 from fastrelay.mainlog import MainLog
 from fastrelay.message import Envelope
@@ -80,6 +80,8 @@ class Relay:
             except (OSError, ValueError) as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e}") from None
             srv = SMTPServer(settings, self)
+            if self.worker is not None and self.worker.shared is not None:
+                srv.share(self.worker.shared, self.worker.index, str(listen.address))
             try:
                 if self.worker is not None:  # sockets bound by the supervisor (SO_REUSEPORT)
                     await srv.start(None, 0, sock=self.worker.esmtp_sockets[i])
@@ -119,7 +121,12 @@ class Relay:
         servers = [f"{h.host}:{h.port or 53}" if ":" not in h.host else f"[{h.host}]:{h.port or 53}"
                    for h in cfg.get("DNS_Servers")]
         self.resolver = Resolver(servers or None)
-        router = Router(cfg, self.resolver)
+        table = None
+        w = self.worker
+        if w is not None and w.shared is not None:
+            # Issue 13: connection limits hold for the whole relay, not per worker.
+            table = _impl.RouteTable(w.shared, w.index)
+        router = Router(cfg, self.resolver, table)
         self.queue = Queue(cfg, self.spool, router, self.mainlog, connect, submit=self.submit,
                            hostname=self.hostname)
         self.queue.enqueue(entries)

@@ -65,6 +65,9 @@ class Router:
         self.cfg = cfg
         self.dns = resolver
         self.table = table if table is not None else _impl.RouteTable()
+        # True when the table's counts are shared with other worker processes: a release there
+        # wakes nobody here, so a destination waiting for a slot looks again now and then.
+        self.shared = getattr(self.table, "shared", None) is not None
         self.prohibited = tuple(cfg.get("Prohibited_Hosts"))
         # Our own listening (ip, port) pairs, filled in by the relay once its listeners are bound:
         # a route to one of them is a loop whatever Prohibited_Hosts says (case 46, 5.4.6).

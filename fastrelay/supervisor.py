@@ -262,7 +262,7 @@ class Supervisor:
                 d = min(d * 2, limits.WORKER_RESTART_MAX)
             self.delay[k] = d
             self.restart_at[k] = time.monotonic() + d
-            log.warning("worker %d (pid %d) %s; %d shared connection slots it held released; restarting it in "
+            log.warning("worker %d (pid %d) %s; the %d shared connection counts it held released; restarting it in "
                         "%.1fs (its spool shard is recovered by the new worker)", k, pid, how, swept, d)
         return failed
 
