@@ -4,61 +4,16 @@ shard; shards recovered when N shrinks; a worker killed with -9 restarted withou
 from __future__ import annotations
 
 import os
-import re
 import signal
 import smtplib
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.support import ThreadedSink
-from tests.support.relayproc import RelayProcess
-
-
-class WorkersProcess(RelayProcess):
-    """RelayProcess whose stderr is read all the time (the test waits for log lines)."""
-
-    def start(self) -> WorkersProcess:
-        super().start()
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        return self
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            with self._lock:
-                self.log.append(line)
-
-    def text(self) -> str:
-        with self._lock:
-            return "".join(self.log)
-
-    def wait_log(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list[re.Match]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = list(re.finditer(pattern, self.text()))
-            if len(found) >= count:
-                return found
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"no {count} x {pattern!r} in the log:\n{self.text()}")
-            time.sleep(0.05)
-
-    def worker_pids(self) -> dict[int, int]:
-        """worker index -> pid of its latest incarnation."""
-        out = {}
-        for m in re.finditer(r"worker (\d+) of \d+ started \(pid (\d+)", self.text()):
-            out[int(m.group(1))] = int(m.group(2))
-        return out
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=60)
-        self._reader.join(timeout=10)
-        return rc
+from tests.support.workersproc import WorkersProcess
 
 
 def _send(port: int, n: int, rcpt: str = "u@workers.test", tag: str = "w") -> list[str]:
