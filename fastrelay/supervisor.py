@@ -21,6 +21,7 @@ Workers = 1 never gets here: `fastrelay run` is then the single process it alway
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import select
@@ -40,12 +41,20 @@ _PR_SET_PDEATHSIG = 1
 
 def bind_shared(host: str, port: int, n: int) -> list[socket.socket]:
     """n listening sockets on the same address with SO_REUSEPORT (port 0: the first one's port).
-    An empty host is every address: one dual-stack IPv6 socket where IPv6 works."""
+    An empty host is every address: one dual-stack IPv6 socket where IPv6 works, else 0.0.0.0."""
     if not host:
-        family, addr = (socket.AF_INET6, ("::", port)) if socket.has_ipv6 else (socket.AF_INET, ("0.0.0.0", port))
-    else:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        family, addr = info[0], info[4]
+        if socket.has_ipv6:
+            try:
+                return _bind_n(socket.AF_INET6, ("::", port), n, dual=True)
+            except OSError as e:
+                if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    raise
+        return _bind_n(socket.AF_INET, ("0.0.0.0", port), n)
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return _bind_n(info[0], info[4], n)
+
+
+def _bind_n(family: int, addr: tuple, n: int, dual: bool = False) -> list[socket.socket]:
     out: list[socket.socket] = []
     try:
         for _ in range(n):
@@ -53,7 +62,7 @@ def bind_shared(host: str, port: int, n: int) -> list[socket.socket]:
             out.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and not host:
+            if dual:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             s.bind(addr)
             if addr[1] == 0:

@@ -189,3 +189,43 @@ def test_conflicting_worker_settings_are_refused(tmp_path, conf, message):
                        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_listener_that_cannot_bind_stops_the_start_cleanly(tmp_path):
+    """Exit 1 with one clear line (the address), no traceback and no worker left running."""
+    import socket
+    import subprocess
+    import sys
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        (tmp_path / "r.conf").write_text(
+            f'Workers = 2\nSpool_Base = "spool"\nESMTP_Listener {{ Listen "127.0.0.1:{port}" {{ }} }}\n')
+        p = subprocess.run([sys.executable, "-m", "fastrelay", "run", "-c", str(tmp_path / "r.conf")],
+                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    finally:
+        taken.close()
+    assert p.returncode == 1
+    assert f"cannot start: ESMTP listener 127.0.0.1:{port}: Address already in use" in p.stderr
+    assert "Traceback" not in p.stderr and "worker" not in p.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_relay(tmp_path):
+    """A worker whose spool cannot open (its shard directory is a file) exits 1; the supervisor
+    does not restart it forever: it stops the others and exits 1."""
+    import subprocess
+    import sys
+
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "shard-1").write_text("not a directory")
+    (tmp_path / "r.conf").write_text(
+        'Workers = 2\nSpool_Base = "spool"\nsuspend_delivery = 1\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n')
+    p = subprocess.run([sys.executable, "-m", "fastrelay", "run", "-c", str(tmp_path / "r.conf")],
+                       capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 1, p.stderr
+    assert "cannot start: spool" in p.stderr
+    assert "worker 1 (pid" in p.stderr and "before the relay was ready; stopping" in p.stderr
+    assert "Traceback" not in p.stderr
