@@ -219,11 +219,14 @@ class Queue:
                     for h in plan.hops:
                         self._blocked_host.setdefault(h, set()).add(d)
                     if self.router.shared:
-                        self._poll_later(d)
+                        self.router.want(plan, True)
+                        self._poll_later(d, plan)
                     return  # a release on this site or one of its hosts kicks the pump again
                 if host == ALL_DOWN:
                     await self._defer_ready(d, 451, "4.4.1 All hosts for this destination are unavailable")
                     continue
+                if self.router.shared:
+                    self.router.want(plan, False)
                 # Reserve and release in pairs: the slot goes back when the session task ends,
                 # however it ends (even cancelled before its first step, when no `finally` runs).
                 slot = _Slot(self, d, plan, host)
@@ -232,7 +235,7 @@ class Queue:
         finally:
             d.pumping = False
 
-    def _poll_later(self, d: Dest) -> None:
+    def _poll_later(self, d: Dest, plan: Plan) -> None:
         """With workers (issue 13) the slot this destination waits for may be freed by another
         process, whose release kicks nobody here: look again after SHARED_POLL_INTERVAL."""
         if d in self._polling or self._stopping:
@@ -241,6 +244,8 @@ class Queue:
 
         def poll() -> None:
             self._polling.discard(d)
+            if not d.ready:  # nothing waits any more: other workers may keep their idle connections
+                self.router.want(plan, False)
             self._kick(d)
 
         asyncio.get_running_loop().call_later(limits.SHARED_POLL_INTERVAL, poll)
@@ -291,7 +296,7 @@ class Queue:
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
-                    if not await self._idle(d, keep):
+                    if not await self._idle(d, keep, plan):
                         break
                     d.connecting -= 1  # woken for a message: it takes one now (or finds none)
                     continue
@@ -304,17 +309,27 @@ class Queue:
                     log.debug("close failed", exc_info=True)
             slot.release()
 
-    async def _idle(self, d: Dest, keep: float) -> bool:
+    async def _idle(self, d: Dest, keep: float, plan: Plan | None = None) -> bool:
         """Keep an open connection for `keep` seconds in case more mail comes for its destination
         (Postfix's smtp_connection_cache_time_limit): a new connection costs a handshake, a
-        greeting and an EHLO. True if woken for a message, False when the time is up."""
+        greeting and an EHLO. True if woken for a message, False when the time is up. With
+        workers, also False as soon as another worker waits for a slot of this site: an idle
+        connection here must not keep the relay-wide limit from its mail."""
         if keep <= 0 or self._stopping:
             return False
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         d.idle.append(waiter)
-        timer = asyncio.get_running_loop().call_later(keep, _expire_idle, waiter)
+        timer = loop.call_later(keep, _expire_idle, waiter)
         try:
-            return await waiter
+            if plan is None or not self.router.shared:
+                return await waiter
+            while True:
+                await asyncio.wait((waiter,), timeout=limits.SHARED_POLL_INTERVAL)
+                if waiter.done():
+                    return waiter.result()
+                if self.router.wanted_elsewhere(plan):
+                    return False
         finally:
             timer.cancel()
             if not waiter.done():

@@ -126,7 +126,7 @@ class Relay:
         if w is not None and w.shared is not None:
             # Issue 13: connection limits hold for the whole relay, not per worker.
             table = _impl.RouteTable(w.shared, w.index)
-        router = Router(cfg, self.resolver, table)
+        router = Router(cfg, self.resolver, table, worker=w.index if w is not None else 0)
         self.queue = Queue(cfg, self.spool, router, self.mainlog, connect, submit=self.submit,
                            hostname=self.hostname)
         self.queue.enqueue(entries)
