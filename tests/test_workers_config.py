@@ -56,3 +56,11 @@ def test_bad_worker_settings(text, message):
     with pytest.raises(ConfigErrors) as e:
         loads(text)
     assert any(message in str(err) for err in e.value.errors), [str(x) for x in e.value.errors]
+
+
+def test_momentum_example_and_default_conf():
+    from fastrelay.config import load
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert load(os.path.join(root, "conf", "examples", "momentum_multi_event_loops.conf")).workers == 2
+    assert load(os.path.join(root, "conf", "fastrelay.conf")).workers == 1
