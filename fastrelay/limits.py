@@ -56,7 +56,7 @@ MAX_WORKERS = 256
 WORKER_RESTART_DELAY = 0.5
 WORKER_RESTART_MAX = 30.0
 WORKER_STABLE_AFTER = 10.0
-# How long SIGTERM waits for the workers to drain before they are killed.
+# How long SIGTERM waits for the workers to drain before they are killed (worker_stop_timeout).
 WORKER_STOP_TIMEOUT = 60.0
 # Slots of the relay-wide shared counter table (per-MX, per-site and per-client-IP connection
 # counts across workers). A key is given a slot on first use and keeps it for the run; past

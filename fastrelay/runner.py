@@ -8,9 +8,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastrelay import __version__, _impl
 from fastrelay.config import Config
+
+if TYPE_CHECKING:
+    from fastrelay.relay import WorkerInfo
 
 log = logging.getLogger("fastrelay")
 
@@ -24,7 +29,8 @@ def setup_logging(level: str = "info", tag: str = "fastrelay") -> None:
     root.setLevel(level.upper())
 
 
-async def serve(cfg: Config, stop: asyncio.Event, worker=None, ready=None) -> int:
+async def serve(cfg: Config, stop: asyncio.Event, worker: WorkerInfo | None = None,
+                ready: Callable[[], None] | None = None) -> int:
     """Start the relay (or worker `worker` of it), wait for `stop`, then shut it down cleanly.
     `ready()` is called once it serves (a worker tells its supervisor)."""
     from fastrelay.relay import Relay, StartupError
@@ -72,7 +78,8 @@ def run(cfg: Config, use_uvloop: bool = True, log_level: str = "info") -> int:
     return run_loop(cfg, use_uvloop)
 
 
-def run_loop(cfg: Config, use_uvloop: bool = True, worker=None, ready=None) -> int:
+def run_loop(cfg: Config, use_uvloop: bool = True, worker: WorkerInfo | None = None,
+             ready: Callable[[], None] | None = None) -> int:
     """Run the relay (or one worker of it) on a new event loop until SIGTERM or SIGINT."""
     if use_uvloop:
         import uvloop
@@ -98,6 +105,6 @@ def run_loop(cfg: Config, use_uvloop: bool = True, worker=None, ready=None) -> i
         loop.close()
 
 
-def _worker_hup(worker) -> None:
+def _worker_hup(worker: WorkerInfo) -> None:
     log.warning("worker %d: SIGHUP received; configuration reload is not implemented yet, going on "
                 "with the running configuration", worker.index)

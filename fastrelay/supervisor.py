@@ -121,7 +121,7 @@ class Supervisor:
     def _make_shared(self) -> None:
         make = getattr(_impl, "SharedCounters", None)
         if make is not None:
-            self.shared = make(self.n, limits.SHARED_SLOTS)
+            self.shared = make(self.n, self.cfg.get("shared_counter_slots"))
 
     def run(self) -> int:
         try:
@@ -198,21 +198,22 @@ class Supervisor:
             sig = info.si_signo if info is not None else None
             if sig in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                 self._stop()
-                deadline = time.monotonic() + limits.WORKER_STOP_TIMEOUT
+                deadline = time.monotonic() + self.cfg.get("worker_stop_timeout")
             elif sig == signal.SIGHUP:
                 log.info("SIGHUP: forwarded to %d workers", len(self.pids))
                 self._signal_all(signal.SIGHUP)
             failed = self._reap()
             if failed:
                 self._stop()
-                deadline = time.monotonic() + limits.WORKER_STOP_TIMEOUT
+                deadline = time.monotonic() + self.cfg.get("worker_stop_timeout")
             self._read_ready()
             if self.stopping:
                 if not self.pids:
                     log.info("stopped")
                     return 1 if self.failed else 0
                 if time.monotonic() > deadline:
-                    log.error("%d workers did not stop in %.0fs: killed", len(self.pids), limits.WORKER_STOP_TIMEOUT)
+                    log.error("%d workers did not stop in %.0fs: killed", len(self.pids),
+                              self.cfg.get("worker_stop_timeout"))
                     self._signal_all(signal.SIGKILL)
                     deadline = float("inf")
                 continue
@@ -264,11 +265,12 @@ class Supervisor:
                 self.failed = failed = True
                 continue
             up = time.monotonic() - self.started.get(k, 0.0)
-            d = self.delay.get(k, limits.WORKER_RESTART_DELAY)
+            first = self.cfg.get("worker_restart_delay")
+            d = self.delay.get(k, first)
             if up >= limits.WORKER_STABLE_AFTER:
-                d = limits.WORKER_RESTART_DELAY
+                d = first
             else:  # it keeps dying: back off
-                d = min(d * 2, limits.WORKER_RESTART_MAX)
+                d = min(d * 2, max(first, self.cfg.get("worker_restart_max")))
             self.delay[k] = d
             self.restart_at[k] = time.monotonic() + d
             log.warning("worker %d (pid %d) %s; the %d shared connection counts it held released; restarting it in "

@@ -64,3 +64,18 @@ def test_momentum_example_and_default_conf():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert load(os.path.join(root, "conf", "examples", "momentum_multi_event_loops.conf")).workers == 2
     assert load(os.path.join(root, "conf", "fastrelay.conf")).workers == 1
+
+
+@pytest.mark.parametrize("text, option, value", [
+    ("shared_counter_slots = 4096\n", "shared_counter_slots", 4096),
+    ("worker_stop_timeout = 2m\n", "worker_stop_timeout", 120.0),
+    ("worker_restart_delay = 100ms\nworker_restart_max = 5s\n", "worker_restart_max", 5.0),
+])
+def test_worker_limits_are_conf_options(text, option, value):
+    assert loads(text).get(option) == value
+
+
+def test_shared_counter_slots_has_a_floor():
+    with pytest.raises(ConfigErrors, match="bad value for 'shared_counter_slots': got 10; expected a whole "
+                                           "number from 1024"):
+        loads("shared_counter_slots = 10\n")

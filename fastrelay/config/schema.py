@@ -286,6 +286,17 @@ OPTIONS: list[OptionDef] = [
               "hold across them (shared memory). 1 (the default) is a single process, no supervisor. "
               "Momentum's spelling works too: eventloop \"pool\" { concurrency = N } named by "
               "delivery_pool and by the listeners' event_loop."),
+    OptionDef("shared_counter_slots", t.Int(1024, 1 << 24), frozenset({GLOBAL}), limits.SHARED_SLOTS,
+              "With Workers > 1: slots of the shared table that counts connections across workers "
+              "(one per MX host, destination, client address and listener seen in a run). Past it, "
+              "keys share slots: limits get stricter, never looser."),
+    OptionDef("worker_stop_timeout", t.Time(lo=1), frozenset({GLOBAL}), limits.WORKER_STOP_TIMEOUT,
+              "With Workers > 1: how long SIGTERM waits for the workers to stop before they are killed."),
+    OptionDef("worker_restart_delay", t.Time(lo=0.01), frozenset({GLOBAL}), limits.WORKER_RESTART_DELAY,
+              "With Workers > 1: how soon a worker that died is started again; the delay doubles while "
+              "it keeps dying within 10 seconds of its start, up to worker_restart_max."),
+    OptionDef("worker_restart_max", t.Time(lo=0.01), frozenset({GLOBAL}), limits.WORKER_RESTART_MAX,
+              "With Workers > 1: the longest delay before a worker that keeps dying is started again."),
     OptionDef("delivery_pool", _PoolName(), frozenset({GLOBAL}), None,
               "The eventloop stanza whose concurrency sets the number of workers (Momentum's "
               "delivery_pool). Reception and delivery run in the same workers, so a listener's "
