@@ -9,6 +9,8 @@ import time
 import aiodns
 import aiodns.error
 
+from fastrelay.limits import DNS_TIMEOUT
+
 # c-ares status codes (pycares.errno) that aiodns puts in DNSError.args[0].
 ARES_ENODATA = 1
 ARES_EFORMERR = 2
@@ -25,6 +27,22 @@ MAX_CNAME_CHAIN = 8
 # How long an NXDOMAIN is remembered (RFC 2308 negative caching, kept short).
 NEGATIVE_TTL = 60.0
 MIN_TTL = 1.0
+# Less time than this left of DNS_Timeout after an early c-ares timeout: not worth asking again.
+MIN_DNS_RETRY = 0.05
+# How long past DNS_Timeout a question may stay unanswered by c-ares itself before it is dropped.
+HANG_GRACE = 1.0
+
+
+def is_localhost(name: str) -> bool:
+    """RFC 6761 §6.3: "localhost" and names under it are loopback, never looked up in DNS."""
+    n = name.rstrip(".").lower()
+    return n == "localhost" or n.endswith(".localhost")
+
+
+# RFC 6761 §6.3: what a localhost name resolves to. IPv4 loopback only: a localhost route is one
+# group spread evenly, and a message store listening on 127.0.0.1 alone (the usual LMTP setup)
+# must not see every other connection tried on ::1 first.
+LOCALHOST_ADDRESSES = ["127.0.0.1"]
 
 
 class DNSTempError(Exception):
@@ -35,11 +53,24 @@ class DNSNotFound(Exception):
     """NXDOMAIN: the name does not exist."""
 
 
-class Resolver:
-    """MX and address lookups; `servers` are "ip:port" strings (empty: the system's resolv.conf)."""
+async def _close(resolver: aiodns.DNSResolver) -> None:
+    close = getattr(resolver, "close", None)
+    if close is not None:
+        res = close()
+        if asyncio.iscoroutine(res):
+            await res
 
-    def __init__(self, servers: list[str] | None = None, timeout: float = 5.0, tries: int = 2):
-        kw = {"timeout": timeout, "tries": tries}
+
+class Resolver:
+    """MX and address lookups; `servers` are "ip:port" strings (empty: the system's resolv.conf).
+
+    `timeout` (DNS_Timeout) is what one question gets in all; `tries` is c-ares' tries on the
+    shared channel (1: c-ares backs off exponentially, so more tries overrun the timeout; an
+    early timeout is asked again anyway, see _ask)."""
+
+    def __init__(self, servers: list[str] | None = None, timeout: float = DNS_TIMEOUT, tries: int = 1):
+        kw: dict = {"timeout": timeout, "tries": tries}
+        self.timeout = timeout
         if servers:
             kw["nameservers"] = list(servers)
         self._servers = servers
@@ -47,6 +78,7 @@ class Resolver:
         self._r: aiodns.DNSResolver | None = None
         self._cache: dict[tuple[str, int], tuple[float, object]] = {}
         self.queries = 0
+        self.retries = 0  # questions asked again after c-ares gave up early (see _ask)
 
     def _resolver(self) -> aiodns.DNSResolver:
         if self._r is None:
@@ -55,12 +87,41 @@ class Resolver:
 
     async def close(self) -> None:
         if self._r is not None:
-            close = getattr(self._r, "close", None)
-            if close is not None:
-                res = close()
-                if asyncio.iscoroutine(res):
-                    await res
+            await _close(self._r)
             self._r = None
+
+    async def _ask(self, name: str, qtype: str):
+        """One DNS question, given at least `timeout` seconds (DNS_Timeout) before it times out.
+
+        c-ares 1.34 sets each try's timeout from the server's past latency (five times the
+        average, at least 250 ms), not from the configured timeout: once it has seen fast
+        answers, an answer taking 0.8 s times out in about 0.6 s. So an early c-ares timeout is
+        asked again, for the rest of the time, on a channel with no latency history."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        resolver = self._resolver()
+        fresh: aiodns.DNSResolver | None = None
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                try:
+                    # c-ares' own timeout ends the try; the wait here only guards against a hang.
+                    return await asyncio.wait_for(resolver.query_dns(name, qtype), max(remaining, 0.0) + HANG_GRACE)
+                except TimeoutError:
+                    raise aiodns.error.DNSError(ARES_ETIMEOUT, "Timeout while contacting DNS servers") from None
+                except aiodns.error.DNSError as e:
+                    if (e.args[0] if e.args else None) != ARES_ETIMEOUT:
+                        raise
+                    remaining = deadline - loop.time()
+                    if remaining < MIN_DNS_RETRY:
+                        raise
+                if fresh is not None:
+                    await _close(fresh)
+                self.retries += 1
+                fresh = resolver = aiodns.DNSResolver(**{**self._kw, "timeout": remaining, "tries": 1})
+        finally:
+            if fresh is not None:
+                await _close(fresh)
 
     async def _query(self, name: str, qtype: int) -> tuple[list, float]:
         """Records of `qtype` for `name` (following CNAMEs) and the smallest TTL; [] for no data."""
@@ -75,7 +136,7 @@ class Resolver:
         for _ in range(MAX_CNAME_CHAIN + 1):
             self.queries += 1
             try:
-                res = await self._resolver().query_dns(target, _QTYPE_NAMES[qtype])
+                res = await self._ask(target, _QTYPE_NAMES[qtype])
             except aiodns.error.DNSError as e:
                 code = e.args[0] if e.args else None
                 if code == ARES_ENODATA:
@@ -116,6 +177,8 @@ class Resolver:
             pass
         else:
             return [str(ip)], float("inf")
+        if is_localhost(host):
+            return list(LOCALHOST_ADDRESSES), float("inf")
         a, aaaa = await asyncio.gather(self._query(host, T_A), self._query(host, T_AAAA), return_exceptions=True)
         out: list[str] = []
         ttls: list[float] = []

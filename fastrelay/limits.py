@@ -66,3 +66,8 @@ SHARED_PROBE = 32
 # With workers, a destination waiting for a slot held by another worker looks again this often
 # (a release in another process wakes nobody in this one).
 SHARED_POLL_INTERVAL = 0.05
+# --- Outbound ---------------------------------------------------------------------------------------
+# The least time one DNS question gets before it counts as a timeout (DNS_Timeout). c-ares
+# shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced
+# by the resolver on top of c-ares. 5 s is c-ares' and glibc's default per try.
+DNS_TIMEOUT = 5.0

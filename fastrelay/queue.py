@@ -55,7 +55,7 @@ class Item:
 class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
-    __slots__ = ("binding", "connecting", "domain", "idle", "pumping", "ready", "sessions", "settings")
+    __slots__ = ("avoid", "binding", "connecting", "domain", "idle", "pumping", "ready", "sessions", "settings")
 
     def __init__(self, domain: str, binding: str):
         self.domain = domain
@@ -66,6 +66,9 @@ class Dest:
         self.idle: deque[asyncio.Future] = deque()  # open connections waiting for more mail
         self.pumping = False
         self.settings: D.Settings | None = None
+        # Hosts this destination's own TLS policy refused: route-table host id -> (monotonic
+        # until, code, text). Other destinations still use them (the host itself is fine).
+        self.avoid: dict[int, tuple[float, int, str]] = {}
 
 
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
@@ -132,6 +135,9 @@ class Queue:
         self._blocked_host: dict[int, set[Dest]] = {}
         self._polling: set[Dest] = set()  # destinations with a _poll_later timer armed
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0}
+        # The last connect failure of each host (code, text), so that "every host is down" can
+        # say why (the mainlog and the DSN carry the real reason).
+        self._host_errors: dict[int, tuple[int, str]] = {}
 
     # --- intake -------------------------------------------------------------------------------
     def enqueue(self, entries: list) -> None:
@@ -209,11 +215,17 @@ class Queue:
             # Open a session only for ready messages no starting session will take.
             while len(d.ready) > d.connecting and not self._stopping:
                 try:
-                    plan = await self.router.plan(d.domain, d.binding)
+                    plan = self._narrow(d, await self.router.plan(d.domain, d.binding))
+                    host = self.router.acquire(plan)
                 except RouteError as e:
                     await self._route_failed(d, e)
                     continue
-                host = self.router.acquire(plan)
+                except Exception:
+                    # A bug or an unexpected failure while planning must not strand the ready
+                    # messages (case 50): each gets a T record and a retry, then is bounced.
+                    log.exception("internal error planning %s (binding %s)", d.domain, d.binding)
+                    await self._destination_error(d, "routing")
+                    continue
                 if host == NO_SLOT:
                     self._blocked_site.setdefault(plan.site, set()).add(d)
                     for h in plan.hops:
@@ -223,7 +235,8 @@ class Queue:
                         self._poll_later(d, plan)
                     return  # a release on this site or one of its hosts kicks the pump again
                 if host == ALL_DOWN:
-                    await self._defer_ready(d, 451, "4.4.1 All hosts for this destination are unavailable")
+                    code, text = self._down_reason(plan)
+                    await self._defer_ready(d, code, text)
                     continue
                 if self.router.shared:
                     self.router.want(plan, False)
@@ -250,13 +263,59 @@ class Queue:
 
         asyncio.get_running_loop().call_later(limits.SHARED_POLL_INTERVAL, poll)
 
+    def _narrow(self, d: Dest, plan: Plan) -> Plan:
+        """The plan without the hosts this destination's TLS policy refused lately; a RouteError
+        with the policy's reason (4.7.x) when no host is left."""
+        if not d.avoid:
+            return plan
+        now = time.monotonic()
+        for h in [h for h, (until, _, _) in d.avoid.items() if until <= now]:
+            del d.avoid[h]
+        avoid = {h for h in d.avoid if h in plan.hops}
+        if not avoid:
+            return plan
+        narrowed = self.router.without(plan, avoid)
+        if narrowed is None:
+            _, code, text = max(d.avoid[h] for h in avoid)  # the latest refusal
+            raise RouteError(False, code, text)
+        return narrowed
+
+    def _down_reason(self, plan: Plan) -> tuple[int, str]:
+        """Why no host of `plan` is up: the last failure seen on one of them, if any."""
+        for h in plan.hops:
+            err = self._host_errors.get(h)
+            if err is not None:
+                code, text = err
+                return code, f"{text} (all hosts for this destination are unavailable)"
+        return 451, "4.4.1 All hosts for this destination are unavailable"
+
     async def _route_failed(self, d: Dest, e: RouteError) -> None:
-        if e.permanent:
-            items = self._drain(d)
-            for it in items:
-                await self._finish_all(it, FAILED, e.code, e.text, remote="")
-        else:
-            await self._defer_ready(d, e.code, e.text)
+        await self._finish_ready(d, FAILED if e.permanent else PENDING, e.code, e.text)
+
+    async def _finish_ready(self, d: Dest, state: int, code: int, text: str) -> None:
+        """Every ready message of `d` gets this outcome without a delivery attempt."""
+        for it in self._drain(d):
+            try:
+                await self._finish_all(it, state, code, text, remote="")
+            except Exception:
+                # Recording the outcome failed (a spool write, say): the message must still have
+                # a next step, so it is retried later rather than left busy.
+                log.exception("could not record the route failure of message %d", it.id)
+                self._retry_later(it)
+
+    async def _destination_error(self, d: Dest, where: str) -> None:
+        for it in self._drain(d):
+            it.errors += 1
+            await self._internal_error(it, where)
+
+    def _retry_later(self, it: Item) -> None:
+        """Back to the heap after retry_interval, in memory only: the last resort when even
+        recording an outcome failed."""
+        if self.items.get(it.id) is not it:
+            return
+        it.busy = False
+        it.due = time.time() + self.cfg.get("retry_interval", it.domain, it.binding)
+        self._schedule(it, time.time())
 
     def _drain(self, d: Dest) -> list[Item]:
         items = []
@@ -269,8 +328,7 @@ class Queue:
 
     async def _defer_ready(self, d: Dest, code: int, text: str) -> None:
         """Every ready message of `d` gets a transient failure and a later retry."""
-        for it in self._drain(d):
-            await self._finish_all(it, PENDING, code, text, remote="")
+        await self._finish_ready(d, PENDING, code, text)
 
     def _settings(self, d: Dest) -> D.Settings:
         if d.settings is None:
@@ -285,9 +343,21 @@ class Queue:
             try:
                 conn = await self.connect(hop, self._settings(d))
             except D.ConnectError as e:
+                log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
+                if e.policy:
+                    # This destination's TLS policy refused the host: only this destination
+                    # avoids it (for host_failure_retry); other domains keep using it.
+                    d.avoid[host] = (time.monotonic() + self.router.failure_wait(plan, host), e.code, e.text)
+                    return
                 # RELIABILITY.md cases 38-39: this host is avoided for a while; the messages stay
                 # ready and the next session tries another host (or finds ALL_DOWN and defers).
-                log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
+                self._host_errors[host] = (e.code, e.text)
+                self.router.host_failed(plan, host)
+                return
+            except Exception:
+                # Not a host answer but a failure of ours: treated like one (the host is avoided
+                # for a while) so the pump does not spin on it; the messages stay ready.
+                log.exception("%s: internal error connecting to %s:%s", d.domain, hop.ip, hop.port)
                 self.router.host_failed(plan, host)
                 return
             self.router.host_ok(plan, host)
@@ -378,15 +448,18 @@ class Queue:
             conn.usable = False
             await self._internal_error(it)
 
-    async def _internal_error(self, it: Item) -> None:
-        if it.errors >= MAX_INTERNAL_ERRORS:
-            loaded = await self.spool.load(it.id)
-            if loaded is not None:
-                await self._finish_all(it, FAILED, 554, "5.3.0 Internal error delivering this message", "", loaded)
-            return
-        it.busy = False
-        it.due = time.time() + self.cfg.get("retry_interval", it.domain, it.binding)
-        self._schedule(it, time.time())
+    async def _internal_error(self, it: Item, where: str = "delivering") -> None:
+        """A message hit an unexpected failure: a T record and a retry, or after
+        MAX_INTERNAL_ERRORS a bounce (5.3.0). Never raises: the message always has a next step."""
+        try:
+            if it.errors >= MAX_INTERNAL_ERRORS:
+                await self._finish_all(it, FAILED, 554, f"5.3.0 Internal error {where} this message", "")
+            else:
+                await self._finish_all(it, PENDING, 451, f"4.3.0 Internal error {where} this message, will retry",
+                                       "")
+        except Exception:
+            log.exception("could not record the internal error of message %d", it.id)
+            self._retry_later(it)
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
@@ -534,6 +607,7 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         rset_timeout=g("RSET_Timeout", domain, binding),
         tls=g("TLS", domain, binding),
         tls_verify=g("TLS_Verify", domain, binding),
+        tls_fallback=g("TLS_Ifavailable_Fallback", domain, binding),
         tls_ca=g("TLS_CA", domain, binding),
         http_uri=g("HTTP_URI", domain, binding),
         http_method=g("HTTP_METHOD", domain, binding),

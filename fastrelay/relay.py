@@ -120,7 +120,7 @@ class Relay:
 
         servers = [f"{h.host}:{h.port or 53}" if ":" not in h.host else f"[{h.host}]:{h.port or 53}"
                    for h in cfg.get("DNS_Servers")]
-        self.resolver = Resolver(servers or None)
+        self.resolver = Resolver(servers or None, timeout=cfg.get("DNS_Timeout"))
         table = None
         w = self.worker
         if w is not None and w.shared is not None:

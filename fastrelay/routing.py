@@ -1,10 +1,11 @@
 """Resolve a destination into preference-ordered hosts (Gateway, Routes, __mx__, DNS) and pick a
 host under its connection limit through the route table (seeds 002 and 004).
 
-A destination is (domain, binding). Its plan (the hosts, their route-table site, the delivery
-method) is cached until the shortest TTL among the records it was built from (or a route's own
-`ttl=`). The route table does the counting (fastrelay._core or its twin); this module only
-builds sites and maps host ids back to addresses.
+A destination is (domain, binding). Its plan is an ordered list of tiers (route entry -> its
+hosts grouped by MX preference, seed 004), cached until the shortest TTL among its entries (a
+route's own `ttl=`, else the records it was built from). The route table does the counting
+(fastrelay._core or its twin) and takes the plan's order as it is; this module builds the order
+and maps host ids back to addresses.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import asyncio
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastrelay import _impl
 from fastrelay.config import Config
 from fastrelay.config.types import HostPort, Route
 from fastrelay.delivery import Hop
-from fastrelay.dns import DNSNotFound, DNSTempError, Resolver
+from fastrelay.dns import DNSNotFound, DNSTempError, Resolver, is_localhost
 
 log = logging.getLogger("fastrelay.routing")
 
@@ -30,6 +31,9 @@ ALL_DOWN = _rt.ALL_DOWN
 # A plan built only from IP literals never expires on its own; re-read it this often anyway so a
 # conf reload or Host limits apply.
 STATIC_PLAN_TTL = 300.0
+# An entry that gave no host for now (SERVFAIL, timeout, no address) is looked up again this soon
+# while the rest of the plan is used.
+FAILED_ENTRY_TTL = 60.0
 
 
 class RouteError(Exception):
@@ -42,6 +46,19 @@ class RouteError(Exception):
         self.text = text
 
 
+@dataclass(frozen=True)
+class Tier:
+    """One step of a plan: the route entries it came from and their hosts.
+
+    `groups` are the entries' hosts of equal preference, most preferred first: inside an entry
+    that expands to several hosts (`__mx__`, a name with MX records) the MX preference orders
+    them; a name with several addresses is one group (spread evenly, seed 004)."""
+
+    entries: tuple[str, ...]  # the Routes entries (as written) this tier came from
+    pref: int | None  # their explicit pref=, or None: placed by its position in the list
+    groups: tuple[tuple[Hop, ...], ...]
+
+
 @dataclass
 class Plan:
     domain: str  # the routing domain (after reroute_domain)
@@ -50,6 +67,19 @@ class Plan:
     hops: dict[int, Hop]  # route-table host id -> address
     method: str
     expires: float  # monotonic
+    tiers: tuple[Tier, ...] = ()  # the order the route table walks, most preferred first
+    failed: tuple[str, ...] = ()  # entries that gave no usable host this time, and why
+
+
+@dataclass
+class _Expanded:
+    """What one route entry gave: hosts grouped by MX preference, or why it gave none."""
+
+    route: Route
+    position: int
+    groups: list[list[Hop]]
+    ttl: float
+    error: RouteError | None = None
 
 
 def _is_ip(text: str) -> bool:
@@ -58,6 +88,30 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def order_entries(routes: list[Route]) -> list[tuple[int | None, list[int]]]:
+    """The tier order of a Routes list, as (explicit pref or None, [entry positions]) (seed 004).
+
+    "the routes are listed in preferential order, with the first listed item being attempted
+    before any others, unless there is an explicit preference applied to the item": every entry
+    without pref= is a tier of its own, in list order. The entries that carry pref= are sorted by
+    it (equal values share one tier: "Momentum attempts to open connections to all of them
+    evenly") and that sorted block takes the place of the first of them in the list.
+    """
+    explicit: dict[int, list[int]] = {}
+    out: list[tuple[int | None, list[int]]] = []
+    block_at = -1
+    for i, r in enumerate(routes):
+        if r.pref is None:
+            out.append((None, [i]))
+        else:
+            if block_at < 0:
+                block_at = len(out)
+            explicit.setdefault(r.pref, []).append(i)
+    if block_at >= 0:
+        out[block_at:block_at] = [(pref, explicit[pref]) for pref in sorted(explicit)]
+    return out
 
 
 class Router:
@@ -120,100 +174,179 @@ class Router:
         cfg = self.cfg
         method = cfg.get("Delivery_Method", domain, binding)
         routes, default_port = self._routes(domain, binding)
-        ttls: list[float] = []
-        hops: list[Hop] = []
-        prohibited = 0
-        for i, r in enumerate(routes):
-            proto = r.scheme if r.scheme in ("lmtp", "xfer") else ("lmtp" if method == "LMTP" else "smtp")
-            if method == "delay_xfer" and proto != "xfer":
-                raise RouteError(False, 451, f"4.3.5 Delivery_Method delay_xfer for {domain} needs xfer:// routes")
-            port = r.port or default_port
-            try:
-                found = await self._expand(domain, r, i)
-            except DNSNotFound as e:
-                if r.scheme == "mx":
-                    # RELIABILITY.md case 46: NXDOMAIN for the recipient domain bounces (5.4.4).
-                    raise RouteError(True, 550, f"5.4.4 Host or domain name not found: {e}") from None
-                raise RouteError(False, 451, f"4.4.4 Route host not found: {e}") from None
-            except DNSTempError as e:
-                raise RouteError(False, 451, f"4.4.3 DNS lookup failed, will retry: {e}") from None
-            for pref, name, ips, ttl in found:
-                if r.ttl is not None:
-                    ttl = float(r.ttl)
-                ttls.append(ttl)
-                for ip in ips:
-                    if self._prohibited(ip) or self._is_self(ip, port):
-                        prohibited += 1
-                        continue
-                    hops.append(Hop(ip, port, proto, name, pref))
-        if not hops:
-            if prohibited:
-                raise RouteError(True, 554, f"5.4.6 Mail for {domain} loops back to myself (Prohibited_Hosts)")
-            raise RouteError(False, 451, f"4.4.4 No usable address for any host of {domain}")
-        limit = cfg.get("max_outbound_connections", domain, binding)
+        if method == "delay_xfer" and any(r.scheme != "xfer" for r in routes):
+            raise RouteError(False, 451, f"4.3.5 Delivery_Method delay_xfer for {domain} needs xfer:// routes")
+        # Seed 004: one entry that cannot be used does not fail the destination while another
+        # can; so each entry is expanded on its own and its failure kept with it.
+        expanded = [await self._expand_entry(domain, r, i, method, default_port) for i, r in enumerate(routes)]
+        now = time.monotonic()
         t = self.table
         ids: dict[int, Hop] = {}
-        groups: dict[int, list[int]] = {}
-        for h in sorted(hops, key=lambda h: h.pref):
-            hid = t.host(f"{h.proto}:{h.ip}:{h.port}")
-            if hid in ids:
-                continue  # the same address reached through two names: once is enough
-            ids[hid] = h
-            groups.setdefault(h.pref, []).append(hid)
-            hl = self.cfg.host_lookup("max_outbound_connections", h.ip) or self.cfg.host_lookup(
-                "max_outbound_connections", h.name
-            )
-            t.set_host_limit(hid, hl.value if hl is not None else 0)
-        site = t.site(list(groups.values()), limit)
-        ttl = min(ttls) if ttls else STATIC_PLAN_TTL
-        return Plan(domain, binding, site, ids, method, time.monotonic() + min(ttl, STATIC_PLAN_TTL))
+        groups: list[list[int]] = []
+        tiers: list[Tier] = []
+        for pref, positions in order_entries(routes):
+            members = [expanded[i] for i in positions]
+            # Entries sharing an explicit pref are one tier: their first-choice hosts together,
+            # then their second choices, and so on.
+            merged: list[list[Hop]] = []
+            for e in members:
+                for k, group in enumerate(e.groups):
+                    if k == len(merged):
+                        merged.append([])
+                    merged[k].extend(group)
+            tier_groups: list[tuple[Hop, ...]] = []
+            for group in merged:
+                hids: list[int] = []
+                kept: list[Hop] = []
+                for h in group:
+                    hid = t.host(f"{h.proto}:{h.ip}:{h.port}")
+                    if hid in ids:
+                        continue  # the same address reached earlier in the plan: once, first place
+                    ids[hid] = h
+                    hids.append(hid)
+                    kept.append(h)
+                    hl = cfg.host_lookup("max_outbound_connections", h.ip) or cfg.host_lookup(
+                        "max_outbound_connections", h.name
+                    )
+                    t.set_host_limit(hid, hl.value if hl is not None else 0)
+                if hids:
+                    groups.append(hids)
+                    tier_groups.append(tuple(kept))
+            if tier_groups:
+                tiers.append(Tier(tuple(e.route.text for e in members), pref, tuple(tier_groups)))
+        failures = [e for e in expanded if e.error is not None]
+        if not groups:
+            # Defer while any failure may heal; bounce only when every entry failed for good.
+            temp = next((e.error for e in failures if not e.error.permanent), None)
+            if temp is not None:
+                raise temp
+            if failures:
+                raise failures[0].error
+            raise RouteError(False, 451, f"4.4.4 No usable address for any host of {domain}")
+        failed = tuple(f"{e.route.text}: {e.error.code} {e.error.text}" for e in failures)
+        if failed:
+            log.warning("%s: route entries skipped: %s", domain, "; ".join(failed))
+        site = t.site(groups, cfg.get("max_outbound_connections", domain, binding))
+        ttl = min((e.ttl for e in expanded), default=STATIC_PLAN_TTL)
+        return Plan(domain, binding, site, ids, method, now + ttl, tuple(tiers), failed)
 
-    async def _expand(self, domain: str, r: Route, index: int) -> list[tuple[int, str, list[str], float]]:
-        """One route entry -> [(preference, host name, [ip, ...], ttl)]. Seed 004: entries without
-        an explicit preference are tried in the order listed."""
-        pref = r.pref if r.pref is not None else index
+    async def _expand_entry(self, domain: str, r: Route, position: int, method: str,
+                            default_port: int) -> _Expanded:
+        """One route entry -> its usable hosts by MX preference, its TTL, or its failure."""
+        proto = r.scheme if r.scheme in ("lmtp", "xfer") else ("lmtp" if method == "LMTP" else "smtp")
+        port = r.port or default_port
+        out = _Expanded(r, position, [], STATIC_PLAN_TTL)
+        try:
+            found = await self._expand(domain, r)
+        except RouteError as e:
+            out.error, out.ttl = e, FAILED_ENTRY_TTL
+            return out
+        except DNSNotFound as e:
+            if r.scheme == "mx":
+                # RELIABILITY.md case 46: NXDOMAIN for the recipient domain bounces (5.4.4).
+                out.error = RouteError(True, 550, f"5.4.4 Host or domain name not found: {e}")
+            else:
+                out.error = RouteError(False, 451, f"4.4.4 Route host not found: {e}")
+            out.ttl = FAILED_ENTRY_TTL
+            return out
+        except DNSTempError as e:
+            out.error, out.ttl = RouteError(False, 451, f"4.4.3 DNS lookup failed, will retry: {e}"), FAILED_ENTRY_TTL
+            return out
+        ttls: list[float] = []
+        own = prohibited = 0
+        temp_errors: list[str] = []
+        last_pref = -1
+        for pref, name, ips, ttl, trusted, error in found:
+            ttls.append(ttl)
+            if error is not None:
+                temp_errors.append(error)
+                continue
+            group: list[Hop] = []
+            for ip in ips:
+                if self._is_self(ip, port):
+                    own += 1
+                    continue
+                # Prohibited_Hosts guards against DNS tricks (Momentum): an address the conf
+                # names itself is trusted; one learned from DNS is checked.
+                if not trusted and ip.lower() not in self.cfg.hosts and self._prohibited(ip):
+                    prohibited += 1
+                    continue
+                group.append(Hop(ip, port, proto, name, r.pref if r.pref is not None else pref))
+            if group:
+                if out.groups and last_pref == pref:
+                    out.groups[-1].extend(group)  # several MXs of one preference: one group
+                else:
+                    out.groups.append(group)
+                last_pref = pref
+        # ttl=T is the entry's time to live as given (seed 004); otherwise the records' own TTL,
+        # re-read at least every STATIC_PLAN_TTL so conf and Host limits apply.
+        out.ttl = float(r.ttl) if r.ttl is not None else min([*ttls, STATIC_PLAN_TTL])
+        if temp_errors:
+            # A host of this entry could not be resolved for now: look again soon.
+            out.ttl = min(out.ttl, FAILED_ENTRY_TTL)
+        if not out.groups:
+            if temp_errors:
+                out.error = RouteError(False, 451, f"4.4.3 DNS lookup failed, will retry: {temp_errors[0]}")
+            elif own:
+                out.error = RouteError(True, 554, f"5.4.6 Mail for {domain} loops back to myself")
+            elif prohibited:
+                out.error = RouteError(
+                    True, 554, f"5.4.6 Mail for {domain}: {r.text} resolves only to Prohibited_Hosts addresses"
+                )
+            else:
+                out.error = RouteError(False, 451, f"4.4.4 No usable address for {r.text}")
+        return out
+
+    async def _expand(self, domain: str, r: Route) -> list[tuple[int, str, list[str], float, bool, str | None]]:
+        """One route entry -> [(MX preference, host name, [ip, ...], ttl, trusted, temp error)],
+        lowest preference first. `trusted`: the address is named in the conf, not from DNS."""
         if r.scheme == "mx":
-            return await self._mx_hosts(domain)
+            return await self._mx_hosts(domain, domain)
         if _is_ip(r.host):
-            return [(pref, r.host, [r.host], float("inf"))]
+            return [(0, r.host, [r.host], STATIC_PLAN_TTL, True, None)]
+        if is_localhost(r.host):
+            # RFC 6761 §6.3: "localhost" is loopback, never asked of DNS; named in the conf.
+            ips, ttl = await self.dns.addresses(r.host)
+            return [(0, r.host, ips, STATIC_PLAN_TTL, True, None)]
         if r.lookup == "a":
             ips, ttl = await self.dns.addresses(r.host)
-            return [(pref, r.host, ips, ttl)]
+            return [(0, r.host, ips, ttl, False, None)]
         # type=mx, or no type (seed 002: "resolve the gateway using MX records. If there are no
         # MX records, ... as an A record").
         mx, ttl = await self.dns.mx(r.host)
         if mx and mx != [(0, "")]:
-            out = []
-            for mpref, exch in mx:
-                ips, attl = await self._addresses_or_empty(exch)
-                out.append((pref if r.pref is not None else mpref + index * 65536, exch, ips, min(ttl, attl)))
-            return out
+            return await self._exchanges(mx, ttl)
         if r.lookup == "mx":
             return []
         ips, attl = await self.dns.addresses(r.host)
-        return [(pref, r.host, ips, attl)]
+        return [(0, r.host, ips, attl, False, None)]
 
-    async def _mx_hosts(self, domain: str) -> list[tuple[int, str, list[str], float]]:
-        mx, ttl = await self.dns.mx(domain)
+    async def _mx_hosts(self, domain: str, name: str) -> list[tuple[int, str, list[str], float, bool, str | None]]:
+        mx, ttl = await self.dns.mx(name)
         if mx == [(0, "")] or any(exch == "" for _, exch in mx):
             # RFC 7505 null MX: the domain accepts no mail; bounce at once, no A fallback.
             raise RouteError(True, 556, f"5.1.10 Domain {domain} does not accept mail (null MX)")
         if not mx:
             # RFC 5321 §5.1: no MX records: the domain itself is the implicit MX.
-            ips, attl = await self.dns.addresses(domain)
-            return [(0, domain, ips, attl)]
+            ips, attl = await self.dns.addresses(name)
+            return [(0, name, ips, attl, False, None)]
+        return await self._exchanges(mx, ttl)
+
+    async def _exchanges(self, mx: list[tuple[int, str]], ttl: float) -> list:
         out = []
         for pref, exch in mx:
-            # An MX whose name resolves to nothing is skipped (RELIABILITY.md case 46).
-            ips, attl = await self._addresses_or_empty(exch)
-            out.append((pref, exch, ips, min(ttl, attl)))
+            # An MX whose name resolves to nothing is skipped (RELIABILITY.md case 46); one whose
+            # lookup fails for now is skipped too, so the next MX is tried, and noted so that the
+            # entry defers rather than bounces when no MX is left.
+            try:
+                ips, attl = await self.dns.addresses(exch)
+            except DNSNotFound:
+                out.append((pref, exch, [], FAILED_ENTRY_TTL, False, None))
+            except DNSTempError as e:
+                out.append((pref, exch, [], FAILED_ENTRY_TTL, False, str(e)))
+            else:
+                out.append((pref, exch, ips, min(ttl, attl), False, None))
         return out
-
-    async def _addresses_or_empty(self, host: str) -> tuple[list[str], float]:
-        try:
-            return await self.dns.addresses(host)
-        except DNSNotFound:
-            return [], 60.0
 
     def _is_self(self, ip: str, port: int) -> bool:
         own = self.own_addresses
@@ -263,12 +396,34 @@ class Router:
         sh, slot = self.table.shared, self._want_slot(plan)
         return sh.count(slot) > sh.held(slot, self.worker)
 
-    def host_failed(self, plan: Plan, host: int) -> None:
-        """Avoid a failing host for host_failure_retry seconds (Host scope first)."""
+    def failure_wait(self, plan: Plan, host: int) -> float:
+        """host_failure_retry for this host of `plan` (Host scope first)."""
         hop = plan.hops[host]
         s = self.cfg.host_lookup("host_failure_retry", hop.ip)
-        wait = s.value if s is not None else self.cfg.get("host_failure_retry", plan.domain, plan.binding)
-        self.table.mark_down(host, time.monotonic() + wait)
+        return s.value if s is not None else self.cfg.get("host_failure_retry", plan.domain, plan.binding)
+
+    def host_failed(self, plan: Plan, host: int) -> None:
+        """Avoid a failing host for host_failure_retry seconds, for every destination."""
+        self.table.mark_down(host, time.monotonic() + self.failure_wait(plan, host))
+
+    def without(self, plan: Plan, avoid: set[int]) -> Plan | None:
+        """`plan` minus the hosts `avoid` (one destination's own refusals, such as its TLS
+        policy), in the same order, on its own route-table site; None if no host is left. Host
+        counts and limits are the table's, so they stay shared with every other site."""
+        ids = {hop: h for h, hop in plan.hops.items()}
+        groups: list[list[int]] = []
+        tiers: list[Tier] = []
+        for tier in plan.tiers:
+            kept = [tuple(hop for hop in g if ids[hop] not in avoid) for g in tier.groups]
+            kept = [g for g in kept if g]
+            if kept:
+                groups.extend([ids[hop] for hop in g] for g in kept)
+                tiers.append(replace(tier, groups=tuple(kept)))
+        if not groups:
+            return None
+        site = self.table.site(groups, self.table.site_limit(plan.site))
+        hops = {h: hop for h, hop in plan.hops.items() if h not in avoid}
+        return replace(plan, site=site, hops=hops, tiers=tuple(tiers))
 
     def host_ok(self, plan: Plan, host: int) -> None:
         self.table.mark_up(host)

@@ -47,6 +47,44 @@ LISTENER = frozenset({GLOBAL, ESMTP_LISTENER, ESMTP_LISTEN})
 HTTP = frozenset({GLOBAL, HTTP_LISTENER, HTTP_LISTEN})
 
 
+# The Routes documentation (docs/config.md): how explicit and implicit preferences combine.
+_ROUTES_DOC = """\
+Where mail of this scope goes: hostnames, IPs, "__mx__" (the domain's MX records),
+"smtp://host?pref=P&ttl=T&port=O&type=mx|a", "lmtp://host?port=N" and "xfer://host?port=N".
+Unset means "__mx__".
+
+How the order is made (seed 004: "the routes are listed in preferential order, with the first
+listed item being attempted before any others, unless there is an explicit preference applied
+to the item"):
+
+- An entry without `pref=` keeps its place in the list. The first entry is used exclusively
+  while one of its hosts is up and below its connection limits; the next entry only when none
+  is, and so on.
+- An entry that expands to several hosts keeps its place as a whole. Inside `__mx__` or a name
+  with MX records, the MX preference orders the hosts (lowest first, equal preferences spread
+  evenly); a name with several addresses is one group, spread evenly.
+- Entries with an explicit `pref=` are ordered among themselves by it, lowest first; entries
+  with the same value form one group that connections are spread over evenly. That sorted block
+  takes the place of the first `pref=` entry in the list, and entries without `pref=` keep
+  theirs. So `pref=` never competes numerically with the MX preferences inside `__mx__`.
+- An address reached twice (listed, and also one of the MXs) is used at its first place only.
+- `ttl=T` is the entry's time to live, as given: the plan is rebuilt after T seconds. Without
+  it, DNS answers count for their TTL and a plan is re-read at least every 5 minutes.
+- An entry that cannot be resolved is skipped while another entry is usable. Mail bounces only
+  when every entry fails for good (NXDOMAIN or a null MX for `__mx__`, or nothing but
+  Prohibited_Hosts addresses); it is deferred when none is usable and some failure may heal
+  (SERVFAIL, a timeout, an unknown route host).
+
+Examples:
+
+    Routes = ( "__mx__" "smarthost.example" )    # the MXs (by MX preference), then the smart host
+    Routes = ( "10.0.0.3" "__mx__" )             # 10.0.0.3 only; the MXs while it is unavailable
+    Routes = ( "smtp://relay.example?pref=1" "__mx__" )  # the smart host first, then the MXs
+    Routes = ( "smtp://10.0.11.7?pref=10" "smtp://10.0.11.8?pref=10" )  # spread over both
+    Routes = ( "smtp://b.example?pref=20" "c.example" "smtp://a.example?pref=10" )  # a, b, then c
+"""
+
+
 @dataclass(frozen=True)
 class OptionDef:
     name: str  # canonical spelling; lookups are case-insensitive
@@ -98,10 +136,7 @@ OPTIONS: list[OptionDef] = [
     OptionDef("Gateway", t.Host(), OUTBOUND, None,
               "Send all mail of this scope to this host (a smart host). It is resolved as MX, "
               "then as A/AAAA when there is no MX. An optional :port overrides Remote_SMTP_Port."),
-    OptionDef("Routes", t.Routes(), ROUTING, None,
-              "Where mail of this scope goes, in preference order: hostnames, IPs, \"__mx__\" (the "
-              "domain's MX records), \"smtp://ip?pref=P&ttl=T&port=O&type=mx|a\", \"lmtp://host?port=N\" "
-              "and \"xfer://host?port=N\". Unset means \"__mx__\"."),
+    OptionDef("Routes", t.Routes(), ROUTING, None, _ROUTES_DOC),
     OptionDef("Delivery_Method", t.Enum("ESMTP", "SMTP", "LMTP", "delay_xfer"), OUTBOUND, "ESMTP",
               "ESMTP (EHLO, falling back to HELO), SMTP (HELO only), LMTP (RFC 2033) or delay_xfer "
               "(XFER over HTTP to the relay named by Routes)."),
@@ -116,11 +151,18 @@ OPTIONS: list[OptionDef] = [
               "0 means no limit."),
     OptionDef("Prohibited_Hosts", t.CIDRList(), frozenset({GLOBAL}),
               _nets("127.0.0.0/8", "::1/128", "0.0.0.0/8", "::/128"),
-              "Networks never connected to for delivery (RELIABILITY.md case 46: a route to "
-              "ourselves or to loopback). The default covers loopback and the unspecified address."),
+              "Networks never connected to when DNS gives them (Momentum: a guard against DNS tricks, "
+              "such as an MX that resolves to loopback). An address the conf names itself is trusted: "
+              "an IP written in Routes or Gateway, \"localhost\" (RFC 6761), or an address with a Host "
+              "stanza. A route to one of our own listeners is refused whatever this says (\"loops back "
+              "to myself\", 5.4.6). The default covers loopback and the unspecified address."),
     OptionDef("DNS_Servers", t.HostList(), frozenset({GLOBAL}), (),
               "The DNS servers asked for MX, A and AAAA records, as \"ip:port\". Empty means the "
               "system's resolv.conf."),
+    OptionDef("DNS_Timeout", t.Time(lo=0.01), frozenset({GLOBAL}), limits.DNS_TIMEOUT,
+              "The least time a DNS question (MX, A, AAAA) gets before it counts as a timeout, and "
+              "the mail waiting for it is deferred. It holds even after fast answers, when the resolver "
+              "library would otherwise give up on a slower one in well under a second."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
     OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
@@ -141,15 +183,26 @@ OPTIONS: list[OptionDef] = [
               "How long an outbound connection with nothing more to send stays open in case more "
               "mail comes for its destination (Postfix smtp_connection_cache_time_limit); 0 closes "
               "it at once."),
-    OptionDef("TLS", t.Enum("ifavailable", "required", "disabled"), OUTBOUND, "ifavailable",
-              "Outbound STARTTLS: ifavailable (opportunistic: used when offered; a failed handshake "
-              "is retried in plaintext on a new connection), required (never plaintext: defer "
-              "instead), disabled."),
-    OptionDef("TLS_Verify", t.Bool(), OUTBOUND, False,
-              "Check the next hop's certificate chain and name. Off for opportunistic TLS, as "
-              "Postfix's `may` level."),
+    OptionDef("TLS", t.Enum("no", "ifavailable", "required", aliases={"disabled": "no"}), OUTBOUND, "ifavailable",
+              "Outbound STARTTLS, as Momentum's `TLS`: no (never; `disabled` is accepted too), "
+              "ifavailable (opportunistic: used when offered; a failed handshake is retried in "
+              "plaintext on a new connection unless TLS_Ifavailable_Fallback is off), required "
+              "(never plaintext: the mail is deferred with the 4.7.x reason). A TLS failure under this "
+              "policy is the domain's, not the host's: the host stays usable for other domains. "
+              "(Momentum's default is no.)"),
+    OptionDef("TLS_Verify", t.Enum("no", "ca", "host", aliases={
+                  **{w: "host" for w in ("1", "true", "yes", "on", "enabled", "enable")},
+                  **{w: "no" for w in ("0", "false", "off", "disabled", "disable")}}), OUTBOUND, "no",
+              "How the next hop's certificate is checked once TLS is negotiated, as Momentum's "
+              "`TLS_Verify`: no (not at all, as Postfix's `may`), ca (signed by a trusted CA: the "
+              "system store plus TLS_CA), host (ca, and the name matches the MX or route host). A "
+              "boolean is accepted too: true means host, false means no."),
+    OptionDef("TLS_Ifavailable_Fallback", t.Bool(), OUTBOUND, True,
+              "With TLS = ifavailable, what a failed TLS negotiation does: true sends the message "
+              "in plaintext at once on a new connection; false defers it (4.7.5) to be retried later, "
+              "with TLS again (Momentum's TLS_Ifavailable_Fallback)."),
     OptionDef("TLS_CA", t.String(nonempty=True, expected="a PEM file path"), OUTBOUND, None,
-              "Extra CA certificates (PEM) to trust when TLS_Verify is on."),
+              "Extra CA certificates (PEM) to trust when TLS_Verify is ca or host."),
     # --- Retries, expiry, reroutes ------------------------------------------------------------
     OptionDef("retry_interval", t.Time(lo=1), OUTBOUND, 1200.0,
               "The first retry delay after a transient failure; it doubles with each attempt."),

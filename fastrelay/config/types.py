@@ -160,10 +160,13 @@ class Size(OptType):
 
 
 class Enum(OptType):
-    """One of a fixed set of words, case-insensitive; the canonical spelling is kept."""
+    """One of a fixed set of words, case-insensitive; the canonical spelling is kept. `aliases`
+    maps other accepted words to a choice (older spellings, booleans)."""
 
-    def __init__(self, *choices: str):
+    def __init__(self, *choices: str, aliases: dict[str, str] | None = None):
         self.choices = {c.lower(): c for c in choices}
+        for word, choice in (aliases or {}).items():
+            self.choices.setdefault(word.lower(), self.choices[choice.lower()])
         self.expected = "one of " + ", ".join(choices)
 
     def convert_atom(self, atom: Atom) -> str:

@@ -56,8 +56,9 @@ class Settings:
     data_timeout: float = 120.0  # DATA until 354, and each block of the body
     done_timeout: float = 600.0  # after the final dot (Delivery_Response_Timeout)
     rset_timeout: float = 120.0
-    tls: str = "ifavailable"  # "ifavailable" (opportunistic), "required" or "disabled"
-    tls_verify: bool = False  # check the certificate chain and name (with "required")
+    tls: str = "ifavailable"  # "ifavailable" (opportunistic), "required" or "no" ("disabled" too)
+    tls_verify: str | bool = "no"  # "no", "ca" (the chain) or "host" (chain and name); True = "host"
+    tls_fallback: bool = True  # TLS_Ifavailable_Fallback: plaintext at once after a failed handshake
     tls_ca: str | None = None  # extra CA file to trust
     # XFER (seeds 000/001)
     http_uri: str = "/delay_message"
@@ -73,11 +74,14 @@ class ConnectError(Exception):
     """The host could not be used: the message was not tried there. `permanent` only for a 5xx
     greeting from the only host of a destination is decided by the scheduler, not here."""
 
-    def __init__(self, code: int, text: str, *, hop: Hop | None = None):
+    def __init__(self, code: int, text: str, *, hop: Hop | None = None, policy: bool = False):
         super().__init__(f"{code} {text}")
         self.code = code
         self.text = text
         self.hop = hop
+        # The destination's own TLS policy refused this host (4.7.x): the host itself works, so
+        # it stays usable for other destinations.
+        self.policy = policy
 
 
 class Connection(Protocol):

@@ -285,19 +285,32 @@ async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
     return sock
 
 
-_contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+_contexts: dict[tuple[str, str | None], ssl.SSLContext] = {}
+
+
+def verify_mode(settings: Settings) -> str:
+    """TLS_Verify as "no", "ca" or "host" (a boolean from older callers: True means "host")."""
+    v = settings.tls_verify
+    if v is True:
+        return "host"
+    if v is False or v is None:
+        return "no"
+    return v
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
-    """The client context for STARTTLS, built once per (verify, CA file): loading the system store
-    costs milliseconds, too much per connection."""
-    key = (settings.tls_verify, settings.tls_ca)
+    """The client context for STARTTLS, built once per (verify mode, CA file): loading the system
+    store costs milliseconds, too much per connection. Momentum's TLS_Verify: no, ca, host."""
+    mode = verify_mode(settings)
+    key = (mode, settings.tls_ca)
     ctx = _contexts.get(key)
     if ctx is None:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if settings.tls_verify:
+        if mode in ("ca", "host"):
             if settings.tls_ca:
                 ctx.load_verify_locations(cafile=settings.tls_ca)  # trusted in addition to the system store
+            # "ca": signed by a trusted CA, whatever name it carries.
+            ctx.check_hostname = mode == "host"
         else:
             # Opportunistic TLS (RFC 7435): encrypt without authenticating, as MTAs do by default.
             ctx.check_hostname = False
@@ -307,7 +320,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 
 
 def want_tls(settings: Settings) -> bool:
-    return settings.tls != "disabled"
+    return settings.tls not in ("no", "disabled")
 
 
 def hello_keywords(lines: list[bytes]) -> dict[str, str]:
@@ -413,12 +426,13 @@ class WireSession:
         required = s.tls == "required"
         if "starttls" not in self._ext:
             if required:
-                raise ConnectError(451, "4.7.4 TLS is required, but STARTTLS was not offered", hop=hop)
+                raise ConnectError(451, "4.7.4 TLS is required, but STARTTLS was not offered", hop=hop, policy=True)
             return
         try:
             ctx = tls_context(s)
         except (OSError, ValueError) as e:
-            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop) from None
+            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop,
+                               policy=True) from None
         code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
         if code != 220:
             if wire.lost or code == 421:  # the server closed
@@ -426,7 +440,7 @@ class WireSession:
                                    hop=hop)
             if required:
                 raise ConnectError(451, clean_text(f"4.7.4 TLS is required, but STARTTLS was refused: "
-                                                   f"{code} {reply_text(lines)}"), hop=hop)
+                                                   f"{code} {reply_text(lines)}"), hop=hop, policy=True)
             return  # 454 under "ifavailable": carry on in plaintext on this connection
         wire.reset_parser()  # RELIABILITY.md case 6: nothing read before TLS carries over
         loop = asyncio.get_running_loop()
@@ -437,7 +451,8 @@ class WireSession:
             # A failed handshake or an untrusted certificate: the connection is gone (or unusable).
             wire.abort()
             if required:
-                raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}"), hop=hop) from None
+                raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}"), hop=hop,
+                                   policy=True) from None
             raise _TLSFailed(str(e)) from None
         self.tls = True
         # RFC 3207 §4.2: forget what was learnt before TLS and ask again.
@@ -503,7 +518,11 @@ async def connect_session(cls: type[_S], hop: Hop, settings: Settings) -> _S:
     conn = cls(hop, settings)
     try:
         await conn._open(try_tls=True)
-    except _TLSFailed:
+    except _TLSFailed as e:
+        if not settings.tls_fallback:
+            # TLS_Ifavailable_Fallback = false (Momentum): back to the queue, retried with TLS.
+            raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}; no plaintext fallback "
+                                               f"(TLS_Ifavailable_Fallback)"), hop=hop, policy=True) from None
         # RELIABILITY.md case 45: opportunistic TLS that fails in the handshake retries once in
         # plaintext on a new connection ("required" raised ConnectError instead).
         await conn._open(try_tls=False)
