@@ -31,6 +31,7 @@ extensions = [
         depends=[
             "fastrelay/_tokenizer.pxi",
             "fastrelay/_framing.pxi",
+            "fastrelay/_shm.pxi",
             "fastrelay/_routetable.pxi",
         ],
     )

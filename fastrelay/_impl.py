@@ -16,6 +16,7 @@ from types import ModuleType
 
 from fastrelay._purepy import framing as _py_framing
 from fastrelay._purepy import routetable as _py_routetable
+from fastrelay._purepy import shm as _py_shm
 from fastrelay._purepy import tokenizer as _py_tokenizer
 
 
@@ -56,10 +57,13 @@ IMPL = "cython" if _core is not None else "python"
 
 
 class Impl:
-    """One implementation of the three hot paths, with the same names in both."""
+    """One implementation of the hot paths, with the same names in both."""
 
-    def __init__(self, name: str, tokenizer: ModuleType, framing: ModuleType, routetable: ModuleType):
+    def __init__(self, name: str, tokenizer: ModuleType, framing: ModuleType, routetable: ModuleType,
+                 shm: ModuleType):
         self.name = name
+        self.SharedCounters = shm.SharedCounters
+        self.hash_key = shm.hash_key
         self.tokenize = tokenizer.tokenize
         self.ServerFramer = framing.ServerFramer
         self.ReplyParser = framing.ReplyParser
@@ -70,8 +74,8 @@ class Impl:
         return f"<Impl {self.name}>"
 
 
-PY = Impl("python", _py_tokenizer, _py_framing, _py_routetable)
-C = Impl("cython", _core, _core, _core) if _core is not None else None
+PY = Impl("python", _py_tokenizer, _py_framing, _py_routetable, _py_shm)
+C = Impl("cython", _core, _core, _core, _core) if _core is not None else None
 
 #: The implementation every module uses.
 ACTIVE: Impl = C if C is not None else PY
@@ -81,6 +85,7 @@ ServerFramer = ACTIVE.ServerFramer
 ReplyParser = ACTIVE.ReplyParser
 encode_data = ACTIVE.encode_data
 RouteTable = ACTIVE.RouteTable
+SharedCounters = ACTIVE.SharedCounters
 
 
 def core_available() -> bool:
@@ -102,4 +107,4 @@ def compiled() -> Impl | None:
         from fastrelay import _core as probe
     except ImportError:
         return None
-    return Impl("cython", probe, probe, probe)
+    return Impl("cython", probe, probe, probe, probe)

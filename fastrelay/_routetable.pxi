@@ -19,12 +19,16 @@ cdef enum:
 
 #: Largest accepted connection limit (limits and counts are C ints here).
 MAX_LIMIT = 2**31 - 1
+#: With shared counters: how often acquire() looks at a group again after losing a race.
+RACE_RETRIES = 8
+cdef int _RT_RACE_RETRIES = 8
 
 
 cdef struct _rt_host:
     int active
     int limit             # 0 = unlimited
     double down_until     # 0.0 = never marked
+    int slot              # its slot in the shared counters (-1: none)
 
 
 cdef struct _rt_slot:
@@ -39,6 +43,7 @@ cdef struct _rt_site:
     int last              # position of the last pick; round-robin starts after it
     int limit             # 0 = unlimited
     int active
+    int slot              # its slot in the shared counters (-1: none)
 
 
 cdef object _rt_check_limit(object limit):
@@ -93,8 +98,22 @@ cdef class RouteTable:
     cdef list _host_keys
     cdef dict _host_ids
     cdef dict _site_ids
+    cdef SharedCounters _shared   # None: this process's counts only
+    cdef int _worker
+
+    def __init__(self, shared=None, worker=0):
+        if shared is not None:
+            if not isinstance(shared, SharedCounters):
+                raise TypeError(f"shared must be a fastrelay._core.SharedCounters, not {type(shared).__name__}")
+            worker = _rt_index(worker)
+            if not 0 <= worker < (<SharedCounters>shared).nworkers:
+                raise ValueError(f"unknown worker {worker!r}")
+            self._shared = shared
+            self._worker = worker
 
     def __cinit__(self):
+        self._shared = None
+        self._worker = 0
         self._hosts = NULL
         self._sites = NULL
         self._n_hosts = self._cap_hosts = 0
@@ -143,6 +162,7 @@ cdef class RouteTable:
         self._hosts[h].active = 0
         self._hosts[h].limit = 0
         self._hosts[h].down_until = 0.0
+        self._hosts[h].slot = self._shared.slot("h:" + key) if self._shared is not None else -1
         self._host_keys.append(key)
         self._host_ids[key] = h
         self._n_hosts += 1
@@ -217,6 +237,10 @@ cdef class RouteTable:
         site.last = -1
         site.limit = c_limit
         site.active = 0
+        site.slot = -1
+        if self._shared is not None:
+            site.slot = self._shared.slot(
+                "s:" + "|".join([",".join(sorted([self._host_keys[h] for h in group])) for group in normal]))
         self._n_sites += 1
         self._site_ids[key] = s
         return s
@@ -248,6 +272,19 @@ cdef class RouteTable:
 
     def total_active(self):
         return self._total
+
+    @property
+    def shared(self):
+        """The SharedCounters this table counts in, or None."""
+        return self._shared
+
+    def shared_active(self, s):
+        cdef Py_ssize_t si = self._site_id(s)
+        return self._shared._count(self._sites[si].slot) if self._shared is not None else 0
+
+    def shared_host_active(self, h):
+        cdef Py_ssize_t hi = self._host_id(h)
+        return self._shared._count(self._hosts[hi].slot) if self._shared is not None else 0
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -293,6 +330,58 @@ cdef class RouteTable:
             i = j
         return _RT_NO_SLOT if any_up else _RT_ALL_DOWN
 
+    cdef int _acquire_shared(self, Py_ssize_t s, double now) noexcept:
+        """acquire() with the relay-wide counts of the shared table (spec: the twin's doc)."""
+        cdef SharedCounters sh = self._shared
+        cdef int w = self._worker
+        cdef _rt_site *site = &self._sites[s]
+        cdef _rt_slot *slots = site.slots
+        cdef _rt_host *host
+        cdef int n = site.n, last = site.last
+        cdef int i = 0, j, end, tier, pick, first_any, first_after, races = 0
+        cdef long fewest = 0, c
+        cdef bint any_up = False
+        if not sh._acquire(site.slot, w, site.limit):
+            return _RT_NO_SLOT
+        while i < n:
+            tier = slots[i].tier
+            end = i
+            while end < n and slots[end].tier == tier:
+                end += 1
+            while True:
+                first_any = -1
+                first_after = -1
+                for j in range(i, end):
+                    host = &self._hosts[slots[j].host]
+                    if not (host.down_until > now):
+                        any_up = True
+                        c = sh._count(host.slot)
+                        if host.limit == 0 or c < host.limit:
+                            if first_any < 0 or c < fewest:
+                                fewest = c
+                                first_any = j
+                                first_after = j if j > last else -1
+                            elif c == fewest and first_after < 0 and j > last:
+                                first_after = j
+                if first_any < 0:
+                    break
+                pick = first_after if first_after >= 0 else first_any
+                host = &self._hosts[slots[pick].host]
+                if sh._acquire(host.slot, w, host.limit):
+                    site.last = pick
+                    site.active += 1
+                    slots[pick].held += 1
+                    host.active += 1
+                    self._total += 1
+                    return slots[pick].host
+                races += 1  # another worker took its last slot meanwhile: look again
+                if races > _RT_RACE_RETRIES:
+                    sh._release(site.slot, w)
+                    return _RT_NO_SLOT
+            i = end
+        sh._release(site.slot, w)
+        return _RT_NO_SLOT if any_up else _RT_ALL_DOWN
+
     cdef int _release(self, Py_ssize_t s, Py_ssize_t h) noexcept:
         """release() for valid ids: 0 on success, -1 if h is not in s, -2 if nothing is held."""
         cdef _rt_site *site = &self._sites[s]
@@ -306,10 +395,15 @@ cdef class RouteTable:
                 site.active -= 1
                 host.active -= 1
                 self._total -= 1
+                if self._shared is not None:
+                    self._shared._release(site.slot, self._worker)
+                    self._shared._release(host.slot, self._worker)
                 return 0
         return -1
 
     def acquire(self, s, double now):
+        if self._shared is not None:
+            return self._acquire_shared(_rt_id(s, self._n_sites, "site"), now)
         return self._acquire(_rt_id(s, self._n_sites, "site"), now)
 
     def release(self, s, h):

@@ -122,13 +122,16 @@ class ClusterLimits:
     """Leases and throttles in Redis, with a conservative local share when Redis is unreachable."""
 
     def __init__(self, url: str, node: str | None = None, *, prefix: str = "fastrelay:",
-                 lease_ttl: float = CLUSTER_LEASE_TIME, timeout: float = REDIS_TIMEOUT):
+                 lease_ttl: float = CLUSTER_LEASE_TIME, timeout: float = REDIS_TIMEOUT, workers: int = 1):
         import redis.asyncio as aioredis
 
         self.url = url
         self.node = node or socket.gethostname()
         self.prefix = prefix
         self.lease_ttl = lease_ttl
+        # Worker processes of this node (issue 13), each with its own ClusterLimits: in fallback
+        # the node's share is split between them, so the node as a whole keeps to its share.
+        self.workers = max(1, workers)
         self.timeout = timeout
         self._redis = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                         retry_on_timeout=False)
@@ -189,8 +192,9 @@ class ClusterLimits:
         }
 
     def local_share(self, limit: int) -> int:
-        """What this node may use of a cluster-wide `limit` on its own: its share, at least 1."""
-        return max(1, limit // max(1, self._live_nodes))
+        """What this process may use of a cluster-wide `limit` on its own: the node's share (the
+        limit over the live nodes) over its worker processes, at least 1."""
+        return max(1, limit // (max(1, self._live_nodes) * self.workers))
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}{key}"
@@ -280,7 +284,7 @@ class ClusterLimits:
                 self._redis_up()
                 return int(wait_ms) / 1000.0
         self.stats["fallback_decisions"] += 1
-        share = Rate(max(1, rate.count // max(1, self._live_nodes)), rate.period)
+        share = Rate(self.local_share(rate.count), rate.period)
         t = self._local_throttles.setdefault(key, _LocalThrottle())
         return t.take(share, time.monotonic())
 

@@ -74,6 +74,24 @@ CLIENT_POLICY_CACHE = 4096
 # Seconds a cluster connection lease lives in Redis without renewal (Cluster_Lease_Time): a dead
 # node's slots come back within this long. Renewed every third of it.
 CLUSTER_LEASE_TIME = 15.0
+# --- Workers (issue 13) -----------------------------------------------------------------------
+# Most worker processes `Workers` accepts (production relays run on up to ~96 cores).
+MAX_WORKERS = 256
+# A worker that dies is restarted after this long, doubling while it keeps dying within
+# WORKER_STABLE_AFTER seconds of its start, up to WORKER_RESTART_MAX.
+WORKER_RESTART_DELAY = 0.5
+WORKER_RESTART_MAX = 30.0
+WORKER_STABLE_AFTER = 10.0
+# How long SIGTERM waits for the workers to drain before they are killed (worker_stop_timeout).
+WORKER_STOP_TIMEOUT = 60.0
+# Slots of the relay-wide shared counter table (per-MX, per-site and per-client-IP connection
+# counts across workers). A key is given a slot on first use and keeps it for the run; past
+# SHARED_PROBE occupied slots a key shares its home slot with another key (stricter, never looser).
+SHARED_SLOTS = 65536
+SHARED_PROBE = 32
+# With workers, a destination waiting for a slot held by another worker looks again this often
+# (a release in another process wakes nobody in this one).
+SHARED_POLL_INTERVAL = 0.05
 # --- Outbound ---------------------------------------------------------------------------------------
 # The least time one DNS question gets before it counts as a timeout (DNS_Timeout). c-ares
 # shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced

@@ -11,7 +11,9 @@ Format (documented in docs/operations.md): tab-separated fields, the record type
     X  time  X  msgid  recipient  domain  size  binding  retries  seconds_in_queue  peer  response
 
 time is Unix seconds with milliseconds. Fields are cleaned of tabs and control characters
-(RELIABILITY.md case 26). Lines are buffered and written once per event-loop tick.
+(RELIABILITY.md case 26). Lines are buffered and written once per event-loop tick. Each flush is
+one write(2) on an O_APPEND file, so the workers of one relay (fastrelay.supervisor) can share
+the file without interleaving inside a line.
 """
 
 from __future__ import annotations

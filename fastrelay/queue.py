@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastrelay import delivery as D
+from fastrelay import limits
 from fastrelay.bounce import DELAYED as DELAYED_ACTION
 from fastrelay.bounce import DELIVERED as DELIVERED_ACTION
 from fastrelay.bounce import FAILED as FAILED_ACTION
@@ -154,6 +155,7 @@ class Queue:
         self._blocked_host: dict[int, set[Dest]] = {}
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "sessions": 0, "dsns": 0, "spool_failures": 0}
         self.draining: dict | None = None  # {"to": route text, "since": time} during a drain
+        self._polling: set[Dest] = set()  # destinations with a _poll_later timer armed
         # The last connect failure of each host (code, text), so that "every host is down" can
         # say why (the mainlog and the DSN carry the real reason).
         self._host_errors: dict[int, tuple[int, str]] = {}
@@ -268,11 +270,16 @@ class Queue:
                     self._blocked_site.setdefault(plan.site, set()).add(d)
                     for h in plan.hops:
                         self._blocked_host.setdefault(h, set()).add(d)
+                    if self.router.shared:
+                        self.router.want(plan, True)
+                        self._poll_later(d, plan)
                     return  # a release on this site or one of its hosts kicks the pump again
                 if host == ALL_DOWN:
                     code, text = self._down_reason(plan)
                     await self._defer_ready(d, code, text)
                     continue
+                if self.router.shared:
+                    self.router.want(plan, False)
                 leases = None
                 if self.cluster is not None:
                     try:
@@ -311,6 +318,21 @@ class Queue:
     def _unpause(self, d: Dest) -> None:
         d.paused = None
         self._kick(d)
+
+    def _poll_later(self, d: Dest, plan: Plan) -> None:
+        """With workers (issue 13) the slot this destination waits for may be freed by another
+        process, whose release kicks nobody here: look again after SHARED_POLL_INTERVAL."""
+        if d in self._polling or self._stopping:
+            return
+        self._polling.add(d)
+
+        def poll() -> None:
+            self._polling.discard(d)
+            if not d.ready:  # nothing waits any more: other workers may keep their idle connections
+                self.router.want(plan, False)
+            self._kick(d)
+
+        asyncio.get_running_loop().call_later(limits.SHARED_POLL_INTERVAL, poll)
 
     def _narrow(self, d: Dest, plan: Plan) -> Plan:
         """The plan without the hosts this destination's TLS policy refused lately; a RouteError
@@ -418,7 +440,7 @@ class Queue:
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
-                    if not await self._idle(d, keep):
+                    if not await self._idle(d, keep, plan):
                         break
                     d.connecting -= 1  # woken for a message: it takes one now (or finds none)
                     continue
@@ -433,17 +455,27 @@ class Queue:
                     log.debug("close failed", exc_info=True)
             slot.release()
 
-    async def _idle(self, d: Dest, keep: float) -> bool:
+    async def _idle(self, d: Dest, keep: float, plan: Plan | None = None) -> bool:
         """Keep an open connection for `keep` seconds in case more mail comes for its destination
         (Postfix's smtp_connection_cache_time_limit): a new connection costs a handshake, a
-        greeting and an EHLO. True if woken for a message, False when the time is up."""
+        greeting and an EHLO. True if woken for a message, False when the time is up. With
+        workers, also False as soon as another worker waits for a slot of this site: an idle
+        connection here must not keep the relay-wide limit from its mail."""
         if keep <= 0 or self._stopping:
             return False
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         d.idle.append(waiter)
-        timer = asyncio.get_running_loop().call_later(keep, _expire_idle, waiter)
+        timer = loop.call_later(keep, _expire_idle, waiter)
         try:
-            return await waiter
+            if plan is None or not self.router.shared:
+                return await waiter
+            while True:
+                await asyncio.wait((waiter,), timeout=limits.SHARED_POLL_INTERVAL)
+                if waiter.done():
+                    return waiter.result()
+                if self.router.wanted_elsewhere(plan):
+                    return False
         finally:
             timer.cancel()
             if not waiter.done():

@@ -6,7 +6,10 @@ import asyncio
 import logging
 import os
 import socket
+from dataclasses import dataclass, field
+from typing import Any
 
+from fastrelay import _impl, shards
 from fastrelay.config import Config
 from fastrelay.mainlog import MainLog
 from fastrelay.message import Envelope
@@ -20,14 +23,32 @@ class StartupError(Exception):
     """The relay cannot start (a listener cannot bind, the spool cannot open)."""
 
 
-class Relay:
-    """Everything one `fastrelay run` process holds. Receiving goes through `submit`."""
+@dataclass
+class WorkerInfo:
+    """What a worker process gets from its supervisor (fastrelay.supervisor): its number, how many
+    workers there are, its listening sockets (one per Listen, in conf order) and the
+    relay-wide shared counters."""
 
-    def __init__(self, cfg: Config, drain_to=None):
+    index: int
+    count: int
+    esmtp_sockets: list[socket.socket] = field(default_factory=list)
+    http_sockets: list[socket.socket] = field(default_factory=list)
+    shared: Any = None
+
+
+class Relay:
+    """Everything one `fastrelay run` process holds (or one worker of it). Receiving goes through
+    `submit`."""
+
+    def __init__(self, cfg: Config, worker: WorkerInfo | None = None, drain_to=None):
         self.cfg = cfg
+        self.worker = worker
         # `fastrelay drain --to`: no listeners, delivery on even if suspended, every message to
         # this XFER peer (a config.types.Route).
         self.drain_to = drain_to
+        # Shard k of n (fastrelay.shards); a single process is shard 0 of 1: the spool directory.
+        self.shard, self.shards = (worker.index, worker.count) if worker is not None else (0, 1)
+        self.spool_dir = shards.shard_dir(cfg.spool_dir, self.shard)
         self.spool: Spool | None = None
         self.mainlog: MainLog | None = None
         self.queue = None  # the scheduler (fastrelay.queue), when delivery is enabled
@@ -43,15 +64,16 @@ class Relay:
     async def start(self) -> None:
         cfg = self.cfg
         self._check_config()
-        self.spool = Spool(cfg.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
+        self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
         try:
             await self.spool.open()
+            await self._adopt_shards()
             entries = self.spool.recover()
         except (SpoolError, OSError) as e:
-            raise StartupError(f"spool {cfg.spool_dir}: {e}") from None
+            raise StartupError(f"spool {self.spool_dir}: {e}") from None
         self.recovered = len(entries)
         if entries:
-            log.info("recovered %d queued messages from %s", len(entries), cfg.spool_dir)
+            log.info("recovered %d queued messages from %s", len(entries), self.spool_dir)
         self.mainlog = MainLog(self._mainlog_path(), max_pending=cfg.get("mainlog_max_pending"))
         try:
             self.mainlog.open()
@@ -62,14 +84,19 @@ class Relay:
             self.queue.drain_to(self.drain_to)
             return
         await self._start_xfer_server()
-        for listen in cfg.esmtp_listens:
+        for i, listen in enumerate(cfg.esmtp_listens):
             try:
                 settings = ListenSettings(listen)
             except (OSError, ValueError) as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e}") from None
             srv = SMTPServer(settings, self)
+            if self.worker is not None and self.worker.shared is not None:
+                srv.share(self.worker.shared, self.worker.index, str(listen.address))
             try:
-                await srv.start(listen.address.host or None, listen.address.port)
+                if self.worker is not None:  # sockets bound by the supervisor (SO_REUSEPORT)
+                    await srv.start(None, 0, sock=self.worker.esmtp_sockets[i])
+                else:
+                    await srv.start(listen.address.host or None, listen.address.port)
             except OSError as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e.strerror or e}") from None
             self.smtp_servers.append(srv)
@@ -104,6 +131,17 @@ class Relay:
         for w in [*self.cfg.warnings, *warnings]:
             log.warning("config: %s:%d:%d: %s", w.file, w.line, w.col, w.message)
 
+    async def _adopt_shards(self) -> None:
+        """Move the messages of shards no worker of this run owns (the previous run had more
+        workers) into ours: no message is orphaned by a smaller Workers (issue 13)."""
+        cfg = self.cfg
+        for j in shards.adopted_by(self.shard, self.shards, cfg.spool_dir):
+            src = shards.shard_dir(cfg.spool_dir, j)
+            n = await shards.adopt(src, self.spool, fsync=cfg.get("spool_fsync"),
+                                   min_free_bytes=cfg.get("spool_min_free"))
+            log.info("adopted spool shard %d (%s): %d queued messages moved into shard %d",
+                     j, src, n, self.shard)
+
     async def _start_delivery(self, entries: list) -> None:
         """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
         cfg = self.cfg
@@ -118,14 +156,19 @@ class Relay:
         servers = [f"{h.host}:{h.port or 53}" if ":" not in h.host else f"[{h.host}]:{h.port or 53}"
                    for h in cfg.get("DNS_Servers")]
         self.resolver = Resolver(servers or None, timeout=cfg.get("DNS_Timeout"))
-        router = Router(cfg, self.resolver)
+        table = None
+        w = self.worker
+        if w is not None and w.shared is not None:
+            # Issue 13: connection limits hold for the whole relay, not per worker.
+            table = _impl.RouteTable(w.shared, w.index)
+        router = Router(cfg, self.resolver, table, worker=w.index if w is not None else 0)
         gate = None
         if cfg.get("Cluster_Redis"):
             from fastrelay.cluster import ClusterGate, ClusterLimits
 
             # A node starts even if Redis is down: it delivers under its local share meanwhile.
             self.cluster = ClusterLimits(cfg.get("Cluster_Redis"), cfg.get("Cluster_Node"),
-                                         lease_ttl=cfg.get("Cluster_Lease_Time"))
+                                         lease_ttl=cfg.get("Cluster_Lease_Time"), workers=self.shards)
             await self.cluster.start()
             gate = ClusterGate(cfg, self.cluster)
         self.queue = Queue(cfg, self.spool, router, self.mainlog, connect, submit=self.submit,
@@ -143,11 +186,14 @@ class Relay:
         # dealt with by _check_config (an error; a warning naming the risk). With no xfer_secret
         # or xfer_tokens the server accepts from xfer_allowed_clients only: network
         # authentication, as relay_hosts is for SMTP (docs/xfer.md).
-        for listen in cfg.http_listens:
+        for i, listen in enumerate(cfg.http_listens):
             settings = XferServerSettings.from_listen(listen)
             srv = XferServer(settings, self)
             try:
-                await srv.start(listen.address.host or None, listen.address.port)
+                if self.worker is not None:
+                    await srv.start(None, 0, sock=self.worker.http_sockets[i])
+                else:
+                    await srv.start(listen.address.host or None, listen.address.port)
             except OSError as e:
                 raise StartupError(f"HTTP listener {listen.address}: {e.strerror or e}") from None
             self.xfer_servers.append(srv)

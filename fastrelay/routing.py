@@ -115,10 +115,16 @@ def order_entries(routes: list[Route]) -> list[tuple[int | None, list[int]]]:
 
 
 class Router:
-    def __init__(self, cfg: Config, resolver: Resolver, table=None):
+    def __init__(self, cfg: Config, resolver: Resolver, table=None, worker: int = 0):
         self.cfg = cfg
         self.dns = resolver
         self.table = table if table is not None else _impl.RouteTable()
+        # True when the table's counts are shared with other worker processes: a release there
+        # wakes nobody here, so a destination waiting for a slot looks again now and then.
+        self.shared = getattr(self.table, "shared", None) is not None
+        self.worker = worker  # this process's column in the shared counters
+        self._want_slots: dict[int, int] = {}  # site id -> shared slot of "someone waits for it"
+        self._wanting: set[int] = set()  # sites this worker marked as waited for
         self.prohibited = tuple(cfg.get("Prohibited_Hosts"))
         # Our own listening (ip, port) pairs, filled in by the relay once its listeners are bound:
         # a route to one of them is a loop whatever Prohibited_Hosts says (case 46, 5.4.6).
@@ -367,6 +373,33 @@ class Router:
 
     def release(self, plan: Plan, host: int) -> None:
         self.table.release(plan.site, host)
+
+    # --- waiting across workers (issue 13) ----------------------------------------------------
+    def _want_slot(self, plan: Plan) -> int:
+        slot = self._want_slots.get(plan.site)
+        if slot is None:
+            keys = sorted(self.table.host_key(h) for h in plan.hops)
+            slot = self._want_slots[plan.site] = self.table.shared.slot("want:" + "|".join(keys))
+        return slot
+
+    def want(self, plan: Plan, on: bool) -> None:
+        """Mark (or unmark) that this worker waits for a slot of the plan's site, so the others
+        stop keeping idle connections there (the mark is swept with the rest if it dies)."""
+        if not self.shared:
+            return
+        if on and plan.site not in self._wanting:
+            self.table.shared.acquire(self._want_slot(plan), self.worker, 0)
+            self._wanting.add(plan.site)
+        elif not on and plan.site in self._wanting:
+            self._wanting.discard(plan.site)
+            self.table.shared.release(self._want_slot(plan), self.worker)
+
+    def wanted_elsewhere(self, plan: Plan) -> bool:
+        """Another worker waits for a slot of the plan's site."""
+        if not self.shared:
+            return False
+        sh, slot = self.table.shared, self._want_slot(plan)
+        return sh.count(slot) > sh.held(slot, self.worker)
 
     def failure_wait(self, plan: Plan, host: int) -> float:
         """host_failure_retry for this host of `plan` (Host scope first)."""

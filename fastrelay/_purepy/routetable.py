@@ -35,6 +35,8 @@ class RouteTable()
   is_down(h: int, now: float) -> bool   down_until(h) > now
   down_until(h: int) -> float           0.0 if never marked
   active(s: int) -> int; host_active(h: int) -> int; total_active() -> int (sum over hosts)
+  shared                                the SharedCounters given, or None (see the end of this doc)
+  shared_active(s: int) -> int; shared_host_active(h: int) -> int
   site_groups(s: int) -> list[list[int]]   the site's host ids, group by group, in its order
   site_limit(s: int) -> int; host_limit(h: int) -> int
 
@@ -72,6 +74,19 @@ Resolved details (both implementations follow them; the tests pin them down):
     earlier group; then the group's emptiness), then "no group at all". A call that raises
     changes nothing.
   - release(s, h) checks the site id, then the host id, then membership, then the held count.
+
+Shared counting across worker processes (issue 13): RouteTable(shared, worker) with a
+SharedCounters (fastrelay/_purepy/shm.py) and this process's worker number makes every limit hold
+for the whole relay. Each host gets the shared slot of "h:" + its key, each site the slot of "s:" +
+its groups' host keys (sorted inside a group, groups in order, "," and "|" between), so the same
+site in two workers (whose host ids differ) shares one count. Then acquire() follows the same rules
+with the relay-wide counts in place of this table's: step 1 takes a site slot from the shared
+table (refused: NO_SLOT); step 2 reads shared.count() for "usable" and "fewest" and takes the
+picked host's shared slot (limit = its limit); if another worker took the last one meanwhile, the
+group is looked at again with fresh counts, at most RACE_RETRIES times, then NO_SLOT (a later
+group is never taken because of a race: the caller retries); with no pick the site slot is given
+back. release() gives both shared slots back. active(), host_active(), total_active() stay this
+process's counts; shared_active(s) and shared_host_active(h) are the relay's (0 without sharing).
 """
 
 from __future__ import annotations
@@ -84,6 +99,8 @@ ALL_DOWN = -2
 
 #: Largest accepted connection limit (the C version keeps limits and counts in C ints).
 MAX_LIMIT = 2**31 - 1
+#: With shared counters: how often acquire() looks at a group again after losing a race.
+RACE_RETRIES = 8
 
 
 def _check_limit(limit: object) -> int:
@@ -132,17 +149,18 @@ def _site_key(groups: list[list[int]]) -> tuple[frozenset[int], ...]:
 
 
 class _Host:
-    __slots__ = ("active", "down_until", "key", "limit")
+    __slots__ = ("active", "down_until", "key", "limit", "slot")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.limit = 0
         self.active = 0
         self.down_until = 0.0
+        self.slot = -1  # its slot in the shared counters, if any
 
 
 class _Site:
-    __slots__ = ("active", "groups", "held", "hosts", "last", "limit", "position")
+    __slots__ = ("active", "groups", "held", "hosts", "last", "limit", "position", "slot")
 
     def __init__(self, groups: list[list[int]], limit: int) -> None:
         # Flattened in the caller's order: group 0's hosts, then group 1's, ...
@@ -152,6 +170,7 @@ class _Site:
         self.limit = limit
         self.active = 0
         self.last = -1  # position of the last pick: round-robin starts after it
+        self.slot = -1  # its slot in the shared counters, if any
         # Groups as (start, end) position ranges, most preferred first.
         self.groups: list[tuple[int, int]] = []
         start = 0
@@ -163,7 +182,13 @@ class _Site:
 class RouteTable:
     """Hosts, sites (sets of MX hosts sharing a limit) and their active connection counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared=None, worker: int = 0) -> None:
+        if shared is not None:
+            worker = index(worker)
+            if not 0 <= worker < shared.nworkers:
+                raise ValueError(f"unknown worker {worker!r}")
+        self._shared = shared
+        self._worker = worker
         self._hosts: list[_Host] = []
         self._host_ids: dict[str, int] = {}
         self._sites: list[_Site] = []
@@ -191,7 +216,10 @@ class RouteTable:
         h = self._host_ids.get(key)
         if h is None:
             h = len(self._hosts)
-            self._hosts.append(_Host(key))
+            host = _Host(key)
+            if self._shared is not None:
+                host.slot = self._shared.slot("h:" + key)
+            self._hosts.append(host)
             self._host_ids[key] = h
         return h
 
@@ -231,11 +259,30 @@ class RouteTable:
         s = self._site_ids.get(key)
         if s is None:
             s = len(self._sites)
-            self._sites.append(_Site(normal, limit))
+            site = _Site(normal, limit)
+            if self._shared is not None:
+                site.slot = self._shared.slot(self._shared_site_key(normal))
+            self._sites.append(site)
             self._site_ids[key] = s
         else:
             self._sites[s].limit = limit
         return s
+
+    def _shared_site_key(self, groups: list[list[int]]) -> str:
+        return "s:" + "|".join(",".join(sorted(self._hosts[h].key for h in group)) for group in groups)
+
+    @property
+    def shared(self):
+        """The SharedCounters this table counts in, or None."""
+        return self._shared
+
+    def shared_active(self, s: int) -> int:
+        site = self._site(s)
+        return self._shared.count(site.slot) if self._shared is not None else 0
+
+    def shared_host_active(self, h: int) -> int:
+        host = self._host(h)
+        return self._shared.count(host.slot) if self._shared is not None else 0
 
     def set_site_limit(self, s: int, limit: int) -> None:
         site = self._site(s)
@@ -259,6 +306,8 @@ class RouteTable:
     def acquire(self, s: int, now: float) -> int:
         now = _as_float(now)
         site = self._site(s)
+        if self._shared is not None:
+            return self._acquire_shared(site, now)
         if site.limit and site.active >= site.limit:
             return NO_SLOT
         any_up = False
@@ -288,6 +337,46 @@ class RouteTable:
             return h
         return NO_SLOT if any_up else ALL_DOWN
 
+    def _acquire_shared(self, site: _Site, now: float) -> int:
+        """acquire() with the relay-wide counts (see the module doc)."""
+        sh, w = self._shared, self._worker
+        if not sh.acquire(site.slot, w, site.limit):
+            return NO_SLOT
+        any_up = False
+        races = 0
+        for start, end in site.groups:
+            while True:
+                usable = []
+                counts = {}
+                for pos in range(start, end):
+                    host = self._hosts[site.hosts[pos]]
+                    if host.down_until > now:
+                        continue
+                    any_up = True
+                    c = sh.count(host.slot)
+                    if host.limit == 0 or c < host.limit:
+                        usable.append(pos)
+                        counts[pos] = c
+                if not usable:
+                    break
+                fewest = min(counts.values())
+                tied = [pos for pos in usable if counts[pos] == fewest]
+                pick = next((pos for pos in tied if pos > site.last), tied[0])
+                h = site.hosts[pick]
+                host = self._hosts[h]
+                if sh.acquire(host.slot, w, host.limit):
+                    site.last = pick
+                    site.active += 1
+                    site.held[pick] += 1
+                    host.active += 1
+                    return h
+                races += 1  # another worker took its last slot meanwhile: look again
+                if races > RACE_RETRIES:
+                    sh.release(site.slot, w)
+                    return NO_SLOT
+        sh.release(site.slot, w)
+        return NO_SLOT if any_up else ALL_DOWN
+
     def release(self, s: int, h: int) -> None:
         site = self._site(s)
         host = self._host(h)
@@ -299,3 +388,6 @@ class RouteTable:
         site.held[pos] -= 1
         site.active -= 1
         host.active -= 1
+        if self._shared is not None:
+            self._shared.release(site.slot, self._worker)
+            self._shared.release(host.slot, self._worker)

@@ -52,6 +52,15 @@ async def _apply(relay: Any, new: Config) -> dict:
                 errors.append(f"Spool_Base changed ({old.spool_dir} -> {new.spool_dir}); that needs a restart")
         elif new.get(opt) != old.get(opt):
             errors.append(f"{opt} changed; that needs a restart")
+    if getattr(relay, "worker", None) is not None:
+        # With Workers > 1 the supervisor binds every listening socket and hands it down (issue
+        # 13); a worker binding one of its own would clash with its siblings.
+        def addrs(c: Config) -> list[str]:
+            return sorted(str(x.address) for x in (*c.esmtp_listens, *c.http_listens, *c.admin_listens))
+
+        if addrs(new) != addrs(old):
+            errors.append("listeners added, removed or moved; with Workers > 1 that needs a restart "
+                          "(the supervisor owns the listening sockets)")
     # Every listener's settings are built before anything changes (a bad TLS file refuses it all).
     settings = {}
     for listen in new.esmtp_listens:

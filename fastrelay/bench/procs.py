@@ -81,6 +81,28 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_tree(pid: int) -> list[int]:
+    """pid and its descendants (a relay with Workers > 1 is a supervisor and its workers)."""
+    out = [pid]
+    i = 0
+    while i < len(out):
+        p = out[i]
+        try:
+            out += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+        i += 1
+    return out
+
+
+def tree_sum(pid: int, one) -> float | None:
+    """The sum of one(p) over proc_tree(pid); None if the process itself is gone."""
+    first = one(pid)
+    if first is None:
+        return None
+    return first + sum(v for v in (one(c) for c in proc_tree(pid)[1:]) if v is not None)
+
+
 def proc_status_kb(pid: int, key: str) -> int | None:
     """A 'kB' field of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
     try:
@@ -473,13 +495,17 @@ class RelayProcess:
         return (errors or lines or ["(nothing logged)"])[-1]
 
     def cpu(self) -> float | None:
-        return proc_cpu_seconds(self.pid)
+        """CPU seconds of the relay: with Workers > 1, the supervisor's plus its live workers'."""
+        return tree_sum(self.pid, proc_cpu_seconds)
 
     def peak_rss_kb(self) -> int | None:
-        return proc_status_kb(self.pid, "VmHWM")
+        """Peak RSS summed over the relay's processes (each process's own peak)."""
+        v = tree_sum(self.pid, lambda p: proc_status_kb(p, "VmHWM"))
+        return None if v is None else int(v)
 
     def rss_kb(self) -> int | None:
-        return proc_status_kb(self.pid, "VmRSS")
+        v = tree_sum(self.pid, lambda p: proc_status_kb(p, "VmRSS"))
+        return None if v is None else int(v)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (a clean stop); SIGKILL to the group if it takes longer than `timeout`."""

@@ -52,6 +52,7 @@ the file:line that set it; `fastrelay check-config FILE` checks a file.
 | `HTTP_Listener { Listen ":PORT" { } }` | global | the XFER server's listeners |
 | `Admin_Listener { Listen "127.0.0.1:8025" { } }` | global | the admin API, /metrics and the status page |
 | `scriptlet "NAME" { script NAME { source = "msys.xfer.server" } }` | global | XFER server / client modules |
+| `eventloop "NAME" { concurrency = N }` | global | a pool of N worker processes (named by delivery_pool, event_loop) |
 
 ## Options
 """

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from fastrelay import limits
 from fastrelay.config import momentum
 from fastrelay.config import schema as S
 from fastrelay.config.errors import ConfigError, ConfigErrors, UnsupportedMomentumName
@@ -97,6 +98,9 @@ class Config:
         self.scripts: dict[str, tuple[str, Pos]] = {}  # source -> (script name, pos)
         # Momentum names ignored under --lenient (check_runnable() returns its own warnings).
         self.warnings: list[ConfigError] = []
+        # eventloop stanzas by lower-cased name: (concurrency, pos of the stanza).
+        self.event_loops: dict[str, tuple[int, Pos]] = {}
+        self.worker_count = 1  # resolved Workers / delivery_pool (see _Builder.workers)
         self._cache: dict[tuple[str, str | None, str | None], Setting] = {}
 
     # -- queries ----------------------------------------------------------------------------
@@ -165,6 +169,11 @@ class Config:
         return "msys.xfer.client" in self.scripts
 
     @property
+    def workers(self) -> int:
+        """How many worker processes `fastrelay run` starts (1: a single process)."""
+        return self.worker_count
+
+    @property
     def spool_dir(self) -> str:
         s = self.lookup("Spool_Base")
         path = s.value
@@ -179,6 +188,7 @@ class _Builder:
     def __init__(self) -> None:
         self.cfg = Config()
         self.errors: list[ConfigError] = []
+        self.listener_pools: list[tuple[str, Pos]] = []  # (event_loop value, pos) per listener
 
     def fail(self, pos: Pos, message: str) -> None:
         self.errors.append(pos.error(message))
@@ -312,11 +322,18 @@ class _Builder:
         sc = Scope(S.ESMTP_LISTENER, None, "ESMTP_Listener")
         self.items(node.children, S.ESMTP_LISTENER, sc, {**ctx, "listener": sc})
         self._needs_listen(node)
+        self._pool_of(sc)
 
     def s_http_listener(self, node: Stanza, name: None, ctx: dict) -> None:
         sc = Scope(S.HTTP_LISTENER, None, "HTTP_Listener")
         self.items(node.children, S.HTTP_LISTENER, sc, {**ctx, "listener": sc})
         self._needs_listen(node)
+        self._pool_of(sc)
+
+    def _pool_of(self, sc: Scope) -> None:
+        hit = sc.get("event_loop")
+        if hit is not None:
+            self.listener_pools.append(hit)
 
     def _listen(self, node: Stanza, addr: HostPort, ctx: dict, kind: str, into: list[ListenScope]) -> None:
         sc = Scope(kind, str(addr), f"Listen \"{node.name.text if node.name else addr}\"")
@@ -339,6 +356,64 @@ class _Builder:
 
     def s_admin_listen(self, node: Stanza, addr: HostPort, ctx: dict) -> None:
         self._listen(node, addr, ctx, S.ADMIN_LISTEN, self.cfg.admin_listens)
+    def s_eventloop(self, node: Stanza, name: str, ctx: dict) -> None:
+        """Momentum's `eventloop "NAME" { concurrency = N }` (multi-event-loops.md)."""
+        sc = Scope(S.EVENTLOOP, name, f"eventloop {name}")
+        before = len(self.errors)
+        self.items(node.children, S.EVENTLOOP, sc, ctx)
+        if name.lower() in self.cfg.event_loops:
+            self.fail(node.pos, f"eventloop {name} is already defined at {self.cfg.event_loops[name.lower()][1]}; "
+                                "expected each eventloop once")
+            return
+        conc = sc.get("concurrency")
+        if conc is None:
+            if len(self.errors) == before:
+                self.fail(node.pos, f"eventloop {name} has no concurrency; expected concurrency = N "
+                                    f"(1 to {limits.MAX_WORKERS})")
+            return
+        if conc[0] > limits.MAX_WORKERS:
+            self.fail(conc[1], f"bad value for 'concurrency': got {conc[0]}; expected at most "
+                               f"{limits.MAX_WORKERS} event loops (worker processes)")
+            return
+        self.cfg.event_loops[name.lower()] = (conc[0], node.pos)
+
+    def workers(self, listener_pools: list[tuple[str, Pos]]) -> None:
+        """Resolve Workers, delivery_pool and the listeners' event_loop into one worker count.
+
+        Reception and delivery run in the same worker processes, so everything that names a pool
+        must name the same one, and Workers (when also written) must agree with its concurrency."""
+        cfg = self.cfg
+        g = cfg.global_
+        pools: list[tuple[str, Pos, str]] = []
+        dp = g.get("delivery_pool")
+        if dp is not None:
+            pools.append((dp[0], dp[1], "delivery_pool"))
+        pools += [(n, p, "event_loop") for n, p in listener_pools]
+        chosen: tuple[str, Pos, str] | None = None
+        for name, pos, what in pools:
+            if name.lower() not in cfg.event_loops:
+                known = ", ".join(sorted(cfg.event_loops)) or "none is defined"
+                self.fail(pos, f"{what} names eventloop '{name}', which is not defined; expected the name of an "
+                               f"eventloop stanza ({known})")
+                return
+            if chosen is None:
+                chosen = (name, pos, what)
+            elif name.lower() != chosen[0].lower():
+                self.fail(pos, f"{what} names eventloop '{name}' but {chosen[2]} at {chosen[1]} names "
+                               f"'{chosen[0]}'; expected one pool: reception and delivery share the workers")
+                return
+        w = g.get("workers")
+        n = None
+        if w is not None:
+            n = (os.cpu_count() or 1) if w[0] == "auto" else w[0]
+        if chosen is not None:
+            conc = cfg.event_loops[chosen[0].lower()][0]
+            if n is not None and n != conc:
+                self.fail(w[1], f"Workers = {n} but eventloop '{chosen[0]}' (named by {chosen[2]} at "
+                                f"{chosen[1]}) has concurrency = {conc}; expected one of them, or both equal")
+                return
+            n = conc
+        cfg.worker_count = min(max(1, n or 1), limits.MAX_WORKERS)
 
     def s_scriptlet(self, node: Stanza, name: str, ctx: dict) -> None:
         sc = Scope(S.SCRIPTLET, name, f"scriptlet {name}")
@@ -368,6 +443,10 @@ def build(nodes: list, files: list[str] | None = None, *, lenient: bool = False)
         errors = [e for e in errors if not isinstance(e, UnsupportedMomentumName)]
     if errors:
         raise ConfigErrors(errors)
+    if not b.errors:
+        b.workers(b.listener_pools)
+    if b.errors:
+        raise ConfigErrors(b.errors)
     b.cfg.files = files or []
     return b.cfg
 

@@ -23,6 +23,7 @@ HTTP_LISTENER = "http_listener"
 HTTP_LISTEN = "http_listen"
 SCRIPTLET = "scriptlet"
 SCRIPT = "script"
+EVENTLOOP = "eventloop"
 
 SCOPE_NAMES = {
     GLOBAL: "the global scope",
@@ -37,6 +38,7 @@ SCOPE_NAMES = {
     HTTP_LISTEN: "a Listen stanza of an HTTP_Listener",
     SCRIPTLET: "a scriptlet stanza",
     SCRIPT: "a script stanza",
+    EVENTLOOP: "an eventloop stanza",
 }
 
 OUTBOUND = frozenset({GLOBAL, BINDING_GROUP, BINDING, DOMAIN, BINDING_DOMAIN})
@@ -117,6 +119,29 @@ class _MailAddress(t.String):
         if path is None or rest:
             raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
         return atom.text
+
+class _WorkerCount(t.OptType):
+    expected = f"a whole number from 1 to {limits.MAX_WORKERS}, or auto (one per CPU)"
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        text = atom.text.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and 1 <= int(text) <= limits.MAX_WORKERS:
+            return int(text)
+        raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+
+
+class _PoolName(t.OptType):
+    expected = "the name of an eventloop stanza"
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        if not atom.text or any(c.isspace() for c in atom.text):
+            raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+        return atom.text
+
+    def format(self, value):  # type: ignore[override]
+        return f'"{value}"'
 
 
 def _nets(*texts: str) -> tuple:
@@ -317,8 +342,10 @@ OPTIONS: list[OptionDef] = [
               "Recipients per transaction; the next RCPT gets 452 4.5.3 (RFC 5321 §4.5.3.1.10)."),
     OptionDef("max_messages_per_connection", t.Int(1, 10_000_000), LISTENER, limits.MAX_MESSAGES_PER_CONNECTION,
               "Transactions per connection; the next MAIL gets 452 4.5.3."),
-    OptionDef("Concurrency", t.Int(1, 1_000_000), LISTENER, limits.MAX_CONNECTIONS,
-              "Connections a listener serves at once; the next one gets 421 4.7.0 and is closed."),
+    OptionDef("Concurrency", t.Int(1, 1_000_000), LISTENER | {EVENTLOOP}, limits.MAX_CONNECTIONS,
+              "Connections a listener serves at once; the next one gets 421 4.7.0 and is closed. In an "
+              "eventloop stanza (Momentum's spelling): the number of event loops, i.e. worker "
+              f"processes (1 to {limits.MAX_WORKERS}), as Workers."),
     OptionDef("max_connections_per_ip", t.Int(1, 1_000_000), LISTENER, limits.MAX_CONNECTIONS_PER_IP,
               "Connections from one client address at once; the next one gets 421 4.7.0."),
     OptionDef("idle_timeout", t.Time(lo=1), LISTENER, limits.IDLE_TIMEOUT,
@@ -394,6 +421,31 @@ OPTIONS: list[OptionDef] = [
     OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
               "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
               "acknowledged with 250 (a process crash still cannot)."),
+    # --- Workers (Momentum's multiple event loops, multi-event-loops.md) ----------------------
+    OptionDef("Workers", _WorkerCount(), frozenset({GLOBAL}), 1,
+              "Worker processes, each with its own event loop, listening on the same sockets "
+              "(SO_REUSEPORT) and owning one spool shard; \"auto\" is one per CPU. Connection limits "
+              "hold across them (shared memory). 1 (the default) is a single process, no supervisor. "
+              "Momentum's spelling works too: eventloop \"pool\" { concurrency = N } named by "
+              "delivery_pool and by the listeners' event_loop."),
+    OptionDef("shared_counter_slots", t.Int(1024, 1 << 24), frozenset({GLOBAL}), limits.SHARED_SLOTS,
+              "With Workers > 1: slots of the shared table that counts connections across workers "
+              "(one per MX host, destination, client address and listener seen in a run). Past it, "
+              "keys share slots: limits get stricter, never looser."),
+    OptionDef("worker_stop_timeout", t.Time(lo=1), frozenset({GLOBAL}), limits.WORKER_STOP_TIMEOUT,
+              "With Workers > 1: how long SIGTERM waits for the workers to stop before they are killed."),
+    OptionDef("worker_restart_delay", t.Time(lo=0.01), frozenset({GLOBAL}), limits.WORKER_RESTART_DELAY,
+              "With Workers > 1: how soon a worker that died is started again; the delay doubles while "
+              "it keeps dying within 10 seconds of its start, up to worker_restart_max."),
+    OptionDef("worker_restart_max", t.Time(lo=0.01), frozenset({GLOBAL}), limits.WORKER_RESTART_MAX,
+              "With Workers > 1: the longest delay before a worker that keeps dying is started again."),
+    OptionDef("delivery_pool", _PoolName(), frozenset({GLOBAL}), None,
+              "The eventloop stanza whose concurrency sets the number of workers (Momentum's "
+              "delivery_pool). Reception and delivery run in the same workers, so a listener's "
+              "event_loop, when set, must name the same pool."),
+    OptionDef("event_loop", _PoolName(), frozenset({ESMTP_LISTENER, HTTP_LISTENER}), None,
+              "The eventloop stanza this listener runs in (Momentum's event_loop): the same pool "
+              "as delivery_pool, or the only pool when delivery_pool is unset."),
     # --- scriptlet ---------------------------------------------------------------------------
     OptionDef("source", t.Enum("msys.xfer.server", "msys.xfer.client"), frozenset({SCRIPT}), None,
               "The module a script loads: msys.xfer.server (accept XFER transfers on the "
@@ -454,6 +506,7 @@ STANZAS: list[StanzaDef] = [
     StanzaDef("HTTP_Listener", HTTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("scriptlet", SCRIPTLET, frozenset({GLOBAL}), True, _Name()),
     StanzaDef("script", SCRIPT, frozenset({SCRIPTLET}), True, _Name()),
+    StanzaDef("EventLoop", EVENTLOOP, frozenset({GLOBAL}), True, _Name()),
     # `Listen` is the same word in both listeners; its scope depends on the parent.
     StanzaDef("Listen", ESMTP_LISTEN, frozenset({ESMTP_LISTENER, HTTP_LISTENER}), True, t.ListenAddress()),
 ]
@@ -471,7 +524,7 @@ def add_option(opt: OptionDef) -> None:
 
 def valid_in(opt: OptionDef) -> str:
     order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, ESMTP_LISTENER, ESMTP_LISTEN,
-             HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT]
+             HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT, EVENTLOOP]
     order += [s for s in SCOPE_NAMES if s not in order]  # scopes added by later blocks (Admin_Listener)
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

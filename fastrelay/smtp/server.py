@@ -84,6 +84,17 @@ def new_msgid() -> str:
     return f"{_MSGID_PREFIX}{next(_msg_counter):08X}"
 
 
+def _new_msgid_prefix() -> None:
+    # A worker forked by the supervisor (fastrelay.supervisor) imported this module in its
+    # parent: give it its own pid and start time, or two workers would hand out the same ids.
+    global _msg_counter, _MSGID_PREFIX
+    _msg_counter = itertools.count(1)
+    _MSGID_PREFIX = f"{int(time.time()):08X}{os.getpid() & 0xFFFF:04X}"
+
+
+os.register_at_fork(after_in_child=_new_msgid_prefix)
+
+
 class _DateCache:
     """RFC 5322 date for Received: headers, formatted once a second (formatdate is slow)."""
 
@@ -195,13 +206,42 @@ class SMTPServer:
         self._ehlo_cache: dict[bool, bytes] = {}
         self.greeting = f"220 {settings.hostname} ESMTP fastrelay\r\n".encode()
         self._policy_cache: dict[str, tuple] = {}
+        # With workers (issue 13): the relay-wide counter table, this worker's column in it, the
+        # slot counting this listener's connections and (memoised) each client address's slot.
+        self.shared = None
+        self.worker = 0
+        self.conn_slot = -1
+        self._ip_slots: dict[str, int] = {}
+        self._share_name = ""
         # Counters for operators and tests (every one back to zero at teardown where it counts
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
 
-    async def start(self, host: str | None, port: int) -> None:
+    def share(self, counters, worker: int, name: str) -> None:
+        """Count connections in the relay-wide table, so Concurrency and max_connections_per_ip
+        hold for the whole relay, not per worker (issue 13); `name` tells this Listen apart."""
+        self.shared = counters
+        self.worker = worker
+        self._share_name = name
+        self.conn_slot = counters.slot(f"listen:{name}")
+
+    def ip_slot(self, ip: str) -> int:
+        slot = self._ip_slots.get(ip)
+        if slot is None:
+            if len(self._ip_slots) >= limits.CLIENT_POLICY_CACHE:
+                self._ip_slots.clear()  # slot() finds the same slot again: only a memo
+            slot = self._ip_slots[ip] = self.shared.slot(f"ip:{self._share_name}:{ip}")
+        return slot
+
+    async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or on `sock` when given (a worker's share of a listener its
+        supervisor bound with SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True, backlog=1024)
+        if sock is not None:
+            self.server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
+        else:
+            self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True,
+                                                   backlog=1024)
         self._schedule_reaper()
 
     @property
@@ -343,6 +383,16 @@ class Session(asyncio.Protocol):
         if n >= srv.s.max_per_ip:
             self._refuse(R.TOO_MANY_FROM_CLIENT)
             return
+        sh = srv.shared
+        if sh is not None:
+            # Issue 13: the same two limits across every worker of the relay.
+            if not sh.acquire(srv.conn_slot, srv.worker, srv.s.max_connections):
+                self._refuse(R.TOO_MANY_CONNECTIONS)
+                return
+            if not sh.acquire(srv.ip_slot(self.peer_ip), srv.worker, srv.s.max_per_ip):
+                sh.release(srv.conn_slot, srv.worker)
+                self._refuse(R.TOO_MANY_FROM_CLIENT)
+                return
         # Reserve: released in connection_lost, whatever ends the connection.
         srv.per_ip[self.peer_ip] = n + 1
         srv.sessions.add(self)
@@ -373,6 +423,9 @@ class Session(asyncio.Protocol):
                 srv.per_ip[self.peer_ip] = n
             else:
                 srv.per_ip.pop(self.peer_ip, None)
+            if srv.shared is not None:
+                srv.shared.release(srv.conn_slot, srv.worker)
+                srv.shared.release(srv.ip_slot(self.peer_ip), srv.worker)
         # A client gone mid-DATA leaves nothing behind: nothing is spooled before the end
         # (RELIABILITY.md case 31, P5).
         self.state = S_CLOSING
