@@ -21,9 +21,9 @@ POOL = 'eventloop "events_pool" {{ concurrency = {n} }}\n'
     (POOL.format(n=3) + 'delivery_pool = "events_pool"\n', 3),
     # ... and by the listeners' event_loop as well (ESMTP and HTTP).
     (POOL.format(n=3) + 'delivery_pool = "events_pool"\nESMTP_Listener { event_loop = "events_pool"\n'
-     'Listen "127.0.0.1:25" { } }\nHTTP_Listener { event_loop = "events_pool" }\n', 3),
+     'Listen "127.0.0.1:25" { } }\nHTTP_Listener { event_loop = "events_pool"\nListen "127.0.0.1:8080" { } }\n', 3),
     # event_loop alone names the pool too.
-    (POOL.format(n=2) + 'ESMTP_Listener { event_loop = "events_pool" }\n', 2),
+    (POOL.format(n=2) + 'ESMTP_Listener { event_loop = "events_pool"\nListen "127.0.0.1:25" { } }\n', 2),
     # Names are case-insensitive, as every name in the conf.
     ('EventLoop "Pool" { Concurrency = 2 }\ndelivery_pool = "pool"\n', 2),
     # Both spellings at once: fine when they agree.
@@ -45,7 +45,7 @@ def test_worker_count(text, workers):
     ('eventloop "p" { concurrency = 2 }\neventloop "P" { concurrency = 3 }\n', "2:1: eventloop P is already defined"),
     ('eventloop "p" { Hostname = "x" }\n', "option 'Hostname' is not valid in an eventloop stanza"),
     (POOL.format(n=2) + 'eventloop "other" { concurrency = 2 }\ndelivery_pool = "events_pool"\n'
-     'ESMTP_Listener { event_loop = "other" }\n',
+     'ESMTP_Listener { event_loop = "other" Listen "127.0.0.1:25" { } }\n',
      "4:18: event_loop names eventloop 'other' but delivery_pool at <string>:3:1 names 'events_pool'"),
     ("Workers = 2\n" + POOL.format(n=3) + 'delivery_pool = "events_pool"\n',
      "1:1: Workers = 2 but eventloop 'events_pool' (named by delivery_pool at <string>:3:1) has concurrency = 3"),

@@ -443,10 +443,10 @@ def build(nodes: list, files: list[str] | None = None, *, lenient: bool = False)
         errors = [e for e in errors if not isinstance(e, UnsupportedMomentumName)]
     if errors:
         raise ConfigErrors(errors)
-    if not b.errors:
-        b.workers(b.listener_pools)
-    if b.errors:
-        raise ConfigErrors(b.errors)
+    before = len(b.errors)  # under --lenient, Momentum names already reported as warnings
+    b.workers(b.listener_pools)
+    if len(b.errors) > before:
+        raise ConfigErrors(b.errors[before:])
     b.cfg.files = files or []
     return b.cfg
 
