@@ -81,6 +81,49 @@ class _MailAddress(t.String):
         return atom.text
 
 
+class _AuthParams(t.OptType):
+    """Momentum's Auth*Parameters: a hash with a uri (file:// only), or (until the conf language
+    reads hashes) the uri alone as a string. The value is {"uri": path, ...}."""
+
+    expected = 'a password file: [ uri = "file:///path" ] or "file:///path"'
+    _KEYS = frozenset({"uri", "log_authentication"})
+
+    def convert(self, value):  # type: ignore[override]
+        pairs = getattr(value, "items", None)
+        if isinstance(pairs, list) and not isinstance(value, t.ListValue):  # a hash (HashValue)
+            out: dict[str, str] = {}
+            for key, v in pairs:
+                if key.text.lower() not in self._KEYS:
+                    raise t.Invalid(f"got the key '{key.text}'; expected uri (and log_authentication)", key)
+                if not hasattr(v, "text"):
+                    raise t.Invalid(f"got a list or hash for '{key.text}'; expected a string", key)
+                out[key.text.lower()] = v.text
+            if "uri" not in out:
+                raise t.Invalid(f"got no uri; expected {self.expected}", pairs[0][0] if pairs else None)
+            out["uri"] = self._path(out["uri"], value)
+            return out
+        if isinstance(value, t.ListValue):
+            raise t.Invalid(f"got a list; expected {self.expected}")
+        return {"uri": self._path(value.text, value)}
+
+    def _path(self, uri: str, where):
+        atom = where if hasattr(where, "text") else None
+        if uri.startswith("file://"):
+            path = uri[len("file://"):]
+        elif uri.startswith("file:"):
+            path = uri[len("file:"):]
+        elif "://" in uri:
+            raise t.Invalid(f"got '{uri}'; expected a file:// uri (fastrelay reads password files only)", atom)
+        else:
+            path = uri
+        if not path:
+            raise t.Invalid(f"got '{uri}'; expected {self.expected}", atom)
+        return path
+
+    def format(self, value) -> str:
+        return f'[ uri = "file://{value["uri"]}" ]'
+
+
 def _nets(*texts: str) -> tuple:
     return tuple(ipaddress.ip_network(x) for x in texts)
 
@@ -302,6 +345,52 @@ OPTIONS: list[OptionDef] = [
               "paths are relative to the conf file."),
     OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
               "Private key (PEM) for TLS_Certificate."),
+    # --- SMTP AUTH, inbound and outbound, and implicit TLS (issue 17; Momentum's names) -------
+    OptionDef("Use_SSL", t.Bool(), LISTENER, False,
+              "Implicit TLS (RFC 8314, \"submissions\" on port 465): the TLS handshake comes first, "
+              "with TLS_Certificate and TLS_Key, and STARTTLS is not offered (Momentum's inbound SSL)."),
+    OptionDef("Enable_Authentication", t.Bool(), LISTENER, False,
+              "Offer SMTP AUTH (RFC 4954) with the mechanisms whose parameters are set "
+              "(AuthPlainParameters, AuthLoginParameters), only under TLS (STARTTLS or Use_SSL) unless "
+              "auth_plaintext_loopback. An authenticated client may relay from any address; its user "
+              "is kept with the message (spool, mainlog) and its Received: header says ESMTPSA "
+              "(RFC 3848)."),
+    OptionDef("AuthPlainParameters", _AuthParams(), LISTENER, None,
+              "AUTH PLAIN (RFC 4616): where the users are. Momentum writes a hash, "
+              "[ uri = \"file:///etc/fastrelay/passwd\" ]; until the conf language reads hashes, "
+              "write the uri alone: \"file:///etc/fastrelay/passwd\" (a relative path is relative to "
+              "the conf file). The file holds scrypt hashes; `fastrelay passwd add|remove|list USER -f "
+              "FILE` manages it and the listener re-reads it when it changes."),
+    OptionDef("AuthLoginParameters", _AuthParams(), LISTENER, None,
+              "AUTH LOGIN: as AuthPlainParameters (both may name the same file)."),
+    OptionDef("auth_plaintext_loopback", t.Bool(), LISTENER, False,
+              "Offer AUTH without TLS to clients on loopback (127.0.0.0/8, ::1) only; everyone else "
+              "still needs TLS first (530 5.7.0)."),
+    OptionDef("auth_max_failures", t.Int(1, 1_000_000), LISTENER, limits.AUTH_MAX_FAILURES,
+              "Failed AUTH attempts from one client address after which it is locked out: its AUTH "
+              "gets 454 4.7.0 without a password check, until auth_lockout_time after its last failure."),
+    OptionDef("auth_lockout_time", t.Time(lo=1), LISTENER, limits.AUTH_LOCKOUT_TIME,
+              "How long failures from an address are remembered, and so how long a lockout lasts."),
+    OptionDef("auth_failure_delay", t.Time(), LISTENER, limits.AUTH_FAILURE_DELAY,
+              "The 535 5.7.8 to a failed AUTH waits this long, doubled with each further failure "
+              "from the same address (up to 16 times as long); 0 turns the delay off."),
+    OptionDef("outbound_smtp_auth_type", t.Enum("PLAIN", "LOGIN", "XOAUTH2"), OUTBOUND, None,
+              "AUTH to the next hop (Momentum's outbound_smtp_auth): PLAIN, LOGIN or XOAUTH2 (the "
+              "password is then the OAuth 2.0 bearer token). Unset with outbound_smtp_auth_user set: "
+              "PLAIN if offered, else LOGIN. An AUTH that fails is a temporary failure of the "
+              "messages with the peer's reply (in the mainlog); the host is not marked down."),
+    OptionDef("outbound_smtp_auth_user", t.String(nonempty=True, expected="a user name"), OUTBOUND, None,
+              "The user name sent to the next hop; setting it turns outbound AUTH on."),
+    OptionDef("outbound_smtp_auth_pass", t.String(), OUTBOUND, None,
+              "The password (or XOAUTH2 token) sent to the next hop. It sits in the conf in plain "
+              "text: outbound_smtp_auth_pass_file keeps it out."),
+    OptionDef("outbound_smtp_auth_pass_file", t.String(nonempty=True, expected="a file path"), OUTBOUND, None,
+              "A file whose first line is the password (or token), read at each new destination's "
+              "first connection; used when outbound_smtp_auth_pass is not set in a nearer scope. "
+              "Relative to the conf file."),
+    OptionDef("outbound_smtp_auth_allow_plaintext", t.Bool(), OUTBOUND, False,
+              "Send credentials on a connection that is not under TLS. Off: without TLS, AUTH is not "
+              "attempted and the messages are deferred (4.7.0)."),
     # --- Spool -------------------------------------------------------------------------------
     OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}),
               "/var/spool/fastrelay",
