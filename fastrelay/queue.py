@@ -559,6 +559,8 @@ class Queue:
 
 
 def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> D.Settings:
+    from fastrelay.delivery.auth import outbound_auth
+
     g = cfg.get
     return D.Settings(
         helo_name=hostname,
@@ -581,4 +583,5 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         teleport=g("teleport_enabled", domain, binding),
         xfer_secret=g("xfer_secret", domain, binding),
         xfer_token=g("xfer_token", domain, binding),
+        auth=outbound_auth(cfg, domain, binding),
     )

@@ -385,9 +385,9 @@ OPTIONS: list[OptionDef] = [
               "The password (or XOAUTH2 token) sent to the next hop. It sits in the conf in plain "
               "text: outbound_smtp_auth_pass_file keeps it out."),
     OptionDef("outbound_smtp_auth_pass_file", t.String(nonempty=True, expected="a file path"), OUTBOUND, None,
-              "A file whose first line is the password (or token), read at each new destination's "
-              "first connection; used when outbound_smtp_auth_pass is not set in a nearer scope. "
-              "Relative to the conf file."),
+              "A file whose first line is the password (or token), so that it need not sit in the "
+              "conf; read when a destination is first delivered to. Where it applies it wins over "
+              "outbound_smtp_auth_pass. Relative to the conf file."),
     OptionDef("outbound_smtp_auth_allow_plaintext", t.Bool(), OUTBOUND, False,
               "Send credentials on a connection that is not under TLS. Off: without TLS, AUTH is not "
               "attempted and the messages are deferred (4.7.0)."),

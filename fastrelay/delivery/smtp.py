@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from fastrelay import _impl
 from fastrelay.delivery import PERM, Hop, RcptResult, Settings
+from fastrelay.delivery.auth import authenticate
 from fastrelay.delivery.wire import (
     CONTROL,
     QUIT_TIMEOUT,
@@ -114,7 +115,7 @@ _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characte
 class SMTPConnection(WireSession):
     """One SMTP session (a `fastrelay.delivery.Connection`)."""
 
-    __slots__ = ("_ehlo", "_helo", "_phase", "_pipelining")
+    __slots__ = ("_auth_failure", "_ehlo", "_helo", "_phase", "_pipelining")
 
     def __init__(self, hop: Hop, settings: Settings):
         name = settings.helo_name.encode("ascii")  # UnicodeEncodeError (a ValueError) for a non-ASCII name
@@ -125,6 +126,15 @@ class SMTPConnection(WireSession):
         self._helo = b"HELO " + name + b"\r\n"
         self._pipelining = False
         self._phase = "RSET"  # the command whose reply is awaited, for the text of a synthetic 451
+        self._auth_failure: RcptResult | None = None
+
+    async def _open(self, try_tls: bool) -> None:
+        await super()._open(try_tls)
+        if self._settings.auth is not None:
+            # Issue 17: AUTH after the last EHLO (under TLS). A failure stays with the session: it
+            # answers each message with it (one AUTH per session, not per message: providers lock
+            # accounts that fail too often), and the host is not marked down.
+            self._auth_failure = await authenticate(self, self._settings.auth, self._settings.ehlo_timeout)
 
     # -- session setup (the rest is WireSession's) -----------------------------------------------
 
@@ -153,6 +163,8 @@ class SMTPConnection(WireSession):
     async def deliver(self, sender: str, mail_params: str, rcpts: list[tuple[str, str]],
                       body: bytes) -> list[RcptResult]:
         n = len(rcpts)
+        if self._auth_failure is not None:
+            return [self._auth_failure] * n
         if not self.usable or self._wire is None:
             return [temp(f"4.4.2 Connection to {self.remote} is no longer usable")] * n
         ext = self._ext
