@@ -73,9 +73,10 @@ SCRYPT_P = 1
 # Stored hashes above this cost are refused (a hand-edited file must not exhaust memory per AUTH).
 SCRYPT_MAX_N = 2**20
 # The reply to a failed AUTH waits this long, doubled with each further failure of the same client
-# address (RFC 4954 §4 leaves the delay to the server; Postfix smtpd_error_sleep_time-like).
+# address, up to AUTH_FAILURE_DELAY_CAP times as long (RFC 4954 leaves the delay to the server; as
+# Postfix's smtpd_error_sleep_time, it slows guessing without holding a slot long).
 AUTH_FAILURE_DELAY = 1.0
-AUTH_FAILURE_DELAY_MAX = 16.0
+AUTH_FAILURE_DELAY_CAP = 16
 # After this many failures from one address within AUTH_LOCKOUT_TIME, AUTH from it gets 454 4.7.0
 # (no password is checked) until AUTH_LOCKOUT_TIME after its last failure.
 AUTH_MAX_FAILURES = 5

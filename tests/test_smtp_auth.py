@@ -277,6 +277,8 @@ async def test_wrong_passwords_get_a_growing_delay_then_a_lockout(tmp_path, ca, 
             assert await c.command("AUTH PLAIN " + PLAIN_OK) == wire(R.AUTH_LOCKED_OUT)
         async with await tls_client(h, client_ctx) as c:  # a new connection from the same address
             assert await c.command("AUTH PLAIN " + PLAIN_OK) == wire(R.AUTH_LOCKED_OUT)
+        async with await tls_client(h, client_ctx, implicit=True) as c:  # the relay's other listener
+            assert await c.command("AUTH PLAIN " + PLAIN_OK) == wire(R.AUTH_LOCKED_OUT)
         async with await tls_client(h, client_ctx, local="127.0.0.7") as c:
             # Another source address is not locked out.
             assert await c.command("AUTH PLAIN " + PLAIN_OK) == wire(R.AUTH_OK)
@@ -361,3 +363,54 @@ def test_passwd_command_add_list_remove(tmp_path, monkeypatch, capsys):
     assert cli_main(["passwd", "remove", "bob", "-f", p]) == 1
     assert cli_main(["passwd", "add", "bad:name", "-f", p]) == 2
     assert PasswordFile(p).load().users.keys() == {"alice"}
+
+
+async def test_binding_assignment_by_authenticated_user(tmp_path, ca, client_ctx):
+    """"Binding assignment by authenticated user is a conf table"."""
+    write_files(tmp_path, ca)
+    PasswordFile(str(tmp_path / "passwd")).load().set("carol", "pw-carol")
+    conf = auth_conf(f'auth_user_bindings = ( "{USER}=marketing" "dave=other" )\nrelay_domains = ( "local.test" )\n')
+    async with RelayHarness(tmp_path, conf) as h:
+        for creds, rcpt in (((USER, PASSWORD), "m1@far.example"), (("carol", "pw-carol"), "m2@far.example"),
+                            (None, "m3@local.test")):
+            async with await tls_client(h, client_ctx) as c:
+                if creds:
+                    assert await c.command("AUTH PLAIN " + b64(f"\0{creds[0]}\0{creds[1]}")) == wire(R.AUTH_OK)
+                assert (await c.command("MAIL FROM:<alice@example.com>"))[0] == 250
+                assert (await c.command(f"RCPT TO:<{rcpt}>"))[0] == 250
+                assert (await c.command("DATA"))[0] == 354
+                assert (await c.command(MSG.decode() + "."))[0] == 250
+        log = h.mainlog()
+    got = sorted((f[3], f[8], f[9]) for f in log if f[1] == "R")
+    assert got == [("m1@far.example", "marketing", USER), ("m2@far.example", "default", "carol"),
+                   ("m3@local.test", "default", "")]
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ('( "alice@example.com=marketing" "bob=b2" )', {"alice@example.com": "marketing", "bob": "b2"}),
+    ('"bob=b2"', {"bob": "b2"}),
+    ('( "no-binding" )', None),
+    ('( "=b" )', None),
+    ('( "bob=a b" )', None),
+])
+def test_auth_user_bindings_values(value, ok, tmp_path):
+    from fastrelay.config import ConfigErrors, loads
+
+    if ok is None:
+        with pytest.raises(ConfigErrors, match="auth_user_bindings"):
+            loads(f"auth_user_bindings = {value}\n")
+    else:
+        assert loads(f"auth_user_bindings = {value}\n").get("auth_user_bindings") == ok
+
+
+def test_guard_delay_doubles_is_capped_and_failures_are_forgiven():
+    from fastrelay.smtp.auth import AuthGuard
+
+    g = AuthGuard(max_failures=6, lockout=100.0, delay=1.0, max_delay=4.0)
+    assert [g.failed("192.0.2.1", now=float(i)) for i in range(5)] == [1.0, 2.0, 4.0, 4.0, 4.0]
+    assert not g.locked("192.0.2.1", now=5.0) and not g.locked("192.0.2.2", now=5.0)
+    g.failed("192.0.2.1", now=5.0)
+    assert g.locked("192.0.2.1", now=104.9) and not g.locked("192.0.2.1", now=105.1)
+    assert g.failed("192.0.2.1", now=106.0) == 1.0  # counted afresh after the lockout time
+    g.succeeded("192.0.2.1")
+    assert g.failed("192.0.2.1", now=107.0) == 1.0

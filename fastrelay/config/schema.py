@@ -124,6 +124,38 @@ class _AuthParams(t.OptType):
         return f'[ uri = "file://{value["uri"]}" ]'
 
 
+class _UserBindings(t.OptType):
+    """SMTP AUTH user -> Binding name: a list of "user=binding" strings, or a hash [ user = "b" ]."""
+
+    expected = 'a list of "user=binding" strings, or a hash [ user = "binding" ]'
+
+    def convert(self, value):  # type: ignore[override]
+        pairs = getattr(value, "items", None)
+        if isinstance(pairs, list) and not isinstance(value, t.ListValue):  # a hash (HashValue)
+            out = {}
+            for key, v in pairs:
+                if not hasattr(v, "text"):
+                    raise t.Invalid(f"got a list or hash for '{key.text}'; expected a binding name", key)
+                out[key.text] = self._binding(v.text, v)
+            return out
+        items = value.items if isinstance(value, t.ListValue) else [value]
+        out = {}
+        for atom in items:
+            user, sep, binding = atom.text.rpartition("=")
+            if not sep or not user:
+                raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+            out[user] = self._binding(binding, atom)
+        return out
+
+    def _binding(self, name: str, atom):
+        if not name or any(c.isspace() for c in name):
+            raise t.Invalid(f"got '{name}'; expected a binding name without spaces", atom)
+        return name
+
+    def format(self, value) -> str:
+        return "( " + " ".join(f'"{u}={b}"' for u, b in value.items()) + " )" if value else "( )"
+
+
 def _nets(*texts: str) -> tuple:
     return tuple(ipaddress.ip_network(x) for x in texts)
 
@@ -363,6 +395,10 @@ OPTIONS: list[OptionDef] = [
               "FILE` manages it and the listener re-reads it when it changes."),
     OptionDef("AuthLoginParameters", _AuthParams(), LISTENER, None,
               "AUTH LOGIN: as AuthPlainParameters (both may name the same file)."),
+    OptionDef("auth_user_bindings", _UserBindings(), LISTENER, {},
+              "The Binding that mail of an authenticated user is assigned to (others get the "
+              "listener's): ( \"alice@example.com=marketing\" \"bob=transactional\" ), or as a hash "
+              "once the conf language reads them: [ bob = \"transactional\" ]."),
     OptionDef("auth_plaintext_loopback", t.Bool(), LISTENER, False,
               "Offer AUTH without TLS to clients on loopback (127.0.0.0/8, ::1) only; everyone else "
               "still needs TLS first (530 5.7.0)."),

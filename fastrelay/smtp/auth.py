@@ -16,12 +16,13 @@ import os
 import secrets
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 
 from fastrelay import limits
 
 __all__ = ["AuthGuard", "ListenerAuth", "PasswordFile", "PasswordFileError", "SaslError", "check_hash",
-           "decode_b64", "hash_password", "listener_auth", "parse_plain", "valid_username"]
+           "decode_b64", "hash_password", "listener_auth", "parse_plain", "shared_failures", "valid_username"]
 
 _PREFIX = "$scrypt$"
 
@@ -254,18 +255,32 @@ def listener_auth(listen, conf_path) -> ListenerAuth | None:
     return ListenerAuth(files, bool(listen.get("auth_plaintext_loopback")))
 
 
+_failures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_failures(owner: object) -> dict:
+    """The failure record of `owner` (the relay): its listeners share it, so that a client locked
+    out on port 587 is locked out on 465 too. An owner that cannot be weakly referenced gets its own."""
+    try:
+        return _failures.setdefault(owner, {})
+    except TypeError:
+        return {}
+
+
 class AuthGuard:
-    """Failed AUTH attempts per client address: a growing delay before each 535, then a lockout."""
+    """Failed AUTH attempts per client address: a growing delay before each 535, then a lockout.
+    `fails` is the record (address -> (failures, time of the last)), shared between listeners."""
 
     def __init__(self, max_failures: int = limits.AUTH_MAX_FAILURES, lockout: float = limits.AUTH_LOCKOUT_TIME,
-                 delay: float = limits.AUTH_FAILURE_DELAY, max_delay: float = limits.AUTH_FAILURE_DELAY_MAX,
-                 tracked: int = limits.AUTH_TRACKED_CLIENTS):
+                 delay: float = limits.AUTH_FAILURE_DELAY,
+                 max_delay: float = limits.AUTH_FAILURE_DELAY * limits.AUTH_FAILURE_DELAY_CAP,
+                 tracked: int = limits.AUTH_TRACKED_CLIENTS, fails: dict | None = None):
         self.max_failures = max_failures
         self.lockout = lockout
         self.delay = delay
         self.max_delay = max_delay
         self.tracked = tracked
-        self._fails: dict[str, tuple[int, float]] = {}  # address -> (failures, time of the last)
+        self._fails: dict[str, tuple[int, float]] = {} if fails is None else fails
 
     def _count(self, ip: str, now: float) -> int:
         hit = self._fails.get(ip)

@@ -157,6 +157,7 @@ class ListenSettings:
         if self.implicit_tls and self.tls is None:
             raise ValueError("Use_SSL needs TLS_Certificate and TLS_Key")
         self.auth = A.listener_auth(listen, _conf_path)
+        self.auth_bindings: dict[str, str] = g("auth_user_bindings")
         self.auth_guard = (g("auth_max_failures"), g("auth_lockout_time"), g("auth_failure_delay"))
 
 
@@ -195,7 +196,9 @@ class SMTPServer:
         self.greeting = f"220 {settings.hostname} ESMTP fastrelay\r\n".encode()
         self._policy_cache: dict[str, tuple] = {}
         mf, lockout, delay = settings.auth_guard
-        self.auth_guard = A.AuthGuard(mf, lockout, delay, delay * 16)
+        # Shared by the relay's listeners: a lockout on one port holds on the others (issue 17).
+        self.auth_guard = A.AuthGuard(mf, lockout, delay, delay * limits.AUTH_FAILURE_DELAY_CAP,
+                                      fails=A.shared_failures(intake))
         # Counters for operators and tests (every one back to zero at teardown where it counts
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
@@ -1091,6 +1094,9 @@ class Session(asyncio.Protocol):
             + f"; {_dates.now()}\r\n"
         ).encode("utf-8", "replace")
         full = received + body
+        binding = self.srv.binding
+        if self.auth_user is not None:
+            binding = self.srv.s.auth_bindings.get(self.auth_user, binding)  # issue 17: by user
         by_domain: dict[str, list[Recipient]] = {}
         for path, params in tx.rcpts:
             dom = path.domain.lower().rstrip(".")
@@ -1105,7 +1111,7 @@ class Session(asyncio.Protocol):
                 client_ip=self.peer_ip,
                 helo=self.helo,
                 protocol=proto.lower(),
-                binding=self.srv.binding,
+                binding=binding,
                 msgid=msgid,
                 received_at=now,
                 first_queued=now,
