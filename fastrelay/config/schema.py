@@ -92,15 +92,18 @@ class _AuthParams(t.OptType):
         pairs = getattr(value, "items", None)
         if isinstance(pairs, list) and not isinstance(value, t.ListValue):  # a hash (HashValue)
             out: dict[str, str] = {}
+            uri_atom = None
             for key, v in pairs:
                 if key.text.lower() not in self._KEYS:
                     raise t.Invalid(f"got the key '{key.text}'; expected uri (and log_authentication)", key)
                 if not hasattr(v, "text"):
                     raise t.Invalid(f"got a list or hash for '{key.text}'; expected a string", key)
                 out[key.text.lower()] = v.text
-            if "uri" not in out:
+                if key.text.lower() == "uri":
+                    uri_atom = v
+            if uri_atom is None:
                 raise t.Invalid(f"got no uri; expected {self.expected}", pairs[0][0] if pairs else None)
-            out["uri"] = self._path(out["uri"], value)
+            out["uri"] = self._path(out["uri"], uri_atom)
             return out
         if isinstance(value, t.ListValue):
             raise t.Invalid(f"got a list; expected {self.expected}")
