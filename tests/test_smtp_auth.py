@@ -414,3 +414,36 @@ def test_guard_delay_doubles_is_capped_and_failures_are_forgiven():
     assert g.failed("192.0.2.1", now=106.0) == 1.0  # counted afresh after the lockout time
     g.succeeded("192.0.2.1")
     assert g.failed("192.0.2.1", now=107.0) == 1.0
+
+
+@pytest.mark.parametrize(("sender", "ok"), [
+    ("alice@example.com", True),
+    ("Alice@EXAMPLE.NET", True),  # domains compare case-insensitively
+    ("alice@other.test", False),
+    ("alice@sub.example.com", False),  # a domain, not its subdomains
+    ("", True),  # <>: bounces are always allowed
+])
+async def test_authenticated_user_limited_to_its_sender_domains(tmp_path, ca, client_ctx, sender, ok):
+    """"A per-user list of allowed sender domains is optional" (Postfix reject_sender_login_mismatch)."""
+    write_files(tmp_path, ca)
+    conf = auth_conf(f'auth_sender_domains = ( "{USER}=example.com,example.net" "carol=carol.test" )\n')
+    async with RelayHarness(tmp_path, conf) as h, await tls_client(h, client_ctx) as c:
+        assert await c.command("AUTH PLAIN " + PLAIN_OK) == wire(R.AUTH_OK)
+        reply = await c.command(f"MAIL FROM:<{sender}>")
+        assert reply[0] == 250 if ok else reply == wire(R.AUTH_SENDER_NOT_OWNED)
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ('( "alice=example.com,Example.NET." )', {"alice": frozenset({"example.com", "example.net"})}),
+    ('( "alice=" )', None),
+    ('( "alice=exa mple.com" )', None),
+    ('( "example.com" )', None),
+])
+def test_auth_sender_domains_values(value, ok):
+    from fastrelay.config import ConfigErrors, loads
+
+    if ok is None:
+        with pytest.raises(ConfigErrors, match="auth_sender_domains"):
+            loads(f"auth_sender_domains = {value}\n")
+    else:
+        assert loads(f"auth_sender_domains = {value}\n").get("auth_sender_domains") == ok

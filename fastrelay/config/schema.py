@@ -127,36 +127,57 @@ class _AuthParams(t.OptType):
         return f'[ uri = "file://{value["uri"]}" ]'
 
 
-class _UserBindings(t.OptType):
-    """SMTP AUTH user -> Binding name: a list of "user=binding" strings, or a hash [ user = "b" ]."""
+class _UserTable(t.OptType):
+    """A table keyed by SMTP AUTH user: a list of "user=value" strings, or a hash [ user = "value" ].
+    With `list_values`, each value is a set of domains ("user=a.com,b.com", or a list in a hash)."""
 
-    expected = 'a list of "user=binding" strings, or a hash [ user = "binding" ]'
+    def __init__(self, list_values: bool = False):
+        self.list_values = list_values
+        if list_values:
+            self.expected = 'a list of "user=domain[,domain...]" strings, or a hash [ user = ( "domain" ... ) ]'
+        else:
+            self.expected = 'a list of "user=binding" strings, or a hash [ user = "binding" ]'
 
     def convert(self, value):  # type: ignore[override]
         pairs = getattr(value, "items", None)
+        out: dict = {}
         if isinstance(pairs, list) and not isinstance(value, t.ListValue):  # a hash (HashValue)
-            out = {}
             for key, v in pairs:
-                if not hasattr(v, "text"):
-                    raise t.Invalid(f"got a list or hash for '{key.text}'; expected a binding name", key)
-                out[key.text] = self._binding(v.text, v)
+                if isinstance(v, t.ListValue) and self.list_values:
+                    out[key.text] = self._domains([a.text for a in v.items], v.items[0] if v.items else key)
+                elif hasattr(v, "text"):
+                    out[key.text] = self._value(v.text, v)
+                else:
+                    raise t.Invalid(f"got a hash for '{key.text}'; expected {self.expected}", key)
             return out
         items = value.items if isinstance(value, t.ListValue) else [value]
-        out = {}
         for atom in items:
-            user, sep, binding = atom.text.rpartition("=")
+            user, sep, val = atom.text.rpartition("=")
             if not sep or not user:
                 raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
-            out[user] = self._binding(binding, atom)
+            out[user] = self._value(val, atom)
         return out
 
-    def _binding(self, name: str, atom):
-        if not name or any(c.isspace() for c in name):
-            raise t.Invalid(f"got '{name}'; expected a binding name without spaces", atom)
-        return name
+    def _value(self, text: str, atom):
+        if self.list_values:
+            return self._domains(text.split(","), atom)
+        if not text or any(c.isspace() for c in text):
+            raise t.Invalid(f"got '{text}'; expected a binding name without spaces", atom)
+        return text
+
+    def _domains(self, names: list[str], atom) -> frozenset:
+        doms = [n.strip().lower().rstrip(".") for n in names]
+        for d in doms:
+            if not t.is_hostname(d):
+                raise t.Invalid(f"got '{d}'; expected a domain name", atom)
+        return frozenset(doms)
 
     def format(self, value) -> str:
-        return "( " + " ".join(f'"{u}={b}"' for u, b in value.items()) + " )" if value else "( )"
+        if not value:
+            return "( )"
+        if self.list_values:
+            return "( " + " ".join(f'"{u}={",".join(sorted(d))}"' for u, d in value.items()) + " )"
+        return "( " + " ".join(f'"{u}={b}"' for u, b in value.items()) + " )"
 
 
 def _nets(*texts: str) -> tuple:
@@ -398,10 +419,15 @@ OPTIONS: list[OptionDef] = [
               "FILE` manages it and the listener re-reads it when it changes."),
     OptionDef("AuthLoginParameters", _AuthParams(), LISTENER, None,
               "AUTH LOGIN: as AuthPlainParameters (both may name the same file)."),
-    OptionDef("auth_user_bindings", _UserBindings(), LISTENER, {},
+    OptionDef("auth_user_bindings", _UserTable(), LISTENER, {},
               "The Binding that mail of an authenticated user is assigned to (others get the "
               "listener's): ( \"alice@example.com=marketing\" \"bob=transactional\" ), or as a hash "
               "once the conf language reads them: [ bob = \"transactional\" ]."),
+    OptionDef("auth_sender_domains", _UserTable(list_values=True), LISTENER, {},
+              "The sender domains an authenticated user may use in MAIL FROM (Postfix's "
+              "reject_sender_login_mismatch, by domain): ( \"alice@example.com=example.com,example.net\" ), "
+              "or a hash [ alice = ( \"example.com\" ) ]. Another domain gets 553 5.7.1; <> is always "
+              "allowed (bounces); a user not listed may use any."),
     OptionDef("auth_plaintext_loopback", t.Bool(), LISTENER, False,
               "Offer AUTH without TLS to clients on loopback (127.0.0.0/8, ::1) only; everyone else "
               "still needs TLS first (530 5.7.0)."),

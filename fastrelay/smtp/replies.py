@@ -109,6 +109,7 @@ AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not permitted during a mail transaction")
 AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first: AUTH is an ESMTP extension")
+AUTH_SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not allowed for the authenticated user")
 
 # --- Transaction limits and local trouble (cases 13, 17) ---------------------------------------------
 TOO_MANY_MESSAGES = Reply(452, "4.5.3", "Too many messages in this connection")  # case 13 (at MAIL)

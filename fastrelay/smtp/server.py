@@ -158,6 +158,7 @@ class ListenSettings:
             raise ValueError("Use_SSL needs TLS_Certificate and TLS_Key")
         self.auth = A.listener_auth(listen, _conf_path)
         self.auth_bindings: dict[str, str] = g("auth_user_bindings")
+        self.auth_senders: dict[str, frozenset] = g("auth_sender_domains")
         self.auth_guard = (g("auth_max_failures"), g("auth_lockout_time"), g("auth_failure_delay"))
 
 
@@ -631,6 +632,10 @@ class Session(asyncio.Protocol):
             self._error(out)
             return
         reply = self._check_mail_params(params, path)
+        if reply is None and self.auth_user is not None and path.address:
+            allowed = self.srv.s.auth_senders.get(self.auth_user)
+            if allowed is not None and path.domain.lower().rstrip(".") not in allowed:
+                reply = R.AUTH_SENDER_NOT_OWNED  # issue 17 (Postfix reject_sender_login_mismatch)
         if reply is not None:
             out.append(reply.wire)
             self._error(out)
