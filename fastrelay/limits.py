@@ -68,3 +68,13 @@ CLUSTER_LEASE_TIME = 15.0
 # shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced
 # by the resolver on top of c-ares. 5 s is c-ares' and glibc's default per try.
 DNS_TIMEOUT = 5.0
+
+# --- Outbound chapter (issue #10: MultiVIP, traffic shaping) -------------------------------------
+# Momentum's server_max_outbound_connections default: outbound connections open at once, all
+# bindings together (in a Binding stanza: through that binding).
+SERVER_MAX_OUTBOUND_CONNECTIONS = 75000
+# The longest a throttled destination waits before it asks again; a throttle's own wait is
+# usually far shorter ("N/S": S/N seconds between two events).
+MAX_THROTTLE_WAIT = 3600.0
+# Binding_Header values longer than this are ignored (a binding name is a short token).
+MAX_BINDING_NAME = 255
