@@ -19,9 +19,12 @@ of counts). Another backend (shared memory for worker processes, Redis for a clu
 fastrelay.cluster uses the same GCRA) plugs in by implementing the same four methods; the
 scheduler does not change.
 
-GCRA (the generic cell rate algorithm, ITU-T I.371): a rate of N per S seconds has an emission
-interval T = S/N and lets a burst of N through at once; each event moves the throttle's
-theoretical arrival time (TAT) on by T, and an event is allowed while TAT - now <= S - T.
+GCRA (the generic cell rate algorithm, ITU-T I.371) with no burst tolerance: a rate of N per S
+seconds has an emission interval T = S/N; each event moves the throttle's theoretical arrival
+time (TAT) to max(TAT, now) + T, and an event is allowed once now >= TAT. So no window of S
+seconds ever holds more than N events, which is what Momentum's page promises ("no more than the
+specified number of messages are sent in a given second"); a GCRA with a burst of N would let
+up to 2N - 1 through in some window of S. O(1) state per throttle: one float.
 """
 
 from __future__ import annotations
@@ -86,21 +89,15 @@ class LocalShaper:
         return sum(self._held.values()) if key is None else self._held.get(key, 0)
 
     def take(self, key: str, rate: Rate, now: float) -> float:
-        interval = rate.period / rate.count
         tat = self._tat.get(key, now)
-        if tat < now:
-            tat = now
-        # Allowed while the TAT is at most S - T ahead of now: a burst of N, then one per T.
-        late = tat - now - (rate.period - interval)
-        if late > 1e-9:
-            return late
-        self._tat[key] = tat + interval
+        if tat - now > 1e-9:
+            return tat - now
+        self._tat[key] = (tat if tat > now else now) + rate.period / rate.count
         return 0.0
 
     def wait(self, key: str, rate: Rate, now: float) -> float:
         tat = self._tat.get(key, now)
-        late = tat - now - (rate.period - rate.period / rate.count)
-        return late if late > 1e-9 else 0.0
+        return tat - now if tat - now > 1e-9 else 0.0
 
 
 class Admission(NamedTuple):
