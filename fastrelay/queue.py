@@ -29,6 +29,7 @@ from fastrelay.bounce import RELAYED as RELAYED_ACTION
 from fastrelay.bounce import make_dsn, mta_name
 from fastrelay.config import Config
 from fastrelay.crash import crashpoint
+from fastrelay.delivery.xclient import client_of
 from fastrelay.mainlog import MainLog
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
@@ -517,9 +518,12 @@ class Queue:
                 # (this spool's node, this entry's id) if a lost 200 makes us send it again.
                 results = await conn.transfer(env, idx, body, (self.spool.node_id, str(it.id)))
             else:
+                # XCLIENT (issue #10): the original client goes along where the option asks.
+                kw = {"client": client_of(env)} if hop.proto == "smtp" and \
+                    self._settings(self._dest(it)).xclient != "no" else {}
                 results = await conn.deliver(
                     env.sender, env.mail_params,
-                    [(env.recipients[i].address, env.recipients[i].params) for i in idx], body,
+                    [(env.recipients[i].address, env.recipients[i].params) for i in idx], body, **kw,
                 )
             crashpoint("after_remote_ok")
             # A next hop that took the DSN parameters reports success itself (RFC 3461 §5.2.1);

@@ -348,7 +348,10 @@ def _configure(ctx: ssl.SSLContext, settings: Settings) -> None:
         ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
     if settings.tls_protocols:
         lo, hi = protocol_range(settings.tls_protocols)
-        ctx.minimum_version = lo
+        # Below TLS 1.2 the OpenSSL build and the system crypto policy decide (Momentum's note on
+        # tls_protocols; Python deprecates setting those versions): only a floor of 1.2 or 1.3 is set.
+        if lo >= ssl.TLSVersion.TLSv1_2:
+            ctx.minimum_version = lo
         ctx.maximum_version = hi
     if settings.tls_ciphers:
         ctx.set_ciphers(settings.tls_ciphers)  # ssl.SSLError (an OSError) if none matches
