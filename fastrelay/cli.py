@@ -54,10 +54,27 @@ def cmd_config_eval(args: argparse.Namespace) -> int:
         hint = f"; did you mean '{schema.BY_KEY[close[0]].name}'?" if close else ""
         print(f"fastrelay: unknown option '{args.option}'{hint}", file=sys.stderr)
         return EXIT_CONFIG
-    s = cfg.lookup(opt.name, args.domain, args.binding)
+    if args.host:
+        hs = cfg.host_lookup(opt.name, args.host)
+        # Momentum: a Host scope does not fall back to the binding/domain/global value.
+        s = hs if hs is not None else None
+        if s is None:
+            print(f"{opt.name} = (unset)\t# no Host stanza for {args.host} sets it")
+            return EXIT_OK
+    else:
+        s = cfg.lookup(opt.name, args.domain, args.binding)
     where = "default" if s.pos is None else f"{s.pos.file}:{s.pos.line} ({s.scope})"
-    print(f"{opt.name} = {opt.format(s.value)}\t# {where}")
+    line = f"{opt.name} = {opt.format(s.value)}\t# {where}"
+    if opt.key in _THROTTLES and s.value is not None:
+        # By reference (Momentum): the throttle lives in the scope that sets it.
+        line += f"; one throttle shared by everything that falls back to {s.scope}"
+    print(line)
     return EXIT_OK
+
+
+_THROTTLES = frozenset({"outbound_throttle_messages", "outbound_throttle_connections",
+                        "cluster_outbound_throttle_messages", "cluster_outbound_throttle_connections",
+                        "server_max_outbound_connections"})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -120,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-c", "--conf", default=DEFAULT_CONF)
     ev.add_argument("--domain", help="evaluate for mail to this domain")
     ev.add_argument("--binding", help="evaluate for this binding")
+    ev.add_argument("--host", help="evaluate in the Host stanza of this MX (name or IP; regex stanzas match)")
     ev.add_argument("option")
     ev.set_defaults(func=cmd_config_eval)
 
