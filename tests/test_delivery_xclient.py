@@ -73,7 +73,8 @@ async def test_attributes_reach_the_next_hop_and_ehlo_follows():
         assert cmds.count("XCLIENT") == 2
         i = cmds.index("XCLIENT")
         assert cmds[i + 1] == "EHLO"
-        assert {m.ehlo for m in sink.messages} == {"relay.test"}
+        # EHLO again with the original client's HELO name, so the next hop logs that name.
+        assert {m.ehlo for m in sink.messages} == {"client.example"}
 
 
 @pytest.mark.parametrize(("mode", "offered", "reply", "outcome"), [

@@ -18,6 +18,8 @@ mapping of replies to `RcptResult`s) is `WireSession` in fastrelay.delivery.wire
 
 from __future__ import annotations
 
+import re
+
 from fastrelay import _impl
 from fastrelay.delivery import PERM, ConnectError, Hop, RcptResult, Settings, xclient
 from fastrelay.delivery.wire import (
@@ -107,6 +109,8 @@ _DATA = b"DATA\r\n"
 _DOT = b".\r\n"  # an empty message: what encode_data(b"") gives
 # RELIABILITY.md case 22: a control character in an address or parameter is never sent; the
 # address can never be delivered, the session is unharmed.
+# A HELO name that may be said again after XCLIENT: printable ASCII, no spaces (RFC 5321 §4.1.1.1).
+_HELO_NAME = re.compile(r"[!-~]{1,255}")
 _BAD_SENDER = RcptResult(PERM, 501, "5.1.7 Bad sender address (control characters)")
 _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
 
@@ -353,8 +357,14 @@ class SMTPConnection(WireSession):
             self._phase = "XCLIENT"
             code, rl = await self._setup(line, s.ehlo_timeout, "XCLIENT")
             if code == 220:
-                # The server starts over as if the original client had connected: EHLO again.
+                # The server starts over as if the original client had connected: EHLO again,
+                # with the original client's HELO name where it is a usable one, because the new
+                # EHLO replaces the HELO attribute (Postfix logs the EHLO's name after XCLIENT).
                 self._xclient_sent = client
+                helo = client.get("HELO", "")
+                if helo != xclient.UNAVAILABLE and _HELO_NAME.fullmatch(helo):
+                    self._ehlo = b"EHLO " + helo.encode("ascii") + b"\r\n"
+                    self._helo = b"HELO " + helo.encode("ascii") + b"\r\n"
                 await self._hello()
                 return None
         except ConnectError as e:  # timeout, lost connection, bad reply, EHLO refused

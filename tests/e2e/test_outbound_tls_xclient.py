@@ -45,4 +45,4 @@ async def test_xclient_carries_the_original_client(dns, sinks, relay):
     await drained(h)
     (m,) = sink.messages
     assert m.xclient == {"NAME": "[UNAVAILABLE]", "ADDR": "127.0.0.1", "PROTO": "ESMTP", "HELO": "origin.example"}
-    assert m.ehlo == "relay.test"  # EHLO again after the 220, with our own name
+    assert m.ehlo == "origin.example"  # EHLO again after the 220, with the original HELO name
