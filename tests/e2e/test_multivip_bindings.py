@@ -144,3 +144,37 @@ async def test_bind_failure_is_a_transient_failure_with_the_reason(dns, sinks, r
     assert "4.4.1 Cannot bind to Bind_Address 192.0.2.1 of binding bad" in t[10]
     await sink.wait_for(1)
     assert [m.test_id for m in sink.messages] == ["fine"]
+
+
+def _peak_by_peer(sink) -> dict[str, int]:
+    """Connections open at once per source address, from the sink's session times."""
+    events = []
+    for s in sink.sessions:
+        events.append((s.opened_at, 1, s.peer[0]))
+        events.append((s.closed_at if s.closed_at is not None else float("inf"), -1, s.peer[0]))
+    now: dict[str, int] = {}
+    peak: dict[str, int] = {}
+    for _, delta, peer in sorted(events, key=lambda e: (e[0], e[1])):
+        now[peer] = now.get(peer, 0) + delta
+        peak[peer] = max(peak.get(peer, 0), now[peer])
+    return peak
+
+
+async def test_connection_limits_follow_the_binding(dns, sinks, relay):
+    """ref-max-outbound-connections: "When connecting to example.com from the example binding,
+    Max_Outbound_Connections will be 15, when connecting from another binding in the group1
+    group it will be 5" - each binding counts its own connections to the same MX."""
+    (sink,) = await sinks(1)
+    dns.add_mx("vip.test", 10, "mx.vip.test")
+    dns.add_a("mx.vip.test", sink.host)
+    sink.faults.set("dot", delay=0.05)
+    h = await relay(BINDINGS + 'Binding "b1" { max_outbound_connections = 2 }\n'
+                    'Binding "b2" { Domain "vip.test" { max_outbound_connections = 3 } }\n')
+    await asyncio.gather(*(send(h, [f"c{i}@vip.test"], tagged(f"c{i}", f"b{1 + i % 2}")) for i in range(60)))
+    await drained(h, 30)
+    assert len(sink.messages) == 60
+    peak = _peak_by_peer(sink)
+    assert peak["127.0.0.3"] <= 2  # b1
+    assert peak["127.0.0.4"] <= 3  # b2
+    # Each binding has its own count: together they have more open than either limit allows.
+    assert sink.peak_sessions >= 4
