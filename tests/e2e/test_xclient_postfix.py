@@ -10,7 +10,7 @@ import aiosmtplib
 import pytest
 
 from tests.e2e.conftest import drained, records
-from tests.support.postfix import Postfix
+from tests.support.postfix_smtpd import Postfix
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
-"""A real Postfix smtpd for tests (issue #10, XCLIENT): master in the foreground from the binaries
-.ci/peers unpacks under /opt/fastrelay-postfix, in a throwaway config and queue directory.
+"""A real Postfix smtpd, up to RCPT, for the XCLIENT tests (issue #10).
+
+Postfix's master runs in the foreground from the binaries .ci/peers unpacks under
+/opt/fastrelay-postfix, in a throwaway config and queue directory.
 
 Only what an SMTP session up to RCPT needs runs: smtpd, trivial-rewrite, proxymap, anvil and
 postlogd (its log goes to `log_path`). RCPT is answered from a cidr table keyed by the client
