@@ -141,3 +141,42 @@ def test_outbound_tls_options_in_every_scope(tmp_path):
         "none", "+TLSv1.2", "HIGH:!aNULL", str(tmp_path / "ca.pem"))
     assert delivery_settings(cfg, "x.test", "default", "h").tls_cert == str(tmp_path / "g.pem")
     assert loads("TLS_Protocols = \"+ALL\"\n").get("TLS_Protocols") == "+ALL"
+
+
+@pytest.mark.parametrize(("conf", "version"), [
+    ('TLS_Protocols = "+TLSv1.2"\n', "TLSv1.2"),
+    ('TLS_Protocols = "+ALL:-TLSv1.2"\n', "TLSv1.3"),
+])
+async def test_tls_protocols_for_the_listener_too(tmp_path, conf, version):
+    """tls_protocols is valid in esmtp_listener and listen scope as well: STARTTLS here offers
+    only those versions."""
+    import trustme
+
+    from tests.support import RawClient
+    from tests.support.relay import RelayHarness
+
+    ca = trustme.CA()
+    ca.issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    h = RelayHarness(tmp_path, 'suspend_delivery = 1\nTLS_Certificate = "relay.pem"\nTLS_Key = "relay.pem"\n' + conf)
+    async with h:
+        async with await RawClient.connect("127.0.0.1", h.port) as c:
+            await c.expect(220)
+            await c.command("EHLO c")
+            assert (await c.command("STARTTLS"))[0] == 220
+            await c.starttls(client_ctx, server_hostname="relay.test")
+            assert c.writer.get_extra_info("ssl_object").version() == version
+
+
+async def test_a_cipher_list_that_matches_nothing_stops_the_start(tmp_path):
+    import trustme
+
+    from fastrelay.relay import StartupError
+    from tests.support.relay import RelayHarness
+
+    trustme.CA().issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
+    h = RelayHarness(tmp_path, 'TLS_Certificate = "relay.pem"\nTLS_Key = "relay.pem"\nTLS_Ciphers = "NOSUCHCIPHER"\n')
+    with pytest.raises(StartupError, match=r"ESMTP listener 127\.0\.0\.1:0: .*cipher"):
+        await h.start()
+    await h.relay.stop()

@@ -156,9 +156,23 @@ class ListenSettings:
         if cert and key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(cert, key)
+            _tls_limits(ctx, listen.get("TLS_Protocols"), listen.get("TLS_Ciphers"))
             self.tls = ctx
         elif cert or key:
             raise ValueError("TLS_Certificate and TLS_Key must be set together")
+
+
+def _tls_limits(ctx: ssl.SSLContext, protocols: str | None, ciphers: str | None) -> None:
+    """TLS_Protocols and TLS_Ciphers for STARTTLS here, as for outbound (Momentum: both scopes)."""
+    if protocols:
+        from fastrelay.delivery.wire import protocol_range
+
+        lo, hi = protocol_range(protocols)
+        if lo >= ssl.TLSVersion.TLSv1_2:  # below 1.2 OpenSSL and the system policy decide
+            ctx.minimum_version = lo
+        ctx.maximum_version = hi
+    if ciphers:
+        ctx.set_ciphers(ciphers)  # ssl.SSLError (an OSError) if it matches no cipher
 
 
 def _conf_path(setting) -> str | None:
