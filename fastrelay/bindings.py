@@ -31,6 +31,8 @@ def split_header(body: bytes, name: str) -> tuple[bytes | None, bytes]:
     """The first value of header field `name` in `body` (unfolded, stripped; None if absent) and
     `body` with every occurrence of that field removed, continuation lines included (RFC 5322
     §2.2.3). Only the header section is looked at; the rest is kept byte for byte."""
+    if body[:1] == b"\n" or body[:2] == b"\r\n":
+        return None, body  # no header section at all: nothing in the body is a header
     m = _HEADER_END.search(body)
     head_end = m.start(1) if m else len(body)
     head = body[:head_end]

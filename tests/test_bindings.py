@@ -19,6 +19,8 @@ from fastrelay.config import loads
     (b"A: 1\nX-Binding: lf\n\nbody\n", b"lf", b"A: 1\n\nbody\n"),  # bare LF endings
     (b"Subject: none\r\n\r\nX-Binding: b1\r\n", None, b"Subject: none\r\n\r\nX-Binding: b1\r\n"),
     (b"X-Bindings: other\r\n\r\n", None, b"X-Bindings: other\r\n\r\n"),  # another field name
+    (b"\r\nX-Binding: b1\r\n", None, b"\r\nX-Binding: b1\r\n"),  # no header section: all body
+    (b"X-Binding: only\r\n", b"only", b""),  # a message of one header field, no body
 ])
 def test_split_header(body, value, rest):
     assert split_header(body, "X-Binding") == (value, rest)
