@@ -248,6 +248,13 @@ class Queue:
             if self.cfg.get("suspend_delivery", d.domain, d.binding):
                 return  # suspended for this binding (or binding::domain): the mail stays queued
             while len(d.ready) > d.connecting and not self._stopping:
+                wait = self.shaping.message_wait(d.domain, d.binding)
+                if wait > 0:
+                    # No message may go yet: a new connection would only wait. The open ones
+                    # (if any) take the next token; new ones open when the timer fires.
+                    d.shaping_hold = "throttle"
+                    self._hold(d, wait)
+                    return
                 try:
                     plan = self._narrow(d, await self.router.plan(d.domain, d.binding))
                     if self._host_throttled:

@@ -184,6 +184,14 @@ class OutboundShaping:
         for k in slots:
             self.backend.release(k)
 
+    def message_wait(self, domain: str, binding: str) -> float:
+        """The seconds until the message throttle of (domain, binding) lets one through, taking
+        nothing: a connection opened before then would only wait."""
+        th = self.throttle("outbound_throttle_messages", domain, binding)
+        if th is None:
+            return 0.0
+        return min(self.backend.wait(th[0], th[1], self.clock()), limits.MAX_THROTTLE_WAIT)
+
     def before_message(self, domain: str, binding: str, hosts: list[str]) -> float:
         """One token of the message throttles of (domain, binding) and of the host: 0.0 if
         taken, else the seconds until they let a message through (nothing taken then)."""

@@ -112,3 +112,14 @@ def test_binding_server_limit_adds_to_the_global_one():
                                'Binding b { Server_Max_Outbound_Connections = 1 }\n'))
     assert sh.server_limits("b") == [("server@global", 100), ("server@Binding b", 1)]
     assert sh.server_limits("other") == [("server@global", 100)]
+
+
+def test_message_wait_takes_nothing():
+    now = [0.0]
+    sh = OutboundShaping(loads('outbound_throttle_messages = "1/10"\n'), clock=lambda: now[0])
+    assert sh.message_wait("d.test", "b") == 0.0
+    assert sh.before_message("d.test", "b", []) == 0.0
+    assert sh.message_wait("d.test", "b") == pytest.approx(10.0)
+    assert sh.message_wait("d.test", "b") == pytest.approx(10.0)  # asking spends nothing
+    now[0] = 10.0
+    assert sh.message_wait("d.test", "other") == 0.0  # the global throttle, shared, has a token now

@@ -149,3 +149,22 @@ async def test_server_max_outbound_connections_caps_all_connections(dns, sinks, 
     shaper = h.relay.queue.shaping.backend
     await h.stop()
     assert shaper.held() == 0  # every slot back once the cached connections are closed
+
+
+async def test_a_wait_longer_than_the_cache_time_closes_and_waits_on_a_timer(dns, sinks, relay):
+    """Issue #10: "Connections stay open within Connection_Cache_Time when throttled by message
+    rate"; beyond it the message goes back to the ready queue (not retried: no T record) and the
+    destination waits on a timer with no connection open."""
+    (sink,) = await sinks(1)
+    dns.add_mx("th.test", 10, "mx.th.test")
+    dns.add_a("mx.th.test", sink.host)
+    h = await relay('Connection_Cache_Time = 100ms\noutbound_throttle_messages = "2/1"\n')
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await _send_all(h, [(f"w{i}@th.test", body(f"w{i}")) for i in range(6)])
+    await sink.wait_for(6, timeout=30)
+    assert loop.time() - start >= 2.0  # one each 0.5 s
+    await drained(h)
+    assert records(h, "T") == [] and len(records(h, "D")) == 6
+    # Each 0.5 s wait is longer than the 0.1 s cache time: the connection was closed for it.
+    assert max(sink.per_session_messages()) == 1
