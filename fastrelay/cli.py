@@ -55,7 +55,7 @@ def cmd_config_eval(args: argparse.Namespace) -> int:
         print(f"fastrelay: unknown option '{args.option}'{hint}", file=sys.stderr)
         return EXIT_CONFIG
     if args.host:
-        hs = cfg.host_lookup(opt.name, args.host)
+        hs = cfg.host_lookup(opt.name, args.host, args.binding)
         # Momentum: a Host scope does not fall back to the binding/domain/global value.
         s = hs if hs is not None else None
         if s is None:

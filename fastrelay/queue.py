@@ -33,7 +33,7 @@ from fastrelay.delivery.xclient import client_of
 from fastrelay.mainlog import MainLog
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
-from fastrelay.shaping import OutboundShaping
+from fastrelay.shaping import OutboundShaping, has_host_throttles
 
 log = logging.getLogger("fastrelay.queue")
 
@@ -140,9 +140,7 @@ class Queue:
         # Local throttles and the server-wide connection cap (issue #10); its backend may be
         # shared between processes without the scheduler knowing.
         self.shaping = shaping if shaping is not None else OutboundShaping(cfg)
-        self._host_throttled = any(
-            sc.get("outbound_throttle_connections") is not None
-            for sc in [*cfg.hosts.values(), *(sc for _, sc in cfg.regex_hosts)])
+        self._host_throttled = has_host_throttles(cfg)
         self.spool = spool
         self.router = router
         self.mainlog = mainlog
@@ -335,7 +333,7 @@ class Queue:
         sibling (same preference first, then the next level, as for a host at its connection
         limit); with every host throttled, the destination waits for the first one's next token
         (None: held), not for retry_interval."""
-        waits = {h: self.shaping.host_wait([hop.name, hop.ip]) for h, hop in plan.hops.items()}
+        waits = {h: self.shaping.host_wait([hop.name, hop.ip], d.binding) for h, hop in plan.hops.items()}
         throttled = {h for h, w in waits.items() if w > 0}
         if not throttled:
             return plan

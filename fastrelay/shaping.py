@@ -108,6 +108,15 @@ class Admission(NamedTuple):
     reason: str = ""  # "", "limit", "throttle" or "host throttle"
 
 
+def has_host_throttles(cfg) -> bool:
+    """Whether any Host stanza (plain or in a Binding) sets outbound_throttle_connections: only
+    then does the scheduler look for throttled MXs before it picks one."""
+    scopes = [*cfg.hosts.values(), *(sc for _, sc in cfg.regex_hosts)]
+    for b in cfg.bindings.values():
+        scopes += [*b.hosts.values(), *(sc for _, sc in b.regex_hosts)]
+    return any(sc.get("outbound_throttle_connections") is not None for sc in scopes)
+
+
 class OutboundShaping:
     """Momentum's shaping options turned into keys of a `Shaper`: outbound_throttle_messages and
     outbound_throttle_connections (binding::domain, binding, binding_group, domain, global; and
@@ -125,9 +134,10 @@ class OutboundShaping:
             return None
         return f"{option.lower()}@{s.scope}", s.value
 
-    def host_throttle(self, option: str, host: str) -> tuple[str, Rate] | None:
-        """The Host stanza's throttle (a regex Host stanza is one throttle for all it matches)."""
-        s = self.cfg.host_lookup(option, host)
+    def host_throttle(self, option: str, host: str, binding: str | None = None) -> tuple[str, Rate] | None:
+        """The Host stanza's throttle, binding::host first (a regex Host stanza is one throttle
+        for all it matches)."""
+        s = self.cfg.host_lookup(option, host, binding)
         if s is None or s.value is None:
             return None
         return f"{option.lower()}@{s.scope}", s.value
@@ -143,13 +153,13 @@ class OutboundShaping:
         return out
 
     # --- what the scheduler asks ------------------------------------------------------------------
-    def host_wait(self, hosts: list[str]) -> float:
+    def host_wait(self, hosts: list[str], binding: str | None = None) -> float:
         """The seconds until the Host-scope connection throttle of one of `hosts` (name or IP)
-        lets a connection through; 0.0 if none is throttled."""
+        lets a connection through for `binding`; 0.0 if none is throttled."""
         now = self.clock()
         waits = []
         for h in hosts:
-            th = self.host_throttle("outbound_throttle_connections", h)
+            th = self.host_throttle("outbound_throttle_connections", h, binding)
             if th is not None:
                 waits.append(self.backend.wait(th[0], th[1], now))
         return max(waits, default=0.0)
@@ -161,7 +171,7 @@ class OutboundShaping:
         now = self.clock()
         b = self.backend
         throttles = [t for t in (self.throttle("outbound_throttle_connections", domain, binding),
-                                 *(self.host_throttle("outbound_throttle_connections", h) for h in hosts))
+                                 *(self.host_throttle("outbound_throttle_connections", h, binding) for h in hosts))
                      if t is not None]
         # Ask first, then take: a token is never spent on a connection that does not open.
         for key, rate in throttles:
@@ -198,7 +208,7 @@ class OutboundShaping:
         now = self.clock()
         b = self.backend
         throttles = [t for t in (self.throttle("outbound_throttle_messages", domain, binding),
-                                 *(self.host_throttle("outbound_throttle_messages", h) for h in hosts))
+                                 *(self.host_throttle("outbound_throttle_messages", h, binding) for h in hosts))
                      if t is not None]
         if not throttles:
             return 0.0

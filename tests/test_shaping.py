@@ -123,3 +123,35 @@ def test_message_wait_takes_nothing():
     assert sh.message_wait("d.test", "b") == pytest.approx(10.0)  # asking spends nothing
     now[0] = 10.0
     assert sh.message_wait("d.test", "other") == 0.0  # the global throttle, shared, has a token now
+
+
+def test_binding_host_throttle_comes_before_host():
+    """ref-outbound-throttle-connections: "connections opened to the resolved MX host
+    smtp.example.com are limited to 5 every 10 seconds by default, but the vip binding may open
+    up to 30 new connections per second to the same host"."""
+    from fastrelay.shaping import has_host_throttles
+
+    cfg = loads('host "smtp.example.com" {\n  Outbound_Throttle_Connections = "5/10"\n}\n'
+                'Binding "vip" {\n  host "smtp.example.com" {\n    Outbound_Throttle_Connections = "30"\n  }\n}\n'
+                'Binding "other" { }\n')
+    sh = OutboundShaping(cfg)
+    assert sh.host_throttle("outbound_throttle_connections", "smtp.example.com", "vip") == (
+        "outbound_throttle_connections@Binding vip::Host smtp.example.com", Rate(30, 1.0))
+    assert sh.host_throttle("outbound_throttle_connections", "smtp.example.com", "other")[0] == \
+        "outbound_throttle_connections@Host smtp.example.com"  # shared by reference with everyone else
+    assert sh.host_throttle("outbound_throttle_connections", "smtp.example.com")[1] == Rate(5, 10.0)
+    assert has_host_throttles(cfg)
+    assert not has_host_throttles(loads("Binding b { }\n"))
+
+
+@pytest.mark.parametrize("bad", [
+    'Binding b { Host mx.test { max_outbound_connections = 3 } }',
+    'Binding b { Host mx.test { retry_interval = 3 } }',
+])
+def test_binding_host_takes_only_the_throttles(bad):
+    from fastrelay.config.errors import ConfigErrors
+
+    with pytest.raises(ConfigErrors, match=r"<string>:1:\d+: option '\w+' is not valid in a Host stanza inside a "
+                                           r"Binding; expected outbound_throttle_connections or "
+                                           r"outbound_throttle_messages there"):
+        loads(bad + "\n")

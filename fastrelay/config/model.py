@@ -48,6 +48,9 @@ class BindingScope:
     domains: dict[str, Scope] = field(default_factory=dict)
     # Regex Domain stanzas inside this binding, in file order (Momentum's regex domains).
     regex_domains: list[tuple[re.Pattern, Scope]] = field(default_factory=list)
+    # binding::host (issue #10: the binding's own Host-scope throttles), literal and regex.
+    hosts: dict[str, Scope] = field(default_factory=dict)
+    regex_hosts: list[tuple[re.Pattern, Scope]] = field(default_factory=list)
 
 
 def _is_regex(name: str) -> bool:
@@ -177,13 +180,19 @@ class Config:
         """The bindings of a Binding_Group, in file order (a group declared twice is merged)."""
         return [name for name, b in self.bindings.items() if b.group == group]
 
-    def host_lookup(self, option: str, host: str) -> Setting | None:
-        """The value set for `option` in the Host stanza of `host`, or None if none sets it."""
-        sc = match_scope(host.lower(), self.hosts, self.regex_hosts)
-        if sc is None:
-            return None
-        v = sc.get(_opt(option).key)
-        return None if v is None else Setting(v[0], v[1], sc.description)
+    def host_lookup(self, option: str, host: str, binding: str | None = None) -> Setting | None:
+        """The value set for `option` in the Host stanza of `host` (binding::host first, then
+        host; no fallback to the binding/domain/global value, as Momentum), or None."""
+        key = _opt(option).key
+        name = host.lower()
+        b = self.bindings.get(binding) if binding else None
+        for sc in (match_scope(name, b.hosts, b.regex_hosts) if b is not None else None,
+                   match_scope(name, self.hosts, self.regex_hosts)):
+            if sc is not None:
+                v = sc.get(key)
+                if v is not None:
+                    return Setting(v[0], v[1], sc.description)
+        return None
 
     def reroute_target(self, option: str, domain: str, binding: str | None = None) -> str | None:
         """reroute_domain / delayed_reroute_domain for `domain`, with "disabled" as None."""
@@ -241,7 +250,11 @@ class _Builder:
                 msg += "; expected a known option name (see docs/config.md)"
             self.fail(node.pos, msg)
             return
-        if scope_kind not in opt.scopes:
+        if scope_kind == S.BINDING_HOST and opt.key not in S.BINDING_HOST_OPTIONS:
+            self.fail(node.pos, f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; expected "
+                                "outbound_throttle_connections or outbound_throttle_messages there")
+            return
+        if (S.HOST if scope_kind == S.BINDING_HOST else scope_kind) not in opt.scopes:
             self.fail(
                 node.pos,
                 f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; "
@@ -332,6 +345,11 @@ class _Builder:
     def s_host(self, node: Stanza, name: str, ctx: dict) -> None:
         sc = self._named(self.cfg.hosts, self.cfg.regex_hosts, S.HOST, name, f"Host {name}")
         self.items(node.children, S.HOST, sc, ctx)
+
+    def s_binding_host(self, node: Stanza, name: str, ctx: dict) -> None:
+        b: BindingScope = ctx["binding"]
+        sc = self._named(b.hosts, b.regex_hosts, S.BINDING_HOST, name, f"{b.scope.description}::Host {name}")
+        self.items(node.children, S.BINDING_HOST, sc, ctx)
 
     def s_esmtp_listener(self, node: Stanza, name: None, ctx: dict) -> None:
         sc = Scope(S.ESMTP_LISTENER, None, "ESMTP_Listener")

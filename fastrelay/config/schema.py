@@ -18,6 +18,7 @@ BINDING = "binding"
 BINDING_GROUP = "binding_group"
 BINDING_DOMAIN = "binding_domain"
 HOST = "host"
+BINDING_HOST = "binding_host"
 ESMTP_LISTENER = "esmtp_listener"
 ESMTP_LISTEN = "esmtp_listen"
 HTTP_LISTENER = "http_listener"
@@ -32,6 +33,7 @@ SCOPE_NAMES = {
     BINDING_GROUP: "a Binding_Group stanza",
     BINDING_DOMAIN: "a Domain stanza inside a Binding",
     HOST: "a Host stanza",
+    BINDING_HOST: "a Host stanza inside a Binding",
     ESMTP_LISTENER: "an ESMTP_Listener stanza",
     ESMTP_LISTEN: "a Listen stanza of an ESMTP_Listener",
     HTTP_LISTENER: "an HTTP_Listener stanza",
@@ -283,7 +285,8 @@ OPTIONS: list[OptionDef] = [
               "Connections opened per second (\"N\") or per S seconds (\"N/S\"), by reference as "
               "outbound_throttle_messages. In a Host stanza it limits connections to that MX, on top "
               "of the binding/domain/global throttle; a throttled host is skipped for another of "
-              "the same preference when there is one."),
+              "the same preference when there is one. A Host stanza inside a Binding (binding::host) "
+              "gives that binding its own throttle to the MX; it takes only the two throttles."),
     OptionDef("Server_Max_Outbound_Connections", t.Int(1, 10_000_000), frozenset({GLOBAL, BINDING_GROUP, BINDING}),
               limits.SERVER_MAX_OUTBOUND_CONNECTIONS,
               "Outbound connections open at once, all destinations together (Momentum's "
@@ -578,7 +581,7 @@ STANZAS: list[StanzaDef] = [
     StanzaDef("Domain", DOMAIN, frozenset({GLOBAL, BINDING}), True, _DomainName()),
     StanzaDef("Binding_Group", BINDING_GROUP, frozenset({GLOBAL}), True, _BindingName()),
     StanzaDef("Binding", BINDING, frozenset({GLOBAL, BINDING_GROUP}), True, _BindingName()),
-    StanzaDef("Host", HOST, frozenset({GLOBAL}), True, _HostName()),
+    StanzaDef("Host", HOST, frozenset({GLOBAL, BINDING}), True, _HostName()),
     StanzaDef("ESMTP_Listener", ESMTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("HTTP_Listener", HTTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("scriptlet", SCRIPTLET, frozenset({GLOBAL}), True, _Name()),
@@ -589,7 +592,12 @@ STANZAS: list[StanzaDef] = [
 STANZA_BY_KEY: dict[str, StanzaDef] = {s.key: s for s in STANZAS}
 
 # A Domain inside a Binding is the binding::domain scope.
-NESTED_SCOPE = {(BINDING, DOMAIN): BINDING_DOMAIN, (HTTP_LISTENER, ESMTP_LISTEN): HTTP_LISTEN}
+NESTED_SCOPE = {(BINDING, DOMAIN): BINDING_DOMAIN, (HTTP_LISTENER, ESMTP_LISTEN): HTTP_LISTEN,
+                (BINDING, HOST): BINDING_HOST}
+# What a Host inside a Binding (binding::host) may set: the throttles, which are the binding's own
+# towards that MX (ref-outbound-throttle-connections: "binding::host > host"). Connection counts
+# per MX are shared by every binding, so max_outbound_connections stays in plain Host stanzas.
+BINDING_HOST_OPTIONS = frozenset({"outbound_throttle_connections", "outbound_throttle_messages"})
 
 
 def add_option(opt: OptionDef) -> None:
@@ -599,7 +607,7 @@ def add_option(opt: OptionDef) -> None:
 
 
 def valid_in(opt: OptionDef) -> str:
-    order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, ESMTP_LISTENER, ESMTP_LISTEN,
+    order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, BINDING_HOST, ESMTP_LISTENER, ESMTP_LISTEN,
              HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT]
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

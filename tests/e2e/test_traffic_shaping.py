@@ -168,3 +168,31 @@ async def test_a_wait_longer_than_the_cache_time_closes_and_waits_on_a_timer(dns
     assert records(h, "T") == [] and len(records(h, "D")) == 6
     # Each 0.5 s wait is longer than the 0.1 s cache time: the connection was closed for it.
     assert max(sink.per_session_messages()) == 1
+
+
+async def test_binding_host_throttle_is_the_bindings_own(dns, sinks, relay):
+    """ref-outbound-throttle-connections: "connections opened to the resolved MX host ... are
+    limited to 5 every 10 seconds by default, but the vip binding may open up to 30 new
+    connections per second to the same host"."""
+    (sink,) = await sinks(1)
+    dns.add_mx("th.test", 10, "mx.th.test")
+    dns.add_a("mx.th.test", sink.host)
+    h = await relay('Connection_Cache_Time = 0\nBinding_Header = "X-Binding"\n'
+                    'Host "mx.th.test" { outbound_throttle_connections = "1/60" }\n'
+                    'Binding "vip" { Bind_Address = "127.0.0.6"\n'
+                    '  Host "mx.th.test" { outbound_throttle_connections = "30" } }\n'
+                    'Binding "other" { Bind_Address = "127.0.0.7" }\n')
+    for i in range(4):
+        await send(h, [f"v{i}@th.test"], b"X-Binding: vip\r\n" + body(f"v{i}"))
+        await sink.wait_for(i + 1, timeout=10)  # one at a time: a new connection each
+    for i in range(3):
+        await send(h, [f"o{i}@th.test"], b"X-Binding: other\r\n" + body(f"o{i}"))
+    await sink.wait_for(5, timeout=10)
+    await asyncio.sleep(0.5)
+    by_peer = {}
+    for s in sink.sessions:
+        by_peer[s.peer[0]] = by_peer.get(s.peer[0], 0) + 1
+    assert by_peer["127.0.0.6"] == 4  # vip: its own throttle, 30 per second
+    assert by_peer["127.0.0.7"] == 1  # other: the Host stanza's, one a minute
+    assert len(sink.messages) + len(h.relay.queue.items) == 7  # whatever did not go yet waits
+    assert records(h, "T") == []
