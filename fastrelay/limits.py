@@ -91,3 +91,13 @@ MAINLOG_MAX_PENDING = 8 * 1024 * 1024
 # teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer
 # failure"): bytes of bodies kept in memory for their quick retry, in all (teleport_memory_limit).
 TELEPORT_MEMORY_LIMIT = 64 * 1024 * 1024
+
+# --- Outbound chapter (issue #10: MultiVIP, traffic shaping) -------------------------------------
+# Momentum's server_max_outbound_connections default: outbound connections open at once, all
+# bindings together (in a Binding stanza: through that binding).
+SERVER_MAX_OUTBOUND_CONNECTIONS = 75000
+# The longest a throttled destination waits before it asks again; a throttle's own wait is
+# usually far shorter ("N/S": S/N seconds between two events).
+MAX_THROTTLE_WAIT = 3600.0
+# Binding_Header values longer than this are ignored (a binding name is a short token).
+MAX_BINDING_NAME = 255

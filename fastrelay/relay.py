@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 
+from fastrelay.bindings import Assigner
 from fastrelay.config import Config
 from fastrelay.mainlog import MainLog
 from fastrelay.message import Envelope
@@ -37,6 +38,7 @@ class Relay:
         self.resolver = None
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
         self.hostname = cfg.get("Hostname") or socket.gethostname()
+        self.binder = Assigner(cfg)  # binding assignment (issue #10), shared by the listeners
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -67,6 +69,7 @@ class Relay:
             except (OSError, ValueError) as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e}") from None
             srv = SMTPServer(settings, self)
+            srv.binder = self.binder.for_listener(listen)
             try:
                 await srv.start(listen.address.host or None, listen.address.port)
             except OSError as e:

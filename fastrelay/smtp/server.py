@@ -187,6 +187,8 @@ class SMTPServer:
         self.s = settings
         self.intake = intake
         self.binding = binding
+        # Binding assignment by conf (fastrelay.bindings.ListenerBinding), set by the relay.
+        self.binder = None
         self.on_received = on_received
         self.sessions: set[Session] = set()
         self.per_ip: dict[str, int] = {}
@@ -940,6 +942,11 @@ class Session(asyncio.Protocol):
             + (f"\r\n\tfor <{first}>" if first else "")
             + f"; {_dates.now()}\r\n"
         ).encode("utf-8", "replace")
+        binding = self.srv.binding
+        if self.srv.binder is not None:
+            # Issue #10: Binding/Binding_Group of this listener, or Binding_Header from a client in
+            # relay_hosts; the header never goes further.
+            binding, body = self.srv.binder.assign(body, self.trusted)
         full = received + body
         by_domain: dict[str, list[Recipient]] = {}
         for path, params in tx.rcpts:
@@ -955,7 +962,7 @@ class Session(asyncio.Protocol):
                 client_ip=self.peer_ip,
                 helo=self.helo,
                 protocol=proto.lower(),
-                binding=self.srv.binding,
+                binding=binding,
                 msgid=msgid,
                 received_at=now,
                 first_queued=now,
