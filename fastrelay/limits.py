@@ -101,3 +101,10 @@ SERVER_MAX_OUTBOUND_CONNECTIONS = 75000
 MAX_THROTTLE_WAIT = 3600.0
 # Binding_Header values longer than this are ignored (a binding name is a short token).
 MAX_BINDING_NAME = 255
+
+# --- Seed 003 (Stalwart's transport limits) ---------------------------------------------------------
+# queue.outbound.limits.mx / .multihomed: hosts and addresses of a next hop tried in one attempt.
+# 0 = no limit, Momentum's behaviour (Stalwart's own example writes mx = 7, multihomed = 2).
+# Conf: Max_MX_Hosts, Max_MX_Addresses.
+MAX_MX_HOSTS = 0
+MAX_MX_ADDRESSES = 0

@@ -907,6 +907,8 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         # sender's domain) cannot be per message on a shared connection: the relay's name too.
         helo_name=hostname if ehlo in ("__hostname__", "__message__") else ehlo,
         bind_address=g("Bind_Address", domain, binding),
+        tls_implicit=g("TLS_Implicit", domain, binding),
+        session_timeout=g("Session_Timeout", domain, binding),
         binding=binding,
         xclient=g("XCLIENT", domain, binding),
         tls_cert=_path(cfg, "TLS_Certificate", domain, binding),

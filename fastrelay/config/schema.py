@@ -9,6 +9,7 @@ from typing import Any
 
 from fastrelay import limits
 from fastrelay.config import types as t
+from fastrelay.config.parser import ListValue
 
 # Scopes. The outbound fallback order is Momentum's: binding::domain, binding, binding_group,
 # domain, global.
@@ -136,7 +137,28 @@ class _BindingName(t.OptType):
 class _BindAddress(t.OptType):
     """Momentum's bind_address: an IP address, a local host name, or "*" (the kernel chooses)."""
 
-    expected = 'an IP address, a local host name or "*"'
+    expected = 'an IP address, a local host name or "*", or a list of IP addresses'
+
+    def convert(self, value):  # type: ignore[override]
+        # A list of IP addresses (Stalwart's source-ip.v4/.v6): one is chosen at random for each
+        # new connection, among those of the destination's family.
+        if isinstance(value, ListValue):
+            if not value.items:
+                raise t.Invalid(f"got an empty list; expected {self.expected}")
+            out = []
+            for atom in value.items:
+                try:
+                    out.append(str(ipaddress.ip_address(atom.text.strip().strip("[]"))))
+                except ValueError:
+                    raise t.Invalid(f"got '{atom.text}'; expected an IP address in a Bind_Address list",
+                                    atom) from None
+            return tuple(out)
+        return super().convert(value)
+
+    def format(self, value):  # type: ignore[override]
+        if isinstance(value, tuple):
+            return "( " + " ".join(f'"{a}"' for a in value) + " )"
+        return "*" if value is None else f'"{value}"'
 
     def convert_atom(self, atom):  # type: ignore[override]
         text = atom.text.strip()
@@ -210,6 +232,41 @@ OPTIONS: list[OptionDef] = [
               "The least time a DNS question (MX, A, AAAA) gets before it counts as a timeout, and "
               "the mail waiting for it is deferred. It holds even after fast answers, when the resolver "
               "library would otherwise give up on a slower one in well under a second."),
+    # --- Seed 003 (Stalwart's transport and routing), written the ecelerity way -------------
+    OptionDef("IP_Strategy", t.Enum("any", "ipv4-only", "ipv6-only", "ipv6-then-ipv4", "ipv4-then-ipv6"),
+              OUTBOUND, "any",
+              "Which address families of a next hop are used (seed 003, Stalwart's "
+              "queue.outbound.ip-strategy): any (Momentum's way: A and AAAA addresses at one "
+              "preference), ipv4-only, ipv6-only, or ipv6-then-ipv4 / ipv4-then-ipv6: the second "
+              "family is tried only when the first has no usable address or all its addresses "
+              "failed in this attempt."),
+    OptionDef("Max_MX_Hosts", t.Int(0, 1000), OUTBOUND, limits.MAX_MX_HOSTS,
+              "The most MX hosts (host names) of one route entry tried in one delivery attempt (seed "
+              "003, Stalwart's queue.outbound.limits.mx); when they all failed to connect the mail "
+              "is deferred, the others are not tried. 0 means no limit."),
+    OptionDef("Max_MX_Addresses", t.Int(0, 1000), OUTBOUND, limits.MAX_MX_ADDRESSES,
+              "For a multi-homed next hop, the most of its addresses tried in one delivery attempt "
+              "(seed 003, Stalwart's queue.outbound.limits.multihomed), counted in IP_Strategy order. "
+              "0 means no limit."),
+    OptionDef("TLS_Implicit", t.Bool(), OUTBOUND, False,
+              "TLS from the first byte (RFC 8314 §3, SMTPS/LMTPS; Stalwart's remote tls.implicit): "
+              "the handshake comes before the greeting and STARTTLS is not used. TLS_Verify still says "
+              "how the certificate is checked; a failed handshake makes the host unusable (4.7.5)."),
+    OptionDef("Session_Timeout", t.Time(), OUTBOUND, 0.0,
+              "One bound for a whole delivery session, from the connect to QUIT, whatever each "
+              "phase's own timeout (Stalwart's remote timeout); past it the connection is dropped "
+              "and the recipients not answered yet are deferred (4.4.2). 0 (the default) means none."),
+    OptionDef("MTA_STS", t.Bool(), ROUTING, False,
+              "Apply MTA-STS (RFC 8461) to delivery by MX: look up the `_mta-sts` TXT record, fetch the "
+              "policy from https://mta-sts.DOMAIN/.well-known/mta-sts.txt (verified), cache it for its "
+              "max_age. In enforce mode only MX names matching the policy are used, with verified TLS; "
+              "a policy that cannot be had or met defers the mail (4.7.x). testing only logs."),
+    OptionDef("MTA_STS_Timeout", t.Time(lo=0.001), ROUTING, 120.0,
+              "How long an MTA-STS policy lookup (TXT record and HTTPS fetch) may take (seed 003's "
+              "queue.outbound.timeouts.mta-sts)."),
+    OptionDef("MTA_STS_CA", t.String(nonempty=True, expected="a PEM file path"), frozenset({GLOBAL}), None,
+              "CA certificates (PEM) trusted for MTA-STS policy fetches in addition to the system "
+              "store. Relative to the conf file."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
     OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
