@@ -114,6 +114,53 @@ def order_entries(routes: list[Route]) -> list[tuple[int | None, list[int]]]:
     return out
 
 
+def _v6(hop: Hop) -> bool:
+    return ":" in hop.ip
+
+
+def shape_groups(groups: list[list[Hop]], strategy: str, max_mx: int = 0, max_addr: int = 0) -> list[list[Hop]]:
+    """One route entry's groups under seed 003's ip-strategy and transport limits.
+
+    - `max_mx`: only the first this many host names (in plan order) are kept ("the maximum number
+      of MX hosts to try on each delivery attempt"); 0 keeps all.
+    - `strategy`: "ipv4-only"/"ipv6-only" drop the other family; "X-then-Y" puts each group's Y
+      addresses in a group of their own after its X ones, so the route table (which walks groups
+      in order and skips hosts marked down) reaches Y only when no X address is usable or all of
+      them failed ("fallback to IPv4 if unavailable").
+    - `max_addr`: of each host name, only the first this many addresses, counted in strategy order
+      ("the maximum number of IP addresses to try on each delivery attempt"); 0 keeps all.
+    """
+    names: list[str] = []
+    out: list[list[Hop]] = []
+    then = strategy in ("ipv6-then-ipv4", "ipv4-then-ipv6")
+    first_v6 = strategy == "ipv6-then-ipv4"
+    for group in groups:
+        by_name: dict[str, list[Hop]] = {}
+        for h in group:
+            if h.name not in by_name:
+                if h.name not in names:
+                    if max_mx and len(names) >= max_mx:
+                        continue
+                    names.append(h.name)
+                by_name[h.name] = []
+            by_name[h.name].append(h)
+        first: list[Hop] = []
+        second: list[Hop] = []
+        for hops in by_name.values():
+            if strategy == "ipv4-only":
+                hops = [h for h in hops if not _v6(h)]
+            elif strategy == "ipv6-only":
+                hops = [h for h in hops if _v6(h)]
+            elif then:
+                hops = [h for h in hops if _v6(h) == first_v6] + [h for h in hops if _v6(h) != first_v6]
+            if max_addr:
+                hops = hops[:max_addr]
+            for h in hops:
+                (second if then and _v6(h) != first_v6 else first).append(h)
+        out.extend(g for g in (first, second) if g)
+    return out
+
+
 class Router:
     def __init__(self, cfg: Config, resolver: Resolver, table=None):
         self.cfg = cfg
@@ -178,6 +225,16 @@ class Router:
         # Seed 004: one entry that cannot be used does not fail the destination while another
         # can; so each entry is expanded on its own and its failure kept with it.
         expanded = [await self._expand_entry(domain, r, i, method, default_port) for i, r in enumerate(routes)]
+        strategy = cfg.get("IP_Strategy", domain, binding)
+        max_mx = cfg.get("Max_MX_Hosts", domain, binding)
+        max_addr = cfg.get("Max_MX_Addresses", domain, binding)
+        if strategy != "any" or max_mx or max_addr:
+            for e in expanded:
+                if e.groups:
+                    e.groups = shape_groups(e.groups, strategy, max_mx, max_addr)
+                    if not e.groups:
+                        e.error = RouteError(False, 451, f"4.4.4 No address of {e.route.text} fits "
+                                                         f"IP_Strategy {strategy}")
         now = time.monotonic()
         t = self.table
         ids: dict[int, Hop] = {}
