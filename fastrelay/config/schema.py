@@ -256,17 +256,10 @@ OPTIONS: list[OptionDef] = [
               "One bound for a whole delivery session, from the connect to QUIT, whatever each "
               "phase's own timeout (Stalwart's remote timeout); past it the connection is dropped "
               "and the recipients not answered yet are deferred (4.4.2). 0 (the default) means none."),
-    OptionDef("MTA_STS", t.Bool(), ROUTING, False,
-              "Apply MTA-STS (RFC 8461) to delivery by MX: look up the `_mta-sts` TXT record, fetch the "
-              "policy from https://mta-sts.DOMAIN/.well-known/mta-sts.txt (verified), cache it for its "
-              "max_age. In enforce mode only MX names matching the policy are used, with verified TLS; "
-              "a policy that cannot be had or met defers the mail (4.7.x). testing only logs."),
     OptionDef("MTA_STS_Timeout", t.Time(lo=0.001), ROUTING, 120.0,
-              "How long an MTA-STS policy lookup (TXT record and HTTPS fetch) may take (seed 003's "
-              "queue.outbound.timeouts.mta-sts)."),
-    OptionDef("MTA_STS_CA", t.String(nonempty=True, expected="a PEM file path"), frozenset({GLOBAL}), None,
-              "CA certificates (PEM) trusted for MTA-STS policy fetches in addition to the system "
-              "store. Relative to the conf file."),
+              "How long an MTA-STS (RFC 8461) policy lookup may take (seed 003's "
+              "queue.outbound.timeouts.mta-sts). MTA-STS itself is NOT implemented yet: the value is "
+              "checked and kept (config eval shows it) but has no effect on delivery."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
     OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
