@@ -305,7 +305,10 @@ OPTIONS: list[OptionDef] = [
               "The local address outbound connections (SMTP, LMTP, XFER) of this binding are bound "
               "to before they connect (Momentum's bind_address): an IP address or a local host name. "
               "Set globally, it is the `default` binding's. Unset (or \"*\") lets the kernel choose. "
-              "A bind that fails (the address is not on this machine) is a transient failure (4.4.1)."),
+              "A bind that fails (the address is not on this machine) is a transient failure (4.4.1). "
+              "A list of IP addresses (Stalwart's queue.outbound.source-ip.v4 and .v6 together): each "
+              "new connection binds one of those of the next hop's family, at random; with none of "
+              "that family the kernel chooses."),
     OptionDef("EHLO_Hostname", t.String(nonempty=True, pattern=r"[A-Za-z0-9.\-_\[\]:]+",
                                         expected='a host name, "__hostname__" or "__message__"'),
               OUTBOUND, "__hostname__",
