@@ -108,3 +108,9 @@ MAX_BINDING_NAME = 255
 # Conf: Max_MX_Hosts, Max_MX_Addresses.
 MAX_MX_HOSTS = 0
 MAX_MX_ADDRESSES = 0
+
+# --- MTA-STS (RFC 8461) ------------------------------------------------------------------------------
+# The HTTPS port policies are fetched from (§3.3: 443); conf MTA_STS_Port, for tests and proxies.
+MTA_STS_PORT = 443
+# The largest policy file read (§3.3 lets senders bound it; 64 KiB as the RFC's own suggestion).
+MTA_STS_MAX_POLICY = 64 * 1024

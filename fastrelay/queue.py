@@ -436,9 +436,13 @@ class Queue:
         d, plan, host = slot.dest, slot.plan, slot.host
         hop = plan.hops[host]
         conn: D.Connection | None = None
+        settings = self._settings(d)
+        if plan.sts_enforce and hop.proto == "smtp":
+            # RFC 8461 §5: a policy in enforce mode needs TLS with a certificate valid for the MX.
+            settings = dataclasses.replace(settings, tls="required", tls_verify="host", tls_fallback=False)
         try:
             try:
-                conn = await self.connect(hop, self._settings(d))
+                conn = await self.connect(hop, settings)
             except D.ConnectError as e:
                 log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
                 if e.policy:

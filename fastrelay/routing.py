@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -69,6 +70,7 @@ class Plan:
     expires: float  # monotonic
     tiers: tuple[Tier, ...] = ()  # the order the route table walks, most preferred first
     failed: tuple[str, ...] = ()  # entries that gave no usable host this time, and why
+    sts_enforce: bool = False  # an MTA-STS policy in enforce mode: verified TLS is required
 
 
 @dataclass
@@ -175,6 +177,7 @@ class Router:
         # peer, issue #14): routing domain -> routes.
         self.overrides: dict[str, list[Route]] = {}
         self._pending: dict[tuple[str, str], asyncio.Future] = {}
+        self._sts = None  # fastrelay.mta_sts.MTASTS, made when a destination first needs it
 
     # --- plans --------------------------------------------------------------------------------
     async def plan(self, domain: str, binding: str = "default") -> Plan:
@@ -235,6 +238,10 @@ class Router:
                     if not e.groups:
                         e.error = RouteError(False, 451, f"4.4.4 No address of {e.route.text} fits "
                                                          f"IP_Strategy {strategy}")
+        sts_enforce = False
+        if method != "delay_xfer" and any(e.route.scheme == "mx" and e.groups for e in expanded) and \
+                cfg.get("MTA_STS", domain, binding):
+            sts_enforce = await self._apply_sts(domain, expanded)
         now = time.monotonic()
         t = self.table
         ids: dict[int, Hop] = {}
@@ -284,7 +291,42 @@ class Router:
             log.warning("%s: route entries skipped: %s", domain, "; ".join(failed))
         site = t.site(groups, cfg.get("max_outbound_connections", domain, binding))
         ttl = min((e.ttl for e in expanded), default=STATIC_PLAN_TTL)
-        return Plan(domain, binding, site, ids, method, now + ttl, tuple(tiers), failed)
+        return Plan(domain, binding, site, ids, method, now + ttl, tuple(tiers), failed, sts_enforce)
+
+    def sts(self):
+        """The relay's MTA-STS policy cache (fastrelay.mta_sts), made on first use."""
+        if self._sts is None:
+            from fastrelay.mta_sts import MTASTS
+
+            ca = self.cfg.lookup("MTA_STS_CA")
+            path = ca.value
+            if path and not os.path.isabs(path) and ca.pos is not None:
+                path = os.path.join(os.path.dirname(os.path.abspath(ca.pos.file)), path)
+            self._sts = MTASTS(self.dns, self.cfg.get("MTA_STS_Timeout"), path, self.cfg.get("MTA_STS_Port"))
+        return self._sts
+
+    async def _apply_sts(self, domain: str, expanded: list[_Expanded]) -> bool:
+        """RFC 8461 §4.1 and §5: in enforce mode keep only the MX hosts the policy names (and say
+        so when none is left: 4.7.0, deferred); testing mode only logs. True if enforced."""
+        policy = await self.sts().policy(domain)
+        if policy is None or policy.mode == "none":
+            return False
+        for e in expanded:
+            if e.route.scheme != "mx" or not e.groups:
+                continue
+            names = sorted({h.name for g in e.groups for h in g})
+            refused = [n for n in names if not policy.allows(n)]
+            if not refused:
+                continue
+            if policy.mode == "testing":
+                log.warning("%s: MTA-STS (testing): MX %s not in the policy (%s); delivering anyway",
+                            domain, ", ".join(refused), " ".join(policy.mx))
+                continue
+            e.groups = [kept for g in e.groups if (kept := [h for h in g if policy.allows(h.name)])]
+            if not e.groups:
+                e.error = RouteError(False, 451, f"4.7.0 MTA-STS policy of {domain} (enforce) allows none of its "
+                                                 f"MX hosts ({', '.join(names)}; policy: {' '.join(policy.mx)})")
+        return policy.mode == "enforce"
 
     async def _expand_entry(self, domain: str, r: Route, position: int, method: str,
                             default_port: int) -> _Expanded:

@@ -81,8 +81,8 @@ binding, not yet by its sender). `queue.outbound.source-ip.v4/.v6` is the defaul
 `Bind_Address` as a list: a Binding may hold one address (Momentum's bind_address) or several, and
 each new connection binds one of those of the next hop's family at random; with none of that
 family, the kernel chooses. Where the TOML says nothing, ecelerity.conf's defaults apply (no MX
-limits, A and AAAA addresses mixed at one preference), not Stalwart's. MTA-STS (RFC 8461) is not
-implemented yet: `queue.outbound.timeouts.mta-sts` is read into `MTA_STS_Timeout` and has no effect.
+limits, A and AAAA addresses mixed at one preference), not Stalwart's; except MTA-STS (RFC 8461),
+which Stalwart always applies: a TOML file has `MTA_STS = true` (see MTA_STS below).
 
 | Stalwart key | ecelerity.conf |
 | --- | --- |

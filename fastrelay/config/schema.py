@@ -256,10 +256,22 @@ OPTIONS: list[OptionDef] = [
               "One bound for a whole delivery session, from the connect to QUIT, whatever each "
               "phase's own timeout (Stalwart's remote timeout); past it the connection is dropped "
               "and the recipients not answered yet are deferred (4.4.2). 0 (the default) means none."),
-    OptionDef("MTA_STS_Timeout", t.Time(lo=0.001), ROUTING, 120.0,
-              "How long an MTA-STS (RFC 8461) policy lookup may take (seed 003's "
-              "queue.outbound.timeouts.mta-sts). MTA-STS itself is NOT implemented yet: the value is "
-              "checked and kept (config eval shows it) but has no effect on delivery."),
+    OptionDef("MTA_STS", t.Bool(), ROUTING, False,
+              "Apply MTA-STS (RFC 8461) to delivery by MX: look up the `_mta-sts` TXT record, fetch "
+              "https://mta-sts.DOMAIN/.well-known/mta-sts.txt (verified, no redirects) and cache the "
+              "policy for its max_age. enforce: only MX hosts matching the policy, only with verified "
+              "TLS (TLS = required, TLS_Verify = host for that mail); none left defers it with 4.7.0, "
+              "a TLS failure with 4.7.x. testing: logs what enforce would refuse. A policy that "
+              "cannot be fetched and is not cached counts as none (RFC 8461 §5.1), and is logged. "
+              "A Stalwart TOML file has it on (Stalwart always applies MTA-STS)."),
+    OptionDef("MTA_STS_Timeout", t.Time(lo=0.001), frozenset({GLOBAL}), 120.0,
+              "How long an MTA-STS policy lookup (TXT record and HTTPS fetch together) may take "
+              "(seed 003's queue.outbound.timeouts.mta-sts)."),
+    OptionDef("MTA_STS_CA", t.String(nonempty=True, expected="a PEM file path"), frozenset({GLOBAL}), None,
+              "CA certificates (PEM) trusted for MTA-STS policy fetches, in addition to the system "
+              "store. Relative to the conf file."),
+    OptionDef("MTA_STS_Port", t.Int(1, 65535), frozenset({GLOBAL}), limits.MTA_STS_PORT,
+              "The HTTPS port MTA-STS policies are fetched from (RFC 8461 §3.3: 443)."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
     OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
