@@ -170,9 +170,33 @@ def test_remote_options_and_defaults_when_by_mx():
         S.BY_KEY["max_outbound_connections"].default, 0.0, False, "no")
 
 
-def test_sender_domain_is_refused_clearly():
-    got = errors('[queue.outbound]\nnext-hop = [ { if = "sender-domain", eq = "a.test", then = false } ]\n')
-    assert len(got) == 1 and got[0].startswith("r.toml:2:16: next-hop rules on sender-domain are not supported")
+SENDER_RULES = """
+[queue.outbound]
+next-hop = [ { if = "sender-domain", eq = "vip.test", then = "a" },
+             { if = "rcpt-domain", in-list = "list/l", then = "b" },
+             { if = "sender-domain", ne = "plain.test", then = false },
+             { else = "a" } ]
+""" + R + '[list]\nl = ["x.test"]\n'
+
+
+@pytest.mark.parametrize("sender,rcpt,route", [
+    ("s@vip.test", "u@x.test", "smtp://127.0.0.2?port=2525"),  # the first rule wins
+    ("s@vip.test", "u@y.test", "smtp://127.0.0.2?port=2525"),
+    ("s@plain.test", "u@x.test", "lmtp://[::1]?port=24"),
+    ("s@plain.test", "u@y.test", "smtp://127.0.0.2?port=2525"),  # else
+    ("s@other.test", "u@x.test", "lmtp://[::1]?port=24"),
+    ("s@other.test", "u@y.test", "__mx__"),  # sender-domain ne plain.test: false
+    ("", "u@y.test", "__mx__"),  # the null sender has no domain: "ne" matches it
+])
+def test_next_hop_rules_on_sender_domain(sender, rcpt, route):
+    """"Support the variables and operators ...: at least rcpt-domain, sender-domain, in-list, eq
+    and ne": sender-domain rules become Bindings that take those senders' mail (Sender_Domains)."""
+    from fastrelay.bindings import Assigner, ListenerBinding
+
+    cfg = loads_toml(SENDER_RULES)
+    binding, _ = ListenerBinding(Assigner(cfg), None, None, None).assign(b"", True, sender)
+    got = cfg.get("Routes", rcpt.split("@")[1], binding)
+    assert (got[0].text if got else "__mx__") == route
 
 
 def h(ip: str, name: str = "mx") -> Hop:

@@ -75,9 +75,13 @@ Next-hop rules are compiled, first match wins as Stalwart evaluates them, into D
 `not-in-list`, `else`), the global scope. That is how ecelerity.conf already says "mail for these
 domains goes there, with these settings" (Routes plus per-domain options), so `config eval
 --domain D Routes` shows what the rules decided for D. A remote's keys become options of the same
-scopes. Rules test `rcpt-domain` with `eq`, `ne`, `in-list = "list/NAME"` and `not-in-list`;
-`sender-domain` is refused with an error (a message's route is chosen by its recipient domain and
-binding, not yet by its sender). `queue.outbound.source-ip.v4/.v6` is the default binding's
+scopes, each scope writing all of them (at their defaults where the remote says nothing), so no
+scope inherits another remote's settings. Rules test `rcpt-domain` or `sender-domain` with `eq`,
+`ne`, `in-list = "list/NAME"` and `not-in-list`. Sender-domain rules become Bindings named
+`next-hop-N` that take the mail of those sender domains (`Sender_Domains`), each holding the rules
+as they stand for those senders (Routes in the Binding, binding::domain stanzas): the route of a
+message is chosen by its recipient domain and its binding, and the binding by its sender.
+`queue.outbound.source-ip.v4/.v6` is the default binding's
 `Bind_Address` as a list: a Binding may hold one address (Momentum's bind_address) or several, and
 each new connection binds one of those of the next hop's family at random; with none of that
 family, the kernel chooses. Where the TOML says nothing, ecelerity.conf's defaults apply (no MX

@@ -205,7 +205,12 @@ OPTIONS: list[OptionDef] = [
     OptionDef("Gateway", t.Host(), OUTBOUND, None,
               "Send all mail of this scope to this host (a smart host). It is resolved as MX, "
               "then as A/AAAA when there is no MX. An optional :port overrides Remote_SMTP_Port."),
-    OptionDef("Routes", t.Routes(), ROUTING, None, _ROUTES_DOC),
+    OptionDef("Routes", t.Routes(), ROUTING | {BINDING}, None, _ROUTES_DOC),
+    OptionDef("Sender_Domains", t.DomainList(), frozenset({BINDING}), (),
+              "Mail whose envelope sender's domain is in this list is assigned to this binding, unless "
+              "its listener (Binding, Binding_Group) or a trusted Binding_Header assigns it already; a "
+              "domain listed by several bindings goes to the first. With Routes in the Binding, this "
+              "routes by sender domain (Stalwart's next-hop rules on sender-domain)."),
     OptionDef("Delivery_Method", t.Enum("ESMTP", "SMTP", "LMTP", "delay_xfer"), OUTBOUND, "ESMTP",
               "ESMTP (EHLO, falling back to HELO), SMTP (HELO only), LMTP (RFC 2033) or delay_xfer "
               "(XFER over HTTP to the relay named by Routes)."),

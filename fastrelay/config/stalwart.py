@@ -12,7 +12,9 @@ Mapping (docs/config.md, "Stalwart keys", has the whole table):
 
 - `queue.outbound.next-hop` rules on `rcpt-domain` compile into Domain stanzas (and, for a rule
   that matches every other domain, the global scope) whose Routes name the remote's address;
-  the remote's other keys become options of the same scopes. Domain stanzas, not a new kind of
+  the remote's other keys become options of the same scopes. Rules on `sender-domain` compile
+  into Bindings that take those senders' mail (Sender_Domains), holding the rules as they stand
+  for them. Domain stanzas, not a new kind of
   route, because that is how ecelerity.conf already says "mail for these domains goes there
   with these settings" (seed 003's own LMTP example, conf/examples/seed003_lmtp_equivalent.conf),
   and so `config eval --domain` shows exactly what a rule did.
@@ -232,6 +234,8 @@ MAPPING: list[tuple[str, str]] = [
     ("queue.outbound.next-hop = [ { if = \"rcpt-domain\", ne = \"D\", then = \"R\" } ]",
      "global `Routes = ( \"R's URL\" )` with R's options, and `Domain D` keeping the defaults"),
     ("queue.outbound.next-hop = [ ... { else = false } ]", "no Routes: delivery by MX (`__mx__`)"),
+    ("queue.outbound.next-hop = [ { if = \"sender-domain\", eq = \"S\", then = \"R\" } ]",
+     "`Binding next-hop-N { Sender_Domains = ( \"S\" ) Routes = ( \"R's URL\" ) ... }`"),
     ("[list] NAME = [ \"a\", \"b\" ]", "the domains of the Domain stanzas a rule makes"),
     ("remote.R.address, remote.R.port, remote.R.protocol",
      "`Routes = ( \"smtp://ADDRESS?port=PORT\" )` or `lmtp://...`"),
@@ -254,6 +258,9 @@ MAPPING: list[tuple[str, str]] = [
     ("[fastrelay] OPTION = value", "the global option OPTION"),
     ("[fastrelay.domain.\"D\"] (host, binding, binding_group too)", "`Domain D { ... }` (Host, Binding, ...)"),
 ]
+
+# The options a remote host's keys become (each scope a next-hop rule makes writes all of them).
+REMOTE_OPTIONS = ("Routes", "max_outbound_connections", "Session_Timeout", "TLS_Implicit", "TLS_Verify")
 
 _IP_STRATEGIES = ("ipv4-only", "ipv6-only", "ipv6-then-ipv4", "ipv4-then-ipv6")
 _VARIABLES = ("rcpt-domain", "sender-domain")
@@ -484,19 +491,35 @@ class _Translator:
                         if "allow-invalid-certs" in tls else where, opts)
         return opts
 
-    def _defaults_of(self, opts: list[Option], where: Pos) -> list[Option]:
-        """The same option names at their defaults: a Domain that a rule sends by MX while the
-        global scope holds a remote's settings."""
+    def full(self, value: Any, tp: Path) -> list[Option] | None:
+        """The options a next hop stands for, every one of REMOTE_OPTIONS written (at its default
+        where the remote says nothing), so that no scope inherits another remote's settings.
+        `value` False is delivery by MX."""
         from fastrelay.config import schema as S
 
-        out = []
-        for o in opts:
-            if o.name == "Routes":
-                out.append(Option("Routes", ListValue([Atom("__mx__", True, where)], where), where))
+        if value is False:
+            opts: list[Option] = []
+        elif value is True or not isinstance(value, str):
+            self.fail(tp, f"bad next-hop target: got {value!r}; expected the name of a remote or false")
+            return None
+        else:
+            if value not in self._remote_cache:
+                self._remote_cache[value] = self.remote_options(value, tp)
+            got = self._remote_cache[value]
+            if got is None:
+                return None
+            opts = list(got)
+        where = self.at(tp)
+        have = {o.name for o in opts}
+        for name in REMOTE_OPTIONS:
+            if name in have:
+                continue
+            if name == "Routes":
+                opts.append(Option("Routes", ListValue([Atom("__mx__", True, where)], where), where))
             else:
-                d = S.BY_KEY[o.name.lower()]
-                out.append(Option(o.name, Atom(d.format(d.default).strip('"'), False, where), where))
-        return out
+                o = S.BY_KEY[name.lower()]
+                opts.append(Option(name, Atom(o.format(o.default).strip('"'), False, where), where))
+        return opts
 
     def domains_of(self, rule: dict, op: str, path: Path) -> set[str] | None:
         v = rule[op]
@@ -518,23 +541,19 @@ class _Translator:
             return None
         return {str(x).lower().rstrip(".") for x in items}
 
-    def next_hop(self, rules: Any, path: Path) -> None:
-        """Compile the rules (first match wins, as Stalwart evaluates them) into Domain stanzas
-        and global options. `pending` holds the domains no rule has decided yet once a rule has
-        taken "every other domain" (`rest`)."""
+    def parse_rules(self, rules: Any, path: Path) -> list[tuple] | None:
+        """The rules as (variable or None for else, operator, domains, (target, path))."""
         if isinstance(rules, (str, bool)):
             rules = [{"else": rules}]
         if not self.want(rules, list, path, "a list of { if = ..., then = ... } and { else = ... }"):
-            return
-        explicit: dict[str, tuple[Any, Path]] = {}
-        rest: tuple[Any, Path] | None = None
-        pending: set[str] = set()
+            return None
+        out: list[tuple] = []
         for k, rule in enumerate(rules):
             rp = (*path, k)
             if not isinstance(rule, dict):
                 self.fail(rp, "bad next-hop rule: expected { if = \"rcpt-domain\", eq = \"D\", then = \"REMOTE\" } "
                               "or { else = false }")
-                return
+                return None
             unknown = [key for key in rule if key not in ("if", "then", "else", *_OPERATORS)]
             for key in unknown:
                 close = difflib.get_close_matches(key, ["if", "then", "else", *_OPERATORS], n=1, cutoff=0.6)
@@ -542,83 +561,133 @@ class _Translator:
                     "; expected if, then, else, " + ", ".join(_OPERATORS)
                 self.fail((*rp, key), f"unknown key '{_dotted((*rp, key))}'{hint}")
             if unknown:
-                return
+                return None
             if "else" in rule:
                 if len(rule) != 1:
                     self.fail(rp, "bad next-hop rule: an else rule has nothing but else; expected { else = REMOTE }")
-                    return
-                target = (rule["else"], (*rp, "else"))
+                    return None
+                out.append((None, None, None, (rule["else"], (*rp, "else"))))
+                continue
+            var = rule.get("if")
+            if var not in _VARIABLES:
+                self.fail((*rp, "if"), f"bad next-hop rule: got if = {var!r}; expected "
+                                       + " or ".join(f'"{v}"' for v in _VARIABLES))
+                return None
+            ops = [o for o in _OPERATORS if o in rule]
+            if len(ops) != 1 or "then" not in rule:
+                self.fail(rp, "bad next-hop rule: expected one of " + ", ".join(_OPERATORS) + " and then")
+                return None
+            doms = self.domains_of(rule, ops[0], rp)
+            if doms is None:
+                return None
+            out.append((var, ops[0], doms, (rule["then"], (*rp, "then"))))
+        return out
+
+    @staticmethod
+    def by_recipient(rules: list[tuple]) -> tuple[dict[str, tuple], tuple | None]:
+        """Recipient-domain rules (first match wins) as (domain -> target, target of every other
+        domain or None). `pending` holds the domains still undecided once a rule took every other
+        domain; a domain no rule matches goes by DNS (Stalwart's default)."""
+        explicit: dict[str, tuple] = {}
+        rest: tuple | None = None
+        pending: set[str] = set()
+        for var, op, doms, target in rules:
+            if var is None:  # else
                 if rest is None:
                     rest = target
                 else:
                     for dom in pending:
                         explicit.setdefault(dom, target)
                     pending = set()
-                continue
-            var = rule.get("if")
-            if var not in _VARIABLES:
-                self.fail((*rp, "if"), f"bad next-hop rule: got if = {var!r}; expected "
-                                       + " or ".join(f'"{v}"' for v in _VARIABLES))
-                return
-            if var == "sender-domain":
-                self.fail((*rp, "if"), "next-hop rules on sender-domain are not supported yet (the route of a "
-                                       "message is chosen by its recipient domain and binding); expected "
-                                       "\"rcpt-domain\"")
-                return
-            ops = [o for o in _OPERATORS if o in rule]
-            if len(ops) != 1 or "then" not in rule:
-                self.fail(rp, "bad next-hop rule: expected one of " + ", ".join(_OPERATORS) + " and then")
-                return
-            doms = self.domains_of(rule, ops[0], rp)
-            if doms is None:
-                return
-            target = (rule["then"], (*rp, "then"))
-            if ops[0] in ("eq", "in-list"):
+            elif op in ("eq", "in-list"):
                 for dom in sorted(doms):
                     if rest is None or dom in pending:
                         explicit.setdefault(dom, target)
                 pending -= doms
-            else:  # ne, not-in-list: every domain but these
-                if rest is None:
-                    rest = target
-                    pending = doms - set(explicit)
-                else:
-                    for dom in pending - doms:
-                        explicit.setdefault(dom, target)
-                    pending &= doms
-        # A domain no rule matched goes by DNS (Stalwart's default next hop).
+            elif rest is None:  # ne, not-in-list: every domain but these
+                rest = target
+                pending = doms - set(explicit)
+            else:
+                for dom in pending - doms:
+                    explicit.setdefault(dom, target)
+                pending &= doms
         for dom in pending:
-            explicit.setdefault(dom, (False, path))
-        cache: dict[str, list[Option] | None] = {}
+            explicit.setdefault(dom, (False, target[1] if rules else ()))
+        return explicit, rest
 
-        def opts_for(target: tuple[Any, Path]) -> list[Option] | None:
-            value, tp = target
-            if value is False:
-                return []
-            if value is True or not isinstance(value, str):
-                self.fail(tp, f"bad next-hop target: got {value!r}; expected the name of a remote or false")
-                return None
-            if value not in cache:
-                cache[value] = self.remote_options(value, tp)
-            return cache[value]
+    @staticmethod
+    def for_sender(rules: list[tuple], sender: str | None) -> list[tuple]:
+        """The rules as they stand for mail from `sender`'s domain (None: a domain no rule names):
+        a sender-domain rule becomes an else if it matches, and goes if it does not."""
+        out = []
+        for rule in rules:
+            var, op, doms, target = rule
+            if var == "sender-domain":
+                inside = sender is not None and sender in doms
+                if inside == (op in ("eq", "in-list")):
+                    out.append((None, None, None, target))
+            else:
+                out.append(rule)
+        return out
 
-        rest_opts: list[Option] = []
-        if rest is not None:
-            got = opts_for(rest)
+    def emit(self, rules: list[tuple], into: list, domain_stanzas: list, path: Path) -> bool:
+        """Recipient rules into scope options (`into`) and Domain stanzas; with `domain_stanzas` is
+        `into` (the global scope) the rest goes there only when it is a remote; in a Binding it is
+        always written, so that nothing falls through to the default binding's Domain stanzas."""
+        explicit, rest = self.by_recipient(rules)
+        in_binding = into is not domain_stanzas
+        rest_value = False if rest is None else rest[0]
+        if rest is not None and (rest_value is not False or in_binding):
+            got = self.full(rest_value, rest[1])
             if got is None:
-                return
-            rest_opts = got
-            self.globals.extend(got)
+                return False
+            into.extend(got)
+        elif in_binding:
+            got = self.full(False, path)
+            if got is None:
+                return False
+            into.extend(got)
         for dom in sorted(explicit):
-            target = explicit[dom]
-            got = opts_for(target)
+            value, tp = explicit[dom]
+            if value == rest_value:
+                continue
+            got = self.full(value, tp)
             if got is None:
+                return False
+            where = self.at(tp)
+            domain_stanzas.append(Stanza("Domain", Atom(dom, True, where), where, got))
+        return True
+
+    def next_hop(self, rules: Any, path: Path) -> None:
+        """Compile the rules (first match wins, as Stalwart evaluates them): recipient-domain
+        rules into Domain stanzas and global options; sender-domain rules into Bindings that
+        take the mail of those sender domains (Sender_Domains), each with the recipient rules
+        as they stand for those senders, as Routes and binding::domain stanzas."""
+        parsed = self.parse_rules(rules, path)
+        if parsed is None:
+            return
+        self._remote_cache: dict[str, list[Option] | None] = {}
+        if not self.emit(self.for_sender(parsed, None), self.globals, self.globals, path):
+            return
+        senders = sorted({d for var, _, doms, _ in parsed if var == "sender-domain" for d in doms})
+        base = self.by_recipient(self.for_sender(parsed, None))
+
+        def key(compiled: tuple) -> tuple:
+            explicit, rest = compiled
+            return (False if rest is None else rest[0], tuple(sorted((d, t[0]) for d, t in explicit.items())))
+
+        groups: dict[tuple, list[str]] = {}
+        for dom in senders:
+            k = key(self.by_recipient(self.for_sender(parsed, dom)))
+            if k != key(base):
+                groups.setdefault(k, []).append(dom)
+        for n, doms in enumerate(groups.values(), start=1):
+            where = self.at(path)
+            children: list = [Option("Sender_Domains", ListValue([Atom(d, True, where) for d in doms], where), where)]
+            if not self.emit(self.for_sender(parsed, doms[0]), children, children_domains := [], path):
                 return
-            where = self.at(target[1])
-            if not got:
-                got = self._defaults_of(rest_opts, where)
-            if got:
-                self.globals.append(Stanza("Domain", Atom(dom, True, where), where, list(got)))
+            children.extend(children_domains)
+            self.globals.append(Stanza("Binding", Atom(f"next-hop-{n}", True, where), where, children))
 
     # -- [fastrelay]: ecelerity.conf options under their own names ---------------------------------
     def fastrelay(self, table: Any) -> None:

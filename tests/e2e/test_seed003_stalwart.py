@@ -320,3 +320,25 @@ async def test_remote_implicit_tls(tmp_path, dns, sink_port, allow_invalid, trus
     finally:
         await h.stop()
         await peer.stop()
+
+
+async def test_next_hop_by_sender_domain(tmp_path, dns, sinks, sink_port):
+    """Next-hop rules on sender-domain: mail from vip.test goes to the remote, other mail by MX,
+    whatever its recipient domain."""
+    peer, mx = await sinks(2)
+    dns.add_mx("y.test", 10, "mx.y.test")
+    dns.add_a("mx.y.test", "127.0.0.3")
+    toml = REMOTE.format(port=sink_port, extra="").replace(
+        '{ else = "peer" }', '{ if = "sender-domain", eq = "vip.test", then = "peer" }, { else = false }')
+    h = await start(tmp_path, toml, dns, sink_port)
+    try:
+        await send(h, ["u@y.test"], body("vip"), sender="s@vip.test")
+        await send(h, ["v@y.test"], body("plain"), sender="s@plain.test")
+        await peer.wait_for(1, timeout=15)
+        await mx.wait_for(1, timeout=15)
+        await drained(h)
+        assert [m.rcpt_tos for m in peer.messages] == [["u@y.test"]]
+        assert [m.rcpt_tos for m in mx.messages] == [["v@y.test"]]
+        assert {r[6] for r in records(h, "D")} == {"next-hop-1", "default"}
+    finally:
+        await h.stop()
