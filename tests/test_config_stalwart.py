@@ -218,3 +218,37 @@ def test_shape_groups(strategy, mx, addr, want):
     groups = [[h("1.0.0.1", "a"), h("::1", "a"), h("1.0.0.2", "a")], [h("2.0.0.1", "b")]]
     got = shape_groups(groups, strategy, mx, addr)
     assert [[x.ip for x in g] for g in got] == want
+
+
+TRICKY = [
+    '[server.listener."a.b"]\nbind = [ "127.0.0.1:25", # c ] ,\n  "[::1]:25" , ]\nprotocol = \'smtp\'\n',
+    'x = """a\n[not.a.table]\nb = 1\n"""\ny.z = { "q.r" = 1, s = [ { t = "}" } ] }\n',
+    "[[a.b]]\nc = 1\n[[a.b]]\nd = 'x#y'\n  [a.e]  # comment\nf.g.h = true\n",
+    'k = "es\\"cape # not a comment"\n"quoted key" = 2\n\'lit key\' = 3\n',
+    "arr = [\n  [1, 2],\n  [ { a = 1 } ],\n]\n",
+]
+
+
+def _paths(value, path=()):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield (*path, k)
+            yield from _paths(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield (*path, i)
+            yield from _paths(v, (*path, i))
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_key_positions_find_every_key(text):
+    """Every key tomllib reads has a position, whatever strings, comments and nesting surround it."""
+    import tomllib
+
+    pos = key_positions(text)
+    lines = text.split("\n")
+    for p in _paths(tomllib.loads(text)):
+        assert p in pos, p
+        line, col = pos[p]
+        assert 1 <= line <= len(lines) and 1 <= col <= len(lines[line - 1]) + 1
+    assert pos.get(("x",)) == (1, 1) if text.startswith("x") else True

@@ -342,3 +342,68 @@ async def test_next_hop_by_sender_domain(tmp_path, dns, sinks, sink_port):
         assert {r[6] for r in records(h, "D")} == {"next-hop-1", "default"}
     finally:
         await h.stop()
+
+
+def _max_overlap(sink: Sink) -> int:
+    events = []
+    for s in sink.sessions:
+        events.append((s.opened_at, 1))
+        events.append((s.closed_at if s.closed_at is not None else float("inf"), -1))
+    cur = best = 0
+    for _, d in sorted(events):
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_remote_concurrency_is_shared_by_the_domains_routed_to_it(tmp_path, dns, sink_port, concurrency):
+    """`concurrency` of a remote bounds the connections open to it at once, across all the
+    domains a rule sends there (the seed's example: "concurrency = 10" for list/domains)."""
+    store = Sink("127.0.0.1", 0, lmtp=True)
+    store.faults.set("dot", delay=0.5)
+    await store.start()
+    domains = [f"d{i}.test" for i in range(6)]
+    toml = (example("seed003_routing.toml").replace("port = 24", f"port = {store.port}")
+            .replace("concurrency = 10", f"concurrency = {concurrency}")
+            .replace('domains = ["foobar.net", "foobar.org"]', "domains = [" + ", ".join(f'"{d}"' for d in domains)
+                     + "]"))
+    h = await start(tmp_path, toml, dns, sink_port, extra="Connection_Cache_Time = 0\n")
+    try:
+        await asyncio.gather(*(send(h, [f"u@{d}"], body(d)) for d in domains))
+        await store.wait_for(len(domains), timeout=30)
+        await drained(h, timeout=30)
+        assert 1 <= _max_overlap(store) <= concurrency
+        if concurrency > 1:
+            assert _max_overlap(store) > 1  # the limit, not something else, held it to 1 above
+    finally:
+        await h.stop()
+        await store.stop()
+
+
+async def test_fastrelay_run_on_a_toml_file(tmp_path, dns, sink_port):
+    """`fastrelay run -c relay.toml`: the whole relay from Stalwart's TOML, as its own process."""
+    from tests.support.relayproc import RelayProcess
+
+    store = Sink("127.0.0.1", 0, lmtp=True)
+    await store.start()
+    p = RelayProcess(tmp_path, hold=False)
+    p.conf = tmp_path / "relay.toml"
+    p.conf.write_text(
+        example("seed003_routing.toml").replace("port = 24", f"port = {store.port}")
+        + '\n[server]\nhostname = "relay.test"\n[server.listener."smtp"]\nbind = ["127.0.0.1:0"]\n'
+          'protocol = "smtp"\n[fastrelay]\nSpool_Base = "spool"\nMainlog = "mainlog"\n'
+          f'DNS_Servers = ["{dns.address}"]\n')
+    await asyncio.to_thread(p.start)
+    try:
+        def submit() -> None:
+            with smtplib.SMTP("127.0.0.1", p.port, timeout=10) as c:
+                c.sendmail("a@example.com", ["u@foobar.org"], body("run"))
+
+        await asyncio.to_thread(submit)
+        await store.wait_for(1, timeout=20)
+        assert store.messages[0].rcpt_tos == ["u@foobar.org"]
+        assert await asyncio.to_thread(p.stop) == 0
+    finally:
+        await asyncio.to_thread(p.kill)
+        await store.stop()
