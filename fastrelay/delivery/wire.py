@@ -278,19 +278,22 @@ async def local_address(bind: str, family: int) -> str:
     return str(ip)
 
 
+def pick_source(bind: str | tuple[str, ...] | None, family: int) -> str | None:
+    """The Bind_Address to use for one new connection of `family`. A list of source addresses
+    (Stalwart's queue.outbound.source-ip.v4/.v6): one chosen at random among those of the next
+    hop's family; none of that family lets the kernel choose (as Stalwart with an empty list)."""
+    if not isinstance(bind, tuple):
+        return bind
+    fam6 = family == socket.AF_INET6
+    same = [a for a in bind if (":" in a) == fam6]
+    return random.choice(same) if same else None
+
+
 async def bind_socket(sock: socket.socket, hop: Hop, bind: str | tuple[str, ...] | None, binding: str) -> None:
     """Issue #10 (Momentum's bind_address): bind the binding's source address before connect,
     so that the next hop sees the binding's IP. A bind that fails is a transient failure of
     this binding, not of the host (ConnectError with policy=True: other bindings still use it)."""
-    if isinstance(bind, tuple):
-        # A list of source addresses (Stalwart's queue.outbound.source-ip.v4/.v6): one chosen at
-        # random for each new connection among those of the next hop's family; none of that
-        # family lets the kernel choose (Stalwart's behaviour with an empty v4 or v6 list).
-        fam6 = sock.family == socket.AF_INET6
-        same = [a for a in bind if (":" in a) == fam6]
-        if not same:
-            return
-        bind = random.choice(same)
+    bind = pick_source(bind, sock.family)
     if bind is None:
         return
     try:
