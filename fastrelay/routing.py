@@ -240,8 +240,8 @@ class Router:
                                                          f"IP_Strategy {strategy}")
         sts_enforce = False
         if method != "delay_xfer" and any(e.route.scheme == "mx" and e.groups for e in expanded) and \
-                cfg.get("MTA_STS", domain, binding):
-            sts_enforce = await self._apply_sts(domain, expanded)
+                cfg.get("use_mta_sts", domain, binding):
+            sts_enforce = await self._apply_sts(domain, expanded, cfg.get("enable_mta_sts", domain, binding))
         now = time.monotonic()
         t = self.table
         ids: dict[int, Hop] = {}
@@ -305,12 +305,14 @@ class Router:
             self._sts = MTASTS(self.dns, self.cfg.get("MTA_STS_Timeout"), path, self.cfg.get("MTA_STS_Port"))
         return self._sts
 
-    async def _apply_sts(self, domain: str, expanded: list[_Expanded]) -> bool:
+    async def _apply_sts(self, domain: str, expanded: list[_Expanded], enable: bool = True) -> bool:
         """RFC 8461 §4.1 and §5: in enforce mode keep only the MX hosts the policy names (and say
-        so when none is left: 4.7.0, deferred); testing mode only logs. True if enforced."""
+        so when none is left: 4.7.0, deferred); testing mode (or enable_mta_sts = false) only
+        logs. True if enforced."""
         policy = await self.sts().policy(domain)
         if policy is None or policy.mode == "none":
             return False
+        mode = policy.mode if enable else "testing"
         for e in expanded:
             if e.route.scheme != "mx" or not e.groups:
                 continue
@@ -318,7 +320,7 @@ class Router:
             refused = [n for n in names if not policy.allows(n)]
             if not refused:
                 continue
-            if policy.mode == "testing":
+            if mode == "testing":
                 log.warning("%s: MTA-STS (testing): MX %s not in the policy (%s); delivering anyway",
                             domain, ", ".join(refused), " ".join(policy.mx))
                 continue
@@ -326,7 +328,7 @@ class Router:
             if not e.groups:
                 e.error = RouteError(False, 451, f"4.7.0 MTA-STS policy of {domain} (enforce) allows none of its "
                                                  f"MX hosts ({', '.join(names)}; policy: {' '.join(policy.mx)})")
-        return policy.mode == "enforce"
+        return mode == "enforce"
 
     async def _expand_entry(self, domain: str, r: Route, position: int, method: str,
                             default_port: int) -> _Expanded:

@@ -86,7 +86,7 @@ message is chosen by its recipient domain and its binding, and the binding by it
 each new connection binds one of those of the next hop's family at random; with none of that
 family, the kernel chooses. Where the TOML says nothing, ecelerity.conf's defaults apply (no MX
 limits, A and AAAA addresses mixed at one preference), not Stalwart's; except MTA-STS (RFC 8461),
-which Stalwart always applies: a TOML file has `MTA_STS = true` (see MTA_STS below).
+which Stalwart always applies: a TOML file has `use_mta_sts = true` (see use_mta_sts below).
 
 | Stalwart key | ecelerity.conf |
 | --- | --- |

@@ -261,14 +261,19 @@ OPTIONS: list[OptionDef] = [
               "One bound for a whole delivery session, from the connect to QUIT, whatever each "
               "phase's own timeout (Stalwart's remote timeout); past it the connection is dropped "
               "and the recipients not answered yet are deferred (4.4.2). 0 (the default) means none."),
-    OptionDef("MTA_STS", t.Bool(), ROUTING, False,
-              "Apply MTA-STS (RFC 8461) to delivery by MX: look up the `_mta-sts` TXT record, fetch "
-              "https://mta-sts.DOMAIN/.well-known/mta-sts.txt (verified, no redirects) and cache the "
-              "policy for its max_age. enforce: only MX hosts matching the policy, only with verified "
-              "TLS (TLS = required, TLS_Verify = host for that mail); none left defers it with 4.7.0, "
-              "a TLS failure with 4.7.x. testing: logs what enforce would refuse. A policy that "
-              "cannot be fetched and is not cached counts as none (RFC 8461 §5.1), and is logged. "
-              "A Stalwart TOML file has it on (Stalwart always applies MTA-STS)."),
+    OptionDef("use_mta_sts", t.Bool(), ROUTING, False,
+              "Momentum's use_mta_sts: look up the recipient domain's MTA-STS policy (RFC 8461) for "
+              "delivery by MX: the `_mta-sts` TXT record, then "
+              "https://mta-sts.DOMAIN/.well-known/mta-sts.txt over verified HTTPS (no redirects), "
+              "cached in memory for its max_age. A policy that cannot be fetched and is not cached "
+              "counts as none (RFC 8461 §5.1), and is logged. A Stalwart TOML file has it on "
+              "(Stalwart always applies MTA-STS)."),
+    OptionDef("enable_mta_sts", t.Bool(), OUTBOUND, True,
+              "Momentum's enable_mta_sts: apply the policy use_mta_sts found. enforce: only the MX "
+              "hosts matching the policy, and only with TLS = required and TLS_Verify = host for that "
+              "mail, whatever TLS and TLS_Verify say; no MX left defers it with 4.7.0, a TLS failure "
+              "with 4.7.x. testing (or enable_mta_sts = false): logs what enforce would refuse and "
+              "delivers. none: nothing."),
     OptionDef("MTA_STS_Timeout", t.Time(lo=0.001), frozenset({GLOBAL}), 120.0,
               "How long an MTA-STS policy lookup (TXT record and HTTPS fetch together) may take "
               "(seed 003's queue.outbound.timeouts.mta-sts)."),

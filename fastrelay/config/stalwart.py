@@ -247,8 +247,8 @@ MAPPING: list[tuple[str, str]] = [
     ("queue.outbound.source-ip.v4, .v6", "`Bind_Address = ( v4... v6... )` (the default binding's)"),
     ("queue.outbound.hostname", "`EHLO_Hostname`"),
     ("server.hostname", "`Hostname`"),
-    ("(always, in Stalwart)", "`MTA_STS = true` (on for every TOML file; `[fastrelay] MTA_STS = false` "
-                              "turns it off)"),
+    ("(always, in Stalwart)", "`use_mta_sts = true` (on for every TOML file; `[fastrelay] use_mta_sts = "
+                              "false` turns it off)"),
     ("queue.outbound.limits.mx", "`Max_MX_Hosts`"),
     ("queue.outbound.limits.multihomed", "`Max_MX_Addresses`"),
     *[(f"queue.outbound.timeouts.{k}", f"`{v}`") for k, v in _TIMEOUTS.items()],
@@ -362,9 +362,9 @@ class _Translator:
         self.check_keys(top, STALWART_KEYS, ())
         if self.errors:
             return []
-        # Stalwart applies MTA-STS to every delivery by MX; `[fastrelay] MTA_STS = false` turns it off.
+        # Stalwart applies MTA-STS to every delivery by MX; `[fastrelay] use_mta_sts = false` turns it off.
         where = ("queue", "outbound", "timeouts", "mta-sts")
-        self.globals.append(Option("MTA_STS", Atom("true", False, self.at(where)), self.at(where)))
+        self.globals.append(Option("use_mta_sts", Atom("true", False, self.at(where)), self.at(where)))
         self.server(d.get("server", {}))
         out = d.get("queue", {}).get("outbound", {})
         self.outbound(out)

@@ -58,7 +58,7 @@ def ca(tmp_path):
 
 
 def conf(tmp_path, port: int, extra: str = "") -> str:
-    return (f'MTA_STS = true\nMTA_STS_CA = "{tmp_path / "ca.pem"}"\nTLS_CA = "{tmp_path / "ca.pem"}"\n'
+    return (f'use_mta_sts = true\nMTA_STS_CA = "{tmp_path / "ca.pem"}"\nTLS_CA = "{tmp_path / "ca.pem"}"\n'
             f"MTA_STS_Port = {port}\nMTA_STS_Timeout = 3s\nretry_interval = 60\nhost_failure_retry = 60\n" + extra)
 
 
@@ -163,6 +163,25 @@ async def test_unfetchable_policy_is_no_policy(tmp_path, dns, relay, sink_port, 
         await send_mail(h, ["u@s.test"], body("nopolicy"))
         await sink.wait_for(1, timeout=15)
         await drained(h)
+    finally:
+        await sink.stop()
+        await server.stop()
+
+
+async def test_enable_mta_sts_false_only_logs(tmp_path, dns, relay, sink_port, ca, caplog):
+    """Momentum's enable_mta_sts = false: the policy is fetched (use_mta_sts) but not applied; an
+    enforce policy naming other MX hosts is logged and the mail delivered."""
+    zone(dns)
+    server = PolicyServer(ca, POLICY.format(mode="enforce", mx="*.other.test"))
+    await server.start()
+    sink = await mx_sink(ca, sink_port, tls=False)
+    try:
+        h = await relay(conf(tmp_path, server.port, "enable_mta_sts = false\n"))
+        await send_mail(h, ["u@s.test"], body("off"))
+        await sink.wait_for(1, timeout=15)
+        await drained(h)
+        assert server.fetches == 1
+        assert any("MTA-STS (testing): MX mx.s.test not in the policy" in r.getMessage() for r in caplog.records)
     finally:
         await sink.stop()
         await server.stop()
