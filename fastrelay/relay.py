@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 
 from fastrelay.config import Config
@@ -138,12 +137,7 @@ class Relay:
             self.xfer_servers.append(srv)
 
     def _mainlog_path(self) -> str:
-        s = self.cfg.lookup("Mainlog")
-        if s.value is None:
-            return os.path.join(os.path.dirname(self.cfg.spool_dir), "mainlog")
-        if os.path.isabs(s.value) or s.pos is None:
-            return s.value
-        return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
+        return self.cfg.mainlog_path
 
     def describe_listeners(self) -> list[str]:
         out = []

@@ -166,10 +166,28 @@ class Config:
     @property
     def spool_dir(self) -> str:
         s = self.lookup("Spool_Base")
+        if s.value is None:
+            from fastrelay.paths import default_spool
+
+            return default_spool()
         path = s.value
         if not os.path.isabs(path) and s.pos is not None:
             path = os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), path)
         return os.path.normpath(path)
+
+    @property
+    def mainlog_path(self) -> str:
+        """The mainlog file: Mainlog, or beside a Spool_Base the conf sets, or the default place."""
+        s = self.lookup("Mainlog")
+        if s.value is None:
+            if self.lookup("Spool_Base").value is None:
+                from fastrelay.paths import default_mainlog
+
+                return default_mainlog()
+            return os.path.join(os.path.dirname(self.spool_dir), "mainlog")
+        if os.path.isabs(s.value) or s.pos is None:
+            return s.value
+        return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
 
 
 class _Builder:

@@ -368,9 +368,10 @@ def parse_file(path: str, stack: tuple[str, ...] = (), included_at: Pos | None =
     except ValueError as e:
         if included_at is not None:
             raise included_at.error(f"cannot include '{shown or path}': {e}") from None
-        raise ConfigError(path, 1, 1, f"cannot read the file: {e}") from None
+        raise ConfigError(path, 0, 0, f"cannot read the conf file: {e}") from None
     except OSError as e:
         if included_at is not None:
             raise included_at.error(f"cannot read '{path}': {e.strerror}; expected a readable file") from None
-        raise ConfigError(path, 1, 1, f"cannot read the file: {e.strerror}; expected a readable conf file") from None
+        # The whole file, not a place in it: no :1:1 (issue 15: "a plain message").
+        raise ConfigError(path, 0, 0, f"cannot read the conf file: {e.strerror}") from None
     return parse_text(data, path, (*stack, real), depth)

@@ -370,10 +370,11 @@ OPTIONS: list[OptionDef] = [
     OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
               "Private key (PEM) for TLS_Certificate."),
     # --- Spool -------------------------------------------------------------------------------
-    OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}),
-              "/var/spool/fastrelay",
+    OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}), None,
               "The spool directory. A relative path is relative to the directory of the conf file "
-              "that sets it."),
+              "that sets it. Unset means /var/spool/fastrelay when run as root, else "
+              "$XDG_STATE_HOME/fastrelay/spool (~/.local/state/fastrelay/spool); "
+              "`fastrelay run --spool DIR` overrides it."),
     OptionDef("spool_min_free", t.Size(), frozenset({GLOBAL}), limits.SPOOL_MIN_FREE,
               "Below this much free space on the spool's filesystem, MAIL gets 452 4.3.1 "
               "(RELIABILITY.md case 17), and so does MAIL or RCPT when the SIZE announced (one copy "
@@ -386,8 +387,11 @@ OPTIONS: list[OptionDef] = [
               "records wait in memory; past it the oldest are dropped, and the count is logged when "
               "writing works again. No record is ever written twice."),
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
-              "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
-              "\"mainlog\" in the spool's parent directory. Relative to the conf file."),
+              "The mainlog file (R, D, T, P and X records; see docs/operations.md). Relative to the "
+              "conf file. Unset: with Spool_Base unset too, /var/log/fastrelay/mainlog when run as root, "
+              "else $XDG_STATE_HOME/fastrelay/mainlog (~/.local/state/fastrelay/mainlog); with Spool_Base "
+              "set, \"mainlog\" beside the spool directory (Spool_Base = \"/srv/relay/spool\" logs to "
+              "/srv/relay/mainlog)."),
     OptionDef("suspend_delivery", t.Bool(), frozenset({GLOBAL}), False,
               "Accept and queue mail but deliver nothing (Postfix's defer_transports, KumoMTA's "
               "suspend): for maintenance of the next hops. Queued mail goes out when it is off again."),
