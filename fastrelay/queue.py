@@ -412,7 +412,7 @@ class Queue:
                 return
             self.router.host_ok(plan, host)
             slot.connected()
-            keep = self.cfg.get("Connection_Cache_Time", d.domain, d.binding)
+            keep = self.cfg.get("idle_timeout", d.domain, d.binding)
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
@@ -433,7 +433,7 @@ class Queue:
 
     async def _idle(self, d: Dest, keep: float) -> bool:
         """Keep an open connection for `keep` seconds in case more mail comes for its destination
-        (Postfix's smtp_connection_cache_time_limit): a new connection costs a handshake, a
+        (Momentum's outbound idle_timeout): a new connection costs a handshake, a
         greeting and an EHLO. True if woken for a message, False when the time is up."""
         if keep <= 0 or self._stopping:
             return False
@@ -837,10 +837,13 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         greeting_timeout=g("Greeting_Timeout", domain, binding),
         ehlo_timeout=g("EHLO_Timeout", domain, binding),
         tls_timeout=g("TLS_Timeout", domain, binding),
-        mail_timeout=g("Mail_From_Timeout", domain, binding),
-        rcpt_timeout=g("Rcpt_To_Timeout", domain, binding),
+        mail_timeout=g("mailfrom_timeout", domain, binding),
+        rcpt_timeout=g("rcptto_timeout", domain, binding),
         data_timeout=g("Data_Timeout", domain, binding),
-        done_timeout=g("Delivery_Response_Timeout", domain, binding),
+        # Momentum: body_timeout is the wait for the reply after an SMTP/LMTP final dot,
+        # delivery_response_timeout the wait for an HTTP delivery's response (XFER).
+        done_timeout=g("body_timeout", domain, binding),
+        xfer_timeout=g("Delivery_Response_Timeout", domain, binding),
         rset_timeout=g("RSET_Timeout", domain, binding),
         tls=g("TLS", domain, binding),
         tls_verify=g("TLS_Verify", domain, binding),

@@ -42,7 +42,7 @@ def test_check_config_prints_every_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
         f"{f}:2:3: unknown option 'Rotues'; did you mean 'Routes'?",
-        f"{f}:3:17: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000",
+        f"{f}:3:17: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000, \"auto\" or \"none\"",
     ]
     assert "Traceback" not in out.stderr
 
@@ -167,7 +167,7 @@ def test_run_bad_conf_exits_2(tmp_path):
 
 AGREE = {
     "no listener": 'Spool_Base = "spool"\nDomain a.test { Gateway = "10.0.0.1" }\n',
-    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Concurrency = 10\n}\n',
+    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Listener_Sessions = 10\n}\n',
     "delay_xfer without msys.xfer.client": (
         'Spool_Base = "spool"\nDomain xfer.test {\n  Delivery_Method = "delay_xfer"\n}\n'
         'ESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
@@ -338,7 +338,7 @@ def test_config_show_non_default_prints_what_the_conf_sets(tmp_path):
     assert f"max_message_size = 1048576\t# {f}:7" in out.stdout
     assert "Connect_Timeout" not in out.stdout
     full = fr("config", "show", "-c", str(f))
-    assert "Connect_Timeout = 30s\t# default" in full.stdout and f"retry_interval = 5m\t# {f}:1" in full.stdout
+    assert "Connect_Timeout = 5m\t# default" in full.stdout and f"retry_interval = 5m\t# {f}:1" in full.stdout
 
 
 def _all_parsers(p):

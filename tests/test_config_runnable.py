@@ -38,7 +38,7 @@ def runnable(text: str, **kw) -> tuple[list[str], list[str]]:
     ("ESMTP_Listener { }\n",
      ["t.conf:1:1: ESMTP_Listener has no Listen stanza, so it would listen nowhere; "
       'expected ESMTP_Listener { Listen "ADDRESS:PORT" { } }']),
-    ("ESMTP_Listener {\n  relay_hosts = ( 10.0.0.0/8 )\n  Concurrency = 10\n}\n",
+    ("ESMTP_Listener {\n  relay_hosts = ( 10.0.0.0/8 )\n  Listener_Sessions = 10\n}\n",
      ["t.conf:1:1: ESMTP_Listener has no Listen stanza, so it would listen nowhere; "
       'expected ESMTP_Listener { Listen "ADDRESS:PORT" { } }']),
     (ESMTP + "esmtp_listener {\n}\n",

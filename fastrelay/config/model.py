@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from fastrelay import limits
 from fastrelay.config import momentum
 from fastrelay.config import schema as S
 from fastrelay.config.errors import ConfigError, ConfigErrors, UnsupportedMomentumName
@@ -445,6 +446,15 @@ def check_runnable(cfg: Config) -> tuple[list[ConfigError], list[ConfigError]]:
             errors.append(hit[1].error(
                     "Delivery_Method = delay_xfer needs the XFER client, which is not loaded; expected "
                     'scriptlet "scriptlet" { script xfer_client { source = "msys.xfer.client" } }'))
+    for listen in cfg.esmtp_listens:
+        idle = listen.lookup("Idle_Time")
+        if 0 < idle.value < limits.RFC5321_SERVER_TIMEOUT:
+            # RFC 5321 §4.5.3.2.7: "at least 5 minutes". Allowed (a test relay, a trusted
+            # network), but never silently: a Momentum conf's outbound idle_timeout = 5 used to land here.
+            warnings.append((idle.pos or listen.pos).error(
+                f"Idle_Time = {S.BY_KEY['idle_time'].format(idle.value)} on {listen.address} disconnects "
+                "silent clients sooner than RFC 5321 §4.5.3.2.7's 5 minutes; expected at least 5m "
+                "(the outbound idle connection time is idle_timeout)"))
     if xfer_server is not None:
         for listen in cfg.http_listens:
             if listen.get("xfer_secret") or listen.get("xfer_tokens"):

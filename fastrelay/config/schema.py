@@ -90,6 +90,9 @@ class OptionDef:
     scopes: frozenset[str]
     default: Any
     doc: str
+    # Other names accepted for it (an older fastrelay name, or Momentum's other spelling); a value
+    # is stored, looked up and shown under `name`.
+    aliases: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -119,6 +122,19 @@ class _MailAddress(t.String):
         return atom.text
 
 
+class _MaxRetries(t.Int):
+    """A retry count, or Momentum's "auto" / "none" (both: no count, message_expiration decides)."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1_000_000)
+        self.expected = f'{self.expected}, "auto" or "none"'
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        if atom.text.strip().lower() in ("auto", "none"):
+            return 0
+        return super().convert_atom(atom)
+
+
 def _nets(*texts: str) -> tuple:
     return tuple(ipaddress.ip_network(x) for x in texts)
 
@@ -134,10 +150,16 @@ OPTIONS: list[OptionDef] = [
               "(XFER over HTTP to the relay named by Routes)."),
     OptionDef("Remote_SMTP_Port", t.Int(1, 65535), OUTBOUND, 25,
               "The port outbound SMTP and LMTP connect to unless a route names one."),
-    OptionDef("Delivery_Response_Timeout", t.Time("ms", lo=0.001), OUTBOUND, 600.0,
-              "How long to wait for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes), "
-              "and for an XFER response. A plain number is in milliseconds."),
-    OptionDef("max_outbound_connections", t.Int(0, 1_000_000), OUTBOUND | {HOST}, 20,
+    OptionDef("Delivery_Response_Timeout", t.Time("ms", lo=0.001), frozenset({GLOBAL, BINDING, DOMAIN, BINDING_DOMAIN}),
+              5.0,
+              "As Momentum's: how long to wait for the response to an HTTP delivery, here an XFER "
+              "transfer (Delivery_Method = delay_xfer); a large body gets a little more time to "
+              "upload. A plain number is in milliseconds (default 5000). The reply after an SMTP or "
+              "LMTP final dot is body_timeout's."),
+    OptionDef("body_timeout", t.Time(lo=0.001), OUTBOUND, 600.0,
+              "As Momentum's: how long to wait for the reply after the final dot of DATA (or the last "
+              "BDAT) over SMTP and LMTP (RFC 5321 §4.5.3.2.6: 10 minutes). Seconds."),
+    OptionDef("max_outbound_connections", t.Int(0, 1_000_000), OUTBOUND | {HOST}, 32,
               "Connections open at once to the hosts of a destination (keyed by its set of MX "
               "hosts, so domains that share MXs share the limit); in a Host stanza, to that host. "
               "0 means no limit."),
@@ -156,25 +178,29 @@ OPTIONS: list[OptionDef] = [
               "the mail waiting for it is deferred. It holds even after fast answers, when the resolver "
               "library would otherwise give up on a slower one in well under a second."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
-    OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
-              "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
+    OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long a TCP connect to a next hop may take (Momentum's default, 300 seconds; "
+              "Postfix's smtp_connect_timeout is 30s)."),
     OptionDef("Greeting_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
               "How long to wait for the 220 greeting (RFC 5321 §4.5.3.2.1: 5 minutes)."),
     OptionDef("EHLO_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0, "How long to wait for the EHLO/LHLO reply."),
     OptionDef("TLS_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0, "How long a STARTTLS handshake may take."),
-    OptionDef("Mail_From_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
-              "How long to wait for the reply to MAIL (RFC 5321 §4.5.3.2.2: 5 minutes)."),
-    OptionDef("Rcpt_To_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
-              "How long to wait for each RCPT reply (RFC 5321 §4.5.3.2.3: 5 minutes)."),
+    OptionDef("mailfrom_timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long to wait for the reply to MAIL (RFC 5321 §4.5.3.2.2: 5 minutes), as Momentum's "
+              "mailfrom_timeout.", aliases=("Mail_From_Timeout",)),
+    OptionDef("rcptto_timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long to wait for each RCPT reply (RFC 5321 §4.5.3.2.3: 5 minutes), as Momentum's "
+              "rcptto_timeout.", aliases=("Rcpt_To_Timeout",)),
     OptionDef("Data_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0,
               "How long to wait for the 354 after DATA (RFC 5321 §4.5.3.2.4: 2 minutes) and for "
               "each block of the body to be taken (§4.5.3.2.5: 3 minutes)."),
-    OptionDef("RSET_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0,
+    OptionDef("RSET_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long to wait for the reply to RSET between two messages on one connection."),
-    OptionDef("Connection_Cache_Time", t.Time(), OUTBOUND, 2.0,
-              "How long an outbound connection with nothing more to send stays open in case more "
-              "mail comes for its destination (Postfix smtp_connection_cache_time_limit); 0 closes "
-              "it at once."),
+    OptionDef("idle_timeout", t.Time(), OUTBOUND, 5.0,
+              "As Momentum's: how long an outbound connection with nothing more to send stays open in "
+              "case more mail comes for its destination; 0 closes it at once. Seconds. (The inbound "
+              "idle timeout is Idle_Time.) Connection_Cache_Time, its name before, is accepted too.",
+              aliases=("Connection_Cache_Time",)),
     OptionDef("TLS", t.Enum("no", "ifavailable", "required", aliases={"disabled": "no"}), OUTBOUND, "ifavailable",
               "Outbound STARTTLS, as Momentum's `TLS`: no (never; `disabled` is accepted too), "
               "ifavailable (opportunistic: used when offered; a failed handshake is retried in "
@@ -198,15 +224,17 @@ OPTIONS: list[OptionDef] = [
     # --- Retries, expiry, reroutes ------------------------------------------------------------
     OptionDef("retry_interval", t.Time(lo=1), OUTBOUND, 1200.0,
               "The first retry delay after a transient failure; it doubles with each attempt."),
-    OptionDef("max_retry_interval", t.Time(lo=1), OUTBOUND, 14400.0,
+    OptionDef("max_retry_interval", t.Time(lo=1), OUTBOUND, 43200.0,
               "The longest delay between two attempts."),
     OptionDef("host_failure_retry", t.Time(), OUTBOUND | {HOST}, 120.0,
               "How long a host that failed (refused, timed out, 4xx/5xx greeting) is avoided."),
     OptionDef("message_expiration", t.Time(lo=1), OUTBOUND, 5 * 86400.0,
               "How long a message may stay queued before it is bounced (RFC 5321 §4.5.4.1: 4-5 days)."),
-    OptionDef("max_retries", t.Int(0, 1_000_000), OUTBOUND, 0,
+    OptionDef("max_retries", _MaxRetries(), OUTBOUND, 0,
               "Attempts after which a message is bounced; 0 means no limit (message_expiration "
-              "decides)."),
+              "decides). Momentum's words are taken too: \"none\" and \"auto\" (its default, the "
+              "retries message_expiration allows) both mean 0 here, as the retries stop at "
+              "message_expiration either way."),
     OptionDef("delay_warning_time", t.Time(), OUTBOUND, 0.0,
               "Once a message has waited this long, send its sender one delay notice (a DSN with "
               "Action: delayed) for the recipients whose NOTIFY allows it, once per message (per "
@@ -317,15 +345,21 @@ OPTIONS: list[OptionDef] = [
               "Recipients per transaction; the next RCPT gets 452 4.5.3 (RFC 5321 §4.5.3.1.10)."),
     OptionDef("max_messages_per_connection", t.Int(1, 10_000_000), LISTENER, limits.MAX_MESSAGES_PER_CONNECTION,
               "Transactions per connection; the next MAIL gets 452 4.5.3."),
-    OptionDef("Concurrency", t.Int(1, 1_000_000), LISTENER, limits.MAX_CONNECTIONS,
-              "Connections a listener serves at once; the next one gets 421 4.7.0 and is closed."),
+    OptionDef("Listener_Sessions", t.Int(0, 1_000_000), LISTENER, limits.MAX_CONNECTIONS,
+              "As Momentum's: connections a listener serves at once; the next one gets 421 4.7.0 and is "
+              "closed. 0 means no limit. (Momentum's `concurrency` is a thread count, which fastrelay "
+              "has no use for; before, fastrelay called this Concurrency.)"),
     OptionDef("max_connections_per_ip", t.Int(1, 1_000_000), LISTENER, limits.MAX_CONNECTIONS_PER_IP,
               "Connections from one client address at once; the next one gets 421 4.7.0."),
-    OptionDef("idle_timeout", t.Time(lo=1), LISTENER, limits.IDLE_TIMEOUT,
-              "How long to wait for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes), "
-              "then 421 4.4.2."),
+    OptionDef("Idle_Time", t.Time(), LISTENER | HTTP, limits.IDLE_TIMEOUT,
+              "As Momentum's: how long a client may stay silent between commands before it gets "
+              "421 4.4.2 and is disconnected (at an HTTP_Listener: how long an idle keep-alive "
+              "connection stays open); 0 never disconnects for silence. RFC 5321 §4.5.3.2.7 "
+              "asks for at least 5 minutes: a shorter value is allowed, with a warning from "
+              "check-config and run. (Before, fastrelay called this idle_timeout, which is now "
+              "Momentum's outbound idle_timeout.)"),
     OptionDef("overload_idle_timeout", t.Time(lo=1), LISTENER, limits.OVERLOAD_IDLE_TIMEOUT,
-              "The idle timeout while a listener is above 80% of its Concurrency (Postfix's stress mode)."),
+              "The idle timeout while a listener is above 80% of its Listener_Sessions (Postfix's stress mode)."),
     OptionDef("command_deadline", t.Time(lo=1), LISTENER, limits.COMMAND_DEADLINE,
               "Time to receive a whole command line once it has begun (Postfix "
               "smtpd_per_request_deadline), so a trickled line cannot hold a slot; then 421 4.4.2."),
@@ -339,7 +373,7 @@ OPTIONS: list[OptionDef] = [
     OptionDef("write_timeout", t.Time(lo=1), LISTENER, limits.WRITE_TIMEOUT,
               "How long replies may wait unread: a client that stops reading them (its write buffer "
               "full, or a close waiting for it to drain) is disconnected after this, and its slot "
-              "in Concurrency and max_connections_per_ip is freed."),
+              "in Listener_Sessions and max_connections_per_ip is freed."),
     OptionDef("allow_nul_in_data", t.Bool(), LISTENER, False,
               "Carry NUL bytes in message content. Off (the default, as Postfix): a message with a "
               "NUL gets 554 5.6.0 after its end and is not queued, because a next hop that strips "
@@ -405,6 +439,7 @@ OPTIONS: list[OptionDef] = [
 ]
 
 BY_KEY: dict[str, OptionDef] = {o.key: o for o in OPTIONS}
+BY_KEY.update({a.lower(): o for o in OPTIONS for a in o.aliases})
 
 
 @dataclass(frozen=True)
@@ -471,6 +506,7 @@ def add_option(opt: OptionDef) -> None:
     """Register an option (later parts of the relay add theirs the same way)."""
     OPTIONS.append(opt)
     BY_KEY[opt.key] = opt
+    BY_KEY.update({a.lower(): opt for a in opt.aliases})
 
 
 def valid_in(opt: OptionDef) -> str:

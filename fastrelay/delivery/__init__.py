@@ -54,7 +54,8 @@ class Settings:
     mail_timeout: float = 300.0
     rcpt_timeout: float = 300.0
     data_timeout: float = 120.0  # DATA until 354, and each block of the body
-    done_timeout: float = 600.0  # after the final dot (Delivery_Response_Timeout)
+    done_timeout: float = 600.0  # after the final dot (body_timeout)
+    xfer_timeout: float = 5.0  # for an XFER response (Delivery_Response_Timeout)
     rset_timeout: float = 120.0
     tls: str = "ifavailable"  # "ifavailable" (opportunistic), "required" or "no" ("disabled" too)
     tls_verify: str | bool = "no"  # "no", "ca" (the chain) or "host" (chain and name); True = "host"

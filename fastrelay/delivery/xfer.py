@@ -168,7 +168,7 @@ class XferConnection:
             headers["Authorization"] = wire.authorization(s.xfer_secret, self.method, self.uri, digest)
         elif s.xfer_token:
             headers["Authorization"] = wire.bearer(s.xfer_token)
-        wait = s.done_timeout + UPLOAD_SECONDS_PER_MIB * len(payload) / (1024 * 1024)
+        wait = s.xfer_timeout + UPLOAD_SECONDS_PER_MIB * len(payload) / (1024 * 1024)
         timeout = aiohttp.ClientTimeout(total=wait, sock_connect=s.connect_timeout)
         n = len(idx)
         big = len(payload) > EXPECT_CONTINUE_ABOVE

@@ -13,9 +13,11 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -123,9 +125,9 @@ class ListenSettings:
         self.max_size = g("max_message_size")
         self.max_recipients = g("max_recipients_per_message")
         self.max_messages = g("max_messages_per_connection")
-        self.max_connections = g("Concurrency")
+        self.max_connections = g("Listener_Sessions") or sys.maxsize  # 0: no limit (Momentum)
         self.max_per_ip = g("max_connections_per_ip")
-        self.idle_timeout = g("idle_timeout")
+        self.idle_timeout = g("Idle_Time") or math.inf  # 0: never for silence (Momentum)
         self.overload_idle_timeout = g("overload_idle_timeout")
         self.command_deadline = g("command_deadline")
         self.min_data_rate = g("min_data_rate")

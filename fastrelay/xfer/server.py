@@ -120,6 +120,8 @@ class XferServerSettings:
             max_body=int(g("xfer_max_body")),
             max_hops=int(g("xfer_max_hops")),
             replay_window=float(g("xfer_replay_window")),
+            # Idle_Time 0 (Momentum: never for silence): keep-alive connections stay until closed.
+            idle_timeout=float(g("Idle_Time") or 86400 * 365),
         )
 
 
