@@ -158,7 +158,7 @@ def test_lenient_turns_momentum_names_and_only_them_into_warnings(conf_impl):
     assert cfg.get("max_retries", "a.test") == 7
     # A real error next to them stays an error, alone.
     assert errors(text + "max_retries = x\n", lenient=True) == [
-        "t.conf:8:15: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000"]
+        "t.conf:8:15: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000, \"auto\" or \"none\""]
 
 
 def test_momentum_names_file_is_derived_and_holds_the_reference_names():

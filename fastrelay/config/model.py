@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -69,6 +70,23 @@ class ListenScope:
 
     def get(self, option: str) -> Any:
         return self.lookup(option).value
+
+
+def _invisible(ch: str) -> bool:
+    # Format characters (U+FEFF, U+200B...), spaces other than the ASCII one (U+00A0...), controls.
+    return ch != " " and unicodedata.category(ch) in ("Cf", "Zs", "Zl", "Zp", "Cc", "Co", "Cn")
+
+
+def shown(name: str) -> str:
+    """`name` quoted for an error, with each invisible character written as <U+XXXX> and named
+    after it: a UTF-8 BOM or a no-break space in a name otherwise shows as a name that looks right."""
+    bad = [ch for ch in dict.fromkeys(name) if _invisible(ch)]
+    text = "".join(f"<U+{ord(ch):04X}>" if _invisible(ch) else ch for ch in name)
+    if not bad:
+        return f"'{text}'"
+    what = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, 'an unnamed character')}"
+                     + (" (a byte order mark)" if c == "\ufeff" else "") for c in bad)
+    return f"'{text}' (it contains {what}, which does not show)"
 
 
 def _a(word: str) -> str:
@@ -230,7 +248,7 @@ class _Builder:
         if opt is None and node.key not in S.STANZA_BY_KEY and self.momentum(node.name, node.pos):
             return
         if opt is None:
-            msg = f"unknown option '{node.name}'"
+            msg = f"unknown option {shown(node.name)}"
             close = difflib.get_close_matches(node.key, list(S.BY_KEY), n=1, cutoff=0.75)
             if close:
                 msg += f"; did you mean '{S.BY_KEY[close[0]].name}'?"
@@ -261,14 +279,19 @@ class _Builder:
         if sdef is None and node.key not in S.BY_KEY and self.momentum(node.type, node.pos):
             return
         if sdef is None:
-            msg = f"unknown stanza '{node.type}'"
-            close = difflib.get_close_matches(node.key, list(S.STANZA_BY_KEY), n=1, cutoff=0.7)
+            msg = f"unknown stanza {shown(node.type)}"
+            # Only the stanzas valid here are offered (a Host inside a Domain would be another error).
+            here = [sd for sd in S.STANZAS if parent_kind in sd.parents]
+            close = difflib.get_close_matches(node.key, [sd.key for sd in here], n=1, cutoff=0.7)
             if node.key in S.BY_KEY:
                 msg += f"; '{S.BY_KEY[node.key].name}' is an option: write {S.BY_KEY[node.key].name} = value"
             elif close:
                 msg += f"; did you mean '{S.STANZA_BY_KEY[close[0]].name}'?"
+            elif here:
+                msg += f"; expected one of the stanzas valid in {S.SCOPE_NAMES[parent_kind]}: " + ", ".join(
+                    sd.name for sd in here)
             else:
-                msg += "; expected one of " + ", ".join(s.name for s in S.STANZAS)
+                msg += f"; {S.SCOPE_NAMES[parent_kind]} holds no stanzas, only options"
             self.fail(node.pos, msg)
             return
         if parent_kind not in sdef.parents:
