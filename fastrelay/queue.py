@@ -235,9 +235,15 @@ class Queue:
             if not waiter.done():
                 waiter.set_result(True)
                 d.connecting += 1
-        if not d.pumping and d.ready and not self._stopping and d.paused is None:
+        if not d.pumping and d.ready and not self._stopping and d.paused is None and not self._suspended(d):
             d.pumping = True
             self._spawn(self._pump(d))
+
+    def _suspended(self, d: Dest) -> bool:
+        """suspend_delivery set for this destination (Momentum: binding, binding_group, domain or
+        global): its mail stays queued, untouched, until a restart without it. A drain moves
+        everything regardless, as `fastrelay drain` does for the global switch."""
+        return self.draining is None and bool(self.cfg.get("suspend_delivery", d.domain, d.binding))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.ensure_future(coro)

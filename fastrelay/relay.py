@@ -89,11 +89,12 @@ class Relay:
             log.warning("config: %s:%d:%d: %s", w.file, w.line, w.col, w.message)
 
     async def _start_delivery(self, entries: list) -> None:
-        """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
+        """Start the scheduler. suspend_delivery is the queue's to apply per destination (a Domain
+        may set it off under a global on, Momentum's fallback): accepted mail just stays queued."""
         cfg = self.cfg
         if cfg.get("suspend_delivery") and self.drain_to is None:
-            log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only")
-            return
+            log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only, except "
+                     "for scopes that set it off")
         from fastrelay.delivery.connect import connect
         from fastrelay.dns import Resolver
         from fastrelay.queue import Queue

@@ -426,9 +426,12 @@ OPTIONS: list[OptionDef] = [
               "else $XDG_STATE_HOME/fastrelay/mainlog (~/.local/state/fastrelay/mainlog); with Spool_Base "
               "set, \"mainlog\" beside the spool directory (Spool_Base = \"/srv/relay/spool\" logs to "
               "/srv/relay/mainlog)."),
-    OptionDef("suspend_delivery", t.Bool(), frozenset({GLOBAL}), False,
-              "Accept and queue mail but deliver nothing (Postfix's defer_transports, KumoMTA's "
-              "suspend): for maintenance of the next hops. Queued mail goes out when it is off again."),
+    OptionDef("suspend_delivery", t.Bool(), OUTBOUND, False,
+              "Accept and queue mail but deliver none of the scope's (Momentum's suspend_delivery; "
+              "Postfix's defer_transports): globally, for a Binding or Binding_Group, for a Domain, or "
+              "for a Domain inside a Binding. For maintenance of the next hops. Queued mail goes out "
+              "when the relay is started with it off again (message_expiration still counts from "
+              "its reception)."),
     OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
               "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
               "acknowledged with 250 (a process crash still cannot)."),
