@@ -176,6 +176,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(e, file=sys.stderr)
         return EXIT_CONFIG
     # The warnings are logged by the relay as it starts (the same ones check-config prints).
+    if args.quiet_messages:
+        import logging
+
+        logging.getLogger("fastrelay.events").setLevel(logging.WARNING)
     return run(cfg, use_uvloop=not args.asyncio, log_level=args.log_level)
 
 
@@ -251,6 +255,9 @@ def _add_run(sub: Any) -> None:
                         "e.g. example.com=smtp://127.0.0.1?port=2526")
     r.add_argument("--asyncio", action="store_true", help="plain asyncio instead of uvloop (debugging)")
     r.add_argument("--log-level", default="info", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
+    r.add_argument("--quiet-messages", action="store_true",
+                   help="no process-log line per message event (accepted, delivered, deferred, bounced, "
+                        "transferred); the mainlog has them all either way")
     r.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
     r.set_defaults(func=cmd_run)
 

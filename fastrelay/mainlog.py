@@ -25,6 +25,10 @@ from fastrelay.limits import MAINLOG_MAX_PENDING
 from fastrelay.message import Envelope
 
 log = logging.getLogger("fastrelay.mainlog")
+# The process log's one line per message event, for operators who tail it (issue 15): the mainlog
+# stays the record. `fastrelay run --quiet-messages` sets this logger to WARNING.
+events = logging.getLogger("fastrelay.events")
+_EVENT = {"D": "delivered", "T": "deferred", "P": "bounced", "X": "transferred"}
 
 _CLEAN = {c: "?" for c in range(32)} | {127: "?"}
 # How long a log line may wait in memory before it is written (lines are flushed on stop too).
@@ -151,10 +155,17 @@ class MainLog:
         tail = f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}\n"
         for r in env.recipients:
             self._emit(f"{t}\tR\t{env.msgid}\t{_f(r.address)}{tail}")
+        if events.isEnabledFor(logging.INFO):
+            events.info("accepted %s from <%s> for %d recipient%s, %d bytes, client %s", env.msgid,
+                        _f(env.sender), len(env.recipients), "" if len(env.recipients) == 1 else "s", size,
+                        env.client_ip)
 
     def outcome(self, kind: str, env: Envelope, rcpt: str, size: int, remote: str, response: str) -> None:
         """kind is D, T, P or X."""
         now = time.time()
+        if events.isEnabledFor(logging.INFO):
+            events.info("%s %s to <%s> via %s: %s", _EVENT.get(kind, kind), env.msgid, _f(rcpt), _f(remote) or "-",
+                        _f(response))
         self._emit(
             f"{now:.3f}\t{kind}\t{env.msgid}\t{_f(rcpt)}\t{env.domain}\t{size}\t{_f(env.binding)}\t"
             f"{env.attempts}\t{int(now - env.first_queued)}\t{_f(remote)}\t{_f(response)}\n"

@@ -431,7 +431,7 @@ class RelayProcess:
         with open(self.logfile, "ab") as log:
             self.t_start = time.monotonic()
             self.proc = track(subprocess.Popen(
-                [sys.executable, "-m", "fastrelay", "run", "-c", str(self.conf)],
+                [sys.executable, "-m", "fastrelay", "run", "--quiet-messages", "-c", str(self.conf)],
                 cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
                 start_new_session=True,
             ))

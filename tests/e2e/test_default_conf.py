@@ -73,3 +73,27 @@ async def test_default_conf_relays_to_the_demo_sink(tmp_path):
         await sink.stop()
     assert (spool / "spool.db").exists() or any(spool.iterdir()), "the spool is where --spool said"
     assert not (elsewhere / "var").exists(), "nothing is written under the current directory"
+    # Issue 15: "At INFO, the process log says one line per message event (accepted, delivered, ...)".
+    events = [line.split(": ", 1)[1] for line in proc.stderr.read().splitlines() if "fastrelay.events" in line]
+    assert len(events) == 2, events
+    assert re.fullmatch(r"accepted \S+ from <me@example.com> for 1 recipient, \d+ bytes, client 127.0.0.1",
+                        events[0]), events
+    assert re.fullmatch(r"delivered \S+ to <you@sink.test> via 127.0.0.1:\d+: 250 .*", events[1]), events
+
+
+async def test_quiet_messages_keeps_the_process_log_to_the_relay_itself(tmp_path):
+    """"... or stays quiet with a switch": the mainlog still has every record."""
+    sink = Sink("127.0.0.1", 0)
+    await sink.start()
+    proc, port = await start_relay(
+        [sys.executable, "-m", "fastrelay", "run", "--quiet-messages", "--listen", "127.0.0.1:0",
+         "--spool", str(tmp_path / "spool"), "--route", f"sink.test=smtp://127.0.0.1?port={sink.port}"],
+        cwd=str(tmp_path))
+    try:
+        await relay_one(port, sink, "quiet")
+    finally:
+        stop(proc)
+        await sink.stop()
+    assert "fastrelay.events" not in proc.stderr.read()
+    kinds = [line.split("\t")[1] for line in (tmp_path / "mainlog").read_text().splitlines()]
+    assert kinds == ["R", "D"]
