@@ -36,11 +36,25 @@ class Relay:
         self.resolver = None
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
         self.hostname = cfg.get("Hostname") or socket.gethostname()
+        self._prebound: dict[int, socket.socket] = {}  # listener sockets bound before a privilege drop
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
         self._check_config()
+        # Security { User Group } (Momentum): bind every listener as root, then drop to the user
+        # before the spool and the mainlog are opened, so their files belong to that user.
+        user = cfg.security.get("user")
+        if user is not None and self.drain_to is None:
+            from fastrelay import privileges
+
+            group = cfg.security.get("group")
+            self._prebind()
+            try:
+                privileges.drop(user[0], group[0] if group else None)
+            except (privileges.PrivilegeError, OSError) as e:
+                self._close_prebound()
+                raise StartupError(str(e)) from None
         self.spool = Spool(cfg.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
         try:
             await self.spool.open()
@@ -67,7 +81,8 @@ class Relay:
                 raise StartupError(f"ESMTP listener {listen.address}: {e}") from None
             srv = SMTPServer(settings, self)
             try:
-                await srv.start(listen.address.host or None, listen.address.port)
+                await srv.start(listen.address.host or None, listen.address.port,
+                                sock=self._prebound.pop(id(listen), None))
             except OSError as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e.strerror or e}") from None
             self.smtp_servers.append(srv)
@@ -76,6 +91,28 @@ class Relay:
                 for sock in srv.sockets:
                     addr = sock.getsockname()
                     self.queue.router.own_addresses.add((addr[0], addr[1]))
+
+    def _prebind(self) -> None:
+        """Bind (and listen on) every listener's socket now, while still root (port 25)."""
+        listens = list(self.cfg.esmtp_listens) + (list(self.cfg.http_listens) if self.cfg.xfer_server_enabled else [])
+        for listen in listens:
+            host, port = listen.address.host, listen.address.port
+            try:
+                if not host and socket.has_dualstack_ipv6():
+                    sock = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                                                backlog=1024, reuse_port=False)
+                else:
+                    family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
+                    sock = socket.create_server((host or "", port), family=family, backlog=1024)
+            except OSError as e:
+                self._close_prebound()
+                raise StartupError(f"listener {listen.address}: {e.strerror or e}") from None
+            self._prebound[id(listen)] = sock
+
+    def _close_prebound(self) -> None:
+        for sock in self._prebound.values():
+            sock.close()
+        self._prebound.clear()
 
     def _check_config(self) -> None:
         """The whole-conf checks `check-config` makes (fastrelay.config.model.check_runnable), so a
@@ -132,7 +169,8 @@ class Relay:
             settings = XferServerSettings.from_listen(listen)
             srv = XferServer(settings, self)
             try:
-                await srv.start(listen.address.host or None, listen.address.port)
+                await srv.start(listen.address.host or None, listen.address.port,
+                                sock=self._prebound.pop(id(listen), None))
             except OSError as e:
                 raise StartupError(f"HTTP listener {listen.address}: {e.strerror or e}") from None
             self.xfer_servers.append(srv)
@@ -174,6 +212,7 @@ class Relay:
         return len(self.queue.items)
 
     async def stop(self) -> None:
+        self._close_prebound()  # a start that failed after binding them
         for srv in self.smtp_servers:
             await srv.stop()
         self.smtp_servers.clear()

@@ -20,7 +20,7 @@ TABLE = os.path.join(ROOT, "docs", "momentum.md")
 # Momentum's scope words, as fastrelay's scopes (the others, pathway, peer..., fastrelay lacks).
 _SCOPE = {"global": S.GLOBAL, "domain": S.DOMAIN, "binding": S.BINDING, "binding_group": S.BINDING_GROUP,
           "host": S.HOST, "esmtp_listener": S.ESMTP_LISTENER, "http_listener": S.HTTP_LISTENER,
-          "binding::domain": S.BINDING_DOMAIN}
+          "binding::domain": S.BINDING_DOMAIN, "security": S.SECURITY}
 
 
 def _rows() -> dict[str, dict]:

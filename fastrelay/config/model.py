@@ -113,6 +113,7 @@ class Config:
         self.esmtp_listens: list[ListenScope] = []
         self.http_listens: list[ListenScope] = []
         self.scripts: dict[str, tuple[str, Pos]] = {}  # source -> (script name, pos)
+        self.security = Scope(S.SECURITY, None, "Security")  # User and Group (Momentum's privilege drop)
         # Momentum names ignored under --lenient (check_runnable() returns its own warnings).
         self.warnings: list[ConfigError] = []
         self._cache: dict[tuple[str, str | None, str | None], Setting] = {}
@@ -373,6 +374,9 @@ class _Builder:
 
     def s_http_listen(self, node: Stanza, addr: HostPort, ctx: dict) -> None:
         self._listen(node, addr, ctx, S.HTTP_LISTEN, self.cfg.http_listens)
+
+    def s_security(self, node: Stanza, name: None, ctx: dict) -> None:
+        self.items(node.children, S.SECURITY, self.cfg.security, ctx)
 
     def s_scriptlet(self, node: Stanza, name: str, ctx: dict) -> None:
         sc = Scope(S.SCRIPTLET, name, f"scriptlet {name}")

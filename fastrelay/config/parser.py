@@ -93,7 +93,8 @@ Node = Option | Stanza
 
 # Words that open stanzas (the parser knows them only to word its errors well).
 STANZA_WORDS = frozenset(
-    {"domain", "binding", "binding_group", "host", "esmtp_listener", "http_listener", "listen", "scriptlet", "script"}
+    {"domain", "binding", "binding_group", "host", "esmtp_listener", "http_listener", "listen", "scriptlet", "script",
+     "security"}
 )
 
 # Includes deeper than this are surely a mistake (and would exhaust the stack).

@@ -23,6 +23,7 @@ HTTP_LISTENER = "http_listener"
 HTTP_LISTEN = "http_listen"
 SCRIPTLET = "scriptlet"
 SCRIPT = "script"
+SECURITY = "security"
 
 SCOPE_NAMES = {
     GLOBAL: "the global scope",
@@ -37,6 +38,7 @@ SCOPE_NAMES = {
     HTTP_LISTEN: "a Listen stanza of an HTTP_Listener",
     SCRIPTLET: "a scriptlet stanza",
     SCRIPT: "a script stanza",
+    SECURITY: "the Security stanza",
 }
 
 OUTBOUND = frozenset({GLOBAL, BINDING_GROUP, BINDING, DOMAIN, BINDING_DOMAIN})
@@ -435,6 +437,15 @@ OPTIONS: list[OptionDef] = [
     OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
               "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
               "acknowledged with 250 (a process crash still cannot)."),
+    # --- Security (Momentum's privilege drop) -------------------------------------------------
+    OptionDef("User", t.String(nonempty=True, pattern=r"[A-Za-z0-9._][A-Za-z0-9._-]*", expected="a user name"),
+              frozenset({SECURITY}), None,
+              "As Momentum's: started as root, the relay binds its listeners, then runs as this user "
+              "before it opens the spool and the mainlog (which this user must be able to write). "
+              "Unset: it keeps the user it was started as."),
+    OptionDef("Group", t.String(nonempty=True, pattern=r"[A-Za-z0-9._][A-Za-z0-9._-]*", expected="a group name"),
+              frozenset({SECURITY}), None,
+              "The group the relay runs as with User; unset means the user's own group."),
     # --- scriptlet ---------------------------------------------------------------------------
     OptionDef("source", t.Enum("msys.xfer.server", "msys.xfer.client"), frozenset({SCRIPT}), None,
               "The module a script loads: msys.xfer.server (accept XFER transfers on the "
@@ -495,6 +506,7 @@ STANZAS: list[StanzaDef] = [
     StanzaDef("ESMTP_Listener", ESMTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("HTTP_Listener", HTTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("scriptlet", SCRIPTLET, frozenset({GLOBAL}), True, _Name()),
+    StanzaDef("Security", SECURITY, frozenset({GLOBAL}), False),
     StanzaDef("script", SCRIPT, frozenset({SCRIPTLET}), True, _Name()),
     # `Listen` is the same word in both listeners; its scope depends on the parent.
     StanzaDef("Listen", ESMTP_LISTEN, frozenset({ESMTP_LISTENER, HTTP_LISTENER}), True, t.ListenAddress()),
@@ -514,7 +526,7 @@ def add_option(opt: OptionDef) -> None:
 
 def valid_in(opt: OptionDef) -> str:
     order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, ESMTP_LISTENER, ESMTP_LISTEN,
-             HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT]
+             HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT, SECURITY]
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 

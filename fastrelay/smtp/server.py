@@ -201,9 +201,14 @@ class SMTPServer:
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
 
-    async def start(self, host: str | None, port: int) -> None:
+    async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or on `sock`, bound already (before a privilege drop)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True, backlog=1024)
+        if sock is not None:
+            self.server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
+        else:
+            self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True,
+                                                   backlog=1024)
         self._schedule_reaper()
 
     @property

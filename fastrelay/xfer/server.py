@@ -186,8 +186,9 @@ class XferServer:
         self._server: asyncio.AbstractServer | None = None
         self._method = settings.method.upper()
 
-    async def start(self, host: str | None, port: int) -> None:
-        """Listen on host:port (all addresses when host is None); OSError if it cannot bind."""
+    async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port (all addresses when host is None), or on `sock`, bound already (before
+        a privilege drop); OSError if it cannot bind."""
         loop = asyncio.get_running_loop()
         max_body = self.s.max_body
 
@@ -211,7 +212,10 @@ class XferServer:
         await runner.setup()
         try:
             # What web.TCPSite does, keeping the asyncio.Server so `sockets` is public API.
-            self._server = await loop.create_server(runner.server, host, port, reuse_address=True, backlog=1024)
+            if sock is not None:
+                self._server = await loop.create_server(runner.server, sock=sock, backlog=1024)
+            else:
+                self._server = await loop.create_server(runner.server, host, port, reuse_address=True, backlog=1024)
         except BaseException:
             await runner.cleanup()
             raise
