@@ -855,6 +855,9 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         tls_verify=g("TLS_Verify", domain, binding),
         tls_fallback=g("TLS_Ifavailable_Fallback", domain, binding),
         tls_ca=g("TLS_CA", domain, binding),
+        # Momentum: TLS_Certificate/TLS_Key in an outbound scope is the client certificate presented.
+        tls_cert=cfg.conf_path(cfg.lookup("TLS_Certificate", domain, binding)),
+        tls_key=cfg.conf_path(cfg.lookup("TLS_Key", domain, binding)),
         http_uri=g("HTTP_URI", domain, binding),
         http_method=g("HTTP_METHOD", domain, binding),
         http_host=g("HTTP_HOST", domain, binding),

@@ -195,6 +195,15 @@ class Config:
             path = os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), path)
         return os.path.normpath(path)
 
+    @staticmethod
+    def conf_path(setting: Setting) -> str | None:
+        """A path option's value, relative to the directory of the conf file that set it."""
+        if setting.value is None:
+            return None
+        if os.path.isabs(setting.value) or setting.pos is None:
+            return setting.value
+        return os.path.join(os.path.dirname(os.path.abspath(setting.pos.file)), setting.value)
+
     @property
     def mainlog_path(self) -> str:
         """The mainlog file: Mainlog, or beside a Spool_Base the conf sets, or the default place."""
@@ -473,6 +482,13 @@ def check_runnable(cfg: Config) -> tuple[list[ConfigError], list[ConfigError]]:
             errors.append(hit[1].error(
                     "Delivery_Method = delay_xfer needs the XFER client, which is not loaded; expected "
                     'scriptlet "scriptlet" { script xfer_client { source = "msys.xfer.client" } }'))
+    for sc in _outbound_scopes(cfg):
+        cert, key = sc.get("tls_certificate"), sc.get("tls_key")
+        if (cert is None) != (key is None):
+            # A client certificate without its key (or a key alone) cannot be presented.
+            have, want = ("TLS_Certificate", "TLS_Key") if cert is not None else ("TLS_Key", "TLS_Certificate")
+            errors.append((cert or key)[1].error(f"{have} is set in {sc.description} without {want}; "
+                                                 "expected both, for the client certificate presented outbound"))
     for listen in cfg.esmtp_listens:
         idle = listen.lookup("Idle_Time")
         if 0 < idle.value < limits.RFC5321_SERVER_TIMEOUT:

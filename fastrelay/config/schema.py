@@ -400,11 +400,13 @@ OPTIONS: list[OptionDef] = [
     OptionDef("bare_lf_normalize_hosts", t.CIDRList(), LISTENER, (),
               "Clients whose bare CR or LF line endings are turned into CRLF instead of refused with "
               "550 5.5.2 (Postfix's normalize mode with exclusions; RELIABILITY.md case 2)."),
-    OptionDef("TLS_Certificate", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
-              "Server certificate (PEM) for STARTTLS; with TLS_Key set, STARTTLS is offered. Relative "
-              "paths are relative to the conf file."),
-    OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
-              "Private key (PEM) for TLS_Certificate."),
+    OptionDef("TLS_Certificate", t.String(nonempty=True, expected="a PEM file path"), LISTENER | OUTBOUND, None,
+              "As Momentum's: the certificate (PEM) presented in TLS. At a listener, the server "
+              "certificate for STARTTLS (with TLS_Key set, STARTTLS is offered); in an outbound scope "
+              "(global, Binding, Binding_Group, Domain), the client certificate presented to next hops "
+              "that ask for one. Relative paths are relative to the conf file."),
+    OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER | OUTBOUND, None,
+              "Private key (PEM) for TLS_Certificate, in the same scope."),
     # --- Spool -------------------------------------------------------------------------------
     OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}), None,
               "The spool directory. A relative path is relative to the directory of the conf file "

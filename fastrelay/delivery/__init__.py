@@ -61,6 +61,8 @@ class Settings:
     tls_verify: str | bool = "no"  # "no", "ca" (the chain) or "host" (chain and name); True = "host"
     tls_fallback: bool = True  # TLS_Ifavailable_Fallback: plaintext at once after a failed handshake
     tls_ca: str | None = None  # extra CA file to trust
+    tls_cert: str | None = None  # client certificate (PEM) presented in STARTTLS (TLS_Certificate)
+    tls_key: str | None = None  # its private key (TLS_Key)
     # XFER (seeds 000/001)
     http_uri: str = "/delay_message"
     http_method: str = "POST"

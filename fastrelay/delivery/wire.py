@@ -285,7 +285,7 @@ async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
     return sock
 
 
-_contexts: dict[tuple[str, str | None], ssl.SSLContext] = {}
+_contexts: dict[tuple[str, str | None, str | None, str | None], ssl.SSLContext] = {}
 
 
 def verify_mode(settings: Settings) -> str:
@@ -299,10 +299,11 @@ def verify_mode(settings: Settings) -> str:
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
-    """The client context for STARTTLS, built once per (verify mode, CA file): loading the system
-    store costs milliseconds, too much per connection. Momentum's TLS_Verify: no, ca, host."""
+    """The client context for STARTTLS, built once per (verify mode, CA file, client certificate):
+    loading the system store costs milliseconds, too much per connection. Momentum's TLS_Verify:
+    no, ca, host; TLS_Certificate/TLS_Key: the certificate presented to a next hop that asks."""
     mode = verify_mode(settings)
-    key = (mode, settings.tls_ca)
+    key = (mode, settings.tls_ca, settings.tls_cert, settings.tls_key)
     ctx = _contexts.get(key)
     if ctx is None:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -315,6 +316,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
             # Opportunistic TLS (RFC 7435): encrypt without authenticating, as MTAs do by default.
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        if settings.tls_cert:
+            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
         _contexts[key] = ctx
     return ctx
 
@@ -437,8 +440,8 @@ class WireSession:
         try:
             ctx = tls_context(s)
         except (OSError, ValueError) as e:
-            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop,
-                               policy=True) from None
+            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA or client certificate file: {e}"),
+                               hop=hop, policy=True) from None
         code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
         if code != 220:
             if wire.lost or code == 421:  # the server closed
