@@ -119,3 +119,6 @@ ADMIN_PAGE_DEFAULT = 100
 ADMIN_MAX_REQUEST = 1024 * 1024
 # Audit lines kept in memory for GET /api/v1/audit (the log has them all).
 ADMIN_AUDIT_KEEP = 1000
+# With Workers > 1, how long worker 0's admin front waits for another worker's answer over its
+# internal socket (a list or a summary scans at most ADMIN_SCAN_MAX messages there).
+WORKER_ADMIN_TIMEOUT = 30.0
