@@ -118,6 +118,9 @@ def test_one_admin_answers_for_both_workers(tmp_path, sink_port):
         p = _cli(relay.conf, "queue", "summary", "--json")
         assert p.returncode == 0 and json.loads(p.stdout)["total"] == len(ids), p.stdout + p.stderr
 
+        st, r = api.call("POST", "/api/v1/reroute", {"from": DOMAIN, "to": "elsewhere.test", "dry_run": True})
+        assert st == 200 and r["would_move"] == len(ids) and r["moved"] == 0, r
+        assert {i.split(".")[0] for i in r["ids"]} == {"0", "1"}
         p = _cli(relay.conf, "resume", DOMAIN)
         assert p.returncode == 0, p.stdout + p.stderr
         sink.wait_for(len(ids) - 1, timeout=60)
