@@ -59,7 +59,7 @@ def test_a_value_that_goes_on_is_reported_at_its_line(conf_impl, text, error):
     [
         ("Bogus x { }\n",
          "t.conf:1:1: unknown stanza 'Bogus'; expected one of the stanzas valid in the global scope: Domain, "
-         "Binding_Group, Binding, Host, ESMTP_Listener, HTTP_Listener, scriptlet"),
+         "Binding_Group, Binding, Host, ESMTP_Listener, HTTP_Listener, scriptlet, Security"),
         ("Domain a.test {\n  Hots x { }\n}\n",
          "t.conf:2:3: unknown stanza 'Hots'; a Domain stanza holds no stanzas, only options"),
         ("ESMTP_Listener {\n  Lisen \"127.0.0.1:25\" { }\n  Listen \"127.0.0.1:26\" { }\n}\n",
