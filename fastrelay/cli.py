@@ -82,17 +82,34 @@ def cmd_config_eval(args: argparse.Namespace) -> int:
         print(f"fastrelay: unknown option '{args.option}'{hint}", file=sys.stderr)
         return EXIT_CONFIG
     domain, via = args.domain, ""
-    if domain and schema.DOMAIN in opt.scopes and opt.key != "reroute_domain":
-        # The runtime delivers rerouted mail with the target domain's options (Queue, seed 000).
-        target = cfg.delivery_domain(domain, args.binding)
-        if target != domain:
-            r = cfg.lookup("reroute_domain", domain, args.binding)
-            at = "" if r.pos is None else f" at {r.pos.file}:{r.pos.line} ({r.scope})"
-            domain, via = target, f"; mail to {args.domain} is rerouted to {target} (reroute_domain{at})"
-    s = cfg.lookup(opt.name, domain, args.binding)
+    if args.host:
+        hs = cfg.host_lookup(opt.name, args.host, args.binding)
+        # Momentum: a Host scope does not fall back to the binding/domain/global value.
+        if hs is None:
+            print(f"{opt.name} = (unset)\t# no Host stanza for {args.host} sets it")
+            return EXIT_OK
+        s = hs
+    else:
+        if domain and schema.DOMAIN in opt.scopes and opt.key != "reroute_domain":
+            # The runtime delivers rerouted mail with the target domain's options (Queue, seed 000).
+            target = cfg.delivery_domain(domain, args.binding)
+            if target != domain:
+                r = cfg.lookup("reroute_domain", domain, args.binding)
+                at = "" if r.pos is None else f" at {r.pos.file}:{r.pos.line} ({r.scope})"
+                domain, via = target, f"; mail to {args.domain} is rerouted to {target} (reroute_domain{at})"
+        s = cfg.lookup(opt.name, domain, args.binding)
     where = "default" if s.pos is None else f"{s.pos.file}:{s.pos.line} ({s.scope})"
-    print(f"{opt.name} = {opt.format(s.value)}\t# {where}{via}")
+    line = f"{opt.name} = {opt.format(s.value)}\t# {where}{via}"
+    if opt.key in _THROTTLES and s.value is not None:
+        # By reference (Momentum): the throttle lives in the scope that sets it.
+        line += f"; one throttle shared by everything that falls back to {s.scope}"
+    print(line)
     return EXIT_OK
+
+
+_THROTTLES = frozenset({"outbound_throttle_messages", "outbound_throttle_connections",
+                        "cluster_outbound_throttle_messages", "cluster_outbound_throttle_connections",
+                        "server_max_outbound_connections"})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -159,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--domain", help="evaluate for mail to this domain")
     ev.add_argument("--binding", help="evaluate for this binding")
     ev.add_argument("--lenient", action="store_true", help=LENIENT_HELP)
+    ev.add_argument("--host", help="evaluate in the Host stanza of this MX (name or IP; regex stanzas match)")
     ev.add_argument("option")
     ev.set_defaults(func=cmd_config_eval)
 

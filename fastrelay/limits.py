@@ -119,3 +119,13 @@ ADMIN_PAGE_DEFAULT = 100
 ADMIN_MAX_REQUEST = 1024 * 1024
 # Audit lines kept in memory for GET /api/v1/audit (the log has them all).
 ADMIN_AUDIT_KEEP = 1000
+
+# --- Outbound chapter (issue #10: MultiVIP, traffic shaping) -------------------------------------
+# Momentum's server_max_outbound_connections default: outbound connections open at once, all
+# bindings together (in a Binding stanza: through that binding).
+SERVER_MAX_OUTBOUND_CONNECTIONS = 75000
+# The longest a throttled destination waits before it asks again; a throttle's own wait is
+# usually far shorter ("N/S": S/N seconds between two events).
+MAX_THROTTLE_WAIT = 3600.0
+# Binding_Header values longer than this are ignored (a binding name is a short token).
+MAX_BINDING_NAME = 255

@@ -5,11 +5,13 @@ Format (documented in docs/operations.md): tab-separated fields, the record type
 `cut -f` and `awk -F'\\t'` work; Momentum separates with '@', which collides with addresses.
 
     R  time  R  msgid  recipient  sender  client_ip  size  protocol  binding
-    D  time  D  msgid  recipient  domain  size  binding  retries  seconds_in_queue  remote_ip  response
+    D  time  D  msgid  recipient  domain  size  binding  retries  seconds_in_queue  remote_ip  response  tls
     T  (as D)  the response of the transient failure
     P  (as D)  the response of the permanent failure (or the reason: expired, null MX, ...)
     X  time  X  msgid  recipient  domain  size  binding  retries  seconds_in_queue  peer  response
 
+tls (D records only) is "tls=PROTOCOL:CIPHER" when the delivery went over TLS, as Postfix logs
+"TLS connection established ... TLSv1.3 with cipher ...", else "tls=none".
 time is Unix seconds with milliseconds. Fields are cleaned of tabs and control characters
 (RELIABILITY.md case 26). Lines are buffered and written once per event-loop tick. Each flush is
 one write(2) on an O_APPEND file, so the workers of one relay (fastrelay.supervisor) can share
@@ -169,12 +171,14 @@ class MainLog:
         for obs in self.observers:
             obs("R", env, None)
 
-    def outcome(self, kind: str, env: Envelope, rcpt: str, size: int, remote: str, response: str) -> None:
-        """kind is D, T, P or X."""
+    def outcome(self, kind: str, env: Envelope, rcpt: str, size: int, remote: str, response: str,
+                tls: str | None = None) -> None:
+        """kind is D, T, P or X; `tls` ("TLSv1.3:CIPHER", "" without TLS) goes on D records."""
         now = time.time()
+        tail = f"\ttls={_f(tls) or 'none'}\n" if kind == "D" else "\n"
         self._emit(
             f"{now:.3f}\t{kind}\t{env.msgid}\t{_f(rcpt)}\t{env.domain}\t{size}\t{_f(env.binding)}\t"
-            f"{env.attempts}\t{int(now - env.first_queued)}\t{_f(remote)}\t{_f(response)}\n"
+            f"{env.attempts}\t{int(now - env.first_queued)}\t{_f(remote)}\t{_f(response)}{tail}"
         )
         for obs in self.observers:
             obs(kind, env, rcpt)

@@ -15,6 +15,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,9 +30,11 @@ from fastrelay.bounce import RELAYED as RELAYED_ACTION
 from fastrelay.bounce import make_dsn, mta_name
 from fastrelay.config import Config
 from fastrelay.crash import crashpoint
+from fastrelay.delivery.xclient import client_of
 from fastrelay.mainlog import MainLog
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
+from fastrelay.shaping import OutboundShaping, has_host_throttles
 from fastrelay.spool import SpoolError
 
 log = logging.getLogger("fastrelay.queue")
@@ -71,7 +74,7 @@ class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
     __slots__ = ("avoid", "binding", "connecting", "domain", "idle", "paused", "pumping", "ready", "sessions",
-                 "settings")
+                 "settings", "shaping_hold")
 
     def __init__(self, domain: str, binding: str):
         self.domain = domain
@@ -88,6 +91,8 @@ class Dest:
         # Hosts this destination's own TLS policy refused: route-table host id -> (monotonic
         # until, code, text). Other destinations still use them (the host itself is fine).
         self.avoid: dict[int, tuple[float, int, str]] = {}
+        # Why the destination is held by local traffic shaping ("throttle", "limit"), for stats.
+        self.shaping_hold = ""
 
 
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
@@ -101,11 +106,13 @@ def _expire_idle(waiter: asyncio.Future) -> None:
 class _Slot:
     """A connection slot the router granted for one session; `release` is idempotent."""
 
-    __slots__ = ("dest", "host", "is_connecting", "leases", "plan", "q", "released")
+    __slots__ = ("dest", "host", "is_connecting", "leases", "plan", "q", "released", "shaped")
 
-    def __init__(self, q: Queue, dest: Dest, plan: Plan, host: int, leases: list | None = None):
+    def __init__(self, q: Queue, dest: Dest, plan: Plan, host: int, leases: list | None = None,
+                 shaped: tuple[str, ...] = ()):
         self.q, self.dest, self.plan, self.host = q, dest, plan, host
         self.leases = leases  # cluster-wide slots (fastrelay.cluster) held with this one
+        self.shaped = shaped  # Server_Max_Outbound_Connections slots (fastrelay.shaping)
         self.released = False
         self.is_connecting = True
         dest.sessions += 1
@@ -122,6 +129,8 @@ class _Slot:
         self.released = True
         q, d = self.q, self.dest
         q._free_slot(self.plan, self.host)
+        if self.shaped:
+            q.shaping.close_connection(self.shaped)
         if self.leases:
             q._spawn(q.cluster.release(self.leases))
         self.connected()
@@ -132,9 +141,13 @@ class _Slot:
 class Queue:
     def __init__(self, cfg: Config, spool, router: Router, mainlog: MainLog, connect: Connector,
                  submit: Callable[[list[tuple[Envelope, bytes]]], Awaitable[Any]] | None = None,
-                 hostname: str = "localhost", cluster=None):
+                 hostname: str = "localhost", cluster=None, shaping: OutboundShaping | None = None):
         self.cfg = cfg
         self.cluster = cluster  # fastrelay.cluster.ClusterGate when Cluster_Redis is set
+        # Local throttles and the server-wide connection cap (issue #10); its backend may be
+        # shared between processes without the scheduler knowing.
+        self.shaping = shaping if shaping is not None else OutboundShaping(cfg)
+        self._host_throttled = has_host_throttles(cfg)
         self.spool = spool
         self.router = router
         self.mainlog = mainlog
@@ -253,9 +266,22 @@ class Queue:
         """Open sessions for `d` while it has ready messages and the router grants slots."""
         try:
             # Open a session only for ready messages no starting session will take.
+            if self.cfg.get("suspend_delivery", d.domain, d.binding):
+                return  # suspended for this binding (or binding::domain): the mail stays queued
             while len(d.ready) > d.connecting and not self._stopping:
+                wait = self.shaping.message_wait(d.domain, d.binding)
+                if wait > 0:
+                    # No message may go yet: a new connection would only wait. The open ones
+                    # (if any) take the next token; new ones open when the timer fires.
+                    d.shaping_hold = "throttle"
+                    self._pause(d, wait)
+                    return
                 try:
                     plan = self._narrow(d, await self.router.plan(d.domain, d.binding))
+                    if self._host_throttled:
+                        plan = self._unthrottled(d, plan)
+                        if plan is None:
+                            return  # held until the first Host throttle lets a connection through
                     host = self.router.acquire(plan)
                 except RouteError as e:
                     await self._route_failed(d, e)
@@ -280,23 +306,34 @@ class Queue:
                     continue
                 if self.router.shared:
                     self.router.want(plan, False)
+                hop = plan.hops[host]
+                adm = self.shaping.open_connection(d.domain, d.binding, [hop.name, hop.ip])
+                if adm.retry_in > 0:
+                    # Momentum 25.4: a throttled destination waits on a timer; no retry is
+                    # scheduled and no slot or worker is held meanwhile.
+                    self._free_slot(plan, host)
+                    d.shaping_hold = adm.reason
+                    self._pause(d, adm.retry_in)
+                    return
                 leases = None
                 if self.cluster is not None:
                     try:
-                        adm = await self.cluster.open_connection(d.domain, d.binding, plan.hops[host].name)
+                        cadm = await self.cluster.open_connection(d.domain, d.binding, plan.hops[host].name)
                     except BaseException:
                         self._free_slot(plan, host)
+                        self.shaping.close_connection(adm.slots)
                         raise
-                    if adm.retry_in > 0:
+                    if cadm.retry_in > 0:
                         # A cluster-wide limit is full or the connection throttle waits: give the
                         # local slot back and ask again later, holding no worker meanwhile.
                         self._free_slot(plan, host)
-                        self._pause(d, adm.retry_in)
+                        self.shaping.close_connection(adm.slots)
+                        self._pause(d, cadm.retry_in)
                         return
-                    leases = adm.leases
+                    leases = cadm.leases
                 # Reserve and release in pairs: the slot goes back when the session task ends,
                 # however it ends (even cancelled before its first step, when no `finally` runs).
-                slot = _Slot(self, d, plan, host, leases)
+                slot = _Slot(self, d, plan, host, leases, adm.slots)
                 self.stats["sessions"] += 1
                 self._spawn(self._session(slot)).add_done_callback(slot.release)
         finally:
@@ -317,6 +354,7 @@ class Queue:
 
     def _unpause(self, d: Dest) -> None:
         d.paused = None
+        d.shaping_hold = ""
         self._kick(d)
 
     def _poll_later(self, d: Dest, plan: Plan) -> None:
@@ -333,6 +371,21 @@ class Queue:
             self._kick(d)
 
         asyncio.get_running_loop().call_later(limits.SHARED_POLL_INTERVAL, poll)
+
+    def _unthrottled(self, d: Dest, plan: Plan) -> Plan | None:
+        """Momentum's Host-scope outbound_throttle_connections: a throttled MX is skipped for a
+        sibling (same preference first, then the next level, as for a host at its connection
+        limit); with every host throttled, the destination waits for the first one's next token
+        (None: held), not for retry_interval."""
+        waits = {h: self.shaping.host_wait([hop.name, hop.ip], d.binding) for h, hop in plan.hops.items()}
+        throttled = {h for h, w in waits.items() if w > 0}
+        if not throttled:
+            return plan
+        narrowed = self.router.without(plan, throttled)
+        if narrowed is None:
+            d.shaping_hold = "host throttle"
+            self._pause(d, min(waits.values()))
+        return narrowed
 
     def _narrow(self, d: Dest, plan: Plan) -> Plan:
         """The plan without the hosts this destination's TLS policy refused lately; a RouteError
@@ -444,6 +497,20 @@ class Queue:
                         break
                     d.connecting -= 1  # woken for a message: it takes one now (or finds none)
                     continue
+                wait = self.shaping.before_message(d.domain, d.binding, [hop.name, hop.ip])
+                while 0 < wait <= keep and conn.usable and not self._stopping:
+                    # Throttled by message rate: the connection stays open for a wait within
+                    # Connection_Cache_Time (no retry scheduled, the message stays taken).
+                    await asyncio.sleep(wait)
+                    wait = self.shaping.before_message(d.domain, d.binding, [hop.name, hop.ip])
+                if wait > 0:
+                    # A longer wait: the message goes back to the front of the ready queue, the
+                    # connection closes, and the destination waits on a timer.
+                    it.busy = False
+                    d.ready.appendleft(it)
+                    d.shaping_hold = "throttle"
+                    self._pause(d, wait)
+                    break
                 if self.cluster is not None:
                     await self.cluster.before_message(d.domain, d.binding)
                 await self._deliver_one(it, conn, hop)
@@ -511,9 +578,12 @@ class Queue:
                 # (this spool's node, this entry's id) if a lost 200 makes us send it again.
                 results = await conn.transfer(env, idx, body, (self.spool.node_id, str(it.id)))
             else:
+                # XCLIENT (issue #10): the original client goes along where the option asks.
+                kw = {"client": client_of(env)} if hop.proto == "smtp" and \
+                    self._settings(self._dest(it)).xclient != "no" else {}
                 results = await conn.deliver(
                     env.sender, env.mail_params,
-                    [(env.recipients[i].address, env.recipients[i].params) for i in idx], body,
+                    [(env.recipients[i].address, env.recipients[i].params) for i in idx], body, **kw,
                 )
             crashpoint("after_remote_ok")
             # A next hop that took the DSN parameters reports success itself (RFC 3461 §5.2.1);
@@ -521,7 +591,8 @@ class Queue:
             success = None if hop.proto == "xfer" or getattr(conn, "takes_dsn", True) else \
                 (DELIVERED_ACTION if hop.proto == "lmtp" else RELAYED_ACTION)
             await self._apply(it, env, body, idx, results, f"{hop.ip}:{hop.port}",
-                              ok_kind="X" if hop.proto == "xfer" else "D", mta=mta_name(hop), success=success)
+                              ok_kind="X" if hop.proto == "xfer" else "D", mta=mta_name(hop), success=success,
+                              tls=getattr(conn, "tls_info", None))
         except SpoolError as e:
             # The spool could not read or write this message now: not the message's fault, so it
             # does not count towards quarantine; nothing changed on disk, so it is simply tried again.
@@ -639,7 +710,8 @@ class Queue:
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
-                     ok_kind: str = "D", mta: str = "", success: str | None = None) -> None:
+                     ok_kind: str = "D", mta: str = "", success: str | None = None,
+                     tls: str | None = None) -> None:
         """`remote` (ip:port) is for the mainlog; `mta` (the host's name) for DSNs' Remote-MTA;
         `success` the DSN action (delivered, relayed) owed to NOTIFY=SUCCESS, None if none is."""
         size = len(body)
@@ -653,7 +725,7 @@ class Queue:
                 r.state = DELIVERED
                 ok.append(i)
                 self.stats["delivered"] += 1
-                self.mainlog.outcome(ok_kind, env, r.address, size, remote, res.response)
+                self.mainlog.outcome(ok_kind, env, r.address, size, remote, res.response, tls=tls)
             elif res.status == D.PERM:
                 r.state = FAILED
                 failed.append(i)
@@ -1245,10 +1317,28 @@ class Queue:
         self._api_kick_all()
 
 
+def _path(cfg: Config, option: str, domain: str, binding: str) -> str | None:
+    """A file option, relative to the directory of the conf file that set it."""
+    s = cfg.lookup(option, domain, binding)
+    if s.value is None or s.value == "none" or os.path.isabs(s.value) or s.pos is None:
+        return s.value
+    return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
+
+
 def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> D.Settings:
     g = cfg.get
+    ehlo = g("EHLO_Hostname", domain, binding)
     return D.Settings(
-        helo_name=hostname,
+        # Momentum's ehlo_hostname: "__hostname__" is this relay's name. "__message__" (the
+        # sender's domain) cannot be per message on a shared connection: the relay's name too.
+        helo_name=hostname if ehlo in ("__hostname__", "__message__") else ehlo,
+        bind_address=g("Bind_Address", domain, binding),
+        binding=binding,
+        xclient=g("XCLIENT", domain, binding),
+        tls_cert=_path(cfg, "TLS_Certificate", domain, binding),
+        tls_key=_path(cfg, "TLS_Key", domain, binding),
+        tls_protocols=g("TLS_Protocols", domain, binding),
+        tls_ciphers=g("TLS_Ciphers", domain, binding),
         esmtp=g("Delivery_Method", domain, binding) != "SMTP",
         connect_timeout=g("Connect_Timeout", domain, binding),
         greeting_timeout=g("Greeting_Timeout", domain, binding),
@@ -1262,7 +1352,7 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         tls=g("TLS", domain, binding),
         tls_verify=g("TLS_Verify", domain, binding),
         tls_fallback=g("TLS_Ifavailable_Fallback", domain, binding),
-        tls_ca=g("TLS_CA", domain, binding),
+        tls_ca=_path(cfg, "TLS_CA", domain, binding),
         http_uri=g("HTTP_URI", domain, binding),
         http_method=g("HTTP_METHOD", domain, binding),
         http_host=g("HTTP_HOST", domain, binding),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastrelay import _impl, shards
+from fastrelay.bindings import Assigner
 from fastrelay.config import Config
 from fastrelay.mainlog import MainLog
 from fastrelay.message import Envelope
@@ -59,6 +60,7 @@ class Relay:
         self.resolver = None
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
         self.hostname = cfg.get("Hostname") or socket.gethostname()
+        self.binder = Assigner(cfg)  # binding assignment (issue #10), shared by the listeners
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,6 +94,7 @@ class Relay:
             srv = SMTPServer(settings, self)
             if self.worker is not None and self.worker.shared is not None:
                 srv.share(self.worker.shared, self.worker.index, str(listen.address))
+            srv.binder = self.binder.for_listener(listen)
             try:
                 if self.worker is not None:  # sockets bound by the supervisor (SO_REUSEPORT)
                     await srv.start(None, 0, sock=self.worker.esmtp_sockets[i])

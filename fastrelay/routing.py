@@ -231,6 +231,8 @@ class Router:
         failed = tuple(f"{e.route.text}: {e.error.code} {e.error.text}" for e in failures)
         if failed:
             log.warning("%s: route entries skipped: %s", domain, "; ".join(failed))
+        if binding != "default":
+            groups.append([self._binding_marker(binding)])
         site = t.site(groups, cfg.get("max_outbound_connections", domain, binding))
         ttl = min((e.ttl for e in expanded), default=STATIC_PLAN_TTL)
         return Plan(domain, binding, site, ids, method, now + ttl, tuple(tiers), failed)
@@ -366,6 +368,15 @@ class Router:
         addr = ipaddress.ip_address(ip)
         return any(addr.version == n.version and addr in n for n in self.prohibited)
 
+    def _binding_marker(self, binding: str) -> int:
+        """Issue #10 (Momentum's max_outbound_connections per binding and domain): each binding
+        counts its own connections to an MX set. The route table keys a site by its hosts, so a
+        binding's plan gets, as its last group, a host of its own that is never up: the site is
+        the binding's, while the real hosts (and their Host limits) stay shared by everyone."""
+        hid = self.table.host(f"binding:{binding}")
+        self.table.mark_down(hid, float("inf"))
+        return hid
+
     # --- slots ---------------------------------------------------------------------------------
     def acquire(self, plan: Plan) -> int:
         """A host id with a slot reserved, NO_SLOT (all at their limits) or ALL_DOWN."""
@@ -426,6 +437,8 @@ class Router:
                 tiers.append(replace(tier, groups=tuple(kept)))
         if not groups:
             return None
+        if plan.binding != "default":
+            groups.append([self._binding_marker(plan.binding)])
         site = self.table.site(groups, self.table.site_limit(plan.site))
         hops = {h: hop for h, hop in plan.hops.items() if h not in avoid}
         return replace(plan, site=site, hops=hops, tiers=tuple(tiers))

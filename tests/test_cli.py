@@ -91,6 +91,28 @@ def test_config_eval_binding(tmp_path):
     assert out.stdout == f"Gateway = b.example\t# {f}:2 (Binding b1)\n"
 
 
+def test_config_eval_says_where_a_shared_throttle_lives():
+    """Issue #10: "`fastrelay config eval --binding B --domain D OPTION` answers for throttles,
+    saying in which scope the shared throttle lives"."""
+    ex = "conf/examples/momentum_throttle_by_reference.conf"
+    out = fr("config", "eval", "-c", ex, "--binding", "mybinding2", "--domain", "mydomain1",
+             "outbound_throttle_messages")
+    assert out.returncode == 0
+    assert out.stdout == (f'outbound_throttle_messages = "10/1"\t# {ex}:4 (Binding_Group mygroup); one throttle '
+                          "shared by everything that falls back to Binding_Group mygroup\n")
+    out = fr("config", "eval", "-c", ex, "--binding", "separate", "outbound_throttle_messages")
+    assert out.stdout.endswith("falls back to Binding separate\n")
+    out = fr("config", "eval", "-c", ex, "--domain", "www.example.co.uk", "outbound_throttle_messages")
+    assert "(Domain /(?:^|[.])example[.](com|co[.]uk)$/); one throttle" in out.stdout
+    out = fr("config", "eval", "-c", ex, "--host", "smtp.example.com", "outbound_throttle_connections")
+    assert out.stdout == (f'outbound_throttle_connections = "5/10"\t# {ex}:19 (Host smtp.example.com); one '
+                          "throttle shared by everything that falls back to Host smtp.example.com\n")
+    out = fr("config", "eval", "-c", ex, "--host", "mx.other.test", "outbound_throttle_connections")
+    assert out.stdout == "outbound_throttle_connections = (unset)\t# no Host stanza for mx.other.test sets it\n"
+    out = fr("config", "eval", "-c", ex, "--domain", "a.test", "outbound_throttle_messages")
+    assert out.stdout == "outbound_throttle_messages = (unset)\t# default\n"
+
+
 def _start(conf: str, *extra: str) -> tuple[subprocess.Popen, list[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastrelay", "run", "-c", conf, *extra],

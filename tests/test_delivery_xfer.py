@@ -354,7 +354,7 @@ async def test_one_session_per_loop_reused_and_closed(receiver):
     _, c2 = await send(receiver.port, key=("node-a", "99"))
     assert c1.session is c2.session and not c1.session.closed
     await close_sessions()
-    assert c1.session.closed and asyncio.get_running_loop() not in _sessions
+    assert c1.session.closed and not [k for k in _sessions if k[0] is asyncio.get_running_loop()]
     _, c3 = await send(receiver.port, key=("node-a", "100"))
     assert c3.session is not c1.session and not c3.session.closed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -48,6 +49,38 @@ class BindingScope:
     scope: Scope
     group: str | None = None
     domains: dict[str, Scope] = field(default_factory=dict)
+    # Regex Domain stanzas inside this binding, in file order (Momentum's regex domains).
+    regex_domains: list[tuple[re.Pattern, Scope]] = field(default_factory=list)
+    # binding::host (issue #10: the binding's own Host-scope throttles), literal and regex.
+    hosts: dict[str, Scope] = field(default_factory=dict)
+    regex_hosts: list[tuple[re.Pattern, Scope]] = field(default_factory=list)
+
+
+def _is_regex(name: str) -> bool:
+    return len(name) >= 2 and name[0] == "/" and name[-1] == "/"
+
+
+def match_scope(name: str, literal: dict[str, Scope], regexes: list[tuple[re.Pattern, Scope]]) -> Scope | None:
+    """Momentum's domain page: "Option resolution will always match a value defined in a normal
+    domain stanza before looking for a matching regex domain stanza in the same container", and
+    among regexes "in the order that the regex domain stanzas were declared". An unanchored regex
+    matches anywhere in the name (PCRE search), as Momentum warns."""
+    sc = literal.get(name)
+    if sc is not None:
+        return sc
+    for rx, sc in regexes:
+        if rx.search(name):
+            return sc
+    return None
+
+
+def _domain_key(domain: str) -> str:
+    d = domain.lower().rstrip(".")
+    if d.startswith("[") or d[:1].isdigit():
+        lit = S.domain_literal(d)
+        if lit is not None:
+            return lit
+    return d
 
 
 @dataclass
@@ -92,6 +125,8 @@ class Config:
         self.binding_groups: dict[str, Scope] = {}
         self.bindings: dict[str, BindingScope] = {}
         self.hosts: dict[str, Scope] = {}
+        self.regex_domains: list[tuple[re.Pattern, Scope]] = []  # file order
+        self.regex_hosts: list[tuple[re.Pattern, Scope]] = []
         self.esmtp_listens: list[ListenScope] = []
         self.http_listens: list[ListenScope] = []
         self.admin_listens: list[ListenScope] = []
@@ -109,7 +144,8 @@ class Config:
 
         Fallback (Momentum): binding::domain, binding, binding_group, domain, global, default.
         """
-        key = (option.lower(), domain.lower() if domain else None, binding.lower() if binding else None)
+        # Binding names are case-sensitive (Momentum); domains are not.
+        key = (option.lower(), _domain_key(domain) if domain else None, binding)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -132,23 +168,40 @@ class Config:
         chain: list[Scope] = []
         b = self.bindings.get(binding) if binding else None
         if b is not None:
-            if domain and domain in b.domains:
-                chain.append(b.domains[domain])
+            if domain:
+                bd = match_scope(domain, b.domains, b.regex_domains)
+                if bd is not None:
+                    chain.append(bd)
             chain.append(b.scope)
             if b.group and b.group in self.binding_groups:
                 chain.append(self.binding_groups[b.group])
-        if domain and domain in self.domains:
-            chain.append(self.domains[domain])
+        if domain:
+            d = match_scope(domain, self.domains, self.regex_domains)
+            if d is not None:
+                chain.append(d)
         chain.append(self.global_)
         return chain
 
-    def host_lookup(self, option: str, host: str) -> Setting | None:
-        """The value set for `option` in the Host stanza of `host`, or None if none sets it."""
-        sc = self.hosts.get(host.lower())
-        if sc is None:
-            return None
-        v = sc.get(_opt(option).key)
-        return None if v is None else Setting(v[0], v[1], sc.description)
+    def binding_scope(self, binding: str | None) -> BindingScope | None:
+        return self.bindings.get(binding) if binding else None
+
+    def group_members(self, group: str) -> list[str]:
+        """The bindings of a Binding_Group, in file order (a group declared twice is merged)."""
+        return [name for name, b in self.bindings.items() if b.group == group]
+
+    def host_lookup(self, option: str, host: str, binding: str | None = None) -> Setting | None:
+        """The value set for `option` in the Host stanza of `host` (binding::host first, then
+        host; no fallback to the binding/domain/global value, as Momentum), or None."""
+        key = _opt(option).key
+        name = host.lower()
+        b = self.bindings.get(binding) if binding else None
+        for sc in (match_scope(name, b.hosts, b.regex_hosts) if b is not None else None,
+                   match_scope(name, self.hosts, self.regex_hosts)):
+            if sc is not None:
+                v = sc.get(key)
+                if v is not None:
+                    return Setting(v[0], v[1], sc.description)
+        return None
 
     def reroute_target(self, option: str, domain: str, binding: str | None = None) -> str | None:
         """reroute_domain / delayed_reroute_domain for `domain`, with "disabled" as None."""
@@ -233,7 +286,11 @@ class _Builder:
                 msg += "; expected a known option name (see docs/config.md)"
             self.fail(node.pos, msg)
             return
-        if scope_kind not in opt.scopes:
+        if scope_kind == S.BINDING_HOST and opt.key not in S.BINDING_HOST_OPTIONS:
+            self.fail(node.pos, f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; expected "
+                                "outbound_throttle_connections or outbound_throttle_messages there")
+            return
+        if (S.HOST if scope_kind == S.BINDING_HOST else scope_kind) not in opt.scopes:
             self.fail(
                 node.pos,
                 f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; "
@@ -287,29 +344,44 @@ class _Builder:
         getattr(self, f"s_{kind}")(node, name, ctx)
 
     # one handler per scope kind -------------------------------------------------------------
+    def _named(self, literal: dict[str, Scope], regexes: list[tuple[re.Pattern, Scope]], kind: str, name: str,
+               description: str) -> Scope:
+        """The scope of a Domain or Host stanza: a literal name, or a "/regex/" kept in file
+        order; one written twice is merged."""
+        if not _is_regex(name):
+            return literal.setdefault(name, Scope(kind, name, description))
+        for _rx, sc in regexes:
+            if sc.name == name:
+                return sc
+        sc = Scope(kind, name, description)
+        regexes.append((re.compile(name[1:-1], re.IGNORECASE), sc))
+        return sc
+
     def s_domain(self, node: Stanza, name: str, ctx: dict) -> None:
-        sc = self.cfg.domains.setdefault(name, Scope(S.DOMAIN, name, f"Domain {name}"))
+        sc = self._named(self.cfg.domains, self.cfg.regex_domains, S.DOMAIN, name, f"Domain {name}")
         self.items(node.children, S.DOMAIN, sc, ctx)
 
     def s_binding_group(self, node: Stanza, name: str, ctx: dict) -> None:
-        sc = self.cfg.binding_groups.setdefault(name.lower(), Scope(S.BINDING_GROUP, name, f"Binding_Group {name}"))
-        self.items(node.children, S.BINDING_GROUP, sc, {**ctx, "group": name.lower()})
+        # Case-sensitive (Momentum); a group declared in several places is one group.
+        sc = self.cfg.binding_groups.setdefault(name, Scope(S.BINDING_GROUP, name, f"Binding_Group {name}"))
+        self.items(node.children, S.BINDING_GROUP, sc, {**ctx, "group": name})
 
     def s_binding(self, node: Stanza, name: str, ctx: dict) -> None:
-        b = self.cfg.bindings.get(name.lower())
+        b = self.cfg.bindings.get(name)
         if b is None:
-            b = self.cfg.bindings[name.lower()] = BindingScope(Scope(S.BINDING, name, f"Binding {name}"))
+            b = self.cfg.bindings[name] = BindingScope(Scope(S.BINDING, name, f"Binding {name}"))
         if ctx.get("group"):
             b.group = ctx["group"]
         self.items(node.children, S.BINDING, b.scope, {**ctx, "binding": b})
 
     def s_binding_domain(self, node: Stanza, name: str, ctx: dict) -> None:
         b: BindingScope = ctx["binding"]
-        sc = b.domains.setdefault(name, Scope(S.BINDING_DOMAIN, name, f"{b.scope.description}::Domain {name}"))
+        sc = self._named(b.domains, b.regex_domains, S.BINDING_DOMAIN, name,
+                         f"{b.scope.description}::Domain {name}")
         self.items(node.children, S.BINDING_DOMAIN, sc, ctx)
 
     def s_host(self, node: Stanza, name: str, ctx: dict) -> None:
-        sc = self.cfg.hosts.setdefault(name, Scope(S.HOST, name, f"Host {name}"))
+        sc = self._named(self.cfg.hosts, self.cfg.regex_hosts, S.HOST, name, f"Host {name}")
         self.items(node.children, S.HOST, sc, ctx)
 
     def _needs_listen(self, node: Stanza) -> None:
@@ -317,6 +389,10 @@ class _Builder:
         if not any(isinstance(c, Stanza) and c.key == "listen" for c in node.children):
             self.fail(node.pos, f"{node.type} has no Listen stanza, so it would listen nowhere; "
                                 f'expected {node.type} {{ Listen "ADDRESS:PORT" {{ }} }}')
+    def s_binding_host(self, node: Stanza, name: str, ctx: dict) -> None:
+        b: BindingScope = ctx["binding"]
+        sc = self._named(b.hosts, b.regex_hosts, S.BINDING_HOST, name, f"{b.scope.description}::Host {name}")
+        self.items(node.children, S.BINDING_HOST, sc, ctx)
 
     def s_esmtp_listener(self, node: Stanza, name: None, ctx: dict) -> None:
         sc = Scope(S.ESMTP_LISTENER, None, "ESMTP_Listener")

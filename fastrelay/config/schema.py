@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ BINDING = "binding"
 BINDING_GROUP = "binding_group"
 BINDING_DOMAIN = "binding_domain"
 HOST = "host"
+BINDING_HOST = "binding_host"
 ESMTP_LISTENER = "esmtp_listener"
 ESMTP_LISTEN = "esmtp_listen"
 HTTP_LISTENER = "http_listener"
@@ -32,6 +34,7 @@ SCOPE_NAMES = {
     BINDING_GROUP: "a Binding_Group stanza",
     BINDING_DOMAIN: "a Domain stanza inside a Binding",
     HOST: "a Host stanza",
+    BINDING_HOST: "a Host stanza inside a Binding",
     ESMTP_LISTENER: "an ESMTP_Listener stanza",
     ESMTP_LISTEN: "a Listen stanza of an ESMTP_Listener",
     HTTP_LISTENER: "an HTTP_Listener stanza",
@@ -144,6 +147,60 @@ class _PoolName(t.OptType):
         return f'"{value}"'
 
 
+class _BindingName(t.OptType):
+    """Momentum: "Binding names are case-sensitive. Spaces and colons are not allowed"."""
+
+    expected = "a binding name without spaces or colons"
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        text = atom.text
+        if not text or len(text) > limits.MAX_BINDING_NAME or any(c.isspace() or c == ":" or not c.isprintable()
+                                                                 for c in text):
+            raise t.Invalid(f"got '{text}'; expected {self.expected}", atom)
+        return text
+
+
+class _BindAddress(t.OptType):
+    """Momentum's bind_address: an IP address, a local host name, or "*" (the kernel chooses)."""
+
+    expected = 'an IP address, a local host name or "*"'
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        text = atom.text.strip()
+        if text == "*":
+            return None
+        try:
+            return str(ipaddress.ip_address(text.strip("[]")))
+        except ValueError:
+            pass
+        if t.is_hostname(text.lower().rstrip(".")):
+            return text.lower().rstrip(".")
+        raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+
+
+# Momentum's TLS_Protocols tokens (tls_protocols page); SSLv2 is accepted and never negotiated.
+TLS_PROTOCOL_TOKENS = ("ALL", "SSLv2", "SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+class _TLSProtocols(t.OptType):
+    expected = 'a list of +/- protocol tokens such as "+ALL:-TLSv1.0:-TLSv1.1"'
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        out = []
+        known = {k.lower(): k for k in TLS_PROTOCOL_TOKENS}
+        for part in atom.text.split(":"):
+            part = part.strip()
+            sign, name = (part[0], part[1:]) if part[:1] in "+-" and part else ("+", part)
+            if name.lower() not in known:
+                raise t.Invalid(f"got '{atom.text}': unknown protocol '{name}'; expected {self.expected} "
+                                f"(tokens {', '.join(TLS_PROTOCOL_TOKENS)})", atom)
+            out.append(sign + known[name.lower()])
+        return ":".join(out)
+
+    def format(self, value):  # type: ignore[override]
+        return f'"{value}"'
+
+
 def _nets(*texts: str) -> tuple:
     return tuple(ipaddress.ip_network(x) for x in texts)
 
@@ -220,6 +277,57 @@ OPTIONS: list[OptionDef] = [
               "with TLS again (Momentum's TLS_Ifavailable_Fallback)."),
     OptionDef("TLS_CA", t.String(nonempty=True, expected="a PEM file path"), OUTBOUND, None,
               "Extra CA certificates (PEM) to trust when TLS_Verify is ca or host."),
+    # --- Outbound chapter (issue #10; Momentum 25.3-25.6): MultiVIP, shaping, TLS, XCLIENT -----
+    OptionDef("Bind_Address", _BindAddress(), frozenset({GLOBAL, BINDING_GROUP, BINDING}), None,
+              "The local address outbound connections (SMTP, LMTP, XFER) of this binding are bound "
+              "to before they connect (Momentum's bind_address): an IP address or a local host name. "
+              "Set globally, it is the `default` binding's. Unset (or \"*\") lets the kernel choose. "
+              "A bind that fails (the address is not on this machine) is a transient failure (4.4.1)."),
+    OptionDef("EHLO_Hostname", t.String(nonempty=True, pattern=r"[A-Za-z0-9.\-_\[\]:]+",
+                                        expected='a host name, "__hostname__" or "__message__"'),
+              OUTBOUND, "__hostname__",
+              "The name said in EHLO/HELO/LHLO: a host name; \"__hostname__\" (the default) is the "
+              "relay's Hostname; \"__message__\" is the domain of the message's envelope sender."),
+    OptionDef("Binding", _BindingName(), LISTENER, None,
+              "Assign all mail received here to this binding (Momentum assigns bindings by policy "
+              "scripts). A name with no Binding stanza falls back to `default` (logged once)."),
+    OptionDef("Binding_Group", _BindingName(), LISTENER, None,
+              "Assign mail received here to one of this group's bindings that is not suspended "
+              "(suspend_delivery), spread evenly. Binding wins when both are set."),
+    OptionDef("Binding_Header", t.String(nonempty=True, pattern=r"[!-9;-~]+", expected="a header field name"),
+              LISTENER, None,
+              "A header (for example \"X-Binding\") naming the binding or binding group of a "
+              "message. It is honoured only from clients in relay_hosts, and removed from every "
+              "message before it is queued, so it never reaches a next hop."),
+    OptionDef("outbound_throttle_messages", t.RateType(), OUTBOUND | {HOST}, None,
+              "Messages delivered per second (\"N\") or per S seconds (\"N/S\"). By reference, as "
+              "Momentum's: the throttle belongs to the scope that sets it, so every binding and domain "
+              "falling back to it shares one throttle; set again in a narrower scope, it is a separate "
+              "one. A regex Domain or Host stanza is one throttle for all it matches. A throttled "
+              "destination waits on a timer; an open connection waits on it within "
+              "Connection_Cache_Time. Unset: no limit."),
+    OptionDef("outbound_throttle_connections", t.RateType(), OUTBOUND | {HOST}, None,
+              "Connections opened per second (\"N\") or per S seconds (\"N/S\"), by reference as "
+              "outbound_throttle_messages. In a Host stanza it limits connections to that MX, on top "
+              "of the binding/domain/global throttle; a throttled host is skipped for another of "
+              "the same preference when there is one. A Host stanza inside a Binding (binding::host) "
+              "gives that binding its own throttle to the MX; it takes only the two throttles."),
+    OptionDef("Server_Max_Outbound_Connections", t.Int(1, 10_000_000), frozenset({GLOBAL, BINDING_GROUP, BINDING}),
+              limits.SERVER_MAX_OUTBOUND_CONNECTIONS,
+              "Outbound connections open at once, all destinations together (Momentum's "
+              "server_max_outbound_connections); in a Binding (or Binding_Group) stanza, through that "
+              "binding (group), by reference like the throttles."),
+    OptionDef("XCLIENT", t.Enum("no", "ifavailable", "required"), OUTBOUND, "no",
+              "Tell the next hop who the original client was (Postfix's XCLIENT: ADDR, NAME, HELO, "
+              "PROTO, LOGIN) before each message: ifavailable where the next hop offers XCLIENT; "
+              "required defers the mail (4.7.0) where it is not offered or is refused."),
+    OptionDef("TLS_Protocols", _TLSProtocols(), LISTENER | OUTBOUND, None,
+              "The TLS versions allowed, as Momentum writes them: \"+ALL:-TLSv1.0:-TLSv1.1\" (tokens "
+              "ALL, SSLv3, TLSv1.0, TLSv1.1, TLSv1.2, TLSv1.3, each + or -). Unset: OpenSSL's default."),
+    OptionDef("TLS_Ciphers", t.String(nonempty=True, pattern=r"[A-Za-z0-9!+@:=_\-.,]+",
+                                      expected="an OpenSSL cipher list"),
+              LISTENER | OUTBOUND, None,
+              "The OpenSSL cipher list for TLS 1.2 and below (\"DEFAULT:!LOW:!EXP\"). Unset: DEFAULT."),
     # --- Retries, expiry, reroutes ------------------------------------------------------------
     OptionDef("retry_interval", t.Time(lo=1), OUTBOUND, 1200.0,
               "The first retry delay after a transient failure; it doubles with each attempt."),
@@ -391,11 +499,14 @@ OPTIONS: list[OptionDef] = [
     OptionDef("bare_lf_normalize_hosts", t.CIDRList(), LISTENER, (),
               "Clients whose bare CR or LF line endings are turned into CRLF instead of refused with "
               "550 5.5.2 (Postfix's normalize mode with exclusions; RELIABILITY.md case 2)."),
-    OptionDef("TLS_Certificate", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
-              "Server certificate (PEM) for STARTTLS; with TLS_Key set, STARTTLS is offered. Relative "
-              "paths are relative to the conf file."),
-    OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER, None,
-              "Private key (PEM) for TLS_Certificate."),
+    OptionDef("TLS_Certificate", t.String(nonempty=True, expected="a PEM file path"), LISTENER | OUTBOUND, None,
+              "Certificate (PEM): in a listener (or globally) the server certificate for STARTTLS, "
+              "offered when TLS_Key is set too; in an outbound scope (or globally) the client "
+              "certificate shown to next hops. \"none\" uses none where a broader scope set one. "
+              "Relative paths are relative to the conf file."),
+    OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER | OUTBOUND, None,
+              "Private key (PEM) for TLS_Certificate; unset with a client certificate: the key is in "
+              "the certificate file."),
     # --- Spool -------------------------------------------------------------------------------
     OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}),
               "/var/spool/fastrelay",
@@ -415,9 +526,11 @@ OPTIONS: list[OptionDef] = [
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
               "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
               "\"mainlog\" in the spool's parent directory. Relative to the conf file."),
-    OptionDef("suspend_delivery", t.Bool(), frozenset({GLOBAL}), False,
+    OptionDef("suspend_delivery", t.Bool(), OUTBOUND, False,
               "Accept and queue mail but deliver nothing (Postfix's defer_transports, KumoMTA's "
-              "suspend): for maintenance of the next hops. Queued mail goes out when it is off again."),
+              "suspend): for maintenance of the next hops. Queued mail goes out when it is off again. "
+              "In a Binding (or binding::domain) stanza, only that binding's mail (to that domain) "
+              "waits; a suspended binding gets no new mail from its Binding_Group."),
     OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
               "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
               "acknowledged with 250 (a process crash still cannot)."),
@@ -469,13 +582,40 @@ class StanzaDef:
 
 
 class _DomainName(t.OptType):
-    expected = "a domain name"
+    """A Domain (or Host) stanza name: a domain name, an IP address, a domain literal
+    ("[IPv6:...]", "[192.0.2.1]") or a regex between slashes (Momentum's regex domains)."""
+
+    expected = 'a domain name, an address literal or a "/regex/"'
 
     def convert_atom(self, atom):  # type: ignore[override]
-        text = atom.text.strip().lower().rstrip(".")
+        raw = atom.text.strip()
+        if len(raw) >= 2 and raw[0] == "/" and raw[-1] == "/":
+            try:
+                re.compile(raw[1:-1])
+            except re.error as e:
+                raise t.Invalid(f"got '{atom.text}': bad regex: {e}; expected {self.expected}", atom) from None
+            return raw  # kept as written: the scope's name; matched by Config
+        text = raw.lower().rstrip(".")
+        literal = domain_literal(text)
+        if literal is not None:
+            return literal
         if not t.is_hostname(text):
             raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
         return text
+
+
+def domain_literal(text: str) -> str | None:
+    """The canonical form of an address used as a domain ("[IPv6:::1]" -> "[ipv6:::1]",
+    "[192.0.2.1]" and "192.0.2.1" -> "[192.0.2.1]"), or None for anything else."""
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    v6 = inner.lower().startswith("ipv6:")
+    try:
+        addr = ipaddress.ip_address(inner[5:] if v6 else inner)
+    except ValueError:
+        return None
+    if addr.version == 6:
+        return f"[ipv6:{addr}]"
+    return None if v6 else f"[{addr}]"
 
 
 class _Name(t.OptType):
@@ -491,17 +631,25 @@ class _HostName(t.OptType):
     expected = "an IP address ([...] for IPv6) or a hostname"
 
     def convert_atom(self, atom):  # type: ignore[override]
+        raw = atom.text.strip()
+        if len(raw) >= 2 and raw[0] == "/" and raw[-1] == "/":  # a regex Host stanza: one scope for all it matches
+            try:
+                re.compile(raw[1:-1])
+            except re.error as e:
+                raise t.Invalid(f"got '{atom.text}': bad regex: {e}; expected {self.expected} or a \"/regex/\"",
+                                atom) from None
+            return raw
         try:
-            return t.parse_host(atom.text.strip())
+            return t.parse_host(raw)
         except ValueError as e:
             raise t.Invalid(f"{e}; expected {self.expected}", atom) from None
 
 
 STANZAS: list[StanzaDef] = [
     StanzaDef("Domain", DOMAIN, frozenset({GLOBAL, BINDING}), True, _DomainName()),
-    StanzaDef("Binding_Group", BINDING_GROUP, frozenset({GLOBAL}), True, _Name()),
-    StanzaDef("Binding", BINDING, frozenset({GLOBAL, BINDING_GROUP}), True, _Name()),
-    StanzaDef("Host", HOST, frozenset({GLOBAL}), True, _HostName()),
+    StanzaDef("Binding_Group", BINDING_GROUP, frozenset({GLOBAL}), True, _BindingName()),
+    StanzaDef("Binding", BINDING, frozenset({GLOBAL, BINDING_GROUP}), True, _BindingName()),
+    StanzaDef("Host", HOST, frozenset({GLOBAL, BINDING}), True, _HostName()),
     StanzaDef("ESMTP_Listener", ESMTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("HTTP_Listener", HTTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("scriptlet", SCRIPTLET, frozenset({GLOBAL}), True, _Name()),
@@ -513,7 +661,12 @@ STANZAS: list[StanzaDef] = [
 STANZA_BY_KEY: dict[str, StanzaDef] = {s.key: s for s in STANZAS}
 
 # A Domain inside a Binding is the binding::domain scope.
-NESTED_SCOPE = {(BINDING, DOMAIN): BINDING_DOMAIN, (HTTP_LISTENER, ESMTP_LISTEN): HTTP_LISTEN}
+NESTED_SCOPE = {(BINDING, DOMAIN): BINDING_DOMAIN, (HTTP_LISTENER, ESMTP_LISTEN): HTTP_LISTEN,
+                (BINDING, HOST): BINDING_HOST}
+# What a Host inside a Binding (binding::host) may set: the throttles, which are the binding's own
+# towards that MX (ref-outbound-throttle-connections: "binding::host > host"). Connection counts
+# per MX are shared by every binding, so max_outbound_connections stays in plain Host stanzas.
+BINDING_HOST_OPTIONS = frozenset({"outbound_throttle_connections", "outbound_throttle_messages"})
 
 
 def add_option(opt: OptionDef) -> None:
@@ -523,7 +676,7 @@ def add_option(opt: OptionDef) -> None:
 
 
 def valid_in(opt: OptionDef) -> str:
-    order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, ESMTP_LISTENER, ESMTP_LISTEN,
+    order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, BINDING_HOST, ESMTP_LISTENER, ESMTP_LISTEN,
              HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT, EVENTLOOP]
     order += [s for s in SCOPE_NAMES if s not in order]  # scopes added by later blocks (Admin_Listener)
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]

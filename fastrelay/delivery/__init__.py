@@ -60,6 +60,14 @@ class Settings:
     tls_verify: str | bool = "no"  # "no", "ca" (the chain) or "host" (chain and name); True = "host"
     tls_fallback: bool = True  # TLS_Ifavailable_Fallback: plaintext at once after a failed handshake
     tls_ca: str | None = None  # extra CA file to trust
+    tls_cert: str | None = None  # TLS_Certificate: client certificate (PEM; may hold the key too)
+    tls_key: str | None = None  # TLS_Key
+    tls_protocols: str | None = None  # TLS_Protocols, normalised ("+ALL:-TLSv1.0")
+    tls_ciphers: str | None = None  # TLS_Ciphers (OpenSSL cipher list)
+    # MultiVIP (issue #10): the binding's source address, bound before connect; None: the kernel's.
+    bind_address: str | None = None
+    binding: str = "default"  # for failure texts
+    xclient: str = "no"  # XCLIENT: "no", "ifavailable" or "required" (Postfix XCLIENT_README)
     # XFER (seeds 000/001)
     http_uri: str = "/delay_message"
     http_method: str = "POST"

@@ -18,8 +18,10 @@ mapping of replies to `RcptResult`s) is `WireSession` in fastrelay.delivery.wire
 
 from __future__ import annotations
 
+import re
+
 from fastrelay import _impl
-from fastrelay.delivery import PERM, Hop, RcptResult, Settings
+from fastrelay.delivery import PERM, ConnectError, Hop, RcptResult, Settings, xclient
 from fastrelay.delivery.wire import (
     CONTROL,
     QUIT_TIMEOUT,
@@ -107,6 +109,8 @@ _DATA = b"DATA\r\n"
 _DOT = b".\r\n"  # an empty message: what encode_data(b"") gives
 # RELIABILITY.md case 22: a control character in an address or parameter is never sent; the
 # address can never be delivered, the session is unharmed.
+# A HELO name that may be said again after XCLIENT: printable ASCII, no spaces (RFC 5321 §4.1.1.1).
+_HELO_NAME = re.compile(r"[!-~]{1,255}")
 _BAD_SENDER = RcptResult(PERM, 501, "5.1.7 Bad sender address (control characters)")
 _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
 
@@ -114,7 +118,7 @@ _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characte
 class SMTPConnection(WireSession):
     """One SMTP session (a `fastrelay.delivery.Connection`)."""
 
-    __slots__ = ("_ehlo", "_helo", "_phase", "_pipelining")
+    __slots__ = ("_ehlo", "_helo", "_phase", "_pipelining", "_xclient_sent")
 
     def __init__(self, hop: Hop, settings: Settings):
         name = settings.helo_name.encode("ascii")  # UnicodeEncodeError (a ValueError) for a non-ASCII name
@@ -125,6 +129,7 @@ class SMTPConnection(WireSession):
         self._helo = b"HELO " + name + b"\r\n"
         self._pipelining = False
         self._phase = "RSET"  # the command whose reply is awaited, for the text of a synthetic 451
+        self._xclient_sent: dict[str, str] | None = None  # the XCLIENT attributes in effect
 
     # -- session setup (the rest is WireSession's) -----------------------------------------------
 
@@ -151,10 +156,16 @@ class SMTPConnection(WireSession):
     # -- delivery -----------------------------------------------------------------------------------
 
     async def deliver(self, sender: str, mail_params: str, rcpts: list[tuple[str, str]],
-                      body: bytes) -> list[RcptResult]:
+                      body: bytes, client: dict[str, str] | None = None) -> list[RcptResult]:
+        """`client`: the original client's XCLIENT attributes (fastrelay.delivery.xclient), sent
+        before the transaction when the XCLIENT option asks for it."""
         n = len(rcpts)
         if not self.usable or self._wire is None:
             return [temp(f"4.4.2 Connection to {self.remote} is no longer usable")] * n
+        if client is not None and self._settings.xclient != "no":
+            refused = await self._xclient(client)
+            if refused is not None:
+                return [refused] * n
         ext = self._ext
         args = mail_args(sender, mail_params, len(body), ext)
         if isinstance(args, RcptResult):
@@ -319,6 +330,53 @@ class SMTPConnection(WireSession):
         self._phase = "DATA"
         code, rl = await self._ask(_DATA, s.data_timeout)
         return await self._data(code, rl, body, accepted, rest, results)
+
+    async def _xclient(self, client: dict[str, str]) -> RcptResult | None:
+        """Momentum's xclient (Postfix XCLIENT_README) before a message: None to go on, or the
+        result every recipient gets. "required" with a next hop that does not offer XCLIENT or
+        refuses it is a transient failure (4.7.0); "ifavailable" carries on without."""
+        s = self._settings
+        required = s.xclient == "required"
+        if "xclient" not in self._ext:
+            return temp(f"4.7.0 XCLIENT is required, but {self.remote} does not offer it") if required else None
+        if client == self._xclient_sent:
+            return None  # already in effect on this connection
+        line = xclient.command(client, self._ext["xclient"])
+        if line is None:
+            return temp(f"4.7.0 XCLIENT is required, but {self.remote} takes none of its attributes") \
+                if required else None
+        try:
+            if not self._fresh:
+                # XCLIENT_README: not inside a mail transaction; RSET ends whatever the last left.
+                self._phase = "RSET"
+                code, rl = await self._setup(_RSET, s.rset_timeout, "RSET")
+                if code != 250:
+                    self._drop()
+                    return temp(clean_text(f"4.4.2 RSET failed: {code} {reply_text(rl)}"))
+                self._fresh = True
+            self._phase = "XCLIENT"
+            code, rl = await self._setup(line, s.ehlo_timeout, "XCLIENT")
+            if code == 220:
+                # The server starts over as if the original client had connected: EHLO again,
+                # with the original client's HELO name where it is a usable one, because the new
+                # EHLO replaces the HELO attribute (Postfix logs the EHLO's name after XCLIENT).
+                self._xclient_sent = client
+                helo = client.get("HELO", "")
+                if helo != xclient.UNAVAILABLE and _HELO_NAME.fullmatch(helo):
+                    self._ehlo = b"EHLO " + helo.encode("ascii") + b"\r\n"
+                    self._helo = b"HELO " + helo.encode("ascii") + b"\r\n"
+                await self._hello()
+                return None
+        except ConnectError as e:  # timeout, lost connection, bad reply, EHLO refused
+            self._drop()
+            return temp(e.text)
+        if code == 421 or self._wire is None or self._wire.lost:
+            self._drop()
+            return temp(clean_text(f"4.4.2 {self.remote} closed the session after XCLIENT: {code} {reply_text(rl)}"))
+        if required:
+            return temp(clean_text(f"4.7.0 XCLIENT is required, but {self.remote} refused it: "
+                                   f"{code} {reply_text(rl)}"))
+        return None
 
     async def _ask(self, line: bytes, timeout: float) -> tuple[int, list[bytes]]:
         wire = self._wire

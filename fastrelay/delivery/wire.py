@@ -17,6 +17,7 @@ one reply per accepted recipient after the dot).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import socket
 import ssl
@@ -262,15 +263,46 @@ def temp(text: str) -> RcptResult:
     return RcptResult(TEMP, 451, text)
 
 
-async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
-    """A connected non-blocking socket to `hop`, or ConnectError (refused, unreachable, no SYN-ACK
-    within `timeout`: RELIABILITY.md case 38). Done here rather than by aiosmtplib so that the
-    TCP connect and the greeting each get their own timeout (RFC 5321 §4.5.3.2)."""
+async def local_address(bind: str, family: int) -> str:
+    """Bind_Address as an IP of `family`: an IP as written, or a local host name resolved."""
+    try:
+        ip = ipaddress.ip_address(bind)
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(bind, 0, family=family, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"{bind} has no address of this family") from None
+        return infos[0][4][0]
+    if (ip.version == 6) != (family == socket.AF_INET6):
+        raise OSError(f"it is an IPv{ip.version} address and the next hop is not")
+    return str(ip)
+
+
+async def bind_socket(sock: socket.socket, hop: Hop, bind: str | None, binding: str) -> None:
+    """Issue #10 (Momentum's bind_address): bind the binding's source address before connect,
+    so that the next hop sees the binding's IP. A bind that fails is a transient failure of
+    this binding, not of the host (ConnectError with policy=True: other bindings still use it)."""
+    if bind is None:
+        return
+    try:
+        ip = await local_address(bind, sock.family)
+        sock.bind((ip, 0))
+    except OSError as e:
+        raise ConnectError(451, clean_text(f"4.4.1 Cannot bind to Bind_Address {bind} of binding {binding} "
+                                           f"to reach {hop.ip}:{hop.port}: {e.strerror or e}"),
+                           hop=hop, policy=True) from None
+
+
+async def tcp_connect(hop: Hop, timeout: float, bind: str | None = None, binding: str = "default") -> socket.socket:
+    """A connected non-blocking socket to `hop` (from `bind`, the binding's Bind_Address, if set),
+    or ConnectError (refused, unreachable, no SYN-ACK within `timeout`: RELIABILITY.md case 38).
+    Done here rather than by aiosmtplib so that the TCP connect and the greeting each get their
+    own timeout (RFC 5321 §4.5.3.2)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in hop.ip else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await bind_socket(sock, hop, bind, binding)
         await asyncio.wait_for(loop.sock_connect(sock, (hop.ip, hop.port)), timeout)
     except TimeoutError:
         sock.close()
@@ -285,7 +317,44 @@ async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
     return sock
 
 
-_contexts: dict[tuple[str, str | None], ssl.SSLContext] = {}
+_contexts: dict[tuple, ssl.SSLContext] = {}
+
+# TLS_Protocols tokens -> ssl.TLSVersion, in order (SSLv2 is never negotiated; SSLv3 neither by
+# any OpenSSL Python links today, but its token is kept for the range).
+_VERSIONS = [("SSLv3", ssl.TLSVersion.SSLv3), ("TLSv1.0", ssl.TLSVersion.TLSv1),
+             ("TLSv1.1", ssl.TLSVersion.TLSv1_1), ("TLSv1.2", ssl.TLSVersion.TLSv1_2),
+             ("TLSv1.3", ssl.TLSVersion.TLSv1_3)]
+
+
+def protocol_range(spec: str) -> tuple[ssl.TLSVersion, ssl.TLSVersion] | None:
+    """Momentum's TLS_Protocols ("+ALL:-TLSv1.0:-TLSv1.1") as the (minimum, maximum) version that
+    OpenSSL's context takes; None leaves OpenSSL's default. A hole in the middle cannot be
+    expressed as a range, so the lowest and highest enabled versions bound it."""
+    enabled: set[str] = set()
+    for tok in spec.split(":"):
+        sign, name = tok[0], tok[1:]
+        names = [n for n, _ in _VERSIONS] if name == "ALL" else [name]
+        for n in names:
+            (enabled.add if sign == "+" else enabled.discard)(n)
+    on = [v for n, v in _VERSIONS if n in enabled]
+    if not on:
+        raise ValueError(f"TLS_Protocols {spec!r} enables no protocol")
+    return on[0], on[-1]
+
+
+def _configure(ctx: ssl.SSLContext, settings: Settings) -> None:
+    """The outbound TLS options besides verification: client certificate, protocols, ciphers."""
+    if settings.tls_cert and settings.tls_cert != "none":
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    if settings.tls_protocols:
+        lo, hi = protocol_range(settings.tls_protocols)
+        # Below TLS 1.2 the OpenSSL build and the system crypto policy decide (Momentum's note on
+        # tls_protocols; Python deprecates setting those versions): only a floor of 1.2 or 1.3 is set.
+        if lo >= ssl.TLSVersion.TLSv1_2:
+            ctx.minimum_version = lo
+        ctx.maximum_version = hi
+    if settings.tls_ciphers:
+        ctx.set_ciphers(settings.tls_ciphers)  # ssl.SSLError (an OSError) if none matches
 
 
 def verify_mode(settings: Settings) -> str:
@@ -302,10 +371,11 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     """The client context for STARTTLS, built once per (verify mode, CA file): loading the system
     store costs milliseconds, too much per connection. Momentum's TLS_Verify: no, ca, host."""
     mode = verify_mode(settings)
-    key = (mode, settings.tls_ca)
+    key = (mode, settings.tls_ca, settings.tls_cert, settings.tls_key, settings.tls_protocols, settings.tls_ciphers)
     ctx = _contexts.get(key)
     if ctx is None:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        _configure(ctx, settings)
         if mode in ("ca", "host"):
             if settings.tls_ca:
                 ctx.load_verify_locations(cafile=settings.tls_ca)  # trusted in addition to the system store
@@ -347,7 +417,7 @@ class WireSession:
     where it differs, `_exchange` (how strictly one setup reply is read) and `_GREETING_REFUSED`.
     """
 
-    __slots__ = ("_dotted", "_ext", "_fresh", "_hop", "_settings", "_wire", "remote", "tls", "usable")
+    __slots__ = ("_dotted", "_ext", "_fresh", "_hop", "_settings", "_wire", "remote", "tls", "tls_info", "usable")
 
     # The text of the ConnectError for a refused greeting that says nothing.
     _GREETING_REFUSED = "greeting refused"
@@ -362,6 +432,7 @@ class WireSession:
         self.remote = f"{hop.ip}:{hop.port}"
         self.usable = False
         self.tls = False
+        self.tls_info = ""  # "TLSv1.3:TLS_AES_256_GCM_SHA384" once under TLS
 
     # -- session setup ---------------------------------------------------------------------------
 
@@ -373,7 +444,7 @@ class WireSession:
 
     async def _open(self, try_tls: bool) -> None:
         hop, s = self._hop, self._settings
-        sock = await tcp_connect(hop, s.connect_timeout)
+        sock = await tcp_connect(hop, s.connect_timeout, s.bind_address, s.binding)
         loop = asyncio.get_running_loop()
         try:
             _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
@@ -437,7 +508,8 @@ class WireSession:
         try:
             ctx = tls_context(s)
         except (OSError, ValueError) as e:
-            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop,
+            raise ConnectError(451, clean_text(f"4.7.5 Cannot set up outbound TLS (TLS_CA, TLS_Certificate, "
+                                               f"TLS_Key, TLS_Protocols, TLS_Ciphers): {e}"), hop=hop,
                                policy=True) from None
         code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
         if code != 220:
@@ -461,6 +533,12 @@ class WireSession:
                                    policy=True) from None
             raise _TLSFailed(str(e)) from None
         self.tls = True
+        sslobj = wire.transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            # For the mainlog D record, as Postfix logs "TLS connection established ... TLSv1.3
+            # with cipher ...".
+            cipher = sslobj.cipher()
+            self.tls_info = f"{sslobj.version()}:{cipher[0] if cipher else '?'}"
         # RFC 3207 §4.2: forget what was learnt before TLS and ask again.
         await self._hello()
 

@@ -167,9 +167,23 @@ class ListenSettings:
         if cert and key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(cert, key)
+            _tls_limits(ctx, listen.get("TLS_Protocols"), listen.get("TLS_Ciphers"))
             self.tls = ctx
         elif cert or key:
             raise ValueError("TLS_Certificate and TLS_Key must be set together")
+
+
+def _tls_limits(ctx: ssl.SSLContext, protocols: str | None, ciphers: str | None) -> None:
+    """TLS_Protocols and TLS_Ciphers for STARTTLS here, as for outbound (Momentum: both scopes)."""
+    if protocols:
+        from fastrelay.delivery.wire import protocol_range
+
+        lo, hi = protocol_range(protocols)
+        if lo >= ssl.TLSVersion.TLSv1_2:  # below 1.2 OpenSSL and the system policy decide
+            ctx.minimum_version = lo
+        ctx.maximum_version = hi
+    if ciphers:
+        ctx.set_ciphers(ciphers)  # ssl.SSLError (an OSError) if it matches no cipher
 
 
 def _conf_path(setting) -> str | None:
@@ -198,6 +212,8 @@ class SMTPServer:
         self.s = settings
         self.intake = intake
         self.binding = binding
+        # Binding assignment by conf (fastrelay.bindings.ListenerBinding), set by the relay.
+        self.binder = None
         self.on_received = on_received
         self.sessions: set[Session] = set()
         self.per_ip: dict[str, int] = {}
@@ -993,6 +1009,11 @@ class Session(asyncio.Protocol):
             + (f"\r\n\tfor <{first}>" if first else "")
             + f"; {_dates.now()}\r\n"
         ).encode("utf-8", "replace")
+        binding = self.srv.binding
+        if self.srv.binder is not None:
+            # Issue #10: Binding/Binding_Group of this listener, or Binding_Header from a client in
+            # relay_hosts; the header never goes further.
+            binding, body = self.srv.binder.assign(body, self.trusted)
         full = received + body
         by_domain: dict[str, list[Recipient]] = {}
         for path, params in tx.rcpts:
@@ -1008,7 +1029,7 @@ class Session(asyncio.Protocol):
                 client_ip=self.peer_ip,
                 helo=self.helo,
                 protocol=proto.lower(),
-                binding=self.srv.binding,
+                binding=binding,
                 msgid=msgid,
                 received_at=now,
                 first_queued=now,

@@ -52,6 +52,8 @@ class RelayHarness:
             assert not s.per_ip, f"per-IP counts left: {s.per_ip}"
         if self.relay.queue is not None:
             assert self.relay.queue.router.total_active() == 0, "route-table slots left acquired"
+            held = getattr(self.relay.queue.shaping.backend, "held", None)
+            assert held is None or held() == 0, "Server_Max_Outbound_Connections slots left held"
         if self.relay.cluster is not None:
             assert self.relay.cluster.held() == 0, "cluster leases left held"
         self.relay = None
