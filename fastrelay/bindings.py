@@ -64,6 +64,12 @@ class Assigner:
         self.cfg = cfg
         self._next: dict[str, int] = {}  # group -> position of the next binding to hand out
         self._warned: set[str] = set()
+        # Sender_Domains: envelope sender domain -> binding (the first binding listing it).
+        self.by_sender: dict[str, str] = {}
+        for name, b in cfg.bindings.items():
+            hit = b.scope.get("sender_domains")
+            for dom in sorted(hit[0]) if hit is not None else ():
+                self.by_sender.setdefault(dom, name)
 
     def resolve(self, name: str | None) -> str:
         """The binding a binding or group name stands for; `default` for None or an unknown name."""
@@ -113,9 +119,10 @@ class ListenerBinding:
         self.group = group
         self.header = header
 
-    def assign(self, body: bytes, trusted: bool) -> tuple[str, bytes]:
+    def assign(self, body: bytes, trusted: bool, sender: str = "") -> tuple[str, bytes]:
         """The binding of a message received here with `body` from a client (`trusted`: in
-        relay_hosts), and the body to queue (without the Binding_Header field)."""
+        relay_hosts) for envelope sender `sender`, and the body to queue (without the
+        Binding_Header field). Sender_Domains comes after the listener's own assignment."""
         a = self.assigner
         if self.header:
             value, body = split_header(body, self.header)
@@ -127,4 +134,8 @@ class ListenerBinding:
             return a.resolve(self.binding), body
         if self.group:
             return a.resolve(self.group), body
+        if a.by_sender and "@" in sender:
+            hit = a.by_sender.get(sender.rpartition("@")[2].lower().rstrip("."))
+            if hit is not None:
+                return hit, body
         return DEFAULT, body

@@ -129,3 +129,16 @@ SERVER_MAX_OUTBOUND_CONNECTIONS = 75000
 MAX_THROTTLE_WAIT = 3600.0
 # Binding_Header values longer than this are ignored (a binding name is a short token).
 MAX_BINDING_NAME = 255
+
+# --- Seed 003 (Stalwart's transport limits) ---------------------------------------------------------
+# queue.outbound.limits.mx / .multihomed: hosts and addresses of a next hop tried in one attempt.
+# 0 = no limit, Momentum's behaviour (Stalwart's own example writes mx = 7, multihomed = 2).
+# Conf: Max_MX_Hosts, Max_MX_Addresses.
+MAX_MX_HOSTS = 0
+MAX_MX_ADDRESSES = 0
+
+# --- MTA-STS (RFC 8461) ------------------------------------------------------------------------------
+# The HTTPS port policies are fetched from (§3.3: 443); conf MTA_STS_Port, for tests and proxies.
+MTA_STS_PORT = 443
+# The largest policy file read (§3.3 lets senders bound it; 64 KiB as the RFC's own suggestion).
+MTA_STS_MAX_POLICY = 64 * 1024

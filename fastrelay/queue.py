@@ -466,9 +466,13 @@ class Queue:
         d, plan, host = slot.dest, slot.plan, slot.host
         hop = plan.hops[host]
         conn: D.Connection | None = None
+        settings = self._settings(d)
+        if plan.sts_enforce and hop.proto == "smtp":
+            # RFC 8461 §5: a policy in enforce mode needs TLS with a certificate valid for the MX.
+            settings = dataclasses.replace(settings, tls="required", tls_verify="host", tls_fallback=False)
         try:
             try:
-                conn = await self.connect(hop, self._settings(d))
+                conn = await self.connect(hop, settings)
             except D.ConnectError as e:
                 log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
                 if e.policy:
@@ -1333,6 +1337,8 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         # sender's domain) cannot be per message on a shared connection: the relay's name too.
         helo_name=hostname if ehlo in ("__hostname__", "__message__") else ehlo,
         bind_address=g("Bind_Address", domain, binding),
+        tls_implicit=g("TLS_Implicit", domain, binding),
+        session_timeout=g("Session_Timeout", domain, binding),
         binding=binding,
         xclient=g("XCLIENT", domain, binding),
         tls_cert=_path(cfg, "TLS_Certificate", domain, binding),

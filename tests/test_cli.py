@@ -192,7 +192,7 @@ AGREE = {
     "msys.xfer.server without HTTP_Listener": (
         'Spool_Base = "spool"\nscriptlet "scriptlet" {\n  script xfer_server {\n    source = "msys.xfer.server"\n'
         '  }\n}\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
-    "Momentum option": 'Spool_Base = "spool"\nehlo_hostname = "mx.test"\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n',
+    "Momentum option": 'Spool_Base = "spool"\ntls_verify_mode = "mx.test"\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n',
 }
 
 
@@ -219,7 +219,7 @@ def test_check_config_errors_name_the_place(tmp_path):
     assert fr("check-config", str(f)).stderr.startswith(f"{f}:1:1: no listener: nothing would receive mail")
     f.write_text(AGREE["Momentum option"])
     assert fr("check-config", str(f)).stderr == (
-        f"{f}:2:1: ehlo_hostname is a Momentum option that fastrelay does not support; expected an option or "
+        f"{f}:2:1: tls_verify_mode is a Momentum option that fastrelay does not support; expected an option or "
         "stanza of docs/config.md (--lenient ignores it with a warning)\n")
 
 
@@ -228,14 +228,14 @@ def test_lenient_check_config_and_run_warn_about_momentum_names_and_go_on(tmp_pa
     operators migrating a Momentum configuration." run --lenient starts on the same file."""
     f = tmp_path / "r.conf"
     f.write_text(AGREE["Momentum option"] + 'ac_auth { }\n')
-    warning = f"{f}:2:1: warning: ehlo_hostname is a Momentum option that fastrelay does not support"
+    warning = f"{f}:2:1: warning: tls_verify_mode is a Momentum option that fastrelay does not support"
     check = fr("check-config", "--lenient", str(f))
     assert check.returncode == 0 and check.stdout == f"{f}: OK\n"
     assert [ln.split(";")[0] for ln in check.stderr.splitlines()] == [
         warning, f"{f}:4:1: warning: ac_auth is a Momentum module that fastrelay does not support"]
     proc, lines, _ready = _start(str(f), "--lenient")
     try:
-        assert any(f"{f}:2:1: ehlo_hostname is a Momentum option" in ln for ln in lines)
+        assert any(f"{f}:2:1: tls_verify_mode is a Momentum option" in ln for ln in lines)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -292,11 +292,11 @@ def test_seed_xfer_server_conf_runs_as_written_and_takes_a_transfer_from_loopbac
 def test_config_eval_names_a_momentum_option_without_a_guess(tmp_path):
     """Issue 9: a real Momentum option "gets "unknown option" or a misleading "did you mean"
     (`ehlo_hostname` suggests `Hostname`)"."""
-    out = fr("config", "eval", "-c", "conf/fastrelay.conf", "ehlo_hostname")
+    out = fr("config", "eval", "-c", "conf/fastrelay.conf", "tls_verify_mode")
     assert (out.returncode, out.stderr) == (
-        2, "fastrelay: ehlo_hostname is a Momentum option that fastrelay does not support\n")
+        2, "fastrelay: tls_verify_mode is a Momentum option that fastrelay does not support\n")
     f = tmp_path / "m.conf"
-    f.write_text('ehlo_hostname = "mx.test"\nmax_retries = 4\n')
+    f.write_text('tls_verify_mode = "mx.test"\nmax_retries = 4\n')
     assert fr("config", "eval", "-c", str(f), "max_retries").returncode == 2
     out = fr("config", "eval", "--lenient", "-c", str(f), "max_retries")
     assert out.stdout == f"max_retries = 4\t# {f}:2 (global)\n"

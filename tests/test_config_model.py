@@ -250,9 +250,10 @@ def test_option_in_wrong_scope(conf_impl):
     assert errors("Domain a.com { Spool_Base = \"/x\" }") == [
         "t.conf:1:16: option 'Spool_Base' is not valid in a Domain stanza; expected it in the global scope"
     ]
-    assert errors("Binding b { Routes = ( __mx__ ) }") == [
-        "t.conf:1:13: option 'Routes' is not valid in a Binding stanza; expected it in the global scope, "
-        "a Domain stanza and a Domain stanza inside a Binding"
+    # Routes is valid in a Binding too (Sender_Domains routing, seed 003's sender-domain rules).
+    assert errors("Host 10.0.0.1 { Routes = ( __mx__ ) }") == [
+        "t.conf:1:17: option 'Routes' is not valid in a Host stanza; expected it in the global scope, "
+        "a Domain stanza, a Binding stanza and a Domain stanza inside a Binding"
     ]
     assert errors("Host 10.0.0.1 { retry_interval = 1 }") == [
         "t.conf:1:17: option 'retry_interval' is not valid in a Host stanza; expected it in the global scope, "

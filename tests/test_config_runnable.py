@@ -118,11 +118,11 @@ def test_xfer_server_without_a_secret_warns_only_for_a_non_loopback_allow_list(c
 # --- Momentum names fastrelay does not support -------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ('ehlo_hostname = "mx.example"\n', "t.conf:1:1: ehlo_hostname is a Momentum option that fastrelay does not "
+    ('tls_verify_mode = "mx.example"\n', "t.conf:1:1: tls_verify_mode is a Momentum option that fastrelay does not "
                                        "support; expected an option or stanza of docs/config.md (--lenient "
                                        "ignores it with a warning)"),
-    ('Domain a.test {\n  Outbound_Throttle_Messages = "10/60"\n}\n',
-     "t.conf:2:3: Outbound_Throttle_Messages is a Momentum option that fastrelay does not support;"),
+    ('Domain a.test {\n  Adaptive_Retry_Interval = "60"\n}\n',
+     "t.conf:2:3: Adaptive_Retry_Interval is a Momentum option that fastrelay does not support;"),
     ('ESMTP_Listener {\n  Listen ":25" { }\n  SMTP_Extensions = ( "AUTH LOGIN" )\n}\n',
      "t.conf:3:3: SMTP_Extensions is a Momentum option that fastrelay does not support;"),
     ('ESMTP_Listener {\n  Listen ":25" { }\n  AuthLoginParameters = [ uri = "ac_auth://" ]\n}\n',
@@ -148,7 +148,7 @@ def test_names_neither_fastrelay_nor_momentum_knows_are_still_unknown(conf_impl,
 
 
 def test_lenient_turns_momentum_names_and_only_them_into_warnings(conf_impl):
-    text = ('ehlo_hostname = "mx.example"\n'
+    text = ('tls_verify_mode = "mx.example"\n'
             'ac_auth { uri = "x" deep { a = b } }\n'
             'Domain a.test {\n  adaptive_enabled = true\n  max_retries = 7\n}\n' + ESMTP)
     assert len(errors(text)) == 3

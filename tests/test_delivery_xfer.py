@@ -378,3 +378,29 @@ def test_under_uvloop_and_the_session_closes_with_the_loop(tmp_path):
 
     uvloop.run(scenario())
     assert seen["session"].closed
+
+
+async def test_bind_address_list_one_source_per_connection():
+    """A Bind_Address list (Stalwart's source-ip.v4/.v6): each XFER connection leaves from one of
+    the addresses of the peer's family, never from one of the other family."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.remote)
+        return web.Response(status=503, text="busy")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        s = settings(bind_address=("127.0.0.5", "::1", "127.0.0.6"))
+        for _ in range(4):
+            conn = await connect_xfer(hop(port), s)
+            await conn.transfer(envelope(), [0], BODY, KEY)
+            await conn.close()
+        assert seen and set(seen) <= {"127.0.0.5", "127.0.0.6"}
+    finally:
+        await runner.cleanup()

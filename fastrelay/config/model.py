@@ -528,7 +528,12 @@ def build(nodes: list, files: list[str] | None = None, *, lenient: bool = False)
 
 
 def load(path: str, *, lenient: bool = False) -> Config:
-    """Read, check and model a conf file (and its includes). Raises ConfigErrors with every error."""
+    """Read, check and model a conf file (and its includes). Raises ConfigErrors with every error.
+    A file named *.toml is Stalwart's TOML (fastrelay.config.stalwart), into the same model."""
+    if path.lower().endswith(".toml"):
+        from fastrelay.config.stalwart import load_toml
+
+        return load_toml(path, lenient=lenient)
     try:
         nodes = parse_file(path)
     except ConfigError as e:

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastrelay import limits
 from fastrelay.config import types as t
+from fastrelay.config.parser import ListValue
 
 # Scopes. The outbound fallback order is Momentum's: binding::domain, binding, binding_group,
 # domain, global.
@@ -163,7 +164,28 @@ class _BindingName(t.OptType):
 class _BindAddress(t.OptType):
     """Momentum's bind_address: an IP address, a local host name, or "*" (the kernel chooses)."""
 
-    expected = 'an IP address, a local host name or "*"'
+    expected = 'an IP address, a local host name or "*", or a list of IP addresses'
+
+    def convert(self, value):  # type: ignore[override]
+        # A list of IP addresses (Stalwart's source-ip.v4/.v6): one is chosen at random for each
+        # new connection, among those of the destination's family.
+        if isinstance(value, ListValue):
+            if not value.items:
+                raise t.Invalid(f"got an empty list; expected {self.expected}")
+            out = []
+            for atom in value.items:
+                try:
+                    out.append(str(ipaddress.ip_address(atom.text.strip().strip("[]"))))
+                except ValueError:
+                    raise t.Invalid(f"got '{atom.text}'; expected an IP address in a Bind_Address list",
+                                    atom) from None
+            return tuple(out)
+        return super().convert(value)
+
+    def format(self, value):  # type: ignore[override]
+        if isinstance(value, tuple):
+            return "( " + " ".join(f'"{a}"' for a in value) + " )"
+        return "*" if value is None else f'"{value}"'
 
     def convert_atom(self, atom):  # type: ignore[override]
         text = atom.text.strip()
@@ -210,7 +232,12 @@ OPTIONS: list[OptionDef] = [
     OptionDef("Gateway", t.Host(), OUTBOUND, None,
               "Send all mail of this scope to this host (a smart host). It is resolved as MX, "
               "then as A/AAAA when there is no MX. An optional :port overrides Remote_SMTP_Port."),
-    OptionDef("Routes", t.Routes(), ROUTING, None, _ROUTES_DOC),
+    OptionDef("Routes", t.Routes(), ROUTING | {BINDING}, None, _ROUTES_DOC),
+    OptionDef("Sender_Domains", t.DomainList(), frozenset({BINDING}), (),
+              "Mail whose envelope sender's domain is in this list is assigned to this binding, unless "
+              "its listener (Binding, Binding_Group) or a trusted Binding_Header assigns it already; a "
+              "domain listed by several bindings goes to the first. With Routes in the Binding, this "
+              "routes by sender domain (Stalwart's next-hop rules on sender-domain)."),
     OptionDef("Delivery_Method", t.Enum("ESMTP", "SMTP", "LMTP", "delay_xfer"), OUTBOUND, "ESMTP",
               "ESMTP (EHLO, falling back to HELO), SMTP (HELO only), LMTP (RFC 2033) or delay_xfer "
               "(XFER over HTTP to the relay named by Routes)."),
@@ -237,6 +264,51 @@ OPTIONS: list[OptionDef] = [
               "The least time a DNS question (MX, A, AAAA) gets before it counts as a timeout, and "
               "the mail waiting for it is deferred. It holds even after fast answers, when the resolver "
               "library would otherwise give up on a slower one in well under a second."),
+    # --- Seed 003 (Stalwart's transport and routing), written the ecelerity way -------------
+    OptionDef("IP_Strategy", t.Enum("any", "ipv4-only", "ipv6-only", "ipv6-then-ipv4", "ipv4-then-ipv6"),
+              OUTBOUND, "any",
+              "Which address families of a next hop are used (seed 003, Stalwart's "
+              "queue.outbound.ip-strategy): any (Momentum's way: A and AAAA addresses at one "
+              "preference), ipv4-only, ipv6-only, or ipv6-then-ipv4 / ipv4-then-ipv6: the second "
+              "family is tried only when the first has no usable address or all its addresses "
+              "failed in this attempt."),
+    OptionDef("Max_MX_Hosts", t.Int(0, 1000), OUTBOUND, limits.MAX_MX_HOSTS,
+              "The most MX hosts (host names) of one route entry tried in one delivery attempt (seed "
+              "003, Stalwart's queue.outbound.limits.mx); when they all failed to connect the mail "
+              "is deferred, the others are not tried. 0 means no limit."),
+    OptionDef("Max_MX_Addresses", t.Int(0, 1000), OUTBOUND, limits.MAX_MX_ADDRESSES,
+              "For a multi-homed next hop, the most of its addresses tried in one delivery attempt "
+              "(seed 003, Stalwart's queue.outbound.limits.multihomed), counted in IP_Strategy order. "
+              "0 means no limit."),
+    OptionDef("TLS_Implicit", t.Bool(), OUTBOUND, False,
+              "TLS from the first byte (RFC 8314 §3, SMTPS/LMTPS; Stalwart's remote tls.implicit): "
+              "the handshake comes before the greeting and STARTTLS is not used. TLS_Verify still says "
+              "how the certificate is checked; a failed handshake makes the host unusable (4.7.5)."),
+    OptionDef("Session_Timeout", t.Time(), OUTBOUND, 0.0,
+              "One bound for a whole delivery session, from the connect to QUIT, whatever each "
+              "phase's own timeout (Stalwart's remote timeout); past it the connection is dropped "
+              "and the recipients not answered yet are deferred (4.4.2). 0 (the default) means none."),
+    OptionDef("use_mta_sts", t.Bool(), ROUTING, False,
+              "Momentum's use_mta_sts: look up the recipient domain's MTA-STS policy (RFC 8461) for "
+              "delivery by MX: the `_mta-sts` TXT record, then "
+              "https://mta-sts.DOMAIN/.well-known/mta-sts.txt over verified HTTPS (no redirects), "
+              "cached in memory for its max_age. A policy that cannot be fetched and is not cached "
+              "counts as none (RFC 8461 §5.1), and is logged. A Stalwart TOML file has it on "
+              "(Stalwart always applies MTA-STS)."),
+    OptionDef("enable_mta_sts", t.Bool(), OUTBOUND, True,
+              "Momentum's enable_mta_sts: apply the policy use_mta_sts found. enforce: only the MX "
+              "hosts matching the policy, and only with TLS = required and TLS_Verify = host for that "
+              "mail, whatever TLS and TLS_Verify say; no MX left defers it with 4.7.0, a TLS failure "
+              "with 4.7.x. testing (or enable_mta_sts = false): logs what enforce would refuse and "
+              "delivers. none: nothing."),
+    OptionDef("MTA_STS_Timeout", t.Time(lo=0.001), frozenset({GLOBAL}), 120.0,
+              "How long an MTA-STS policy lookup (TXT record and HTTPS fetch together) may take "
+              "(seed 003's queue.outbound.timeouts.mta-sts)."),
+    OptionDef("MTA_STS_CA", t.String(nonempty=True, expected="a PEM file path"), frozenset({GLOBAL}), None,
+              "CA certificates (PEM) trusted for MTA-STS policy fetches, in addition to the system "
+              "store. Relative to the conf file."),
+    OptionDef("MTA_STS_Port", t.Int(1, 65535), frozenset({GLOBAL}), limits.MTA_STS_PORT,
+              "The HTTPS port MTA-STS policies are fetched from (RFC 8461 §3.3: 443)."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
     OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
@@ -282,7 +354,10 @@ OPTIONS: list[OptionDef] = [
               "The local address outbound connections (SMTP, LMTP, XFER) of this binding are bound "
               "to before they connect (Momentum's bind_address): an IP address or a local host name. "
               "Set globally, it is the `default` binding's. Unset (or \"*\") lets the kernel choose. "
-              "A bind that fails (the address is not on this machine) is a transient failure (4.4.1)."),
+              "A bind that fails (the address is not on this machine) is a transient failure (4.4.1). "
+              "A list of IP addresses (Stalwart's queue.outbound.source-ip.v4 and .v6 together): each "
+              "new connection binds one of those of the next hop's family, at random; with none of "
+              "that family the kernel chooses."),
     OptionDef("EHLO_Hostname", t.String(nonempty=True, pattern=r"[A-Za-z0-9.\-_\[\]:]+",
                                         expected='a host name, "__hostname__" or "__message__"'),
               OUTBOUND, "__hostname__",

@@ -65,7 +65,9 @@ class Settings:
     tls_protocols: str | None = None  # TLS_Protocols, normalised ("+ALL:-TLSv1.0")
     tls_ciphers: str | None = None  # TLS_Ciphers (OpenSSL cipher list)
     # MultiVIP (issue #10): the binding's source address, bound before connect; None: the kernel's.
-    bind_address: str | None = None
+    bind_address: str | tuple[str, ...] | None = None  # a list: one at random per connection, by family
+    tls_implicit: bool = False  # RFC 8314: TLS from the first byte (SMTPS/LMTPS), no STARTTLS
+    session_timeout: float = 0.0  # one bound for a whole session (Stalwart's remote timeout); 0: none
     binding: str = "default"  # for failure texts
     xclient: str = "no"  # XCLIENT: "no", "ifavailable" or "required" (Postfix XCLIENT_README)
     # XFER (seeds 000/001)

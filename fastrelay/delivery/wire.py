@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
 import re
 import socket
 import ssl
@@ -277,10 +278,22 @@ async def local_address(bind: str, family: int) -> str:
     return str(ip)
 
 
-async def bind_socket(sock: socket.socket, hop: Hop, bind: str | None, binding: str) -> None:
+def pick_source(bind: str | tuple[str, ...] | None, family: int) -> str | None:
+    """The Bind_Address to use for one new connection of `family`. A list of source addresses
+    (Stalwart's queue.outbound.source-ip.v4/.v6): one chosen at random among those of the next
+    hop's family; none of that family lets the kernel choose (as Stalwart with an empty list)."""
+    if not isinstance(bind, tuple):
+        return bind
+    fam6 = family == socket.AF_INET6
+    same = [a for a in bind if (":" in a) == fam6]
+    return random.choice(same) if same else None
+
+
+async def bind_socket(sock: socket.socket, hop: Hop, bind: str | tuple[str, ...] | None, binding: str) -> None:
     """Issue #10 (Momentum's bind_address): bind the binding's source address before connect,
     so that the next hop sees the binding's IP. A bind that fails is a transient failure of
     this binding, not of the host (ConnectError with policy=True: other bindings still use it)."""
+    bind = pick_source(bind, sock.family)
     if bind is None:
         return
     try:
@@ -292,7 +305,8 @@ async def bind_socket(sock: socket.socket, hop: Hop, bind: str | None, binding: 
                            hop=hop, policy=True) from None
 
 
-async def tcp_connect(hop: Hop, timeout: float, bind: str | None = None, binding: str = "default") -> socket.socket:
+async def tcp_connect(hop: Hop, timeout: float, bind: str | tuple[str, ...] | None = None,
+                      binding: str = "default") -> socket.socket:
     """A connected non-blocking socket to `hop` (from `bind`, the binding's Bind_Address, if set),
     or ConnectError (refused, unreachable, no SYN-ACK within `timeout`: RELIABILITY.md case 38).
     Done here rather than by aiosmtplib so that the TCP connect and the greeting each get their
@@ -417,7 +431,8 @@ class WireSession:
     where it differs, `_exchange` (how strictly one setup reply is read) and `_GREETING_REFUSED`.
     """
 
-    __slots__ = ("_dotted", "_ext", "_fresh", "_hop", "_settings", "_wire", "remote", "tls", "tls_info", "usable")
+    __slots__ = ("_deadline", "_dotted", "_expired", "_ext", "_fresh", "_hop", "_settings", "_wire", "remote", "tls",
+                 "tls_info", "usable")
 
     # The text of the ConnectError for a refused greeting that says nothing.
     _GREETING_REFUSED = "greeting refused"
@@ -433,6 +448,8 @@ class WireSession:
         self.usable = False
         self.tls = False
         self.tls_info = ""  # "TLSv1.3:TLS_AES_256_GCM_SHA384" once under TLS
+        self._deadline: asyncio.TimerHandle | None = None  # Session_Timeout's timer
+        self._expired = False  # Session_Timeout passed: the connection was dropped
 
     # -- session setup ---------------------------------------------------------------------------
 
@@ -446,12 +463,21 @@ class WireSession:
         hop, s = self._hop, self._settings
         sock = await tcp_connect(hop, s.connect_timeout, s.bind_address, s.binding)
         loop = asyncio.get_running_loop()
-        try:
-            _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
+        if s.tls_implicit:
+            # RFC 8314 §3 (SMTPS/LMTPS, Stalwart's remote tls.implicit): TLS from the first byte,
+            # so the greeting already comes under TLS and STARTTLS is never offered nor asked.
+            wire = await self._implicit_tls(sock)
+        else:
+            try:
+                _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         self._wire = wire
+        if s.session_timeout:
+            # Stalwart's remote `timeout`: one bound for the whole session, whatever each phase's
+            # own timeout says; past it the connection is dropped and what is left is deferred.
+            self._deadline = loop.call_later(s.session_timeout, self._session_expired)
         try:
             code, lines = await self._setup(None, s.greeting_timeout, "the greeting")
             if code != 220:
@@ -459,13 +485,53 @@ class WireSession:
                 # per-recipient result (Postfix smtp_skip_5xx_greeting).
                 raise self._refusal(code, lines, self._GREETING_REFUSED)
             await self._hello()
-            if try_tls and want_tls(s):
+            if try_tls and want_tls(s) and not s.tls_implicit:
                 await self._starttls()
         except BaseException:
             wire.abort()
             self._wire = None
+            self._cancel_deadline()
             raise
         self.usable = True
+
+    async def _implicit_tls(self, sock: socket.socket) -> ReplyWire:
+        """The TLS handshake of an implicit-TLS next hop (RFC 8314), before any SMTP; a failure is a
+        ConnectError (4.7.5 when the certificate is refused: the host's own policy, not a crash)."""
+        hop, s = self._hop, self._settings
+        loop = asyncio.get_running_loop()
+        try:
+            ctx = tls_context(s)
+        except (OSError, ValueError) as e:
+            sock.close()
+            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop,
+                               policy=True) from None
+        try:
+            transport, wire = await loop.create_connection(
+                lambda: ReplyWire(loop), sock=sock, ssl=ctx, server_hostname=hop.name or hop.ip,
+                ssl_handshake_timeout=s.tls_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            sock.close()
+            raise ConnectError(451, clean_text(f"4.7.5 Implicit TLS handshake with {self.remote} failed: {e}"),
+                               hop=hop, policy=isinstance(e, ssl.SSLCertVerificationError)) from None
+        except BaseException:
+            sock.close()
+            raise
+        self.tls = True
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            cipher = sslobj.cipher()
+            self.tls_info = f"{sslobj.version()}:{cipher[0] if cipher else '?'}"
+        return wire
+
+    def _session_expired(self) -> None:
+        self._deadline = None
+        self._expired = True
+        self._drop()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     async def _setup(self, line: bytes | None, timeout: float, what: str) -> tuple[int, list[bytes]]:
         """One exchange before any message: every failure is a ConnectError (cases 38, 39, 44)."""
@@ -546,6 +612,9 @@ class WireSession:
 
     def _trouble(self, phase: str, template: str) -> str:
         """The text of a synthetic 451; `template` has {phase} and {remote}."""
+        if self._expired:
+            template = f"4.4.2 Session with {{remote}} exceeded its Session_Timeout of " \
+                       f"{self._settings.session_timeout:g}s during {{phase}}"
         if self._dotted:
             # RFC 5321 §3.8 / §4.5.3.2, RELIABILITY.md cases 40, 48: the message may have been taken
             # (for LMTP: by the recipients not answered yet); retry, knowing it may arrive twice
@@ -576,6 +645,7 @@ class WireSession:
             self._wire.abort()  # also stops the flood of a hostile peer at once
 
     async def close(self) -> None:
+        self._cancel_deadline()
         wire, self._wire = self._wire, None
         if wire is None:
             return

@@ -118,13 +118,15 @@ async def close_sessions() -> None:
 async def connect_xfer(hop: Hop, settings: Settings) -> XferConnection:
     """A connection to the XFER peer `hop`, or ConnectError if it does not accept TCP connections
     within settings.connect_timeout (refused, unreachable, blackholed: cases 38-39)."""
-    sock = await tcp_connect(hop, settings.connect_timeout, settings.bind_address, settings.binding)
+    from fastrelay.delivery.wire import local_address, pick_source
+
+    family = socket.AF_INET6 if ":" in hop.ip else socket.AF_INET
+    source = pick_source(settings.bind_address, family)  # one of a list, for this connection
+    sock = await tcp_connect(hop, settings.connect_timeout, source, settings.binding)
     sock.close()  # the peer is reachable (from this binding's address); the requests use the pooled session
     bind = None
-    if settings.bind_address:
-        from fastrelay.delivery.wire import local_address
-
-        bind = await local_address(settings.bind_address, socket.AF_INET6 if ":" in hop.ip else socket.AF_INET)
+    if source:
+        bind = await local_address(source, family)
     return XferConnection(hop, settings, await _session(bind))
 
 

@@ -1013,7 +1013,7 @@ class Session(asyncio.Protocol):
         if self.srv.binder is not None:
             # Issue #10: Binding/Binding_Group of this listener, or Binding_Header from a client in
             # relay_hosts; the header never goes further.
-            binding, body = self.srv.binder.assign(body, self.trusted)
+            binding, body = self.srv.binder.assign(body, self.trusted, tx.sender.address)
         full = received + body
         by_domain: dict[str, list[Recipient]] = {}
         for path, params in tx.rcpts:
