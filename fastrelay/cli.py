@@ -152,6 +152,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """`fastrelay passwd add|remove|list [USER] -f FILE`: the SMTP AUTH password file (scrypt)."""
+    import getpass
+    import os
+
+    from fastrelay.smtp.auth import PasswordFile, PasswordFileError, valid_username
+
+    pf = PasswordFile(args.file)
+    try:
+        if os.path.exists(args.file) or args.action != "add":
+            pf.load()
+    except PasswordFileError as e:
+        print(f"fastrelay passwd: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.action == "list":
+        for user in pf.users:
+            print(user)
+        return EXIT_OK
+    if not args.user or not valid_username(args.user):
+        print("fastrelay passwd: expected a USER: printable, no spaces, no ':'", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if args.action == "remove":
+            if not pf.remove(args.user):
+                print(f"fastrelay passwd: no user {args.user} in {args.file}", file=sys.stderr)
+                return EXIT_RUNTIME
+            return EXIT_OK
+        # The password comes from the terminal or one line of stdin (never an argument: argv is
+        # visible to every user on the machine).
+        if sys.stdin.isatty():
+            password = getpass.getpass(f"password for {args.user}: ")
+            if getpass.getpass("again: ") != password:
+                print("fastrelay passwd: the passwords differ", file=sys.stderr)
+                return EXIT_RUNTIME
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            print("fastrelay passwd: empty password refused", file=sys.stderr)
+            return EXIT_RUNTIME
+        pf.set(args.user, password)
+    except OSError as e:
+        print(f"fastrelay passwd: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _add_passwd_parser(sub) -> None:
+    pw = sub.add_parser("passwd", help="manage an SMTP AUTH password file (scrypt hashes)",
+                        epilog="the password is read from the terminal, or as one line from stdin")
+    pw.add_argument("action", choices=["add", "remove", "list"])
+    pw.add_argument("user", nargs="?")
+    pw.add_argument("-f", "--file", required=True, help="the password file (AuthPlainParameters' uri)")
+    pw.set_defaults(func=cmd_passwd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastrelay", description="A durable, high-throughput mail relay.")
     p.add_argument("--version", action="version", version=_version())
@@ -191,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fastrelay.admin.cli import add_admin_commands  # queue, suspend, resume, reroute-queue, reload
 
     add_admin_commands(sub, DEFAULT_CONF)
+    _add_passwd_parser(sub)
 
     b = sub.add_parser("bench", help="end-to-end throughput tool (same as python -m fastrelay.bench.e2e)",
                        add_help=False)

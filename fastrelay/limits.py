@@ -142,3 +142,23 @@ MAX_MX_ADDRESSES = 0
 MTA_STS_PORT = 443
 # The largest policy file read (§3.3 lets senders bound it; 64 KiB as the RFC's own suggestion).
 MTA_STS_MAX_POLICY = 64 * 1024
+
+# --- SMTP AUTH (issue 17, RFC 4954) -----------------------------------------------------------------
+# scrypt cost for new password hashes (`fastrelay passwd add`): n=2^14, r=8, p=1 is the RFC 7914 §2
+# interactive-login figure (~16 MiB, tens of milliseconds). A stored hash keeps its own parameters.
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+# Stored hashes above this cost are refused (a hand-edited file must not exhaust memory per AUTH).
+SCRYPT_MAX_N = 2**20
+# The reply to a failed AUTH waits this long, doubled with each further failure of the same client
+# address, up to AUTH_FAILURE_DELAY_CAP times as long (RFC 4954 leaves the delay to the server; as
+# Postfix's smtpd_error_sleep_time, it slows guessing without holding a slot long).
+AUTH_FAILURE_DELAY = 1.0
+AUTH_FAILURE_DELAY_CAP = 16
+# After this many failures from one address within AUTH_LOCKOUT_TIME, AUTH from it gets 454 4.7.0
+# (no password is checked) until AUTH_LOCKOUT_TIME after its last failure.
+AUTH_MAX_FAILURES = 5
+AUTH_LOCKOUT_TIME = 900.0
+# Client addresses whose failures are remembered per listener (the oldest are forgotten first).
+AUTH_TRACKED_CLIENTS = 10_000

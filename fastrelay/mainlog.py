@@ -4,7 +4,7 @@ failure and XFER transfer (X), with the fields of Momentum's mainlog records.
 Format (documented in docs/operations.md): tab-separated fields, the record type second, so
 `cut -f` and `awk -F'\\t'` work; Momentum separates with '@', which collides with addresses.
 
-    R  time  R  msgid  recipient  sender  client_ip  size  protocol  binding
+    R  time  R  msgid  recipient  sender  client_ip  size  protocol  binding  auth_user
     D  time  D  msgid  recipient  domain  size  binding  retries  seconds_in_queue  remote_ip  response  tls
     T  (as D)  the response of the transient failure
     P  (as D)  the response of the permanent failure (or the reason: expired, null MX, ...)
@@ -165,7 +165,9 @@ class MainLog:
         self.stats["dropped"] += lost
     def received(self, env: Envelope, size: int) -> None:
         t = f"{time.time():.3f}"
-        tail = f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}\n"
+        # auth_user: the SMTP AUTH user (issue 17), empty when the client did not authenticate.
+        tail = (f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}"
+                f"\t{_f(env.meta.get('auth_user', ''))}\n")
         for r in env.recipients:
             self._emit(f"{t}\tR\t{env.msgid}\t{_f(r.address)}{tail}")
         for obs in self.observers:

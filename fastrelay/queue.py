@@ -1330,6 +1330,8 @@ def _path(cfg: Config, option: str, domain: str, binding: str) -> str | None:
 
 
 def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> D.Settings:
+    from fastrelay.delivery.auth import outbound_auth
+
     g = cfg.get
     ehlo = g("EHLO_Hostname", domain, binding)
     return D.Settings(
@@ -1365,4 +1367,5 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         teleport=g("teleport_enabled", domain, binding),
         xfer_secret=g("xfer_secret", domain, binding),
         xfer_token=g("xfer_token", domain, binding),
+        auth=outbound_auth(cfg, domain, binding),
     )

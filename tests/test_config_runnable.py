@@ -126,7 +126,11 @@ def test_xfer_server_without_a_secret_warns_only_for_a_non_loopback_allow_list(c
     ('ESMTP_Listener {\n  Listen ":25" { }\n  SMTP_Extensions = ( "AUTH LOGIN" )\n}\n',
      "t.conf:3:3: SMTP_Extensions is a Momentum option that fastrelay does not support;"),
     ('ESMTP_Listener {\n  Listen ":25" { }\n  AuthLoginParameters = [ uri = "ac_auth://" ]\n}\n',
-     "t.conf:3:3: AuthLoginParameters is a Momentum option that fastrelay does not support;"),
+     "t.conf:3:33: AuthLoginParameters: 'ac_auth://' is a Momentum authentication backend (auth_ds); "
+     "fastrelay reads password files only"),
+    ('HTTP_Listener {\n  Listen ":8080" { }\n  Enable_Authentication = true\n}\n',
+     "t.conf:3:3: Enable_Authentication in an HTTP_Listener stanza is a Momentum option that fastrelay does "
+     "not support there"),
     ("ac_auth { }\n", "t.conf:1:1: ac_auth is a Momentum module that fastrelay does not support;"),
     ('pathway "p1" { }\n', "t.conf:1:1: pathway is a Momentum stanza that fastrelay does not support;"),
     ('Threadpool "cpu" { concurrency = 4 }\n', "t.conf:1:1: Threadpool is a Momentum stanza that fastrelay"),

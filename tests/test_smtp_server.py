@@ -67,7 +67,7 @@ async def test_smtplib_sends_and_message_is_spooled_with_received_header(relay):
     # Mainlog R records: one per recipient, with the documented fields.
     recs = [f for f in log if f[1] == "R"]
     assert sorted(f[3] for f in recs) == ["b@example.net", "c@example.net", "d@other.test"]
-    assert all(f[4:] == ["a@example.com", "127.0.0.1", str(len(body)), "esmtp", "default"] for f in recs)
+    assert all(f[4:] == ["a@example.com", "127.0.0.1", str(len(body)), "esmtp", "default", ""] for f in recs)
 
 
 async def test_aiosmtplib_pipelined_several_messages_one_connection(relay):

@@ -14,7 +14,7 @@ from fastrelay.config import momentum
 from fastrelay.config import schema as S
 from fastrelay.config.errors import ConfigError, ConfigErrors, UnsupportedMomentumName
 from fastrelay.config.parser import Atom, Option, Pos, Stanza, parse_file, parse_text
-from fastrelay.config.types import DISABLED, HostPort, Invalid
+from fastrelay.config.types import DISABLED, HostPort, Invalid, MomentumValue
 
 
 class Setting(NamedTuple):
@@ -290,6 +290,12 @@ class _Builder:
             self.fail(node.pos, f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; expected "
                                 "outbound_throttle_connections or outbound_throttle_messages there")
             return
+        if (opt.key, scope_kind) in S.MOMENTUM_ONLY_SCOPES:
+            self.errors.append(UnsupportedMomentumName(
+                node.pos.file, node.pos.line, node.pos.col,
+                f"{opt.name} in {S.SCOPE_NAMES[scope_kind]} is a Momentum option that fastrelay does "
+                f"not support there (it is valid in {S.valid_in(opt)}; --lenient ignores it with a warning)"))
+            return
         if (S.HOST if scope_kind == S.BINDING_HOST else scope_kind) not in opt.scopes:
             self.fail(
                 node.pos,
@@ -301,7 +307,13 @@ class _Builder:
             value = opt.type.convert(node.value)
         except Invalid as e:
             pos = e.atom.pos if e.atom is not None else node.value.pos
-            self.fail(pos, f"bad value for '{opt.name}': {e.message}")
+            if isinstance(e, MomentumValue):
+                self.errors.append(UnsupportedMomentumName(
+                    pos.file, pos.line, pos.col,
+                    f"{opt.name}: {e.message}, a Momentum feature that fastrelay does not support "
+                    "(--lenient ignores the option with a warning)"))
+            else:
+                self.fail(pos, f"bad value for '{opt.name}': {e.message}")
             return
         scope.values[opt.key] = (value, node.pos)
 

@@ -223,6 +223,117 @@ class _TLSProtocols(t.OptType):
         return f'"{value}"'
 
 
+# Options fastrelay has, in scopes where Momentum documents them and fastrelay does not implement
+# them: reported as unsupported Momentum names (so --lenient warns), not as misplaced options.
+# Momentum's HTTP_Listener takes SMTP AUTH's options for HTTP basic authentication (modules/ac-auth.md).
+MOMENTUM_ONLY_SCOPES = frozenset(
+    (key, scope)
+    for key in ("enable_authentication", "authplainparameters", "authloginparameters")
+    for scope in (HTTP_LISTENER, HTTP_LISTEN)
+)
+
+
+class _AuthParams(t.OptType):
+    """Momentum's Auth*Parameters: a hash with a uri (file:// only), or (until the conf language
+    reads hashes) the uri alone as a string. The value is {"uri": path, ...}."""
+
+    expected = 'a password file: [ uri = "file:///path" ] or "file:///path"'
+    _KEYS = frozenset({"uri", "log_authentication"})
+
+    def convert(self, value):  # type: ignore[override]
+        pairs = getattr(value, "items", None)
+        if isinstance(pairs, list) and not isinstance(value, t.ListValue):  # a hash (HashValue)
+            out: dict[str, str] = {}
+            uri_atom = None
+            for key, v in pairs:
+                if key.text.lower() not in self._KEYS:
+                    raise t.Invalid(f"got the key '{key.text}'; expected uri (and log_authentication)", key)
+                if not hasattr(v, "text"):
+                    raise t.Invalid(f"got a list or hash for '{key.text}'; expected a string", key)
+                out[key.text.lower()] = v.text
+                if key.text.lower() == "uri":
+                    uri_atom = v
+            if uri_atom is None:
+                raise t.Invalid(f"got no uri; expected {self.expected}", pairs[0][0] if pairs else None)
+            out["uri"] = self._path(out["uri"], uri_atom)
+            return out
+        if isinstance(value, t.ListValue):
+            raise t.Invalid(f"got a list; expected {self.expected}")
+        return {"uri": self._path(value.text, value)}
+
+    def _path(self, uri: str, where):
+        atom = where if hasattr(where, "text") else None
+        if uri.startswith("file://"):
+            path = uri[len("file://"):]
+        elif uri.startswith("file:"):
+            path = uri[len("file:"):]
+        elif "://" in uri:
+            # Momentum's auth_ds / ac_auth schemes (mysqlauth://, ac_auth://): another backend.
+            raise t.MomentumValue(f"'{uri}' is a Momentum authentication backend (auth_ds); fastrelay "
+                                  "reads password files only: expected a file:// uri", atom)
+        else:
+            path = uri
+        if not path:
+            raise t.Invalid(f"got '{uri}'; expected {self.expected}", atom)
+        return path
+
+    def format(self, value) -> str:
+        return f'[ uri = "file://{value["uri"]}" ]'
+
+
+class _UserTable(t.OptType):
+    """A table keyed by SMTP AUTH user: a list of "user=value" strings, or a hash [ user = "value" ].
+    With `list_values`, each value is a set of domains ("user=a.com,b.com", or a list in a hash)."""
+
+    def __init__(self, list_values: bool = False):
+        self.list_values = list_values
+        if list_values:
+            self.expected = 'a list of "user=domain[,domain...]" strings, or a hash [ user = ( "domain" ... ) ]'
+        else:
+            self.expected = 'a list of "user=binding" strings, or a hash [ user = "binding" ]'
+
+    def convert(self, value):  # type: ignore[override]
+        pairs = getattr(value, "items", None)
+        out: dict = {}
+        if isinstance(pairs, list) and not isinstance(value, t.ListValue):  # a hash (HashValue)
+            for key, v in pairs:
+                if isinstance(v, t.ListValue) and self.list_values:
+                    out[key.text] = self._domains([a.text for a in v.items], v.items[0] if v.items else key)
+                elif hasattr(v, "text"):
+                    out[key.text] = self._value(v.text, v)
+                else:
+                    raise t.Invalid(f"got a hash for '{key.text}'; expected {self.expected}", key)
+            return out
+        items = value.items if isinstance(value, t.ListValue) else [value]
+        for atom in items:
+            user, sep, val = atom.text.rpartition("=")
+            if not sep or not user:
+                raise t.Invalid(f"got '{atom.text}'; expected {self.expected}", atom)
+            out[user] = self._value(val, atom)
+        return out
+
+    def _value(self, text: str, atom):
+        if self.list_values:
+            return self._domains(text.split(","), atom)
+        if not text or any(c.isspace() for c in text):
+            raise t.Invalid(f"got '{text}'; expected a binding name without spaces", atom)
+        return text
+
+    def _domains(self, names: list[str], atom) -> frozenset:
+        doms = [n.strip().lower().rstrip(".") for n in names]
+        for d in doms:
+            if not t.is_hostname(d):
+                raise t.Invalid(f"got '{d}'; expected a domain name", atom)
+        return frozenset(doms)
+
+    def format(self, value) -> str:
+        if not value:
+            return "( )"
+        if self.list_values:
+            return "( " + " ".join(f'"{u}={",".join(sorted(d))}"' for u, d in value.items()) + " )"
+        return "( " + " ".join(f'"{u}={b}"' for u, b in value.items()) + " )"
+
+
 def _nets(*texts: str) -> tuple:
     return tuple(ipaddress.ip_network(x) for x in texts)
 
@@ -582,6 +693,61 @@ OPTIONS: list[OptionDef] = [
     OptionDef("TLS_Key", t.String(nonempty=True, expected="a PEM file path"), LISTENER | OUTBOUND, None,
               "Private key (PEM) for TLS_Certificate; unset with a client certificate: the key is in "
               "the certificate file."),
+    # --- SMTP AUTH, inbound and outbound, and implicit TLS (issue 17; Momentum's names) -------
+    OptionDef("Use_SSL", t.Bool(), LISTENER, False,
+              "Implicit TLS (RFC 8314, \"submissions\" on port 465): the TLS handshake comes first, "
+              "with TLS_Certificate and TLS_Key, and STARTTLS is not offered (Momentum's inbound SSL)."),
+    OptionDef("Enable_Authentication", t.Bool(), LISTENER, False,
+              "Offer SMTP AUTH (RFC 4954) with the mechanisms whose parameters are set "
+              "(AuthPlainParameters, AuthLoginParameters), only under TLS (STARTTLS or Use_SSL) unless "
+              "auth_plaintext_loopback. An authenticated client may relay from any address; its user "
+              "is kept with the message (spool, mainlog) and its Received: header says ESMTPSA "
+              "(RFC 3848)."),
+    OptionDef("AuthPlainParameters", _AuthParams(), LISTENER, None,
+              "AUTH PLAIN (RFC 4616): where the users are. Momentum writes a hash, "
+              "[ uri = \"file:///etc/fastrelay/passwd\" ]; until the conf language reads hashes, "
+              "write the uri alone: \"file:///etc/fastrelay/passwd\" (a relative path is relative to "
+              "the conf file). The file holds scrypt hashes; `fastrelay passwd add|remove|list USER -f "
+              "FILE` manages it and the listener re-reads it when it changes."),
+    OptionDef("AuthLoginParameters", _AuthParams(), LISTENER, None,
+              "AUTH LOGIN: as AuthPlainParameters (both may name the same file)."),
+    OptionDef("auth_user_bindings", _UserTable(), LISTENER, {},
+              "The Binding that mail of an authenticated user is assigned to (others get the "
+              "listener's): ( \"alice@example.com=marketing\" \"bob=transactional\" ), or as a hash "
+              "once the conf language reads them: [ bob = \"transactional\" ]."),
+    OptionDef("auth_sender_domains", _UserTable(list_values=True), LISTENER, {},
+              "The sender domains an authenticated user may use in MAIL FROM (Postfix's "
+              "reject_sender_login_mismatch, by domain): ( \"alice@example.com=example.com,example.net\" ), "
+              "or a hash [ alice = ( \"example.com\" ) ]. Another domain gets 553 5.7.1; <> is always "
+              "allowed (bounces); a user not listed may use any."),
+    OptionDef("auth_plaintext_loopback", t.Bool(), LISTENER, False,
+              "Offer AUTH without TLS to clients on loopback (127.0.0.0/8, ::1) only; everyone else "
+              "still needs TLS first (530 5.7.0)."),
+    OptionDef("auth_max_failures", t.Int(1, 1_000_000), LISTENER, limits.AUTH_MAX_FAILURES,
+              "Failed AUTH attempts from one client address after which it is locked out: its AUTH "
+              "gets 454 4.7.0 without a password check, until auth_lockout_time after its last failure."),
+    OptionDef("auth_lockout_time", t.Time(lo=1), LISTENER, limits.AUTH_LOCKOUT_TIME,
+              "How long failures from an address are remembered, and so how long a lockout lasts."),
+    OptionDef("auth_failure_delay", t.Time(), LISTENER, limits.AUTH_FAILURE_DELAY,
+              "The 535 5.7.8 to a failed AUTH waits this long, doubled with each further failure "
+              "from the same address (up to 16 times as long); 0 turns the delay off."),
+    OptionDef("outbound_smtp_auth_type", t.Enum("PLAIN", "LOGIN", "XOAUTH2"), OUTBOUND, None,
+              "AUTH to the next hop (Momentum's outbound_smtp_auth): PLAIN, LOGIN or XOAUTH2 (the "
+              "password is then the OAuth 2.0 bearer token). Unset with outbound_smtp_auth_user set: "
+              "PLAIN if offered, else LOGIN. An AUTH that fails is a temporary failure of the "
+              "messages with the peer's reply (in the mainlog); the host is not marked down."),
+    OptionDef("outbound_smtp_auth_user", t.String(nonempty=True, expected="a user name"), OUTBOUND, None,
+              "The user name sent to the next hop; setting it turns outbound AUTH on."),
+    OptionDef("outbound_smtp_auth_pass", t.String(), OUTBOUND, None,
+              "The password (or XOAUTH2 token) sent to the next hop. It sits in the conf in plain "
+              "text: outbound_smtp_auth_pass_file keeps it out."),
+    OptionDef("outbound_smtp_auth_pass_file", t.String(nonempty=True, expected="a file path"), OUTBOUND, None,
+              "A file whose first line is the password (or token), so that it need not sit in the "
+              "conf; read when a destination is first delivered to. Where it applies it wins over "
+              "outbound_smtp_auth_pass. Relative to the conf file."),
+    OptionDef("outbound_smtp_auth_allow_plaintext", t.Bool(), OUTBOUND, False,
+              "Send credentials on a connection that is not under TLS. Off: without TLS, AUTH is not "
+              "attempted and the messages are deferred (4.7.0)."),
     # --- Spool -------------------------------------------------------------------------------
     OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}),
               "/var/spool/fastrelay",

@@ -20,6 +20,12 @@ class Invalid(Exception):
         self.atom = atom
 
 
+class MomentumValue(Invalid):
+    """A value Momentum documents and fastrelay does not implement (an auth_ds scheme in an
+    Auth*Parameters uri): reported as an unsupported Momentum name, so --lenient warns and ignores
+    the option instead of refusing the conf."""
+
+
 class OptType:
     """A value type: `expected` describes it in error messages, `convert` checks and converts."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from fastrelay.delivery.auth import OutboundAuth
     from fastrelay.message import Envelope
 
 # Recipient outcomes.
@@ -77,6 +78,7 @@ class Settings:
     teleport: bool = False  # teleport_enabled: send the message's context along
     xfer_secret: str | None = None
     xfer_token: str | None = None
+    auth: OutboundAuth | None = None  # SMTP AUTH to the next hop (fastrelay.delivery.auth, issue 17)
     extra: dict = field(default_factory=dict)
 
 

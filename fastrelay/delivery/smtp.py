@@ -22,6 +22,7 @@ import re
 
 from fastrelay import _impl
 from fastrelay.delivery import PERM, ConnectError, Hop, RcptResult, Settings, xclient
+from fastrelay.delivery.auth import authenticate
 from fastrelay.delivery.wire import (
     CONTROL,
     QUIT_TIMEOUT,
@@ -118,7 +119,7 @@ _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characte
 class SMTPConnection(WireSession):
     """One SMTP session (a `fastrelay.delivery.Connection`)."""
 
-    __slots__ = ("_ehlo", "_helo", "_phase", "_pipelining", "_xclient_sent")
+    __slots__ = ("_auth_failure", "_ehlo", "_helo", "_phase", "_pipelining", "_xclient_sent")
 
     def __init__(self, hop: Hop, settings: Settings):
         name = settings.helo_name.encode("ascii")  # UnicodeEncodeError (a ValueError) for a non-ASCII name
@@ -130,6 +131,15 @@ class SMTPConnection(WireSession):
         self._pipelining = False
         self._phase = "RSET"  # the command whose reply is awaited, for the text of a synthetic 451
         self._xclient_sent: dict[str, str] | None = None  # the XCLIENT attributes in effect
+        self._auth_failure: RcptResult | None = None
+
+    async def _open(self, try_tls: bool) -> None:
+        await super()._open(try_tls)
+        if self._settings.auth is not None:
+            # Issue 17: AUTH after the last EHLO (under TLS). A failure stays with the session: it
+            # answers each message with it (one AUTH per session, not per message: providers lock
+            # accounts that fail too often), and the host is not marked down.
+            self._auth_failure = await authenticate(self, self._settings.auth, self._settings.ehlo_timeout)
 
     # -- session setup (the rest is WireSession's) -----------------------------------------------
 
@@ -160,6 +170,8 @@ class SMTPConnection(WireSession):
         """`client`: the original client's XCLIENT attributes (fastrelay.delivery.xclient), sent
         before the transaction when the XCLIENT option asks for it."""
         n = len(rcpts)
+        if self._auth_failure is not None:
+            return [self._auth_failure] * n
         if not self.usable or self._wire is None:
             return [temp(f"4.4.2 Connection to {self.remote} is no longer usable")] * n
         if client is not None and self._settings.xclient != "no":

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from fastrelay import _impl, limits
 from fastrelay.message import Envelope, Recipient
+from fastrelay.smtp import auth as A
 from fastrelay.smtp import replies as R
 from fastrelay.smtp.address import (
     AddressError,
@@ -171,6 +172,14 @@ class ListenSettings:
             self.tls = ctx
         elif cert or key:
             raise ValueError("TLS_Certificate and TLS_Key must be set together")
+        # Issue 17: implicit TLS (RFC 8314) and SMTP AUTH (RFC 4954).
+        self.implicit_tls = bool(g("Use_SSL"))
+        if self.implicit_tls and self.tls is None:
+            raise ValueError("Use_SSL needs TLS_Certificate and TLS_Key")
+        self.auth = A.listener_auth(listen, _conf_path)
+        self.auth_bindings: dict[str, str] = g("auth_user_bindings")
+        self.auth_senders: dict[str, frozenset] = g("auth_sender_domains")
+        self.auth_guard = (g("auth_max_failures"), g("auth_lockout_time"), g("auth_failure_delay"))
 
 
 def _tls_limits(ctx: ssl.SSLContext, protocols: str | None, ciphers: str | None) -> None:
@@ -229,6 +238,10 @@ class SMTPServer:
         self.conn_slot = -1
         self._ip_slots: dict[str, int] = {}
         self._share_name = ""
+        mf, lockout, delay = settings.auth_guard
+        # Shared by the relay's listeners: a lockout on one port holds on the others (issue 17).
+        self.auth_guard = A.AuthGuard(mf, lockout, delay, delay * limits.AUTH_FAILURE_DELAY_CAP,
+                                      fails=A.shared_failures(intake))
         # Counters for operators and tests (every one back to zero at teardown where it counts
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
@@ -253,11 +266,13 @@ class SMTPServer:
         """Listen on host:port, or on `sock` when given (a worker's share of a listener its
         supervisor bound with SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
+        tls = self.s.tls if self.s.implicit_tls else None  # RFC 8314 §3.3: TLS from the first byte
+        tls_kw = {"ssl": tls, "ssl_handshake_timeout": limits.TLS_HANDSHAKE_TIMEOUT if tls else None}
         if sock is not None:
-            self.server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
+            self.server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024, **tls_kw)
         else:
             self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True,
-                                                   backlog=1024)
+                                                   backlog=1024, **tls_kw)
         self._schedule_reaper()
 
     @property
@@ -284,8 +299,8 @@ class SMTPServer:
             await self.server.wait_closed()
             self.server = None
 
-    def ehlo_reply(self, tls_active: bool) -> bytes:
-        cached = self._ehlo_cache.get(tls_active)
+    def ehlo_reply(self, tls_active: bool, auth: bool = False) -> bytes:
+        cached = self._ehlo_cache.get((tls_active, auth))
         if cached is None:
             lines = [
                 f"{self.s.hostname}",
@@ -297,11 +312,13 @@ class SMTPServer:
             ]
             if self.s.tls is not None and not tls_active:
                 lines.append("STARTTLS")
+            if auth:
+                lines.append(f"AUTH {self.s.auth.mechanisms}")  # RFC 4954 §3
             lines += ["SMTPUTF8", "CHUNKING"]
             cached = "".join(
                 f"250{'-' if i < len(lines) - 1 else ' '}{ln}\r\n" for i, ln in enumerate(lines)
             ).encode()
-            self._ehlo_cache[tls_active] = cached
+            self._ehlo_cache[(tls_active, auth)] = cached
         return cached
 
     def client_policy(self, peer_ip: str) -> tuple:
@@ -368,7 +385,7 @@ class Session(asyncio.Protocol):
         self.tx: _Tx | None = None
         self.helo = ""
         self.esmtp = False
-        self.tls = False
+        self.tls = s.implicit_tls  # connection_made comes after the handshake (RFC 8314)
         self.peer_ip = ""
         self.ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.trusted = False
@@ -383,6 +400,8 @@ class Session(asyncio.Protocol):
         self.write_paused = 0.0
         self.closing_at = 0.0  # when transport.close() was called (it waits for the buffer to drain)
         self.peer_eof = False  # the client half-closed: answer what it sent, then close
+        self.auth_user: str | None = None  # RFC 4954: the user of a successful AUTH
+        self._sasl: tuple | None = None  # an AUTH exchange waiting for the client's next line
 
     # --- connection lifecycle ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -609,6 +628,9 @@ class Session(asyncio.Protocol):
 
     # --- commands ---------------------------------------------------------------------------
     def _command(self, line: bytes, out: list[bytes]) -> None:
+        if self._sasl is not None:
+            self._sasl_line(line, out)  # RFC 4954 §4: a response to our 334, not a command
+            return
         sp = line.find(b" ")
         verb = (line if sp < 0 else line[:sp]).upper()
         handler = _HANDLERS.get(verb)
@@ -661,7 +683,7 @@ class Session(asyncio.Protocol):
         self.framer.reset()
         self.state = S_READY
         if esmtp:
-            out.append(self.srv.ehlo_reply(self.tls))
+            out.append(self.srv.ehlo_reply(self.tls, self._auth_offered()))
         else:
             out.append(f"250 {self.srv.s.hostname}\r\n".encode())
 
@@ -687,6 +709,10 @@ class Session(asyncio.Protocol):
             self._error(out)
             return
         reply = self._check_mail_params(params, path)
+        if reply is None and self.auth_user is not None and path.address:
+            allowed = self.srv.s.auth_senders.get(self.auth_user)
+            if allowed is not None and path.domain.lower().rstrip(".") not in allowed:
+                reply = R.AUTH_SENDER_NOT_OWNED  # issue 17 (Postfix reject_sender_login_mismatch)
         if reply is not None:
             out.append(reply.wire)
             self._error(out)
@@ -721,6 +747,10 @@ class Session(asyncio.Protocol):
             elif key == "ENVID":
                 if not valid_envid(value):
                     return R.BAD_DSN_PARAM
+            elif key == "AUTH" and self.srv.s.auth is not None:
+                # RFC 4954 §5: a server offering AUTH takes AUTH=; it is not passed on (mail_args).
+                if not value:
+                    return R.SYNTAX
             else:
                 return R.UNKNOWN_PARAM
         if path.utf8 and "SMTPUTF8" not in params:
@@ -887,9 +917,146 @@ class Session(asyncio.Protocol):
         out.append(R.HELP.wire)
 
     def smtp_AUTH(self, arg: str, out: list[bytes]) -> None:
-        # RELIABILITY.md case 30: AUTH is not offered; never invite credentials in plaintext.
-        out.append(R.AUTH_NOT_AVAILABLE.wire if self.tls else R.AUTH_NEEDS_TLS.wire)
-        self._error(out)
+        a = self.srv.s.auth
+        if a is None or not self._auth_offered():
+            # RELIABILITY.md case 30: never invite credentials in plaintext.
+            out.append(R.AUTH_NEEDS_TLS.wire if not self.tls else R.AUTH_NOT_AVAILABLE.wire)
+            self._error(out)
+            return
+        if self._need_helo(out):
+            return
+        if not self.esmtp:
+            out.append(R.AUTH_NEEDS_EHLO.wire)  # AUTH is an EHLO extension (RFC 4954 §3)
+            self._error(out)
+            return
+        if self.auth_user is not None:
+            out.append(R.AUTH_ALREADY.wire)  # RFC 4954 §4: once per session
+            self._error(out)
+            return
+        if self.tx is not None:
+            out.append(R.AUTH_IN_TRANSACTION.wire)  # RFC 4954 §4: not during a mail transaction
+            self._error(out)
+            return
+        parts = arg.split(" ")
+        mech = parts[0].upper()
+        if not mech or len(parts) > 2:
+            out.append(R.SYNTAX.wire)
+            self._error(out)
+            return
+        if mech not in a.files:
+            out.append(R.AUTH_UNKNOWN_MECHANISM.wire)
+            self._error(out)
+            return
+        if self.srv.auth_guard.locked(self.peer_ip):
+            log.warning("AUTH from %s refused: locked out after too many failures", self.peer_ip)
+            out.append(R.AUTH_LOCKED_OUT.wire)
+            self._error(out)
+            return
+        initial = parts[1] if len(parts) == 2 else None
+        if mech == "PLAIN":
+            if initial is None:
+                self._sasl = ("PLAIN",)
+                out.append(R.AUTH_CONTINUE.wire)  # "334 " (RFC 4954 §4: an empty challenge)
+            else:
+                self._sasl_step(("PLAIN",), initial, out)
+        elif initial is None:  # LOGIN: user, then password, each asked for with a 334
+            self._sasl = ("LOGIN",)
+            out.append(R.AUTH_LOGIN_USERNAME.wire)
+        else:
+            self._sasl_step(("LOGIN",), initial, out)  # the user name as an initial response
+
+    def _auth_offered(self) -> bool:
+        a = self.srv.s.auth
+        if a is None:
+            return False
+        if self.tls:
+            return True
+        return a.plaintext_loopback and self.ip is not None and self.ip.is_loopback
+
+    def _sasl_line(self, line: bytes, out: list[bytes]) -> None:
+        step, self._sasl = self._sasl, None
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            text = "\x00"  # not base64: answered as such below
+        if text == "*":
+            out.append(R.AUTH_CANCELLED.wire)  # RFC 4954 §4
+            self._error(out)
+            return
+        self._sasl_step(step, text, out)
+
+    def _sasl_step(self, step: tuple, text: str, out: list[bytes]) -> None:
+        """One client response of an AUTH exchange. Nothing of it is logged (issue 17)."""
+        try:
+            data = A.decode_b64(text)
+        except A.SaslError:
+            out.append(R.AUTH_BAD_BASE64.wire)
+            self._error(out)
+            return
+        mech = step[0]
+        if mech == "LOGIN" and len(step) == 1:
+            try:
+                user = data.decode("utf-8")
+            except UnicodeDecodeError:
+                user = ""
+            self._sasl = ("LOGIN", user)
+            out.append(R.AUTH_LOGIN_PASSWORD.wire)
+            return
+        if mech == "LOGIN":
+            user = step[1]
+            try:
+                password = data.decode("utf-8")
+            except UnicodeDecodeError:
+                user = ""
+                password = ""
+        else:
+            try:
+                user, password = A.parse_plain(data)
+            except ValueError:
+                user, password = "", ""
+        self._verify(mech, user, password)
+
+    def _verify(self, mech: str, user: str, password: str) -> None:
+        """Check the password off the event loop (scrypt takes tens of milliseconds); input waits."""
+        pwfile = self.srv.s.auth.files[mech]
+        self.busy = True
+        if not A.valid_username(user):
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            fut.set_result(False)
+        else:
+            fut = asyncio.ensure_future(asyncio.to_thread(pwfile.verify, user, password))
+        del password
+        fut.add_done_callback(lambda f: self._verified(f, mech, user))
+
+    def _verified(self, fut: asyncio.Future, mech: str, user: str) -> None:
+        if self.state == S_CLOSING or self.transport is None or self.transport.is_closing():
+            return
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            log.warning("AUTH %s from %s: cannot check the password: %s", mech, self.peer_ip, exc)
+            self._auth_reply(R.AUTH_TEMP_FAILURE.wire)
+            return
+        if fut.result():
+            self.auth_user = user
+            self.trusted = True  # Postfix permit_sasl_authenticated: may relay from any address
+            self.srv.auth_guard.succeeded(self.peer_ip)
+            log.info("AUTH %s from %s: authenticated as %s", mech, self.peer_ip, _clean(user, 64))
+            self._auth_reply(R.AUTH_OK.wire)
+            return
+        # The user name is not logged either: a password typed into the user field is common.
+        delay = self.srv.auth_guard.failed(self.peer_ip)
+        log.warning("AUTH %s from %s failed", mech, self.peer_ip)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._auth_reply, R.AUTH_FAILED.wire)
+        else:
+            self._auth_reply(R.AUTH_FAILED.wire)
+
+    def _auth_reply(self, wire: bytes) -> None:
+        self.busy = False
+        if self.state == S_CLOSING or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(wire)
+        self._process()
 
     def smtp_EXPN(self, arg: str, out: list[bytes]) -> None:
         out.append(R.NOT_IMPLEMENTED.wire)
@@ -940,6 +1107,10 @@ class Session(asyncio.Protocol):
         # RFC 3207 §4.2: forget everything learned before TLS; the client must EHLO again.
         self.tls = True
         self.tx = None
+        if self.auth_user is not None:  # authenticated in plaintext (auth_plaintext_loopback)
+            self.auth_user = None
+            self.trusted = self.srv.client_policy(self.peer_ip)[1]
+        self._sasl = None
         self.helo = ""
         self.esmtp = False
         self.framer.reset()
@@ -1002,6 +1173,8 @@ class Session(asyncio.Protocol):
         msgid = new_msgid()
         now = time.time()
         proto = ("ESMTPS" if self.tls else "ESMTP") if self.esmtp else ("SMTPS" if self.tls else "SMTP")
+        if self.auth_user is not None:
+            proto += "A"  # RFC 3848: ESMTPA, ESMTPSA
         first = tx.rcpts[0][0].address if len(tx.rcpts) == 1 else None
         received = (
             f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
@@ -1015,6 +1188,9 @@ class Session(asyncio.Protocol):
             # relay_hosts; the header never goes further.
             binding, body = self.srv.binder.assign(body, self.trusted, tx.sender.address)
         full = received + body
+        binding = self.srv.binding
+        if self.auth_user is not None:
+            binding = self.srv.s.auth_bindings.get(self.auth_user, binding)  # issue 17: by user
         by_domain: dict[str, list[Recipient]] = {}
         for path, params in tx.rcpts:
             dom = path.domain.lower().rstrip(".")
@@ -1034,6 +1210,7 @@ class Session(asyncio.Protocol):
                 received_at=now,
                 first_queued=now,
                 next_attempt=now,
+                meta={"auth_user": self.auth_user} if self.auth_user is not None else {},
             )
             items.append((env, full))
         return items
