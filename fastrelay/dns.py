@@ -22,7 +22,7 @@ ARES_ETIMEOUT = 12
 T_A, T_CNAME, T_MX, T_TXT, T_AAAA = 1, 5, 15, 16, 28
 _QTYPE_NAMES = {T_A: "A", T_MX: "MX", T_TXT: "TXT", T_AAAA: "AAAA"}
 
-# RELIABILITY.md case 46: follow MX/A -> CNAME "a reasonable number" of times.
+# docs/reliability.md case 46: follow MX/A -> CNAME "a reasonable number" of times.
 MAX_CNAME_CHAIN = 8
 # How long an NXDOMAIN is remembered (RFC 2308 negative caching, kept short).
 NEGATIVE_TTL = 60.0

@@ -16,28 +16,30 @@ MAX_COMMAND_LINE = 512
 # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets, CRLF included.
 MAX_TEXT_LINE = 1000
 # A command line with no LF is discarded as it arrives; past this many octets the client is
-# dropped (RELIABILITY.md case 9: bounded memory for 10 MB with no LF).
+# dropped (docs/reliability.md case 9: bounded memory for 10 MB with no LF).
 COMMAND_HARD_CAP = 65536
 # Postfix's message_size_limit default.
 MAX_MESSAGE_SIZE = 10_240_000
 
 # Replies read by our own clients (LMTP): RFC 5321 §4.5.3.1.5 says 512 octets; be lenient but
-# bounded (RELIABILITY.md case 44: hostile replies with bounded memory).
+# bounded (docs/reliability.md case 44: hostile replies with bounded memory).
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
 
-# --- Receiving (RELIABILITY.md part B). Each is overridable in the conf (docs/config.md). ---------
+# --- Receiving (docs/reliability.md part B). Each is overridable in the conf (docs/config.md). ---------
 # Postfix's smtpd_recipient_limit; RFC 5321 §4.5.3.1.8 asks for at least 100.
 MAX_RECIPIENTS = 1000
 MAX_MESSAGES_PER_CONNECTION = 1000
 # Connections per listener, and per client address (Postfix smtpd_client_connection_count_limit).
 MAX_CONNECTIONS = 1000
 MAX_CONNECTIONS_PER_IP = 50
-# RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
+# RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes (Idle_Time; Momentum's
+# shipped ecelerity.conf sets 300 too). Below the floor check-config and run warn.
 IDLE_TIMEOUT = 300.0
+RFC5321_SERVER_TIMEOUT = 300.0
 # Postfix's stress-mode smtpd_timeout.
 OVERLOAD_IDLE_TIMEOUT = 10.0
-# The share of Concurrency above which the overload timeout applies.
+# The share of Listener_Sessions above which the overload timeout applies.
 OVERLOAD_FRACTION = 0.8
 COMMAND_DEADLINE = 300.0
 # The longest a message's content may take to arrive, from the 354 (or from each BDAT command) to
@@ -46,7 +48,7 @@ COMMAND_DEADLINE = 300.0
 DATA_DEADLINE = 3600.0
 # How long replies may sit unread in a connection's write buffer (the client does not read: writing
 # is paused, or a close is waiting for the buffer to drain) before the connection is aborted. A
-# close() waits for a drain that never comes (issue 9, RELIABILITY.md case 14).
+# close() waits for a drain that never comes (issue 9, docs/reliability.md case 14).
 WRITE_TIMEOUT = 60.0
 # At shutdown, how long closing connections may take to flush their last reply before they are
 # aborted.
@@ -58,7 +60,7 @@ JUNK_COMMAND_LIMIT = 100
 SOFT_ERROR_LIMIT = 10
 HARD_ERROR_LIMIT = 20
 ERROR_SLEEP_TIME = 1.0
-# Postfix hopcount_limit (RELIABILITY.md case 16).
+# Postfix hopcount_limit (docs/reliability.md case 16).
 HOP_COUNT_LIMIT = 50
 # KumoMTA refuses intake below 10% free; we use an absolute floor (spool_min_free).
 SPOOL_MIN_FREE = 64 * 1024 * 1024
@@ -97,7 +99,7 @@ SHARED_POLL_INTERVAL = 0.05
 # shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced
 # by the resolver on top of c-ares. 5 s is c-ares' and glibc's default per try.
 DNS_TIMEOUT = 5.0
-# --- Spool and queue (RELIABILITY.md part (a)) -----------------------------------------------------
+# --- Spool and queue (docs/reliability.md part (a)) -----------------------------------------------------
 # How soon a message is tried again when the spool could not read or write it (at most; a shorter
 # retry_interval of its domain wins): a failing disk must not strand it, nor spin on it.
 # Conf: spool_failure_retry.

@@ -43,7 +43,7 @@ log = logging.getLogger("fastrelay.queue")
 DRAIN_DOMAIN = "__drain__"
 
 # A message whose delivery crashed the worker this many times is quarantined rather than
-# retried forever (RELIABILITY.md case 50: poison message).
+# retried forever (docs/reliability.md case 50: poison message).
 MAX_INTERNAL_ERRORS = 3
 
 
@@ -252,9 +252,15 @@ class Queue:
             if not waiter.done():
                 waiter.set_result(True)
                 d.connecting += 1
-        if not d.pumping and d.ready and not self._stopping and d.paused is None:
+        if not d.pumping and d.ready and not self._stopping and d.paused is None and not self._suspended(d):
             d.pumping = True
             self._spawn(self._pump(d))
+
+    def _suspended(self, d: Dest) -> bool:
+        """suspend_delivery set for this destination (Momentum: binding, binding_group, domain or
+        global): its mail stays queued, untouched, until a restart without it. A drain moves
+        everything regardless, as `fastrelay drain` does for the global switch."""
+        return self.draining is None and bool(self.cfg.get("suspend_delivery", d.domain, d.binding))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.ensure_future(coro)
@@ -448,7 +454,7 @@ class Queue:
         except SpoolError as e:
             self._retry_later(it, e)
         except Exception:
-            # RELIABILITY.md case 50: a bug must not lose the message nor kill the scheduler.
+            # docs/reliability.md case 50: a bug must not lose the message nor kill the scheduler.
             it.errors += 1
             log.exception("internal error handling message %d (%d/%d)", it.id, it.errors, MAX_INTERNAL_ERRORS)
             await self._internal_error(it)
@@ -480,7 +486,7 @@ class Queue:
                     # avoids it (for host_failure_retry); other domains keep using it.
                     d.avoid[host] = (time.monotonic() + self.router.failure_wait(plan, host), e.code, e.text)
                     return
-                # RELIABILITY.md cases 38-39: this host is avoided for a while; the messages stay
+                # docs/reliability.md cases 38-39: this host is avoided for a while; the messages stay
                 # ready and the next session tries another host (or finds ALL_DOWN and defers).
                 self._host_errors[host] = (e.code, e.text)
                 self.router.host_failed(plan, host)
@@ -493,7 +499,7 @@ class Queue:
                 return
             self.router.host_ok(plan, host)
             slot.connected()
-            keep = self.cfg.get("Connection_Cache_Time", d.domain, d.binding)
+            keep = self.cfg.get("idle_timeout", d.domain, d.binding)
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
@@ -528,7 +534,7 @@ class Queue:
 
     async def _idle(self, d: Dest, keep: float, plan: Plan | None = None) -> bool:
         """Keep an open connection for `keep` seconds in case more mail comes for its destination
-        (Postfix's smtp_connection_cache_time_limit): a new connection costs a handshake, a
+        (Momentum's outbound idle_timeout): a new connection costs a handshake, a
         greeting and an EHLO. True if woken for a message, False when the time is up. With
         workers, also False as soon as another worker waits for a slot of this site: an idle
         connection here must not keep the relay-wide limit from its mail."""
@@ -603,7 +609,7 @@ class Queue:
             self._retry_later(it, e)
         except Exception:
             # A bug or an unexpected failure must not kill the worker or lose the message
-            # (RELIABILITY.md case 50): retry later; quarantine a message that keeps failing.
+            # (docs/reliability.md case 50): retry later; quarantine a message that keeps failing.
             it.errors += 1
             log.exception("internal error delivering message %d (%d/%d)", it.id, it.errors, MAX_INTERNAL_ERRORS)
             conn.usable = False
@@ -879,7 +885,7 @@ class Queue:
                       retry_until: float | None = None) -> None:
         """A DSN to the sender for these recipients (a failure unless `action` says otherwise),
         for those whose NOTIFY asks for it; never for the null sender (RFC 5321 §6.1,
-        RELIABILITY.md case 18). It is durable before the recipients are marked failed, so a
+        docs/reliability.md case 18). It is durable before the recipients are marked failed, so a
         crash in between gives a duplicate DSN, never a lost one."""
         if not env.sender or not idx or self.submit is None:
             return
@@ -893,7 +899,7 @@ class Queue:
     def drain_to(self, route) -> int:
         """Move every queued message to the XFER peer `route` (an xfer:// Route), keeping its
         schedule, attempts and binding. The peer dedupes on (this node, this id), so a drain cut
-        short by kill -9 and run again delivers each message once (RELIABILITY.md case 36).
+        short by kill -9 and run again delivers each message once (docs/reliability.md case 36).
         Returns how many messages are queued to go."""
         self.router.overrides[DRAIN_DOMAIN] = [route]
         self.draining = {"to": route.text, "since": time.time(), "queued_at_start": len(self.items)}
@@ -1352,10 +1358,13 @@ def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> 
         greeting_timeout=g("Greeting_Timeout", domain, binding),
         ehlo_timeout=g("EHLO_Timeout", domain, binding),
         tls_timeout=g("TLS_Timeout", domain, binding),
-        mail_timeout=g("Mail_From_Timeout", domain, binding),
-        rcpt_timeout=g("Rcpt_To_Timeout", domain, binding),
+        mail_timeout=g("mailfrom_timeout", domain, binding),
+        rcpt_timeout=g("rcptto_timeout", domain, binding),
         data_timeout=g("Data_Timeout", domain, binding),
-        done_timeout=g("Delivery_Response_Timeout", domain, binding),
+        # Momentum: body_timeout is the wait for the reply after an SMTP/LMTP final dot,
+        # delivery_response_timeout the wait for an HTTP delivery's response (XFER).
+        done_timeout=g("body_timeout", domain, binding),
+        xfer_timeout=g("Delivery_Response_Timeout", domain, binding),
         rset_timeout=g("RSET_Timeout", domain, binding),
         tls=g("TLS", domain, binding),
         tls_verify=g("TLS_Verify", domain, binding),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,11 +60,27 @@ class Relay:
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
         self.hostname = cfg.get("Hostname") or socket.gethostname()
         self.binder = Assigner(cfg)  # binding assignment (issue #10), shared by the listeners
+        self._prebound: dict[int, socket.socket] = {}  # listener sockets bound before a privilege drop
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
         self._check_config()
+        # Security { User Group } (Momentum): bind every listener as root, then drop to the user
+        # before the spool and the mainlog are opened, so their files belong to that user. A worker
+        # (issue 13) drops too; its listener sockets were bound by the supervisor.
+        user = cfg.security.get("user")
+        if user is not None and self.drain_to is None:
+            from fastrelay import privileges
+
+            group = cfg.security.get("group")
+            if self.worker is None:
+                self._prebind()
+            try:
+                privileges.drop(user[0], group[0] if group else None)
+            except (privileges.PrivilegeError, OSError) as e:
+                self._close_prebound()
+                raise StartupError(str(e)) from None
         self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
         try:
             await self.spool.open()
@@ -99,7 +114,8 @@ class Relay:
                 if self.worker is not None:  # sockets bound by the supervisor (SO_REUSEPORT)
                     await srv.start(None, 0, sock=self.worker.esmtp_sockets[i])
                 else:
-                    await srv.start(listen.address.host or None, listen.address.port)
+                    await srv.start(listen.address.host or None, listen.address.port,
+                                    sock=self._prebound.pop(id(listen), None))
             except OSError as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e.strerror or e}") from None
             self.smtp_servers.append(srv)
@@ -122,6 +138,28 @@ class Relay:
         from fastrelay.admin.reload import reload_relay
 
         return await reload_relay(self, new_cfg)
+
+    def _prebind(self) -> None:
+        """Bind (and listen on) every listener's socket now, while still root (port 25)."""
+        listens = list(self.cfg.esmtp_listens) + (list(self.cfg.http_listens) if self.cfg.xfer_server_enabled else [])
+        for listen in listens:
+            host, port = listen.address.host, listen.address.port
+            try:
+                if not host and socket.has_dualstack_ipv6():
+                    sock = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                                                backlog=1024, reuse_port=False)
+                else:
+                    family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
+                    sock = socket.create_server((host or "", port), family=family, backlog=1024)
+            except OSError as e:
+                self._close_prebound()
+                raise StartupError(f"listener {listen.address}: {e.strerror or e}") from None
+            self._prebound[id(listen)] = sock
+
+    def _close_prebound(self) -> None:
+        for sock in self._prebound.values():
+            sock.close()
+        self._prebound.clear()
 
     def _check_config(self) -> None:
         """The whole-conf checks `check-config` makes (fastrelay.config.model.check_runnable), so a
@@ -146,11 +184,12 @@ class Relay:
                      j, src, n, self.shard)
 
     async def _start_delivery(self, entries: list) -> None:
-        """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
+        """Start the scheduler. suspend_delivery is the queue's to apply per destination (a Domain
+        may set it off under a global on, Momentum's fallback): accepted mail just stays queued."""
         cfg = self.cfg
         if cfg.get("suspend_delivery") and self.drain_to is None:
-            log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only")
-            return
+            log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only, except "
+                     "for scopes that set it off")
         from fastrelay.delivery.connect import connect
         from fastrelay.dns import Resolver
         from fastrelay.queue import Queue
@@ -196,18 +235,14 @@ class Relay:
                 if self.worker is not None:
                     await srv.start(None, 0, sock=self.worker.http_sockets[i])
                 else:
-                    await srv.start(listen.address.host or None, listen.address.port)
+                    await srv.start(listen.address.host or None, listen.address.port,
+                                    sock=self._prebound.pop(id(listen), None))
             except OSError as e:
                 raise StartupError(f"HTTP listener {listen.address}: {e.strerror or e}") from None
             self.xfer_servers.append(srv)
 
     def _mainlog_path(self) -> str:
-        s = self.cfg.lookup("Mainlog")
-        if s.value is None:
-            return os.path.join(os.path.dirname(self.cfg.spool_dir), "mainlog")
-        if os.path.isabs(s.value) or s.pos is None:
-            return s.value
-        return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
+        return self.cfg.mainlog_path
 
     def describe_listeners(self) -> list[str]:
         out = []
@@ -251,6 +286,7 @@ class Relay:
         for asrv in self.admin_servers:
             await asrv.stop()
         self.admin_servers.clear()
+        self._close_prebound()  # a start that failed after binding them
         for srv in self.smtp_servers:
             await srv.stop()
         self.smtp_servers.clear()
@@ -291,7 +327,7 @@ class Relay:
         return self.spool.node_id
 
     async def submit_transfer(self, items: list[tuple[Envelope, bytes]], key: tuple[str, str]) -> tuple[str, bool]:
-        """Make a transfer durable at most once per (origin node, origin id) (RELIABILITY.md case
+        """Make a transfer durable at most once per (origin node, origin id) (docs/reliability.md case
         36); returns (our msgid, duplicate). Only then may the XFER server answer 200 (P1)."""
         entries, dup = await self.spool.add_once(items, key)
         if dup is not None:

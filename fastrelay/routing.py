@@ -351,7 +351,7 @@ class Router:
             return out
         except DNSNotFound as e:
             if r.scheme == "mx":
-                # RELIABILITY.md case 46: NXDOMAIN for the recipient domain bounces (5.4.4).
+                # docs/reliability.md case 46: NXDOMAIN for the recipient domain bounces (5.4.4).
                 out.error = RouteError(True, 550, f"5.4.4 Host or domain name not found: {e}")
             else:
                 out.error = RouteError(False, 451, f"4.4.4 Route host not found: {e}")
@@ -443,7 +443,7 @@ class Router:
     async def _exchanges(self, mx: list[tuple[int, str]], ttl: float) -> list:
         out = []
         for pref, exch in mx:
-            # An MX whose name resolves to nothing is skipped (RELIABILITY.md case 46); one whose
+            # An MX whose name resolves to nothing is skipped (docs/reliability.md case 46); one whose
             # lookup fails for now is skipped too, so the next MX is tried, and noted so that the
             # entry defers rather than bounces when no MX is left.
             try:

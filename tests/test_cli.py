@@ -42,7 +42,7 @@ def test_check_config_prints_every_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
         f"{f}:2:3: unknown option 'Rotues'; did you mean 'Routes'?",
-        f"{f}:3:17: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000",
+        f"{f}:3:17: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000, \"auto\" or \"none\"",
     ]
     assert "Traceback" not in out.stderr
 
@@ -66,8 +66,12 @@ def test_check_config_syntax_errors_exit_2(tmp_path, text, needle):
 
 
 def test_check_config_missing_file(tmp_path):
-    out = fr("check-config", str(tmp_path / "none.conf"))
-    assert out.returncode == 2 and "cannot read the file" in out.stderr and "Traceback" not in out.stderr
+    """Issue 15: "A missing conf file gets a plain message, not `:1:1`"."""
+    for argv in (["check-config", str(tmp_path / "none.conf")], ["run", "-c", str(tmp_path / "none.conf")],
+                 ["config", "show", "-c", str(tmp_path / "none.conf")]):
+        out = fr(*argv)
+        assert (out.returncode, out.stderr) == (
+            2, f"{tmp_path / 'none.conf'}: cannot read the conf file: No such file or directory\n"), argv
 
 
 def test_config_eval(tmp_path):
@@ -185,7 +189,7 @@ def test_run_bad_conf_exits_2(tmp_path):
 
 AGREE = {
     "no listener": 'Spool_Base = "spool"\nDomain a.test { Gateway = "10.0.0.1" }\n',
-    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Concurrency = 10\n}\n',
+    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Listener_Sessions = 10\n}\n',
     "delay_xfer without msys.xfer.client": (
         'Spool_Base = "spool"\nDomain xfer.test {\n  Delivery_Method = "delay_xfer"\n}\n'
         'ESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
@@ -327,3 +331,58 @@ def test_xfer_server_open_beyond_loopback_without_a_secret_starts_with_a_warning
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("argv", "err"),
+    [
+        (["--listen", "nowhere"], "--listen: nowhere: got 'nowhere' with no port; expected an address and port"),
+        (["--route", "sink.test"], "--route: sink.test: expected DOMAIN=ROUTE"),
+        (["--route", "sink.test=smtp://[::1"], "--route: sink.test=smtp://[::1: "),
+    ],
+)
+def test_run_overrides_with_a_bad_value_exit_2(tmp_path, argv, err):
+    out = fr("run", "--spool", str(tmp_path / "spool"), *argv, cwd=str(tmp_path))
+    assert out.returncode == 2 and out.stderr.startswith(err), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_config_show_non_default_prints_what_the_conf_sets(tmp_path):
+    """Issue 15: "`fastrelay config show [--non-default]` prints the whole effective configuration,
+    as `postconf -n` and Momentum's `config showrecurse` do"."""
+    f = tmp_path / "relay.conf"
+    f.write_text('retry_interval = 5m\nDomain a.test {\n  Routes = ( "10.0.0.1" )\n}\n'
+                 'ESMTP_Listener {\n  Listen "127.0.0.1:2600" {\n    max_message_size = 1m\n  }\n}\n')
+    out = fr("config", "show", "-n", "-c", str(f))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == ["# global", f"retry_interval = 5m\t# {f}:1"]
+    assert f'Routes = ( "10.0.0.1" )\t# {f}:3' in out.stdout
+    assert f"max_message_size = 1048576\t# {f}:7" in out.stdout
+    assert "Connect_Timeout" not in out.stdout
+    full = fr("config", "show", "-c", str(f))
+    assert "Connect_Timeout = 5m\t# default" in full.stdout and f"retry_interval = 5m\t# {f}:1" in full.stdout
+
+
+def _all_parsers(p):
+    import argparse
+
+    yield p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                yield from _all_parsers(sp)
+
+
+def test_every_argument_has_help_and_every_command_examples():
+    """Issue 15: "Help text for every argument, with examples in the epilog"."""
+    import argparse
+
+    from fastrelay.cli import build_parser
+
+    for p in _all_parsers(build_parser()):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, (p.prog, a.dest)
+        if p.prog.split()[-1] not in ("fastrelay", "config"):
+            assert "example" in (p.epilog or ""), p.prog

@@ -222,7 +222,7 @@ def test_issue_options_typed(conf_impl, option, text, value):
     ("line", "message"),
     [
         ("Delivery_Method = FTP", "t.conf:1:19: bad value for 'Delivery_Method': got 'FTP'; expected one of ESMTP, SMTP, LMTP, delay_xfer"),
-        ("max_retries = many", "t.conf:1:15: bad value for 'max_retries': got 'many'; expected a whole number from 0 to 1000000"),
+        ("max_retries = many", "t.conf:1:15: bad value for 'max_retries': got 'many'; expected a whole number from 0 to 1000000, \"auto\" or \"none\""),
         ("teleport_enabled = maybe", "t.conf:1:20: bad value for 'teleport_enabled': got 'maybe'; expected a boolean (1, 0, true, false, yes, no, on, off)"),
         ("Remote_SMTP_Port = 0", "t.conf:1:20: bad value for 'Remote_SMTP_Port': got 0; expected a whole number from 1 to 65535"),
         ("retry_interval = 0", "t.conf:1:18: bad value for 'retry_interval': got '0' (0ms); expected a time from 1s to 3650d"),

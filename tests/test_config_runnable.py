@@ -38,7 +38,7 @@ def runnable(text: str, **kw) -> tuple[list[str], list[str]]:
     ("ESMTP_Listener { }\n",
      ["t.conf:1:1: ESMTP_Listener has no Listen stanza, so it would listen nowhere; "
       'expected ESMTP_Listener { Listen "ADDRESS:PORT" { } }']),
-    ("ESMTP_Listener {\n  relay_hosts = ( 10.0.0.0/8 )\n  Concurrency = 10\n}\n",
+    ("ESMTP_Listener {\n  relay_hosts = ( 10.0.0.0/8 )\n  Listener_Sessions = 10\n}\n",
      ["t.conf:1:1: ESMTP_Listener has no Listen stanza, so it would listen nowhere; "
       'expected ESMTP_Listener { Listen "ADDRESS:PORT" { } }']),
     (ESMTP + "esmtp_listener {\n}\n",
@@ -162,7 +162,7 @@ def test_lenient_turns_momentum_names_and_only_them_into_warnings(conf_impl):
     assert cfg.get("max_retries", "a.test") == 7
     # A real error next to them stays an error, alone.
     assert errors(text + "max_retries = x\n", lenient=True) == [
-        "t.conf:8:15: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000"]
+        "t.conf:8:15: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000, \"auto\" or \"none\""]
 
 
 def test_momentum_names_file_is_derived_and_holds_the_reference_names():

@@ -1,5 +1,5 @@
 """The XFER client (fastrelay.delivery.xfer) against the real XFER server storing into a real spool,
-and against small real HTTP servers that answer badly: RELIABILITY.md cases 36, 38, 49 and P4.
+and against small real HTTP servers that answer badly: docs/reliability.md cases 36, 38, 49 and P4.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.support import free_port
 from tests.test_xfer_server import SpoolIntake, open_spool, spooled
 
 SECRET = "s3cret shared by both nodes"
-FAST = Settings(helo_name="a.test", connect_timeout=1.0, done_timeout=2.0, xfer_secret=SECRET)
+FAST = Settings(helo_name="a.test", connect_timeout=1.0, xfer_timeout=2.0, xfer_secret=SECRET)
 BODY = b"Received: from a\r\nSubject: xfer\r\n\r\nbody \x00\xff\r\n..\r\n"
 KEY = ("node-a", "41")
 
@@ -301,7 +301,7 @@ async def test_no_answer_within_the_timeout_is_transient_and_ends_the_connection
     async with FaultServer() as fs:
         fs.delay = 5.0
         t0 = time.monotonic()
-        res, conn = await send(fs.port, s=settings(done_timeout=0.5))
+        res, conn = await send(fs.port, s=settings(xfer_timeout=0.5))
         took = time.monotonic() - t0
         assert 0.4 < took < 1.5, took
         assert (res[0].status, res[0].code) == (TEMP, 451)

@@ -97,7 +97,7 @@ async def test_raw_pipelined_group_gets_one_write(relay):
 
 
 async def test_message_fed_one_byte_at_a_time(relay):
-    # RELIABILITY.md case 8 end to end: the framer sees every split; the result is one message.
+    # docs/reliability.md case 8 end to end: the framer sees every split; the result is one message.
     async with await RawClient.connect("127.0.0.1", relay.port) as c:
         await c.expect(220)
         stream = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"

@@ -424,7 +424,7 @@ class AdminApp:
 
 class _RequestHandler(web.RequestHandler):
     """aiohttp's per-connection protocol, with the one JSON error shape for the errors it answers
-    itself (a request it cannot parse never reaches the middleware: RELIABILITY.md case 7)."""
+    itself (a request it cannot parse never reaches the middleware: docs/reliability.md case 7)."""
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -122,6 +122,8 @@ def render() -> str:
         out.append(f"- type: {opt.type.expected}")
         out.append(f"- valid in: {S.valid_in(opt)}")
         out.append(f"- default: `{opt.format(opt.default)}`")
+        if opt.aliases:
+            out.append("- also accepted as: " + ", ".join(f"`{a}`" for a in opt.aliases))
         out.append("")
         out.append(opt.doc)
         out.append("")

@@ -6,6 +6,7 @@ import difflib
 import ipaddress
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -104,6 +105,23 @@ class ListenScope:
         return self.lookup(option).value
 
 
+def _invisible(ch: str) -> bool:
+    # Format characters (U+FEFF, U+200B...), spaces other than the ASCII one (U+00A0...), controls.
+    return ch != " " and unicodedata.category(ch) in ("Cf", "Zs", "Zl", "Zp", "Cc", "Co", "Cn")
+
+
+def shown(name: str) -> str:
+    """`name` quoted for an error, with each invisible character written as <U+XXXX> and named
+    after it: a UTF-8 BOM or a no-break space in a name otherwise shows as a name that looks right."""
+    bad = [ch for ch in dict.fromkeys(name) if _invisible(ch)]
+    text = "".join(f"<U+{ord(ch):04X}>" if _invisible(ch) else ch for ch in name)
+    if not bad:
+        return f"'{text}'"
+    what = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, 'an unnamed character')}"
+                     + (" (a byte order mark)" if c == "\ufeff" else "") for c in bad)
+    return f"'{text}' (it contains {what}, which does not show)"
+
+
 def _a(word: str) -> str:
     return ("an " if word[0].lower() in "aeiouh" and word.lower() != "host" else "a ") + word
 
@@ -131,6 +149,7 @@ class Config:
         self.http_listens: list[ListenScope] = []
         self.admin_listens: list[ListenScope] = []
         self.scripts: dict[str, tuple[str, Pos]] = {}  # source -> (script name, pos)
+        self.security = Scope(S.SECURITY, None, "Security")  # User and Group (Momentum's privilege drop)
         # Momentum names ignored under --lenient (check_runnable() returns its own warnings).
         self.warnings: list[ConfigError] = []
         # eventloop stanzas by lower-cased name: (concurrency, pos of the stanza).
@@ -229,10 +248,37 @@ class Config:
     @property
     def spool_dir(self) -> str:
         s = self.lookup("Spool_Base")
+        if s.value is None:
+            from fastrelay.paths import default_spool
+
+            return default_spool()
         path = s.value
         if not os.path.isabs(path) and s.pos is not None:
             path = os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), path)
         return os.path.normpath(path)
+
+    @staticmethod
+    def conf_path(setting: Setting) -> str | None:
+        """A path option's value, relative to the directory of the conf file that set it."""
+        if setting.value is None:
+            return None
+        if os.path.isabs(setting.value) or setting.pos is None:
+            return setting.value
+        return os.path.join(os.path.dirname(os.path.abspath(setting.pos.file)), setting.value)
+
+    @property
+    def mainlog_path(self) -> str:
+        """The mainlog file: Mainlog, or beside a Spool_Base the conf sets, or the default place."""
+        s = self.lookup("Mainlog")
+        if s.value is None:
+            if self.lookup("Spool_Base").value is None:
+                from fastrelay.paths import default_mainlog
+
+                return default_mainlog()
+            return os.path.join(os.path.dirname(self.spool_dir), "mainlog")
+        if os.path.isabs(s.value) or s.pos is None:
+            return s.value
+        return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
 
 
 class _Builder:
@@ -275,7 +321,7 @@ class _Builder:
         if opt is None and node.key not in S.STANZA_BY_KEY and self.momentum(node.name, node.pos):
             return
         if opt is None:
-            msg = f"unknown option '{node.name}'"
+            msg = f"unknown option {shown(node.name)}"
             close = difflib.get_close_matches(node.key, list(S.BY_KEY), n=1, cutoff=0.75)
             if close:
                 msg += f"; did you mean '{S.BY_KEY[close[0]].name}'?"
@@ -322,14 +368,19 @@ class _Builder:
         if sdef is None and node.key not in S.BY_KEY and self.momentum(node.type, node.pos):
             return
         if sdef is None:
-            msg = f"unknown stanza '{node.type}'"
-            close = difflib.get_close_matches(node.key, list(S.STANZA_BY_KEY), n=1, cutoff=0.7)
+            msg = f"unknown stanza {shown(node.type)}"
+            # Only the stanzas valid here are offered (a Host inside a Domain would be another error).
+            here = [sd for sd in S.STANZAS if parent_kind in sd.parents]
+            close = difflib.get_close_matches(node.key, [sd.key for sd in here], n=1, cutoff=0.7)
             if node.key in S.BY_KEY:
                 msg += f"; '{S.BY_KEY[node.key].name}' is an option: write {S.BY_KEY[node.key].name} = value"
             elif close:
                 msg += f"; did you mean '{S.STANZA_BY_KEY[close[0]].name}'?"
+            elif here:
+                msg += f"; expected one of the stanzas valid in {S.SCOPE_NAMES[parent_kind]}: " + ", ".join(
+                    sd.name for sd in here)
             else:
-                msg += "; expected one of " + ", ".join(s.name for s in S.STANZAS)
+                msg += f"; {S.SCOPE_NAMES[parent_kind]} holds no stanzas, only options"
             self.fail(node.pos, msg)
             return
         if parent_kind not in sdef.parents:
@@ -444,6 +495,7 @@ class _Builder:
 
     def s_admin_listen(self, node: Stanza, addr: HostPort, ctx: dict) -> None:
         self._listen(node, addr, ctx, S.ADMIN_LISTEN, self.cfg.admin_listens)
+
     def s_eventloop(self, node: Stanza, name: str, ctx: dict) -> None:
         """Momentum's `eventloop "NAME" { concurrency = N }` (multi-event-loops.md)."""
         sc = Scope(S.EVENTLOOP, name, f"eventloop {name}")
@@ -502,6 +554,8 @@ class _Builder:
                 return
             n = conc
         cfg.worker_count = min(max(1, n or 1), limits.MAX_WORKERS)
+    def s_security(self, node: Stanza, name: None, ctx: dict) -> None:
+        self.items(node.children, S.SECURITY, self.cfg.security, ctx)
 
     def s_scriptlet(self, node: Stanza, name: str, ctx: dict) -> None:
         sc = Scope(S.SCRIPTLET, name, f"scriptlet {name}")
@@ -607,6 +661,22 @@ def check_runnable(cfg: Config) -> tuple[list[ConfigError], list[ConfigError]]:
             errors.append(hit[1].error(
                     "Delivery_Method = delay_xfer needs the XFER client, which is not loaded; expected "
                     'scriptlet "scriptlet" { script xfer_client { source = "msys.xfer.client" } }'))
+    for sc in _outbound_scopes(cfg):
+        cert, key = sc.get("tls_certificate"), sc.get("tls_key")
+        if (cert is None) != (key is None):
+            # A client certificate without its key (or a key alone) cannot be presented.
+            have, want = ("TLS_Certificate", "TLS_Key") if cert is not None else ("TLS_Key", "TLS_Certificate")
+            errors.append((cert or key)[1].error(f"{have} is set in {sc.description} without {want}; "
+                                                 "expected both, for the client certificate presented outbound"))
+    for listen in cfg.esmtp_listens:
+        idle = listen.lookup("Idle_Time")
+        if 0 < idle.value < limits.RFC5321_SERVER_TIMEOUT:
+            # RFC 5321 §4.5.3.2.7: "at least 5 minutes". Allowed (a test relay, a trusted
+            # network), but never silently: a Momentum conf's outbound idle_timeout = 5 used to land here.
+            warnings.append((idle.pos or listen.pos).error(
+                f"Idle_Time = {S.BY_KEY['idle_time'].format(idle.value)} on {listen.address} disconnects "
+                "silent clients sooner than RFC 5321 §4.5.3.2.7's 5 minutes; expected at least 5m "
+                "(the outbound idle connection time is idle_timeout)"))
     if xfer_server is not None:
         for listen in cfg.http_listens:
             if listen.get("xfer_secret") or listen.get("xfer_tokens"):

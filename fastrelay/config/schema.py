@@ -27,6 +27,7 @@ HTTP_LISTEN = "http_listen"
 SCRIPTLET = "scriptlet"
 SCRIPT = "script"
 EVENTLOOP = "eventloop"
+SECURITY = "security"
 
 SCOPE_NAMES = {
     GLOBAL: "the global scope",
@@ -43,6 +44,7 @@ SCOPE_NAMES = {
     SCRIPTLET: "a scriptlet stanza",
     SCRIPT: "a script stanza",
     EVENTLOOP: "an eventloop stanza",
+    SECURITY: "the Security stanza",
 }
 
 OUTBOUND = frozenset({GLOBAL, BINDING_GROUP, BINDING, DOMAIN, BINDING_DOMAIN})
@@ -96,6 +98,9 @@ class OptionDef:
     scopes: frozenset[str]
     default: Any
     doc: str
+    # Other names accepted for it (an older fastrelay name, or Momentum's other spelling); a value
+    # is stored, looked up and shown under `name`.
+    aliases: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -226,10 +231,13 @@ class _TLSProtocols(t.OptType):
 # Options fastrelay has, in scopes where Momentum documents them and fastrelay does not implement
 # them: reported as unsupported Momentum names (so --lenient warns), not as misplaced options.
 # Momentum's HTTP_Listener takes SMTP AUTH's options for HTTP basic authentication (modules/ac-auth.md).
+# Momentum's `concurrency` in a listener sizes a thread pool; fastrelay's session limit there is
+# Listener_Sessions, and its Concurrency is only the eventloop stanza's (multi-event-loops.md).
 MOMENTUM_ONLY_SCOPES = frozenset(
-    (key, scope)
-    for key in ("enable_authentication", "authplainparameters", "authloginparameters")
-    for scope in (HTTP_LISTENER, HTTP_LISTEN)
+    [(key, scope)
+     for key in ("enable_authentication", "authplainparameters", "authloginparameters")
+     for scope in (HTTP_LISTENER, HTTP_LISTEN)]
+    + [("concurrency", scope) for scope in (ESMTP_LISTENER, ESMTP_LISTEN, HTTP_LISTENER, HTTP_LISTEN)]
 )
 
 
@@ -334,6 +342,19 @@ class _UserTable(t.OptType):
         return "( " + " ".join(f'"{u}={b}"' for u, b in value.items()) + " )"
 
 
+class _MaxRetries(t.Int):
+    """A retry count, or Momentum's "auto" / "none" (both: no count, message_expiration decides)."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1_000_000)
+        self.expected = f'{self.expected}, "auto" or "none"'
+
+    def convert_atom(self, atom):  # type: ignore[override]
+        if atom.text.strip().lower() in ("auto", "none"):
+            return 0
+        return super().convert_atom(atom)
+
+
 def _nets(*texts: str) -> tuple:
     return tuple(ipaddress.ip_network(x) for x in texts)
 
@@ -354,10 +375,16 @@ OPTIONS: list[OptionDef] = [
               "(XFER over HTTP to the relay named by Routes)."),
     OptionDef("Remote_SMTP_Port", t.Int(1, 65535), OUTBOUND, 25,
               "The port outbound SMTP and LMTP connect to unless a route names one."),
-    OptionDef("Delivery_Response_Timeout", t.Time("ms", lo=0.001), OUTBOUND, 600.0,
-              "How long to wait for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes), "
-              "and for an XFER response. A plain number is in milliseconds."),
-    OptionDef("max_outbound_connections", t.Int(0, 1_000_000), OUTBOUND | {HOST}, 20,
+    OptionDef("Delivery_Response_Timeout", t.Time("ms", lo=0.001), frozenset({GLOBAL, BINDING, DOMAIN, BINDING_DOMAIN}),
+              5.0,
+              "As Momentum's: how long to wait for the response to an HTTP delivery, here an XFER "
+              "transfer (Delivery_Method = delay_xfer); a large body gets a little more time to "
+              "upload. A plain number is in milliseconds (default 5000). The reply after an SMTP or "
+              "LMTP final dot is body_timeout's."),
+    OptionDef("body_timeout", t.Time(lo=0.001), OUTBOUND, 600.0,
+              "As Momentum's: how long to wait for the reply after the final dot of DATA (or the last "
+              "BDAT) over SMTP and LMTP (RFC 5321 §4.5.3.2.6: 10 minutes). Seconds."),
+    OptionDef("max_outbound_connections", t.Int(0, 1_000_000), OUTBOUND | {HOST}, 32,
               "Connections open at once to the hosts of a destination (keyed by its set of MX "
               "hosts, so domains that share MXs share the limit); in a Host stanza, to that host. "
               "0 means no limit."),
@@ -421,25 +448,29 @@ OPTIONS: list[OptionDef] = [
     OptionDef("MTA_STS_Port", t.Int(1, 65535), frozenset({GLOBAL}), limits.MTA_STS_PORT,
               "The HTTPS port MTA-STS policies are fetched from (RFC 8461 §3.3: 443)."),
     # --- Outbound sessions (per-phase timeouts as in seed 003 and RFC 5321 §4.5.3.2) ----------
-    OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
-              "How long a TCP connect to a next hop may take (Postfix smtp_connect_timeout)."),
+    OptionDef("Connect_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long a TCP connect to a next hop may take (Momentum's default, 300 seconds; "
+              "Postfix's smtp_connect_timeout is 30s)."),
     OptionDef("Greeting_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
               "How long to wait for the 220 greeting (RFC 5321 §4.5.3.2.1: 5 minutes)."),
     OptionDef("EHLO_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0, "How long to wait for the EHLO/LHLO reply."),
     OptionDef("TLS_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0, "How long a STARTTLS handshake may take."),
-    OptionDef("Mail_From_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
-              "How long to wait for the reply to MAIL (RFC 5321 §4.5.3.2.2: 5 minutes)."),
-    OptionDef("Rcpt_To_Timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
-              "How long to wait for each RCPT reply (RFC 5321 §4.5.3.2.3: 5 minutes)."),
+    OptionDef("mailfrom_timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long to wait for the reply to MAIL (RFC 5321 §4.5.3.2.2: 5 minutes), as Momentum's "
+              "mailfrom_timeout.", aliases=("Mail_From_Timeout",)),
+    OptionDef("rcptto_timeout", t.Time(lo=0.001), OUTBOUND, 300.0,
+              "How long to wait for each RCPT reply (RFC 5321 §4.5.3.2.3: 5 minutes), as Momentum's "
+              "rcptto_timeout.", aliases=("Rcpt_To_Timeout",)),
     OptionDef("Data_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0,
               "How long to wait for the 354 after DATA (RFC 5321 §4.5.3.2.4: 2 minutes) and for "
               "each block of the body to be taken (§4.5.3.2.5: 3 minutes)."),
-    OptionDef("RSET_Timeout", t.Time(lo=0.001), OUTBOUND, 120.0,
+    OptionDef("RSET_Timeout", t.Time(lo=0.001), OUTBOUND, 30.0,
               "How long to wait for the reply to RSET between two messages on one connection."),
-    OptionDef("Connection_Cache_Time", t.Time(), OUTBOUND, 2.0,
-              "How long an outbound connection with nothing more to send stays open in case more "
-              "mail comes for its destination (Postfix smtp_connection_cache_time_limit); 0 closes "
-              "it at once."),
+    OptionDef("idle_timeout", t.Time(), OUTBOUND, 5.0,
+              "As Momentum's: how long an outbound connection with nothing more to send stays open in "
+              "case more mail comes for its destination; 0 closes it at once. Seconds. (The inbound "
+              "idle timeout is Idle_Time.) Connection_Cache_Time, its name before, is accepted too.",
+              aliases=("Connection_Cache_Time",)),
     OptionDef("TLS", t.Enum("no", "ifavailable", "required", aliases={"disabled": "no"}), OUTBOUND, "ifavailable",
               "Outbound STARTTLS, as Momentum's `TLS`: no (never; `disabled` is accepted too), "
               "ifavailable (opportunistic: used when offered; a failed handshake is retried in "
@@ -517,15 +548,17 @@ OPTIONS: list[OptionDef] = [
     # --- Retries, expiry, reroutes ------------------------------------------------------------
     OptionDef("retry_interval", t.Time(lo=1), OUTBOUND, 1200.0,
               "The first retry delay after a transient failure; it doubles with each attempt."),
-    OptionDef("max_retry_interval", t.Time(lo=1), OUTBOUND, 14400.0,
+    OptionDef("max_retry_interval", t.Time(lo=1), OUTBOUND, 43200.0,
               "The longest delay between two attempts."),
     OptionDef("host_failure_retry", t.Time(), OUTBOUND | {HOST}, 120.0,
               "How long a host that failed (refused, timed out, 4xx/5xx greeting) is avoided."),
     OptionDef("message_expiration", t.Time(lo=1), OUTBOUND, 5 * 86400.0,
               "How long a message may stay queued before it is bounced (RFC 5321 §4.5.4.1: 4-5 days)."),
-    OptionDef("max_retries", t.Int(0, 1_000_000), OUTBOUND, 0,
+    OptionDef("max_retries", _MaxRetries(), OUTBOUND, 0,
               "Attempts after which a message is bounced; 0 means no limit (message_expiration "
-              "decides)."),
+              "decides). Momentum's words are taken too: \"none\" and \"auto\" (its default, the "
+              "retries message_expiration allows) both mean 0 here, as the retries stop at "
+              "message_expiration either way."),
     OptionDef("delay_warning_time", t.Time(), OUTBOUND, 0.0,
               "Once a message has waited this long, send its sender one delay notice (a DSN with "
               "Action: delayed) for the recipients whose NOTIFY allows it, once per message (per "
@@ -619,7 +652,7 @@ OPTIONS: list[OptionDef] = [
     OptionDef("relay_domains", t.DomainList(), LISTENER, (),
               "Domains any client may send to (we are their MX or relay); mail to other domains "
               "needs a client in relay_hosts. Open-relay tricks (u%victim@, victim!u@, \"u@victim\"@, "
-              "address literals) are refused for clients outside relay_hosts (RELIABILITY.md case 21)."),
+              "address literals) are refused for clients outside relay_hosts (docs/reliability.md case 21)."),
     OptionDef("Hostname", t.String(nonempty=True, pattern=r"[A-Za-z0-9.\-_\[\]:]+", expected="a host name"),
               LISTENER, None,
               "The name in the greeting, the EHLO reply and Received: headers; unset means this "
@@ -636,17 +669,24 @@ OPTIONS: list[OptionDef] = [
               "Recipients per transaction; the next RCPT gets 452 4.5.3 (RFC 5321 §4.5.3.1.10)."),
     OptionDef("max_messages_per_connection", t.Int(1, 10_000_000), LISTENER, limits.MAX_MESSAGES_PER_CONNECTION,
               "Transactions per connection; the next MAIL gets 452 4.5.3."),
-    OptionDef("Concurrency", t.Int(1, 1_000_000), LISTENER | {EVENTLOOP}, limits.MAX_CONNECTIONS,
-              "Connections a listener serves at once; the next one gets 421 4.7.0 and is closed. In an "
-              "eventloop stanza (Momentum's spelling): the number of event loops, i.e. worker "
-              f"processes (1 to {limits.MAX_WORKERS}), as Workers."),
+    OptionDef("Listener_Sessions", t.Int(0, 1_000_000), LISTENER, limits.MAX_CONNECTIONS,
+              "As Momentum's: connections a listener serves at once; the next one gets 421 4.7.0 and is "
+              "closed. 0 means no limit. With Workers > 1 it counts over the whole relay. (Before, "
+              "fastrelay called this Concurrency; Momentum's `concurrency` is the size of a pool.)"),
+    OptionDef("Concurrency", t.Int(1, 1_000_000), frozenset({EVENTLOOP}), None,
+              "In an eventloop stanza (Momentum's multi-event-loops.md): the number of event loops in "
+              f"the pool, i.e. worker processes (1 to {limits.MAX_WORKERS}), as Workers."),
     OptionDef("max_connections_per_ip", t.Int(1, 1_000_000), LISTENER, limits.MAX_CONNECTIONS_PER_IP,
               "Connections from one client address at once; the next one gets 421 4.7.0."),
-    OptionDef("idle_timeout", t.Time(lo=1), LISTENER, limits.IDLE_TIMEOUT,
-              "How long to wait for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes), "
-              "then 421 4.4.2."),
+    OptionDef("Idle_Time", t.Time(), LISTENER | HTTP, limits.IDLE_TIMEOUT,
+              "As Momentum's: how long a client may stay silent between commands before it gets "
+              "421 4.4.2 and is disconnected (at an HTTP_Listener: how long an idle keep-alive "
+              "connection stays open); 0 never disconnects for silence. RFC 5321 §4.5.3.2.7 "
+              "asks for at least 5 minutes: a shorter value is allowed, with a warning from "
+              "check-config and run. (Before, fastrelay called this idle_timeout, which is now "
+              "Momentum's outbound idle_timeout.)"),
     OptionDef("overload_idle_timeout", t.Time(lo=1), LISTENER, limits.OVERLOAD_IDLE_TIMEOUT,
-              "The idle timeout while a listener is above 80% of its Concurrency (Postfix's stress mode)."),
+              "The idle timeout while a listener is above 80% of its Listener_Sessions (Postfix's stress mode)."),
     OptionDef("command_deadline", t.Time(lo=1), LISTENER, limits.COMMAND_DEADLINE,
               "Time to receive a whole command line once it has begun (Postfix "
               "smtpd_per_request_deadline), so a trickled line cannot hold a slot; then 421 4.4.2."),
@@ -660,7 +700,7 @@ OPTIONS: list[OptionDef] = [
     OptionDef("write_timeout", t.Time(lo=1), LISTENER, limits.WRITE_TIMEOUT,
               "How long replies may wait unread: a client that stops reading them (its write buffer "
               "full, or a close waiting for it to drain) is disconnected after this, and its slot "
-              "in Concurrency and max_connections_per_ip is freed."),
+              "in Listener_Sessions and max_connections_per_ip is freed."),
     OptionDef("allow_nul_in_data", t.Bool(), LISTENER, False,
               "Carry NUL bytes in message content. Off (the default, as Postfix): a message with a "
               "NUL gets 554 5.6.0 after its end and is not queued, because a next hop that strips "
@@ -679,12 +719,12 @@ OPTIONS: list[OptionDef] = [
               "The tarpit delay per reply once soft_error_limit is passed."),
     OptionDef("greeting_delay", t.Time(), LISTENER, 0.0,
               "Wait this long before the greeting; a client that talks first gets 554 and is closed "
-              "(early-talker detection, RELIABILITY.md case 5). 0 (the default) greets at once."),
+              "(early-talker detection, docs/reliability.md case 5). 0 (the default) greets at once."),
     OptionDef("hop_count_limit", t.Int(1, 1000), LISTENER, limits.HOP_COUNT_LIMIT,
-              "More Received: headers than this is a mail loop: 554 5.4.0 (RELIABILITY.md case 16)."),
+              "More Received: headers than this is a mail loop: 554 5.4.0 (docs/reliability.md case 16)."),
     OptionDef("bare_lf_normalize_hosts", t.CIDRList(), LISTENER, (),
               "Clients whose bare CR or LF line endings are turned into CRLF instead of refused with "
-              "550 5.5.2 (Postfix's normalize mode with exclusions; RELIABILITY.md case 2)."),
+              "550 5.5.2 (Postfix's normalize mode with exclusions; docs/reliability.md case 2)."),
     OptionDef("TLS_Certificate", t.String(nonempty=True, expected="a PEM file path"), LISTENER | OUTBOUND, None,
               "Certificate (PEM): in a listener (or globally) the server certificate for STARTTLS, "
               "offered when TLS_Key is set too; in an outbound scope (or globally) the client "
@@ -749,13 +789,14 @@ OPTIONS: list[OptionDef] = [
               "Send credentials on a connection that is not under TLS. Off: without TLS, AUTH is not "
               "attempted and the messages are deferred (4.7.0)."),
     # --- Spool -------------------------------------------------------------------------------
-    OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}),
-              "/var/spool/fastrelay",
+    OptionDef("Spool_Base", t.String(nonempty=True, expected="a directory path"), frozenset({GLOBAL}), None,
               "The spool directory. A relative path is relative to the directory of the conf file "
-              "that sets it."),
+              "that sets it. Unset means /var/spool/fastrelay when run as root, else "
+              "$XDG_STATE_HOME/fastrelay/spool (~/.local/state/fastrelay/spool); "
+              "`fastrelay run --spool DIR` overrides it."),
     OptionDef("spool_min_free", t.Size(), frozenset({GLOBAL}), limits.SPOOL_MIN_FREE,
               "Below this much free space on the spool's filesystem, MAIL gets 452 4.3.1 "
-              "(RELIABILITY.md case 17), and so does MAIL or RCPT when the SIZE announced (one copy "
+              "(docs/reliability.md case 17), and so does MAIL or RCPT when the SIZE announced (one copy "
               "per destination domain) would go below it; delivery keeps draining."),
     OptionDef("spool_failure_retry", t.Time(lo=1), frozenset({GLOBAL}), limits.SPOOL_FAILURE_RETRY,
               "When the spool cannot read or write a message (failing or full disk), it is tried again "
@@ -765,13 +806,17 @@ OPTIONS: list[OptionDef] = [
               "records wait in memory; past it the oldest are dropped, and the count is logged when "
               "writing works again. No record is ever written twice."),
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
-              "The mainlog file (R, D, T, P and X records; see docs/operations.md). Unset means "
-              "\"mainlog\" in the spool's parent directory. Relative to the conf file."),
+              "The mainlog file (R, D, T, P and X records; see docs/operations.md). Relative to the "
+              "conf file. Unset: with Spool_Base unset too, /var/log/fastrelay/mainlog when run as root, "
+              "else $XDG_STATE_HOME/fastrelay/mainlog (~/.local/state/fastrelay/mainlog); with Spool_Base "
+              "set, \"mainlog\" beside the spool directory (Spool_Base = \"/srv/relay/spool\" logs to "
+              "/srv/relay/mainlog)."),
     OptionDef("suspend_delivery", t.Bool(), OUTBOUND, False,
-              "Accept and queue mail but deliver nothing (Postfix's defer_transports, KumoMTA's "
-              "suspend): for maintenance of the next hops. Queued mail goes out when it is off again. "
-              "In a Binding (or binding::domain) stanza, only that binding's mail (to that domain) "
-              "waits; a suspended binding gets no new mail from its Binding_Group."),
+              "Accept and queue mail but deliver none of the scope's (Momentum's suspend_delivery; "
+              "Postfix's defer_transports): globally, for a Binding or Binding_Group, for a Domain, or "
+              "for a Domain inside a Binding. For maintenance of the next hops. Queued mail goes out "
+              "when the relay is started with it off again (message_expiration still counts from "
+              "its reception)."),
     OptionDef("spool_fsync", t.Bool(), frozenset({GLOBAL}), True,
               "fsync each group commit. UNSAFE when off: a power loss can lose mail that was "
               "acknowledged with 250 (a process crash still cannot)."),
@@ -800,6 +845,16 @@ OPTIONS: list[OptionDef] = [
     OptionDef("event_loop", _PoolName(), frozenset({ESMTP_LISTENER, HTTP_LISTENER}), None,
               "The eventloop stanza this listener runs in (Momentum's event_loop): the same pool "
               "as delivery_pool, or the only pool when delivery_pool is unset."),
+
+    # --- Security (Momentum's privilege drop) -------------------------------------------------
+    OptionDef("User", t.String(nonempty=True, pattern=r"[A-Za-z0-9._][A-Za-z0-9._-]*", expected="a user name"),
+              frozenset({SECURITY}), None,
+              "As Momentum's: started as root, the relay binds its listeners, then runs as this user "
+              "before it opens the spool and the mainlog (which this user must be able to write). "
+              "Unset: it keeps the user it was started as."),
+    OptionDef("Group", t.String(nonempty=True, pattern=r"[A-Za-z0-9._][A-Za-z0-9._-]*", expected="a group name"),
+              frozenset({SECURITY}), None,
+              "The group the relay runs as with User; unset means the user's own group."),
     # --- scriptlet ---------------------------------------------------------------------------
     OptionDef("source", t.Enum("msys.xfer.server", "msys.xfer.client"), frozenset({SCRIPT}), None,
               "The module a script loads: msys.xfer.server (accept XFER transfers on the "
@@ -807,6 +862,7 @@ OPTIONS: list[OptionDef] = [
 ]
 
 BY_KEY: dict[str, OptionDef] = {o.key: o for o in OPTIONS}
+BY_KEY.update({a.lower(): o for o in OPTIONS for a in o.aliases})
 
 
 @dataclass(frozen=True)
@@ -894,6 +950,7 @@ STANZAS: list[StanzaDef] = [
     StanzaDef("ESMTP_Listener", ESMTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("HTTP_Listener", HTTP_LISTENER, frozenset({GLOBAL}), False),
     StanzaDef("scriptlet", SCRIPTLET, frozenset({GLOBAL}), True, _Name()),
+    StanzaDef("Security", SECURITY, frozenset({GLOBAL}), False),
     StanzaDef("script", SCRIPT, frozenset({SCRIPTLET}), True, _Name()),
     StanzaDef("EventLoop", EVENTLOOP, frozenset({GLOBAL}), True, _Name()),
     # `Listen` is the same word in both listeners; its scope depends on the parent.
@@ -914,11 +971,12 @@ def add_option(opt: OptionDef) -> None:
     """Register an option (later parts of the relay add theirs the same way)."""
     OPTIONS.append(opt)
     BY_KEY[opt.key] = opt
+    BY_KEY.update({a.lower(): opt for a in opt.aliases})
 
 
 def valid_in(opt: OptionDef) -> str:
     order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, BINDING_HOST, ESMTP_LISTENER, ESMTP_LISTEN,
-             HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT, EVENTLOOP]
+             HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT, EVENTLOOP, SECURITY]
     order += [s for s in SCOPE_NAMES if s not in order]  # scopes added by later blocks (Admin_Listener)
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

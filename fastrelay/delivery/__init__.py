@@ -4,7 +4,7 @@ The scheduler (fastrelay.queue) calls `connect(hop, settings)` for a connection 
 gave it, then `conn.deliver(...)` once per message, then `conn.close()`. What a next hop said
 about each recipient comes back as a `RcptResult`; trouble with the host itself (refused,
 timeout, 4xx/5xx greeting, TLS required but failed) is a `ConnectError`, so the scheduler can
-mark the host down and try the next one (RELIABILITY.md cases 38, 39, 45).
+mark the host down and try the next one (docs/reliability.md cases 38, 39, 45).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Settings:
     mail_timeout: float = 300.0
     rcpt_timeout: float = 300.0
     data_timeout: float = 120.0  # DATA until 354, and each block of the body
-    done_timeout: float = 600.0  # after the final dot (Delivery_Response_Timeout)
+    done_timeout: float = 600.0  # after the final dot (body_timeout)
+    xfer_timeout: float = 5.0  # for an XFER response (Delivery_Response_Timeout)
     rset_timeout: float = 120.0
     tls: str = "ifavailable"  # "ifavailable" (opportunistic), "required" or "no" ("disabled" too)
     tls_verify: str | bool = "no"  # "no", "ca" (the chain) or "host" (chain and name); True = "host"
@@ -121,7 +122,7 @@ class Transferring(Protocol):
     async def transfer(self, env: Envelope, idx: list[int], body: bytes, key: tuple[str, str]) -> list[RcptResult]:
         """Send the recipients `idx` of `env` with `body` to the XFER peer; `key` is (origin node,
         origin id) for the peer's idempotency. One result per index: OK only after the peer's
-        200 carrying its own durable id (RELIABILITY.md P4)."""
+        200 carrying its own durable id (docs/reliability.md P4)."""
         ...
 
     async def close(self) -> None: ...

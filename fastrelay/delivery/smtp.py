@@ -8,7 +8,7 @@ per 10,000 messages against 7.13 s. aiosmtplib cannot pipeline (read_response mu
 per command written, and data_received drops bytes once a reply is parsed). So this client writes
 RSET, MAIL, every RCPT and DATA in one write, reads the replies in order on the shared reply wire
 (fastrelay.delivery.wire), and sends the body through `_impl.encode_data` (CRLF normalisation,
-dot-stuffing and the final dot in one pass: RELIABILITY.md cases 3, 27).
+dot-stuffing and the final dot in one pass: docs/reliability.md cases 3, 27).
 
 Also holds what the LMTP client shares with it at the command level: MAIL/RCPT parameter
 filtering. What both do alike on the connection (TCP connect, greeting, STARTTLS, QUIT, the
@@ -49,7 +49,7 @@ __all__ = ["QUIT_TIMEOUT", "TEXT_CAP", "SMTPConnection", "clean_text", "connect"
 
 def encode_addr(addr: str) -> bytes:
     # The address as stored, byte for byte: quoted local parts (`"john..doe"@x`) keep their quotes
-    # and case (RELIABILITY.md case 19); surrogateescape gives back any byte the intake kept.
+    # and case (docs/reliability.md case 19); surrogateescape gives back any byte the intake kept.
     return addr.encode("utf-8", "surrogateescape")
 
 
@@ -68,14 +68,14 @@ def mail_args(sender: str, mail_params: str, size: int, ext: dict[str, str]) -> 
             continue
         if key == "BODY":
             # RFC 6152: BODY= only to a host offering 8BITMIME. Without it an 8-bit body still goes
-            # out as it is (RELIABILITY.md case 24: MIME downgrade is out of scope; Postfix notes
+            # out as it is (docs/reliability.md case 24: MIME downgrade is out of scope; Postfix notes
             # that strict 7-bit servers are rare). BINARYMIME needs BDAT, which we do not send.
             if "8bitmime" in ext and value.upper() in ("8BITMIME", "7BIT"):
                 args.append(p.encode("ascii", "surrogateescape"))
             continue
         if key == "SMTPUTF8":
             if "smtputf8" not in ext:
-                # RELIABILITY.md case 23 (RFC 6531 §3.2): no silent downgrade of a UTF-8 envelope.
+                # docs/reliability.md case 23 (RFC 6531 §3.2): no silent downgrade of a UTF-8 envelope.
                 return RcptResult(PERM, 553, "5.6.7 SMTPUTF8 is required, but was not offered by the host")
             args.append(b"SMTPUTF8")
             continue
@@ -108,7 +108,7 @@ def rcpt_args(addr: str, params: str, ext: dict[str, str]) -> list[bytes]:
 _RSET = b"RSET\r\n"
 _DATA = b"DATA\r\n"
 _DOT = b".\r\n"  # an empty message: what encode_data(b"") gives
-# RELIABILITY.md case 22: a control character in an address or parameter is never sent; the
+# docs/reliability.md case 22: a control character in an address or parameter is never sent; the
 # address can never be delivered, the session is unharmed.
 # A HELO name that may be said again after XCLIENT: printable ASCII, no spaces (RFC 5321 §4.1.1.1).
 _HELO_NAME = re.compile(r"[!-~]{1,255}")
@@ -237,7 +237,7 @@ class SMTPConnection(WireSession):
         group.append(_DATA)
         self._fresh = False
         self._phase = "RSET" if rset else "MAIL FROM"
-        wire.send(b"".join(group), len(group))  # one write per message (PERF.md: batch writes)
+        wire.send(b"".join(group), len(group))  # one write per message (docs/performance.md: batch writes)
         if rset:
             # RFC 5321 §4.1.1.5: start each message from a clean state, whatever the last one left.
             code, rl = await wire.read(s.rset_timeout)
@@ -249,7 +249,7 @@ class SMTPConnection(WireSession):
         if failed:
             if not 400 <= code < 600:  # a 2xx/3xx other than 250: out of step with the server
                 raise Hostile(f"unexpected reply {code} to MAIL", True)
-            # RELIABILITY.md case 41: every recipient of the transaction shares the MAIL result;
+            # docs/reliability.md case 41: every recipient of the transaction shares the MAIL result;
             # the replies to the RCPTs and DATA (503s) are read to stay in step, and decide nothing.
             res = self._reply(code, rl)
             for i in todo:
@@ -272,7 +272,7 @@ class SMTPConnection(WireSession):
                 # RFC 5321 §4.5.3.1.10: "too many recipients" - this one goes in the next transaction.
                 rest.append(i)
             else:
-                results[i] = self._reply(code, rl)  # RELIABILITY.md case 42
+                results[i] = self._reply(code, rl)  # docs/reliability.md case 42
                 if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
                     return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
         self._phase = "DATA"
@@ -311,7 +311,7 @@ class SMTPConnection(WireSession):
         if code != 250:
             if not 400 <= code < 600:  # a 2xx/3xx other than 250: out of step with the server
                 raise Hostile(f"unexpected reply {code} to MAIL", True)
-            res = self._reply(code, rl)  # RELIABILITY.md case 41: shared by every recipient
+            res = self._reply(code, rl)  # docs/reliability.md case 41: shared by every recipient
             for i in todo:
                 results[i] = res
             return []
@@ -327,11 +327,11 @@ class SMTPConnection(WireSession):
                 rest = todo[k:]
                 break
             else:
-                results[i] = self._reply(code, rl)  # RELIABILITY.md case 42
+                results[i] = self._reply(code, rl)  # docs/reliability.md case 42
                 if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
                     return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
         if not accepted:
-            # RELIABILITY.md case 42: nobody to send to; RSET and no DATA.
+            # docs/reliability.md case 42: nobody to send to; RSET and no DATA.
             self._phase = "RSET"
             code, rl = await self._ask(_RSET, s.rset_timeout)
             wire.settled()
@@ -398,13 +398,13 @@ class SMTPConnection(WireSession):
     async def _data(self, code: int, rl: list[bytes], body: bytes, accepted: list[int], rest: list[int],
                     results: list[RcptResult | None]) -> list[int]:
         """From the reply to DATA on: the body, the final reply; one outcome for every accepted
-        recipient (RELIABILITY.md case 43)."""
+        recipient (docs/reliability.md case 43)."""
         wire = self._wire
         if code == 354:
             wire.settled()  # nothing may come with the 354 (case 44): checked before the body goes out
             s = self._settings
             wire.want = 1
-            # RELIABILITY.md cases 3, 27: CRLF-normalised, dot-stuffed, ending in CRLF.CRLF.
+            # docs/reliability.md cases 3, 27: CRLF-normalised, dot-stuffed, ending in CRLF.CRLF.
             wire.write(_impl.encode_data(body))
             await wire.drain(s.data_timeout)
             self._dotted = True

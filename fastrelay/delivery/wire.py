@@ -3,7 +3,7 @@
 aiosmtplib cannot pipeline (RFC 2920): its read_response must be awaited once per command written,
 and its data_received drops bytes once a reply is parsed. This asyncio Protocol instead counts the
 replies still expected (`want`: 1 after a command, N after a pipelined group of N commands), hands
-them out in order, and flags any reply nobody asked for (RELIABILITY.md case 44, "unsolicited").
+them out in order, and flags any reply nobody asked for (docs/reliability.md case 44, "unsolicited").
 Replies go through the framing hot path's ReplyParser (bounded memory: a hostile reply is a
 `(-1, reason)`), looked up on `fastrelay._impl` at use so either implementation can be swapped in.
 
@@ -35,10 +35,10 @@ __all__ = ["CONTROL", "QUIT_TIMEOUT", "TEXT_CAP", "Hostile", "Lost", "ReplyWire"
 # QUIT is a courtesy; a peer that does not answer it quickly is simply dropped.
 QUIT_TIMEOUT = 2.0
 
-# Remote reply text goes into logs and DSNs: no control characters, bounded (RELIABILITY.md case 26).
+# Remote reply text goes into logs and DSNs: no control characters, bounded (docs/reliability.md case 26).
 TEXT_CAP = 500
 
-# What may never go out in a command argument (RELIABILITY.md case 22: no command injection).
+# What may never go out in a command argument (docs/reliability.md case 22: no command injection).
 CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
@@ -223,7 +223,7 @@ class ReplyWire(asyncio.Protocol):
             raise Lost
 
     def reset_parser(self) -> None:
-        # RELIABILITY.md case 6 (STARTTLS injection): nothing read before TLS carries over.
+        # docs/reliability.md case 6 (STARTTLS injection): nothing read before TLS carries over.
         self.parser = _impl.ReplyParser()
         self.replies.clear()
         self.want = 0
@@ -240,7 +240,7 @@ class ReplyWire(asyncio.Protocol):
 
 def clean_text(text: str) -> str:
     """Reply text fit for a log line or a DSN: control characters (line breaks of a multi-line
-    reply included) become spaces, length capped (RELIABILITY.md case 26)."""
+    reply included) become spaces, length capped (docs/reliability.md case 26)."""
     text = text[:TEXT_CAP]
     if not text.isprintable():
         text = "".join(c if c.isprintable() else " " for c in text)
@@ -308,7 +308,7 @@ async def bind_socket(sock: socket.socket, hop: Hop, bind: str | tuple[str, ...]
 async def tcp_connect(hop: Hop, timeout: float, bind: str | tuple[str, ...] | None = None,
                       binding: str = "default") -> socket.socket:
     """A connected non-blocking socket to `hop` (from `bind`, the binding's Bind_Address, if set),
-    or ConnectError (refused, unreachable, no SYN-ACK within `timeout`: RELIABILITY.md case 38).
+    or ConnectError (refused, unreachable, no SYN-ACK within `timeout`: docs/reliability.md case 38).
     Done here rather than by aiosmtplib so that the TCP connect and the greeting each get their
     own timeout (RFC 5321 §4.5.3.2)."""
     loop = asyncio.get_running_loop()
@@ -382,8 +382,9 @@ def verify_mode(settings: Settings) -> str:
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
-    """The client context for STARTTLS, built once per (verify mode, CA file): loading the system
-    store costs milliseconds, too much per connection. Momentum's TLS_Verify: no, ca, host."""
+    """The client context for STARTTLS, built once per (verify mode, CA file, client certificate):
+    loading the system store costs milliseconds, too much per connection. Momentum's TLS_Verify:
+    no, ca, host; TLS_Certificate/TLS_Key: the certificate presented to a next hop that asks."""
     mode = verify_mode(settings)
     key = (mode, settings.tls_ca, settings.tls_cert, settings.tls_key, settings.tls_protocols, settings.tls_ciphers)
     ctx = _contexts.get(key)
@@ -399,6 +400,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
             # Opportunistic TLS (RFC 7435): encrypt without authenticating, as MTAs do by default.
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        if settings.tls_cert:
+            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
         _contexts[key] = ctx
     return ctx
 
@@ -481,7 +484,7 @@ class WireSession:
         try:
             code, lines = await self._setup(None, s.greeting_timeout, "the greeting")
             if code != 220:
-                # RELIABILITY.md case 39: a 4xx/5xx greeting makes the host unusable, never a
+                # docs/reliability.md case 39: a 4xx/5xx greeting makes the host unusable, never a
                 # per-recipient result (Postfix smtp_skip_5xx_greeting).
                 raise self._refusal(code, lines, self._GREETING_REFUSED)
             await self._hello()
@@ -564,7 +567,7 @@ class WireSession:
         raise NotImplementedError
 
     async def _starttls(self) -> None:
-        """RELIABILITY.md case 45, RFC 3207: the same policy for SMTP and LMTP."""
+        """docs/reliability.md case 45, RFC 3207: the same policy for SMTP and LMTP."""
         s, hop, wire = self._settings, self._hop, self._wire
         required = s.tls == "required"
         if "starttls" not in self._ext:
@@ -586,7 +589,7 @@ class WireSession:
                 raise ConnectError(451, clean_text(f"4.7.4 TLS is required, but STARTTLS was refused: "
                                                    f"{code} {reply_text(lines)}"), hop=hop, policy=True)
             return  # 454 under "ifavailable": carry on in plaintext on this connection
-        wire.reset_parser()  # RELIABILITY.md case 6: nothing read before TLS carries over
+        wire.reset_parser()  # docs/reliability.md case 6: nothing read before TLS carries over
         loop = asyncio.get_running_loop()
         try:
             wire.transport = await loop.start_tls(wire.transport, wire, ctx, server_hostname=hop.name or hop.ip,
@@ -616,7 +619,7 @@ class WireSession:
             template = f"4.4.2 Session with {{remote}} exceeded its Session_Timeout of " \
                        f"{self._settings.session_timeout:g}s during {{phase}}"
         if self._dotted:
-            # RFC 5321 §3.8 / §4.5.3.2, RELIABILITY.md cases 40, 48: the message may have been taken
+            # RFC 5321 §3.8 / §4.5.3.2, docs/reliability.md cases 40, 48: the message may have been taken
             # (for LMTP: by the recipients not answered yet); retry, knowing it may arrive twice
             # (Postfix: "message may be sent more than once").
             return clean_text(template.format(phase="end of data", remote=self.remote)
@@ -677,7 +680,7 @@ async def connect_session(cls: type[_S], hop: Hop, settings: Settings) -> _S:
             # TLS_Ifavailable_Fallback = false (Momentum): back to the queue, retried with TLS.
             raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}; no plaintext fallback "
                                                f"(TLS_Ifavailable_Fallback)"), hop=hop, policy=True) from None
-        # RELIABILITY.md case 45: opportunistic TLS that fails in the handshake retries once in
+        # docs/reliability.md case 45: opportunistic TLS that fails in the handshake retries once in
         # plaintext on a new connection ("required" raised ConnectError instead).
         await conn._open(try_tls=False)
     return conn

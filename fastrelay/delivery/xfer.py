@@ -3,7 +3,7 @@
 The scheduler calls `connect_xfer(hop, settings)` for an `xfer://host?port=N` route (seeds 000/001:
 Delivery_Method = "delay_xfer"), then `conn.transfer(env, idx, body, key)` per message. The connect
 is a real TCP connect to the peer within Connect_Timeout, so an unreachable peer is a ConnectError
-and the scheduler marks the host down and fails over exactly as for SMTP (RELIABILITY.md case 38).
+and the scheduler marks the host down and fails over exactly as for SMTP (docs/reliability.md case 38).
 The requests themselves go through one aiohttp ClientSession per event loop, with a connection
 pool, reused by every connection object (a session per transfer would cost a TCP handshake each).
 
@@ -179,7 +179,7 @@ class XferConnection:
             headers["Authorization"] = wire.authorization(s.xfer_secret, self.method, self.uri, digest)
         elif s.xfer_token:
             headers["Authorization"] = wire.bearer(s.xfer_token)
-        wait = s.done_timeout + UPLOAD_SECONDS_PER_MIB * len(payload) / (1024 * 1024)
+        wait = s.xfer_timeout + UPLOAD_SECONDS_PER_MIB * len(payload) / (1024 * 1024)
         timeout = aiohttp.ClientTimeout(total=wait, sock_connect=s.connect_timeout)
         n = len(idx)
         big = len(payload) > EXPECT_CONTINUE_ABOVE

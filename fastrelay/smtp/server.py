@@ -3,8 +3,8 @@
 One `SMTPServer` per Listen address holds the settings and counters; one `Session` (an
 asyncio.Protocol) per connection runs a small state machine over the events of the sans-I/O
 framer (fastrelay._core or its twin). Replies are gathered per batch of pipelined commands and
-written with one transport.write (PERF.md: per-command work, not bytes, is the cost). A message
-is answered 250 only after the intake says it is durable (RELIABILITY.md P1).
+written with one transport.write (docs/performance.md: per-command work, not bytes, is the cost). A message
+is answered 250 only after the intake says it is durable (docs/reliability.md P1).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -118,7 +120,7 @@ _dates = _DateCache()
 
 def _clean(text: str, limit: int = 255) -> str:
     """Strip control characters and cap the length of client-supplied text before it goes into
-    Received:, DSNs or logs (RELIABILITY.md case 26)."""
+    Received:, DSNs or logs (docs/reliability.md case 26)."""
     if not text.isprintable():
         text = "".join(c if c.isprintable() else "?" for c in text)
     return text[:limit]
@@ -135,9 +137,9 @@ class ListenSettings:
         self.max_size = g("max_message_size")
         self.max_recipients = g("max_recipients_per_message")
         self.max_messages = g("max_messages_per_connection")
-        self.max_connections = g("Concurrency")
+        self.max_connections = g("Listener_Sessions") or sys.maxsize  # 0: no limit (Momentum)
         self.max_per_ip = g("max_connections_per_ip")
-        self.idle_timeout = g("idle_timeout")
+        self.idle_timeout = g("Idle_Time") or math.inf  # 0: never for silence (Momentum)
         self.overload_idle_timeout = g("overload_idle_timeout")
         self.command_deadline = g("command_deadline")
         self.min_data_rate = g("min_data_rate")
@@ -410,7 +412,7 @@ class Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         srv.stats["connections"] += 1
-        # RELIABILITY.md case 13: refuse beyond the limits at the banner, never an unbounded accept.
+        # docs/reliability.md case 13: refuse beyond the limits at the banner, never an unbounded accept.
         if len(srv.sessions) >= srv.s.max_connections:
             self._refuse(R.TOO_MANY_CONNECTIONS)
             return
@@ -462,13 +464,13 @@ class Session(asyncio.Protocol):
                 srv.shared.release(srv.conn_slot, srv.worker)
                 srv.shared.release(srv.ip_slot(self.peer_ip), srv.worker)
         # A client gone mid-DATA leaves nothing behind: nothing is spooled before the end
-        # (RELIABILITY.md case 31, P5).
+        # (docs/reliability.md case 31, P5).
         self.state = S_CLOSING
         self.tx = None
 
     def pause_writing(self) -> None:
         # A client that does not read its replies: stop reading its commands (bounded write
-        # buffer); the reaper closes it if this lasts (RELIABILITY.md case 14).
+        # buffer); the reaper closes it if this lasts (docs/reliability.md case 14).
         self.write_paused = time.monotonic()
         self.transport.pause_reading()
 
@@ -514,7 +516,7 @@ class Session(asyncio.Protocol):
         return not self.tls
 
     def check_timers(self, now: float, idle: float) -> None:
-        """Called once a second by the server's sweep (RELIABILITY.md case 14)."""
+        """Called once a second by the server's sweep (docs/reliability.md case 14)."""
         s = self.srv.s
         if self.state == S_CLOSING:
             # close() waits for the write buffer to drain, which a client that does not read never
@@ -550,7 +552,7 @@ class Session(asyncio.Protocol):
         if self.state == S_CLOSING:
             return
         if self.state == S_GREETING:
-            # RELIABILITY.md case 5: bytes before the greeting.
+            # docs/reliability.md case 5: bytes before the greeting.
             self.transport.write(R.EARLY_TALKER.wire)
             self._close()
             return
@@ -593,7 +595,7 @@ class Session(asyncio.Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         if self.peer_eof and not self.busy and self.state != S_CLOSING:
             # Every complete command before the EOF is answered; a partial line or an unfinished
-            # message is dropped (nothing spooled: RELIABILITY.md case 31).
+            # message is dropped (nothing spooled: docs/reliability.md case 31).
             self.state = S_CLOSING
             self.tx = None
         if self.state == S_CLOSING:
@@ -814,7 +816,7 @@ class Session(asyncio.Protocol):
 
     def _may_receive_for(self, path: Path) -> bool:
         """Mail from a client outside relay_hosts: only to relay_domains, and no routing tricks
-        (RELIABILITY.md case 21: Postfix reject_unauth_destination, allow_untrusted_routing=no)."""
+        (docs/reliability.md case 21: Postfix reject_unauth_destination, allow_untrusted_routing=no)."""
         if path.literal:
             return False
         if path.domain.lower().rstrip(".") not in self.srv.s.relay_domains:
@@ -841,7 +843,7 @@ class Session(asyncio.Protocol):
             self._error(out)
             return
         # RFC 2920 §3.1: DATA ends a pipelined group. Content before our 354 is a client that
-        # does not wait: smuggling-prone, refuse and close (RELIABILITY.md case 4).
+        # does not wait: smuggling-prone, refuse and close (docs/reliability.md case 4).
         if self.framer.pending():
             out.append(R.PIPELINING_VIOLATION.wire)
             self.state = S_CLOSING
@@ -919,7 +921,7 @@ class Session(asyncio.Protocol):
     def smtp_AUTH(self, arg: str, out: list[bytes]) -> None:
         a = self.srv.s.auth
         if a is None or not self._auth_offered():
-            # RELIABILITY.md case 30: never invite credentials in plaintext.
+            # docs/reliability.md case 30: never invite credentials in plaintext.
             out.append(R.AUTH_NEEDS_TLS.wire if not self.tls else R.AUTH_NOT_AVAILABLE.wire)
             self._error(out)
             return
@@ -1156,7 +1158,7 @@ class Session(asyncio.Protocol):
         self.busy = False
         if self.state == S_CLOSING or self.transport is None or self.transport.is_closing():
             # Committed but the client is gone before reading 250: the message is ours; a
-            # resend is the accepted duplicate (RELIABILITY.md case 31).
+            # resend is the accepted duplicate (docs/reliability.md case 31).
             return
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
         if exc is not None:
@@ -1226,7 +1228,7 @@ def smtp_number(text: str | None, max_digits: int) -> int | None:
 
 
 def _normalize_line_ends(body: bytes) -> bytes:
-    # Postfix's normalize mode: every bare CR or LF becomes CRLF (RELIABILITY.md case 2). The
+    # Postfix's normalize mode: every bare CR or LF becomes CRLF (docs/reliability.md case 2). The
     # outbound side dot-stuffs again, so a resulting lone "." line cannot end the next hop's DATA.
     return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
