@@ -164,3 +164,6 @@ AUTH_MAX_FAILURES = 5
 AUTH_LOCKOUT_TIME = 900.0
 # Client addresses whose failures are remembered per listener (the oldest are forgotten first).
 AUTH_TRACKED_CLIENTS = 10_000
+# With Workers > 1, how long worker 0's admin front waits for another worker's answer over its
+# internal socket (a list or a summary scans at most ADMIN_SCAN_MAX messages there).
+WORKER_ADMIN_TIMEOUT = 30.0

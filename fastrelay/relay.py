@@ -27,13 +27,19 @@ class StartupError(Exception):
 class WorkerInfo:
     """What a worker process gets from its supervisor (fastrelay.supervisor): its number, how many
     workers there are, its listening sockets (one per Listen, in conf order) and the
-    relay-wide shared counters."""
+    relay-wide shared counters. The admin (fastrelay.admin.workers): worker 0 gets the
+    Admin_Listener sockets; every other worker its internal admin socket (peer_socket); all of
+    them every worker's internal socket address (peers, by index) and the run's secret."""
 
     index: int
     count: int
     esmtp_sockets: list[socket.socket] = field(default_factory=list)
     http_sockets: list[socket.socket] = field(default_factory=list)
     shared: Any = None
+    admin_sockets: list[socket.socket] = field(default_factory=list)
+    peer_socket: socket.socket | None = None
+    peers: list[str] = field(default_factory=list)
+    secret: str = ""
 
 
 class Relay:
@@ -55,6 +61,7 @@ class Relay:
         self.smtp_servers: list[SMTPServer] = []
         self.xfer_servers: list = []
         self.admin_servers: list = []  # fastrelay.admin: the admin API on each Admin_Listener address
+        self.internal_admin = None  # Workers > 1, worker K >= 1: its queue API for worker 0's front
         self.recovered = 0
         self.resolver = None
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
@@ -128,9 +135,10 @@ class Relay:
 
     async def _start_admin(self) -> None:
         """Issue 12: the admin API, /metrics and the status page on each Admin_Listener address."""
-        from fastrelay.admin.server import start_admin
+        from fastrelay.admin.server import start_admin, start_internal
 
         self.admin_servers = await start_admin(self)
+        self.internal_admin = await start_internal(self)
 
     async def reload(self, new_cfg: Config | None = None) -> dict:
         """Validate and apply a configuration (re-read from the conf file when None) without a
@@ -287,6 +295,9 @@ class Relay:
             await asrv.stop()
         self.admin_servers.clear()
         self._close_prebound()  # a start that failed after binding them
+        if self.internal_admin is not None:
+            await self.internal_admin.stop()
+            self.internal_admin = None
         for srv in self.smtp_servers:
             await srv.stop()
         self.smtp_servers.clear()

@@ -102,6 +102,10 @@ async def _apply(relay: Any, new: Config) -> dict:
     for key, (listen, _tok) in admin_tokens.items():
         if key in admin_current.values():
             continue
+        if getattr(relay, "worker", None) is not None:
+            # Workers > 1: the addresses did not change (checked above); worker 0 serves them on
+            # the supervisor's sockets and the others serve none (fastrelay.admin.workers).
+            continue
         a = AdminServer(relay, listen)
         try:
             await a.start(listen.address.host or None, listen.address.port)
