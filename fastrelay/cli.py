@@ -124,10 +124,16 @@ def _scopes_for_show(cfg: Any) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for _key, sc in sorted(cfg.binding_groups.items(), key=lambda kv: kv[0]):
         out.append((f"Binding_Group {sc.name}", sc))
+        group_domains = {**cfg.group_domains.get(sc.name, {}),
+                         **{dsc.name: dsc for _rx, dsc in cfg.group_regex_domains.get(sc.name, [])}}
+        for dname, dsc in sorted(group_domains.items()):
+            out.append((f"Binding_Group {sc.name} :: Domain {dname}", dsc))
     for _key, b in sorted(cfg.bindings.items(), key=lambda kv: kv[0]):
         out.append((f"Binding {b.scope.name}", b.scope))
-        for dname, dsc in sorted(b.domains.items(), key=lambda kv: kv[0]):
+        for dname, dsc in sorted({**b.domains, **{d.name: d for _rx, d in b.regex_domains}}.items()):
             out.append((f"Binding {b.scope.name} :: Domain {dname}", dsc))
+        for hname, hsc in sorted({**b.hosts, **{h.name: h for _rx, h in b.regex_hosts}}.items()):
+            out.append((f"Binding {b.scope.name} :: Host {hname}", hsc))
     for name, sc in sorted(cfg.domains.items(), key=lambda kv: kv[0]):
         out.append((f"Domain {name}", sc))
     for name, sc in sorted(cfg.hosts.items(), key=lambda kv: kv[0]):

@@ -45,10 +45,15 @@ the file:line that set it; `fastrelay check-config FILE` checks a file.
 
 | stanza | valid in | holds |
 | --- | --- | --- |
-| `Domain NAME { }` | global, Binding | options for mail to NAME |
-| `Binding_Group NAME { }` | global | options and Binding stanzas |
-| `Binding NAME { }` | global, Binding_Group | options, and Domain stanzas (binding::domain) |
-| `Host ADDR { }` | global | per-host options (IP, [IPv6] or hostname) |
+| `Domain NAME { }` | global, Binding, Binding_Group | options for mail to NAME (in a Binding or Binding_Group: that mail only) |
+| `Binding_Group NAME { }` | global | options, Binding stanzas and Domain stanzas (binding_group::domain) |
+| `Binding NAME { }` | global, Binding_Group | options, Domain stanzas (binding::domain) and Host stanzas (binding::host) |
+| `Host ADDR { }` | global, Binding | per-host options (IP, [IPv6] or hostname) |
+
+An option for mail to a domain on a binding is looked up, most specific first (Momentum's
+"Configuration Scopes and Fallback"): the Domain inside the Binding, the Domain inside the
+binding's Binding_Group, the Binding, the Binding_Group, the global Domain, the global value.
+`fastrelay config eval --binding B --domain D OPTION` says which one answered.
 | `ESMTP_Listener { Listen "ADDR:PORT" { } }` | global | listener options, and Listen stanzas with their own |
 | `HTTP_Listener { Listen ":PORT" { } }` | global | the XFER server's listeners |
 | `Admin_Listener { Listen "127.0.0.1:8025" { } }` | global | the admin API, /metrics and the status page |

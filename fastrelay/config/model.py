@@ -141,6 +141,10 @@ class Config:
         self.global_ = Scope(S.GLOBAL, None, "global")
         self.domains: dict[str, Scope] = {}
         self.binding_groups: dict[str, Scope] = {}
+        # binding_group::domain (Momentum): Domain stanzas inside a Binding_Group, by group name,
+        # literal and regex (file order).
+        self.group_domains: dict[str, dict[str, Scope]] = {}
+        self.group_regex_domains: dict[str, list[tuple[re.Pattern, Scope]]] = {}
         self.bindings: dict[str, BindingScope] = {}
         self.hosts: dict[str, Scope] = {}
         self.regex_domains: list[tuple[re.Pattern, Scope]] = []  # file order
@@ -161,7 +165,8 @@ class Config:
     def lookup(self, option: str, domain: str | None = None, binding: str | None = None) -> Setting:
         """The effective value of `option` for mail to `domain` sent on `binding`, and its origin.
 
-        Fallback (Momentum): binding::domain, binding, binding_group, domain, global, default.
+        Fallback (Momentum's "Configuration Scopes and Fallback"): binding::domain (the binding
+        may be in a group), binding_group::domain, binding, binding_group, domain, global, default.
         """
         # Binding names are case-sensitive (Momentum); domains are not.
         key = (option.lower(), _domain_key(domain) if domain else None, binding)
@@ -191,6 +196,13 @@ class Config:
                 bd = match_scope(domain, b.domains, b.regex_domains)
                 if bd is not None:
                     chain.append(bd)
+            if domain and b.group:
+                # "Value given in a domain stanza within a binding_group" comes before the
+                # binding's own value (Momentum's precedence list).
+                gd = match_scope(domain, self.group_domains.get(b.group, {}),
+                                 self.group_regex_domains.get(b.group, []))
+                if gd is not None:
+                    chain.append(gd)
             chain.append(b.scope)
             if b.group and b.group in self.binding_groups:
                 chain.append(self.binding_groups[b.group])
@@ -342,7 +354,9 @@ class _Builder:
                 f"{opt.name} in {S.SCOPE_NAMES[scope_kind]} is a Momentum option that fastrelay does "
                 f"not support there (it is valid in {S.valid_in(opt)}; --lenient ignores it with a warning)"))
             return
-        if (S.HOST if scope_kind == S.BINDING_HOST else scope_kind) not in opt.scopes:
+        # A Domain in a Binding_Group takes what a Domain in a Binding takes (Momentum).
+        checked = {S.BINDING_HOST: S.HOST, S.BINDING_GROUP_DOMAIN: S.BINDING_DOMAIN}.get(scope_kind, scope_kind)
+        if checked not in opt.scopes:
             self.fail(
                 node.pos,
                 f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; "
@@ -442,6 +456,12 @@ class _Builder:
         sc = self._named(b.domains, b.regex_domains, S.BINDING_DOMAIN, name,
                          f"{b.scope.description}::Domain {name}")
         self.items(node.children, S.BINDING_DOMAIN, sc, ctx)
+
+    def s_binding_group_domain(self, node: Stanza, name: str, ctx: dict) -> None:
+        g = ctx["group"]
+        sc = self._named(self.cfg.group_domains.setdefault(g, {}), self.cfg.group_regex_domains.setdefault(g, []),
+                         S.BINDING_GROUP_DOMAIN, name, f"Binding_Group {g}::Domain {name}")
+        self.items(node.children, S.BINDING_GROUP_DOMAIN, sc, ctx)
 
     def s_host(self, node: Stanza, name: str, ctx: dict) -> None:
         sc = self._named(self.cfg.hosts, self.cfg.regex_hosts, S.HOST, name, f"Host {name}")

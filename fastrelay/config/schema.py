@@ -20,6 +20,7 @@ BINDING_GROUP = "binding_group"
 BINDING_DOMAIN = "binding_domain"
 HOST = "host"
 BINDING_HOST = "binding_host"
+BINDING_GROUP_DOMAIN = "binding_group_domain"
 ESMTP_LISTENER = "esmtp_listener"
 ESMTP_LISTEN = "esmtp_listen"
 HTTP_LISTENER = "http_listener"
@@ -37,6 +38,7 @@ SCOPE_NAMES = {
     BINDING_DOMAIN: "a Domain stanza inside a Binding",
     HOST: "a Host stanza",
     BINDING_HOST: "a Host stanza inside a Binding",
+    BINDING_GROUP_DOMAIN: "a Domain stanza inside a Binding_Group",
     ESMTP_LISTENER: "an ESMTP_Listener stanza",
     ESMTP_LISTEN: "a Listen stanza of an ESMTP_Listener",
     HTTP_LISTENER: "an HTTP_Listener stanza",
@@ -943,7 +945,7 @@ class _HostName(t.OptType):
 
 
 STANZAS: list[StanzaDef] = [
-    StanzaDef("Domain", DOMAIN, frozenset({GLOBAL, BINDING}), True, _DomainName()),
+    StanzaDef("Domain", DOMAIN, frozenset({GLOBAL, BINDING, BINDING_GROUP}), True, _DomainName()),
     StanzaDef("Binding_Group", BINDING_GROUP, frozenset({GLOBAL}), True, _BindingName()),
     StanzaDef("Binding", BINDING, frozenset({GLOBAL, BINDING_GROUP}), True, _BindingName()),
     StanzaDef("Host", HOST, frozenset({GLOBAL, BINDING}), True, _HostName()),
@@ -960,7 +962,7 @@ STANZA_BY_KEY: dict[str, StanzaDef] = {s.key: s for s in STANZAS}
 
 # A Domain inside a Binding is the binding::domain scope.
 NESTED_SCOPE = {(BINDING, DOMAIN): BINDING_DOMAIN, (HTTP_LISTENER, ESMTP_LISTEN): HTTP_LISTEN,
-                (BINDING, HOST): BINDING_HOST}
+                (BINDING, HOST): BINDING_HOST, (BINDING_GROUP, DOMAIN): BINDING_GROUP_DOMAIN}
 # What a Host inside a Binding (binding::host) may set: the throttles, which are the binding's own
 # towards that MX (ref-outbound-throttle-connections: "binding::host > host"). Connection counts
 # per MX are shared by every binding, so max_outbound_connections stays in plain Host stanzas.
@@ -975,7 +977,8 @@ def add_option(opt: OptionDef) -> None:
 
 
 def valid_in(opt: OptionDef) -> str:
-    order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, HOST, BINDING_HOST, ESMTP_LISTENER, ESMTP_LISTEN,
+    order = [GLOBAL, DOMAIN, BINDING, BINDING_GROUP, BINDING_DOMAIN, BINDING_GROUP_DOMAIN, HOST, BINDING_HOST,
+             ESMTP_LISTENER, ESMTP_LISTEN,
              HTTP_LISTENER, HTTP_LISTEN, SCRIPTLET, SCRIPT, EVENTLOOP, SECURITY]
     order += [s for s in SCOPE_NAMES if s not in order]  # scopes added by later blocks (Admin_Listener)
     names = [SCOPE_NAMES[s] for s in order if s in opt.scopes]

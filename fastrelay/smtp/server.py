@@ -1190,7 +1190,6 @@ class Session(asyncio.Protocol):
             # relay_hosts; the header never goes further.
             binding, body = self.srv.binder.assign(body, self.trusted, tx.sender.address)
         full = received + body
-        binding = self.srv.binding
         if self.auth_user is not None:
             binding = self.srv.s.auth_bindings.get(self.auth_user, binding)  # issue 17: by user
         by_domain: dict[str, list[Recipient]] = {}

@@ -178,3 +178,25 @@ async def test_connection_limits_follow_the_binding(dns, sinks, relay):
     assert peak["127.0.0.4"] <= 3  # b2
     # Each binding has its own count: together they have more open than either limit allows.
     assert sink.peak_sessions >= 4
+
+
+async def test_a_domain_inside_a_binding_group_routes_that_groups_mail(dns, sinks, relay):
+    """Momentum's binding_group::domain ("Value given in a domain stanza within a binding_group"):
+    mail of the group's bindings to gd.test takes the group's Domain route; the same domain on
+    another binding takes the global Domain's."""
+    group_sink, global_sink = await sinks(2)
+    conf = f"""
+Binding_Header = "X-Binding"
+Domain gd.test {{ Routes = ( "smtp://{global_sink.host}?port={global_sink.port}" ) }}
+Binding_Group "g" {{
+  Domain gd.test {{ Routes = ( "smtp://{group_sink.host}?port={group_sink.port}" ) }}
+  Binding "g1" {{ }}
+}}
+Binding "b1" {{ }}
+"""
+    h = await relay(conf)
+    for tid, b in [("m-g1", "g1"), ("m-group", "g"), ("m-b1", "b1"), ("m-none", None)]:
+        await send(h, [f"{tid}@gd.test"], tagged(tid, b))
+    await drained(h)
+    assert sorted(m.test_id for m in group_sink.messages) == ["m-g1", "m-group"]
+    assert sorted(m.test_id for m in global_sink.messages) == ["m-b1", "m-none"]
