@@ -1307,6 +1307,11 @@ class Queue:
         sessions of the old ones finish the message they hold, find nothing more and close: so
         new mail takes the new route at once, and nothing in flight is cut."""
         self.cfg = cfg
+        # Throttles and Server_Max_Outbound_Connections as the new conf says (issue 10), on the
+        # same backend: slots held now are released where they were taken, and a throttle keeps
+        # its place in time (no free burst from a reload).
+        self.shaping = OutboundShaping(cfg, self.shaping.backend, self.shaping.clock)
+        self._host_throttled = has_host_throttles(cfg)
         old = self.dests
         self.dests = {}
         for d in old.values():

@@ -42,6 +42,7 @@ async def reload_relay(relay: Any, new: Config | None = None) -> dict:
 
 
 async def _apply(relay: Any, new: Config) -> dict:
+    from fastrelay.bindings import Assigner
     from fastrelay.smtp.server import ListenSettings, SMTPServer
 
     old: Config = relay.cfg
@@ -80,6 +81,9 @@ async def _apply(relay: Any, new: Config) -> dict:
         return _refused(errors)
 
     changes: list[str] = []
+    # Bindings (issue 10): Binding_Header, a listener's Binding/Binding_Group and the bindings'
+    # Sender_Domains are read again at the switch; mail already queued keeps its binding.
+    binder = Assigner(new)
     # New listeners are bound before the switch, so a port in use refuses the reload whole.
     current = _match(settings, [srv for srv in relay.smtp_servers if srv.sockets])
     started: list = []
@@ -87,6 +91,7 @@ async def _apply(relay: Any, new: Config) -> dict:
         if key in current.values():
             continue
         srv = SMTPServer(s, relay)
+        srv.binder = binder.for_listener(listen)
         try:
             await srv.start(listen.address.host or None, listen.address.port)
         except OSError as e:
@@ -118,9 +123,11 @@ async def _apply(relay: Any, new: Config) -> dict:
 
     # --- the switch: no await from here to the end, so nothing sees half of it ---------------------
     relay.cfg = new
+    relay.binder = binder
     for srv, key in current.items():
         if key is not None:
             srv.s = settings[key][1]
+            srv.binder = binder.for_listener(settings[key][0])
             _refresh_smtp(srv)
         else:
             changes.append(f"ESMTP listener {_bound(srv)} removed (closing after its last session)")

@@ -45,9 +45,9 @@ the file:line that set it; `fastrelay check-config FILE` checks a file.
 
 | stanza | valid in | holds |
 | --- | --- | --- |
-| `Domain NAME { }` | global, Binding, Binding_Group | options for mail to NAME (in a Binding or Binding_Group: that mail only) |
+| `Domain NAME { }` | global, Binding, Binding_Group | options for mail to NAME (inside: that mail only) |
 | `Binding_Group NAME { }` | global | options, Binding stanzas and Domain stanzas (binding_group::domain) |
-| `Binding NAME { }` | global, Binding_Group | options, Domain stanzas (binding::domain) and Host stanzas (binding::host) |
+| `Binding NAME { }` | global, Binding_Group | options, Domain (binding::domain) and Host (binding::host) stanzas |
 | `Host ADDR { }` | global, Binding | per-host options (IP, [IPv6] or hostname) |
 
 An option for mail to a domain on a binding is looked up, most specific first (Momentum's
