@@ -74,7 +74,7 @@ class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
     __slots__ = ("avoid", "binding", "connecting", "domain", "idle", "paused", "pumping", "ready", "sessions",
-                 "settings", "shaping_hold")
+                 "settings", "shaping_hold", "token_waits")
 
     def __init__(self, domain: str, binding: str):
         self.domain = domain
@@ -93,6 +93,7 @@ class Dest:
         self.avoid: dict[int, tuple[float, int, str]] = {}
         # Why the destination is held by local traffic shaping ("throttle", "limit"), for stats.
         self.shaping_hold = ""
+        self.token_waits = 0  # sessions holding a message while they wait for a throttle token
 
 
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
@@ -281,6 +282,12 @@ class Queue:
                     # (if any) take the next token; new ones open when the timer fires.
                     d.shaping_hold = "throttle"
                     self._pause(d, wait)
+                    return
+                if (d.token_waits or d.connecting) and self.shaping.has_message_throttle(d.domain, d.binding):
+                    # Under a message throttle the sessions already open (or opening) take the next
+                    # tokens on their connections (Momentum 25.4: connections stay open while
+                    # throttled); another connection would only wait beside them. Their end, or
+                    # new mail while they are busy delivering, runs this pump again.
                     return
                 try:
                     plan = self._narrow(d, await self.router.plan(d.domain, d.binding))
@@ -500,6 +507,7 @@ class Queue:
             self.router.host_ok(plan, host)
             slot.connected()
             keep = self.cfg.get("idle_timeout", d.domain, d.binding)
+            throttled = self.shaping.has_message_throttle(d.domain, d.binding)
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
@@ -508,11 +516,16 @@ class Queue:
                     d.connecting -= 1  # woken for a message: it takes one now (or finds none)
                     continue
                 wait = self.shaping.before_message(d.domain, d.binding, [hop.name, hop.ip])
-                while 0 < wait <= keep and conn.usable and not self._stopping:
-                    # Throttled by message rate: the connection stays open for a wait within
-                    # Connection_Cache_Time (no retry scheduled, the message stays taken).
-                    await asyncio.sleep(wait)
-                    wait = self.shaping.before_message(d.domain, d.binding, [hop.name, hop.ip])
+                if 0 < wait <= keep:
+                    d.token_waits += 1
+                    try:
+                        while 0 < wait <= keep and conn.usable and not self._stopping:
+                            # Throttled by message rate: the connection stays open for a wait
+                            # within idle_timeout (no retry scheduled, the message stays taken).
+                            await asyncio.sleep(wait)
+                            wait = self.shaping.before_message(d.domain, d.binding, [hop.name, hop.ip])
+                    finally:
+                        d.token_waits -= 1
                 if wait > 0:
                     # A longer wait: the message goes back to the front of the ready queue, the
                     # connection closes, and the destination waits on a timer.
@@ -524,6 +537,10 @@ class Queue:
                 if self.cluster is not None:
                     await self.cluster.before_message(d.domain, d.binding)
                 await self._deliver_one(it, conn, hop)
+                if throttled and not d.token_waits and len(d.ready) > d.connecting:
+                    # The token was there without waiting: the throttle is not what limits this
+                    # destination now, so the pump may open another connection (see _pump).
+                    self._kick(d)
         finally:
             if conn is not None:
                 try:

@@ -194,6 +194,10 @@ class OutboundShaping:
         for k in slots:
             self.backend.release(k)
 
+    def has_message_throttle(self, domain: str, binding: str) -> bool:
+        """Whether an outbound_throttle_messages applies to (domain, binding)."""
+        return self.throttle("outbound_throttle_messages", domain, binding) is not None
+
     def message_wait(self, domain: str, binding: str) -> float:
         """The seconds until the message throttle of (domain, binding) lets one through, taking
         nothing: a connection opened before then would only wait."""

@@ -196,3 +196,19 @@ async def test_binding_host_throttle_is_the_bindings_own(dns, sinks, relay):
     assert by_peer["127.0.0.7"] == 1  # other: the Host stanza's, one a minute
     assert len(sink.messages) + len(h.relay.queue.items) == 7  # whatever did not go yet waits
     assert records(h, "T") == []
+
+
+async def test_a_throttle_that_does_not_bind_still_opens_connections(dns, sinks, relay):
+    """A message throttle keeps the connections it needs, no more (see the 10/1 test), but one
+    that the rate does not bind (1000/1 against a sink taking 50 ms a message) must not hold the
+    destination to one connection: more open while their tokens come without waiting."""
+    (sink,) = await sinks(1)
+    sink.faults.set("dot", delay=0.05)
+    dns.add_mx("fast.test", 10, "mx.fast.test")
+    dns.add_a("mx.fast.test", sink.host)
+    h = await relay('Domain "fast.test" { outbound_throttle_messages = "1000/1"\n max_outbound_connections = 8 }\n')
+    await _send_all(h, [(f"r{i}@fast.test", body(f"f{i}")) for i in range(40)])
+    await sink.wait_for(40, timeout=30)
+    await drained(h)
+    assert records(h, "T") == []
+    assert 1 < sink.peak_sessions <= 8
