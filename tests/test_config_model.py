@@ -264,7 +264,8 @@ def test_option_in_wrong_scope(conf_impl):
 def test_stanza_errors(conf_impl):
     assert errors("Domian a.com { }") == ["t.conf:1:1: unknown stanza 'Domian'; did you mean 'Domain'?"]
     assert errors("Domain a.com { Domain b.com { } }") == [
-        "t.conf:1:16: a Domain stanza is not valid in a Domain stanza; expected it in a Binding stanza or the global scope"
+        "t.conf:1:16: a Domain stanza is not valid in a Domain stanza; expected it in a Binding stanza or a "
+        "Binding_Group stanza or the global scope"
     ]
     assert errors("Domain { }") == ["t.conf:1:1: a Domain stanza needs a name; expected Domain NAME { ... }"]
     assert errors("ESMTP_Listener x { }") == [
