@@ -418,6 +418,7 @@ def relay_conf(route_host: str, route_port: int, *, listen: str = "127.0.0.1:0",
 
 
 _READY = re.compile(r" ready .*smtp on (?:\[[^\]]+\]|[\d.]+):(\d+)")
+# Logged once per start by the relay, and with Workers > 1 once by each worker for its shard.
 _RECOVERED = re.compile(r"recovered (\d+) queued messages")
 
 
@@ -470,8 +471,8 @@ class RelayProcess:
                     *lines, pending = pending.split("\n")
                     for line in lines:
                         m = _RECOVERED.search(line)
-                        if m:
-                            self.t_recovered, self.recovered = now, int(m.group(1))
+                        if m:  # summed over the workers; the time is the last one's
+                            self.t_recovered, self.recovered = now, self.recovered + int(m.group(1))
                         m = _READY.search(line)
                         if m:
                             self.t_ready, self.port = now, int(m.group(1))
