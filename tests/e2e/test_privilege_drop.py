@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -24,7 +25,9 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # a Python whose files the unprivileged user
 
 
 def _privileged_free_port() -> int:
-    for port in range(700, 1000):
+    # In random order: CI runs two passes of the suite at once, and a scan from 700 in both would
+    # pick the same port in the moment between this check and the relay's bind.
+    for port in random.sample(range(700, 1000), 300):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
