@@ -49,3 +49,19 @@ def pytest_collection_modifyitems(config, items) -> None:
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), so that the disk really fills up. Needs root, as CI runs
+    (RELIABILITY.md recipe step 7); elsewhere the test fails with the reason instead of skipping."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}"
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -4,27 +4,9 @@ and after recovery every record kept is written exactly once, whole and in order
 from __future__ import annotations
 
 import logging
-import subprocess
-
-import pytest
 
 from fastrelay.mainlog import MainLog
 from fastrelay.message import Envelope, Recipient
-
-
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A real 2 MiB filesystem (tmpfs), so that the disk really fills up."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(fs) -> None:

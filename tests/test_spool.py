@@ -12,7 +12,6 @@ import inspect
 import logging
 import os
 import sqlite3
-import subprocess
 import zlib
 
 import pytest
@@ -375,19 +374,6 @@ async def test_open_errors(tmp_path):
 # ---------------------------------------------------------------------------------------- a full disk
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A real 2 MiB filesystem (tmpfs), so that the disk really fills up."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @both_loops

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import subprocess
 import time
 from typing import Any, NamedTuple
 
@@ -392,18 +391,6 @@ async def test_503_when_the_spool_cannot_commit(start, http, spool):
     assert err(r) == (503, "spool_error") and r.headers["Retry-After"] == "60"
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A real 2 MiB filesystem (tmpfs), so that the disk really fills up."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_503_on_a_really_full_disk_and_every_200_is_in_the_spool(tiny_fs, http):
