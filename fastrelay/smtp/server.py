@@ -1115,8 +1115,13 @@ class Session(asyncio.Protocol):
         self._sasl = None
         self.helo = ""
         self.esmtp = False
+        # No discard_pending() here: the plaintext after STARTTLS was dropped before the handshake
+        # (smtp_STARTTLS), and reading stayed paused until start_tls took the socket over. What the
+        # framer holds now came through TLS: a client may send its EHLO as soon as its side of the
+        # handshake is done, and the SSL protocol delivers it (we are busy, so it is buffered)
+        # before this coroutine resumes. Python 3.12's wait_for, which no longer wraps the client's
+        # start_tls in a task, made that early EHLO usual; dropping it hung the session.
         self.framer.reset()
-        self.framer.discard_pending()
         self.state = S_NEED_HELO
         self.busy = False
         self.last_input = time.monotonic()
