@@ -1,7 +1,7 @@
 """Spool commit path benchmark: 50 concurrent writers adding 4 KB messages (one recipient each).
 
 Run: PYTHONPATH=. python -m pytest bench/test_spool_bench.py --benchmark-enable -p no:cacheprovider -s
-Goal: at least 10,000 messages/s with fsync on (PERF.md: one fsync per message caps near 2,000/s).
+Goal: at least 10,000 messages/s with fsync on (docs/performance.md: one fsync per message caps near 2,000/s).
 The spool lives under /tmp, which is on the real disk here (not tmpfs), so fsync really flushes.
 extra_info holds msgs_per_s (or loads_per_s) and mean_batch for the best round.
 """

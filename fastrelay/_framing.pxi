@@ -2,7 +2,7 @@
 #
 # The spec is fastrelay/_purepy/framing.py; this file must behave exactly like it (the tests run both).
 # Everything here works on whole buffers: memchr finds each LF, CR and NUL (never a C string function,
-# which would stop at a NUL: RELIABILITY.md case 25), runs of body lines that need no unstuffing go to
+# which would stop at a NUL: docs/reliability.md case 25), runs of body lines that need no unstuffing go to
 # the body in one memcpy, and a `bytes` fed into an empty buffer is parsed in place without a copy.
 
 cimport cython
@@ -57,7 +57,7 @@ cdef enum:
     _FR_SEG_OWN = 1
     _FR_SEG_REF = 2
 
-# A BDAT count must fit a signed 64-bit integer (RELIABILITY.md case 29: a bounded integer).
+# A BDAT count must fit a signed 64-bit integer (docs/reliability.md case 29: a bounded integer).
 cdef object _FR_MAX_CHUNK = 2**63 - 1
 # Buffers bigger than this are freed when they empty, so an idle connection does not keep them.
 cdef Py_ssize_t _FR_KEEP_BUFFER = 256 * 1024
@@ -340,7 +340,7 @@ cdef class ServerFramer(_FrInput):
         if not isinstance(size, int) or size < 0 or size > _FR_MAX_CHUNK:
             raise ValueError("BDAT chunk size must be an int in 0 .. 2**63-1")
         cdef long long n = size
-        # RFC 3030 §2, RELIABILITY.md case 29: a chunk over the limit is still read in full (then 552).
+        # RFC 3030 §2, docs/reliability.md case 29: a chunk over the limit is still read in full (then 552).
         if not (self._flags & _FR_F_TOO_BIG) and n > self._max_size - self._olen:
             self._flags |= _FR_F_TOO_BIG
         self._remaining = self._chunk = n
@@ -396,7 +396,7 @@ cdef class ServerFramer(_FrInput):
                 event = (2, 1)
             elif not has_cr:
                 event = (2, 2)
-            # RELIABILITY.md case 2: a CR alone never splits a command; the whole line is refused.
+            # docs/reliability.md case 2: a CR alone never splits a command; the whole line is refused.
             elif memchr(p, b'\r', n - 1) != NULL:
                 event = (2, 3)
             elif memchr(p, 0, n - 1) != NULL:
@@ -415,7 +415,7 @@ cdef class ServerFramer(_FrInput):
         if n - ends_cr > self._hard_cap - 2:
             return self._overflow()
         if n > self._max_line:
-            # Sure to be ERR_TOO_LONG: keep only its length (RELIABILITY.md case 9).
+            # Sure to be ERR_TOO_LONG: keep only its length (docs/reliability.md case 9).
             self._skipped = n
             self._skipped_cr = ends_cr
             self._set(seg, end, end)
@@ -730,7 +730,7 @@ cdef Py_ssize_t _fr_encode(const char* q, Py_ssize_t n, char* o) noexcept:
             need_crlf = 1               # last line without a line ending
             q = e
             break
-        # RELIABILITY.md case 3: the bare CR or LF at brk goes out as CRLF.
+        # docs/reliability.md case 3: the bare CR or LF at brk goes out as CRLF.
         k = brk - run_s
         if o != NULL:
             memcpy(o + w, run_s, k)
@@ -755,7 +755,7 @@ cdef Py_ssize_t _fr_encode(const char* q, Py_ssize_t n, char* o) noexcept:
 # encode_data's first pass, in C: 64-byte blocks compared with SIMD (AVX2 if the CPU has it, picked
 # once at import, else SSE2, the x86-64 baseline; elsewhere encode_data uses memchr, in two passes).
 # Every change encode_data makes is the insertion of one byte, so this pass only has to find where:
-# '\n' after a bare CR, '\r' before a bare LF, '.' before a dot that starts a line (RELIABILITY.md
+# '\n' after a bare CR, '\r' before a bare LF, '.' before a dot that starts a line (docs/reliability.md
 # case 3, RFC 5321 §4.5.2); then the result is allocated once at its exact size and filled by memcpy.
 cdef extern from *:
     """

@@ -47,7 +47,7 @@ def _status(detail: str, action: str = FAILED) -> str:
 
 
 def _clean(text: str) -> str:
-    # RELIABILITY.md case 26: remote reply text goes into the DSN without control characters.
+    # docs/reliability.md case 26: remote reply text goes into the DSN without control characters.
     return "".join(c if c.isprintable() else " " for c in text)[:900]
 
 
@@ -84,7 +84,7 @@ def make_dsn(env: Envelope, body: bytes, failed: list[int], hostname: str, remot
     (Remote-MTA, RFC 3464 §2.3.5), "" when no host was reached; `retry_until` goes in a delay
     notice (Will-Retry-Until, §2.3.7)."""
     rcpts = [env.recipients[i] for i in failed if wants(env.recipients[i], action)]
-    if not rcpts or not env.sender:  # RFC 5321 §6.1, RELIABILITY.md case 18: never to <>
+    if not rcpts or not env.sender:  # RFC 5321 §6.1, docs/reliability.md case 18: never to <>
         return []
     now = time.time()
     date = formatdate(now, localtime=True)

@@ -5,8 +5,9 @@ KumoMTA's model, on an existing engine rather than a home-made one (issue #14):
   on the Redis server's clock. The holder renews it while the connection is open; a node that dies
   stops renewing, and its slots come back by themselves within one lease time.
 - A throttle ("N" per second, or "N/S": N per S seconds, Momentum's
-  Cluster_Outbound_Throttle_Messages / _Connections) is GCRA in one server-side script: one round
-  trip per decision, no clock of ours involved.
+  Cluster_Outbound_Throttle_Messages / _Connections) is GCRA without burst, as the local throttles
+  of fastrelay.shaping (one event every S/N), in one server-side script: one round trip per
+  decision, no clock of ours involved.
 - When Redis is unreachable the node keeps delivering under a conservative local share: the limit
   divided by the number of nodes it last saw alive (at least 1). It logs that once, reports it in
   `health()`, and goes back to Redis when Redis answers again.
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from fastrelay.config.types import Rate
 from fastrelay.limits import CLUSTER_LEASE_TIME
+from fastrelay.shaping import LocalShaper
 
 __all__ = ["ClusterLimits", "Lease", "Rate"]
 
@@ -71,21 +73,18 @@ end
 return n
 """
 
-# GCRA (generic cell rate algorithm). KEYS[1] = the throttle's theoretical arrival time (ms);
-# ARGV = count, period ms. Up to `count` events may pass at once (the burst), then one every
-# period/count ms. Returns 0 if the event may pass now (and counts it), else the ms to wait.
+# GCRA (generic cell rate algorithm) with no burst tolerance, as the local throttles of
+# fastrelay.shaping: a rate of N per S lets one event through every S/N, so no window of S holds
+# more than N, what Momentum's throttles promise ("no more than the specified number ... in a given
+# second"). KEYS[1] = the throttle's theoretical arrival time (ms); ARGV = count, period ms.
+# Returns 0 if the event may pass now (and counts it), else the ms to wait.
 _THROTTLE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local count = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local interval = period / count
+local interval = tonumber(ARGV[2]) / tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - period
-if now < allow_at then return math.ceil(allow_at - now) end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+if tat > now then return math.ceil(tat - now) end
+redis.call('SET', KEYS[1], tostring(now + interval), 'PX', math.ceil(interval) + 1000)
 return 0
 """
 
@@ -98,24 +97,6 @@ class Lease:
     id: str
     local: bool  # taken from the local share while Redis was unreachable
     released: bool = False
-
-
-class _LocalThrottle:
-    """The same GCRA as the Redis script, on this node's monotonic clock (fallback mode)."""
-
-    __slots__ = ("tat",)
-
-    def __init__(self) -> None:
-        self.tat = 0.0
-
-    def take(self, rate: Rate, now: float) -> float:
-        interval = rate.period / rate.count
-        tat = max(self.tat, now)
-        allow_at = tat + interval - rate.period
-        if now < allow_at:
-            return allow_at - now
-        self.tat = tat + interval
-        return 0.0
 
 
 class ClusterLimits:
@@ -142,7 +123,7 @@ class ClusterLimits:
         self._pid = os.getpid()
         self._held: dict[str, Lease] = {}  # lease id -> lease, renewed while held
         self._local_active: dict[str, int] = {}  # key -> slots taken from the local share
-        self._local_throttles: dict[str, _LocalThrottle] = {}
+        self._local_throttles = LocalShaper()  # the fallback share's throttles: the same GCRA
         self._live_nodes = 1
         self._fallback_since: float | None = None
         self._next_retry = 0.0
@@ -285,8 +266,7 @@ class ClusterLimits:
                 return int(wait_ms) / 1000.0
         self.stats["fallback_decisions"] += 1
         share = Rate(self.local_share(rate.count), rate.period)
-        t = self._local_throttles.setdefault(key, _LocalThrottle())
-        return t.take(share, time.monotonic())
+        return self._local_throttles.take(key, share, time.monotonic())
 
     async def wait_throttle(self, key: str, rate: Rate) -> float:
         """Wait until `key`'s throttle lets one event pass; returns the seconds waited."""

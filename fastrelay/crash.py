@@ -1,6 +1,6 @@
 """Named crash points for durability tests: FASTRELAY_CRASHPOINT=<name> exits the process there.
 
-RELIABILITY.md recipe step 4. The check is one string comparison against a value read once at
+docs/reliability.md recipe step 4. The check is one string comparison against a value read once at
 import, so the points can stay on hot paths. Names in use are listed in POINTS.
 """
 

@@ -19,10 +19,10 @@ ARES_ENOTFOUND = 4
 ARES_EREFUSED = 6
 ARES_ETIMEOUT = 12
 
-T_A, T_CNAME, T_MX, T_AAAA = 1, 5, 15, 28
-_QTYPE_NAMES = {T_A: "A", T_MX: "MX", T_AAAA: "AAAA"}
+T_A, T_CNAME, T_MX, T_TXT, T_AAAA = 1, 5, 15, 16, 28
+_QTYPE_NAMES = {T_A: "A", T_MX: "MX", T_TXT: "TXT", T_AAAA: "AAAA"}
 
-# RELIABILITY.md case 46: follow MX/A -> CNAME "a reasonable number" of times.
+# docs/reliability.md case 46: follow MX/A -> CNAME "a reasonable number" of times.
 MAX_CNAME_CHAIN = 8
 # How long an NXDOMAIN is remembered (RFC 2308 negative caching, kept short).
 NEGATIVE_TTL = 60.0
@@ -168,6 +168,16 @@ class Resolver:
         records, ttl = await self._query(domain, T_MX)
         pairs = sorted((r.data.priority, r.data.exchange.rstrip(".").lower()) for r in records)
         return pairs, ttl
+
+    async def txt(self, name: str) -> tuple[list[str], float]:
+        """The TXT records of `name`, each as one string (its character-strings joined, RFC 7208
+        §3.3 style), and the TTL; [] for none. DNSNotFound for NXDOMAIN."""
+        records, ttl = await self._query(name, T_TXT)
+        out = []
+        for r in records:
+            data = r.data.data
+            out.append(data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data))
+        return out, ttl
 
     async def addresses(self, host: str) -> tuple[list[str], float]:
         """IPv4 then IPv6 addresses of `host` and the smallest TTL; [] if it has none."""

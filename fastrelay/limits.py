@@ -16,28 +16,30 @@ MAX_COMMAND_LINE = 512
 # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets, CRLF included.
 MAX_TEXT_LINE = 1000
 # A command line with no LF is discarded as it arrives; past this many octets the client is
-# dropped (RELIABILITY.md case 9: bounded memory for 10 MB with no LF).
+# dropped (docs/reliability.md case 9: bounded memory for 10 MB with no LF).
 COMMAND_HARD_CAP = 65536
 # Postfix's message_size_limit default.
 MAX_MESSAGE_SIZE = 10_240_000
 
 # Replies read by our own clients (LMTP): RFC 5321 §4.5.3.1.5 says 512 octets; be lenient but
-# bounded (RELIABILITY.md case 44: hostile replies with bounded memory).
+# bounded (docs/reliability.md case 44: hostile replies with bounded memory).
 MAX_REPLY_LINE = 2048
 MAX_REPLY_LINES = 100
 
-# --- Receiving (RELIABILITY.md part B). Each is overridable in the conf (docs/config.md). ---------
+# --- Receiving (docs/reliability.md part B). Each is overridable in the conf (docs/config.md). ---------
 # Postfix's smtpd_recipient_limit; RFC 5321 §4.5.3.1.8 asks for at least 100.
 MAX_RECIPIENTS = 1000
 MAX_MESSAGES_PER_CONNECTION = 1000
 # Connections per listener, and per client address (Postfix smtpd_client_connection_count_limit).
 MAX_CONNECTIONS = 1000
 MAX_CONNECTIONS_PER_IP = 50
-# RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes.
+# RFC 5321 §4.5.3.2.7: the server timeout should be at least 5 minutes (Idle_Time; Momentum's
+# shipped ecelerity.conf sets 300 too). Below the floor check-config and run warn.
 IDLE_TIMEOUT = 300.0
+RFC5321_SERVER_TIMEOUT = 300.0
 # Postfix's stress-mode smtpd_timeout.
 OVERLOAD_IDLE_TIMEOUT = 10.0
-# The share of Concurrency above which the overload timeout applies.
+# The share of Listener_Sessions above which the overload timeout applies.
 OVERLOAD_FRACTION = 0.8
 COMMAND_DEADLINE = 300.0
 # The longest a message's content may take to arrive, from the 354 (or from each BDAT command) to
@@ -46,7 +48,7 @@ COMMAND_DEADLINE = 300.0
 DATA_DEADLINE = 3600.0
 # How long replies may sit unread in a connection's write buffer (the client does not read: writing
 # is paused, or a close is waiting for the buffer to drain) before the connection is aborted. A
-# close() waits for a drain that never comes (issue 9, RELIABILITY.md case 14).
+# close() waits for a drain that never comes (issue 9, docs/reliability.md case 14).
 WRITE_TIMEOUT = 60.0
 # At shutdown, how long closing connections may take to flush their last reply before they are
 # aborted.
@@ -58,7 +60,7 @@ JUNK_COMMAND_LIMIT = 100
 SOFT_ERROR_LIMIT = 10
 HARD_ERROR_LIMIT = 20
 ERROR_SLEEP_TIME = 1.0
-# Postfix hopcount_limit (RELIABILITY.md case 16).
+# Postfix hopcount_limit (docs/reliability.md case 16).
 HOP_COUNT_LIMIT = 50
 # KumoMTA refuses intake below 10% free; we use an absolute floor (spool_min_free).
 SPOOL_MIN_FREE = 64 * 1024 * 1024
@@ -97,7 +99,7 @@ SHARED_POLL_INTERVAL = 0.05
 # shortens its own per-try timeout after fast answers (see fastrelay.dns), so this is enforced
 # by the resolver on top of c-ares. 5 s is c-ares' and glibc's default per try.
 DNS_TIMEOUT = 5.0
-# --- Spool and queue (RELIABILITY.md part (a)) -----------------------------------------------------
+# --- Spool and queue (docs/reliability.md part (a)) -----------------------------------------------------
 # How soon a message is tried again when the spool could not read or write it (at most; a shorter
 # retry_interval of its domain wins): a failing disk must not strand it, nor spin on it.
 # Conf: spool_failure_retry.
@@ -119,3 +121,49 @@ ADMIN_PAGE_DEFAULT = 100
 ADMIN_MAX_REQUEST = 1024 * 1024
 # Audit lines kept in memory for GET /api/v1/audit (the log has them all).
 ADMIN_AUDIT_KEEP = 1000
+
+# --- Outbound chapter (issue #10: MultiVIP, traffic shaping) -------------------------------------
+# Momentum's server_max_outbound_connections default: outbound connections open at once, all
+# bindings together (in a Binding stanza: through that binding).
+SERVER_MAX_OUTBOUND_CONNECTIONS = 75000
+# The longest a throttled destination waits before it asks again; a throttle's own wait is
+# usually far shorter ("N/S": S/N seconds between two events).
+MAX_THROTTLE_WAIT = 3600.0
+# Binding_Header values longer than this are ignored (a binding name is a short token).
+MAX_BINDING_NAME = 255
+
+# --- Seed 003 (Stalwart's transport limits) ---------------------------------------------------------
+# queue.outbound.limits.mx / .multihomed: hosts and addresses of a next hop tried in one attempt.
+# 0 = no limit, Momentum's behaviour (Stalwart's own example writes mx = 7, multihomed = 2).
+# Conf: Max_MX_Hosts, Max_MX_Addresses.
+MAX_MX_HOSTS = 0
+MAX_MX_ADDRESSES = 0
+
+# --- MTA-STS (RFC 8461) ------------------------------------------------------------------------------
+# The HTTPS port policies are fetched from (§3.3: 443); conf MTA_STS_Port, for tests and proxies.
+MTA_STS_PORT = 443
+# The largest policy file read (§3.3 lets senders bound it; 64 KiB as the RFC's own suggestion).
+MTA_STS_MAX_POLICY = 64 * 1024
+
+# --- SMTP AUTH (issue 17, RFC 4954) -----------------------------------------------------------------
+# scrypt cost for new password hashes (`fastrelay passwd add`): n=2^14, r=8, p=1 is the RFC 7914 §2
+# interactive-login figure (~16 MiB, tens of milliseconds). A stored hash keeps its own parameters.
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+# Stored hashes above this cost are refused (a hand-edited file must not exhaust memory per AUTH).
+SCRYPT_MAX_N = 2**20
+# The reply to a failed AUTH waits this long, doubled with each further failure of the same client
+# address, up to AUTH_FAILURE_DELAY_CAP times as long (RFC 4954 leaves the delay to the server; as
+# Postfix's smtpd_error_sleep_time, it slows guessing without holding a slot long).
+AUTH_FAILURE_DELAY = 1.0
+AUTH_FAILURE_DELAY_CAP = 16
+# After this many failures from one address within AUTH_LOCKOUT_TIME, AUTH from it gets 454 4.7.0
+# (no password is checked) until AUTH_LOCKOUT_TIME after its last failure.
+AUTH_MAX_FAILURES = 5
+AUTH_LOCKOUT_TIME = 900.0
+# Client addresses whose failures are remembered per listener (the oldest are forgotten first).
+AUTH_TRACKED_CLIENTS = 10_000
+# With Workers > 1, how long worker 0's admin front waits for another worker's answer over its
+# internal socket (a list or a summary scans at most ADMIN_SCAN_MAX messages there).
+WORKER_ADMIN_TIMEOUT = 30.0

@@ -4,14 +4,16 @@ failure and XFER transfer (X), with the fields of Momentum's mainlog records.
 Format (documented in docs/operations.md): tab-separated fields, the record type second, so
 `cut -f` and `awk -F'\\t'` work; Momentum separates with '@', which collides with addresses.
 
-    R  time  R  msgid  recipient  sender  client_ip  size  protocol  binding
-    D  time  D  msgid  recipient  domain  size  binding  retries  seconds_in_queue  remote_ip  response
+    R  time  R  msgid  recipient  sender  client_ip  size  protocol  binding  auth_user
+    D  time  D  msgid  recipient  domain  size  binding  retries  seconds_in_queue  remote_ip  response  tls
     T  (as D)  the response of the transient failure
     P  (as D)  the response of the permanent failure (or the reason: expired, null MX, ...)
     X  time  X  msgid  recipient  domain  size  binding  retries  seconds_in_queue  peer  response
 
+tls (D records only) is "tls=PROTOCOL:CIPHER" when the delivery went over TLS, as Postfix logs
+"TLS connection established ... TLSv1.3 with cipher ...", else "tls=none".
 time is Unix seconds with milliseconds. Fields are cleaned of tabs and control characters
-(RELIABILITY.md case 26). Lines are buffered and written once per event-loop tick. Each flush is
+(docs/reliability.md case 26). Lines are buffered and written once per event-loop tick. Each flush is
 one write(2) on an O_APPEND file, so the workers of one relay (fastrelay.supervisor) can share
 the file without interleaving inside a line.
 """
@@ -28,6 +30,10 @@ from fastrelay.limits import MAINLOG_MAX_PENDING
 from fastrelay.message import Envelope
 
 log = logging.getLogger("fastrelay.mainlog")
+# The process log's one line per message event, for operators who tail it (issue 15): the mainlog
+# stays the record. `fastrelay run --quiet-messages` sets this logger to WARNING.
+events = logging.getLogger("fastrelay.events")
+_EVENT = {"D": "delivered", "T": "deferred", "P": "bounced", "X": "transferred"}
 
 _CLEAN = {c: "?" for c in range(32)} | {127: "?"}
 # How long a log line may wait in memory before it is written (lines are flushed on stop too).
@@ -163,18 +169,29 @@ class MainLog:
         self.stats["dropped"] += lost
     def received(self, env: Envelope, size: int) -> None:
         t = f"{time.time():.3f}"
-        tail = f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}\n"
+        # auth_user: the SMTP AUTH user (issue 17), empty when the client did not authenticate.
+        tail = (f"\t{_f(env.sender)}\t{env.client_ip}\t{size}\t{env.protocol}\t{_f(env.binding)}"
+                f"\t{_f(env.meta.get('auth_user', ''))}\n")
         for r in env.recipients:
             self._emit(f"{t}\tR\t{env.msgid}\t{_f(r.address)}{tail}")
         for obs in self.observers:
             obs("R", env, None)
+        if events.isEnabledFor(logging.INFO):
+            events.info("accepted %s from <%s> for %d recipient%s, %d bytes, client %s", env.msgid,
+                        _f(env.sender), len(env.recipients), "" if len(env.recipients) == 1 else "s", size,
+                        env.client_ip)
 
-    def outcome(self, kind: str, env: Envelope, rcpt: str, size: int, remote: str, response: str) -> None:
-        """kind is D, T, P or X."""
+    def outcome(self, kind: str, env: Envelope, rcpt: str, size: int, remote: str, response: str,
+                tls: str | None = None) -> None:
+        """kind is D, T, P or X; `tls` ("TLSv1.3:CIPHER", "" without TLS) goes on D records."""
         now = time.time()
+        tail = f"\ttls={_f(tls) or 'none'}\n" if kind == "D" else "\n"
+        if events.isEnabledFor(logging.INFO):
+            events.info("%s %s to <%s> via %s: %s", _EVENT.get(kind, kind), env.msgid, _f(rcpt), _f(remote) or "-",
+                        _f(response))
         self._emit(
             f"{now:.3f}\t{kind}\t{env.msgid}\t{_f(rcpt)}\t{env.domain}\t{size}\t{_f(env.binding)}\t"
-            f"{env.attempts}\t{int(now - env.first_queued)}\t{_f(remote)}\t{_f(response)}\n"
+            f"{env.attempts}\t{int(now - env.first_queued)}\t{_f(remote)}\t{_f(response)}{tail}"
         )
         for obs in self.observers:
             obs(kind, env, rcpt)

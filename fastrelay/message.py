@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# Recipient states (RELIABILITY.md P3: durable per-recipient progress).
+# Recipient states (docs/reliability.md P3: durable per-recipient progress).
 PENDING = 0  # not yet delivered: still to try (never tried, or deferred)
 DELIVERED = 1  # the next hop accepted it (2xx)
 FAILED = 2  # permanently failed or expired; a DSN was queued if the sender is not <>
@@ -50,7 +50,7 @@ def utf8_addr_decode(text: str) -> str:
 
 @dataclass(slots=True)
 class Recipient:
-    address: str  # as received: the local part's bytes and case kept (RELIABILITY.md case 19)
+    address: str  # as received: the local part's bytes and case kept (docs/reliability.md case 19)
     params: str = ""  # RCPT ESMTP parameters as received (NOTIFY=..., ORCPT=...)
     state: int = PENDING
     detail: str = ""  # the last response about this recipient (for logs and DSNs)

@@ -15,6 +15,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,9 +30,11 @@ from fastrelay.bounce import RELAYED as RELAYED_ACTION
 from fastrelay.bounce import make_dsn, mta_name
 from fastrelay.config import Config
 from fastrelay.crash import crashpoint
+from fastrelay.delivery.xclient import client_of
 from fastrelay.mainlog import MainLog
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope
 from fastrelay.routing import ALL_DOWN, NO_SLOT, Plan, RouteError, Router
+from fastrelay.shaping import OutboundShaping, has_host_throttles
 from fastrelay.spool import SpoolError
 
 log = logging.getLogger("fastrelay.queue")
@@ -40,7 +43,7 @@ log = logging.getLogger("fastrelay.queue")
 DRAIN_DOMAIN = "__drain__"
 
 # A message whose delivery crashed the worker this many times is quarantined rather than
-# retried forever (RELIABILITY.md case 50: poison message).
+# retried forever (docs/reliability.md case 50: poison message).
 MAX_INTERNAL_ERRORS = 3
 
 
@@ -71,7 +74,7 @@ class Dest:
     """A destination: (routing domain, binding), its ready queue and its open sessions."""
 
     __slots__ = ("avoid", "binding", "connecting", "domain", "idle", "paused", "pumping", "ready", "sessions",
-                 "settings")
+                 "settings", "shaping_hold", "token_waits")
 
     def __init__(self, domain: str, binding: str):
         self.domain = domain
@@ -88,6 +91,9 @@ class Dest:
         # Hosts this destination's own TLS policy refused: route-table host id -> (monotonic
         # until, code, text). Other destinations still use them (the host itself is fine).
         self.avoid: dict[int, tuple[float, int, str]] = {}
+        # Why the destination is held by local traffic shaping ("throttle", "limit"), for stats.
+        self.shaping_hold = ""
+        self.token_waits = 0  # sessions holding a message while they wait for a throttle token
 
 
 Connector = Callable[[D.Hop, D.Settings], Awaitable[D.Connection]]
@@ -101,11 +107,13 @@ def _expire_idle(waiter: asyncio.Future) -> None:
 class _Slot:
     """A connection slot the router granted for one session; `release` is idempotent."""
 
-    __slots__ = ("dest", "host", "is_connecting", "leases", "plan", "q", "released")
+    __slots__ = ("dest", "host", "is_connecting", "leases", "plan", "q", "released", "shaped")
 
-    def __init__(self, q: Queue, dest: Dest, plan: Plan, host: int, leases: list | None = None):
+    def __init__(self, q: Queue, dest: Dest, plan: Plan, host: int, leases: list | None = None,
+                 shaped: tuple[str, ...] = ()):
         self.q, self.dest, self.plan, self.host = q, dest, plan, host
         self.leases = leases  # cluster-wide slots (fastrelay.cluster) held with this one
+        self.shaped = shaped  # Server_Max_Outbound_Connections slots (fastrelay.shaping)
         self.released = False
         self.is_connecting = True
         dest.sessions += 1
@@ -122,6 +130,8 @@ class _Slot:
         self.released = True
         q, d = self.q, self.dest
         q._free_slot(self.plan, self.host)
+        if self.shaped:
+            q.shaping.close_connection(self.shaped)
         if self.leases:
             q._spawn(q.cluster.release(self.leases))
         self.connected()
@@ -132,9 +142,13 @@ class _Slot:
 class Queue:
     def __init__(self, cfg: Config, spool, router: Router, mainlog: MainLog, connect: Connector,
                  submit: Callable[[list[tuple[Envelope, bytes]]], Awaitable[Any]] | None = None,
-                 hostname: str = "localhost", cluster=None):
+                 hostname: str = "localhost", cluster=None, shaping: OutboundShaping | None = None):
         self.cfg = cfg
         self.cluster = cluster  # fastrelay.cluster.ClusterGate when Cluster_Redis is set
+        # Local throttles and the server-wide connection cap (issue #10); its backend may be
+        # shared between processes without the scheduler knowing.
+        self.shaping = shaping if shaping is not None else OutboundShaping(cfg)
+        self._host_throttled = has_host_throttles(cfg)
         self.spool = spool
         self.router = router
         self.mainlog = mainlog
@@ -239,9 +253,15 @@ class Queue:
             if not waiter.done():
                 waiter.set_result(True)
                 d.connecting += 1
-        if not d.pumping and d.ready and not self._stopping and d.paused is None:
+        if not d.pumping and d.ready and not self._stopping and d.paused is None and not self._suspended(d):
             d.pumping = True
             self._spawn(self._pump(d))
+
+    def _suspended(self, d: Dest) -> bool:
+        """suspend_delivery set for this destination (Momentum: binding, binding_group, domain or
+        global): its mail stays queued, untouched, until a restart without it. A drain moves
+        everything regardless, as `fastrelay drain` does for the global switch."""
+        return self.draining is None and bool(self.cfg.get("suspend_delivery", d.domain, d.binding))
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.ensure_future(coro)
@@ -253,9 +273,28 @@ class Queue:
         """Open sessions for `d` while it has ready messages and the router grants slots."""
         try:
             # Open a session only for ready messages no starting session will take.
+            if self.cfg.get("suspend_delivery", d.domain, d.binding):
+                return  # suspended for this binding (or binding::domain): the mail stays queued
             while len(d.ready) > d.connecting and not self._stopping:
+                wait = self.shaping.message_wait(d.domain, d.binding)
+                if wait > 0:
+                    # No message may go yet: a new connection would only wait. The open ones
+                    # (if any) take the next token; new ones open when the timer fires.
+                    d.shaping_hold = "throttle"
+                    self._pause(d, wait)
+                    return
+                if (d.token_waits or d.connecting) and self.shaping.has_message_throttle(d.domain, d.binding):
+                    # Under a message throttle the sessions already open (or opening) take the next
+                    # tokens on their connections (Momentum 25.4: connections stay open while
+                    # throttled); another connection would only wait beside them. Their end, or
+                    # new mail while they are busy delivering, runs this pump again.
+                    return
                 try:
                     plan = self._narrow(d, await self.router.plan(d.domain, d.binding))
+                    if self._host_throttled:
+                        plan = self._unthrottled(d, plan)
+                        if plan is None:
+                            return  # held until the first Host throttle lets a connection through
                     host = self.router.acquire(plan)
                 except RouteError as e:
                     await self._route_failed(d, e)
@@ -280,23 +319,34 @@ class Queue:
                     continue
                 if self.router.shared:
                     self.router.want(plan, False)
+                hop = plan.hops[host]
+                adm = self.shaping.open_connection(d.domain, d.binding, [hop.name, hop.ip])
+                if adm.retry_in > 0:
+                    # Momentum 25.4: a throttled destination waits on a timer; no retry is
+                    # scheduled and no slot or worker is held meanwhile.
+                    self._free_slot(plan, host)
+                    d.shaping_hold = adm.reason
+                    self._pause(d, adm.retry_in)
+                    return
                 leases = None
                 if self.cluster is not None:
                     try:
-                        adm = await self.cluster.open_connection(d.domain, d.binding, plan.hops[host].name)
+                        cadm = await self.cluster.open_connection(d.domain, d.binding, plan.hops[host].name)
                     except BaseException:
                         self._free_slot(plan, host)
+                        self.shaping.close_connection(adm.slots)
                         raise
-                    if adm.retry_in > 0:
+                    if cadm.retry_in > 0:
                         # A cluster-wide limit is full or the connection throttle waits: give the
                         # local slot back and ask again later, holding no worker meanwhile.
                         self._free_slot(plan, host)
-                        self._pause(d, adm.retry_in)
+                        self.shaping.close_connection(adm.slots)
+                        self._pause(d, cadm.retry_in)
                         return
-                    leases = adm.leases
+                    leases = cadm.leases
                 # Reserve and release in pairs: the slot goes back when the session task ends,
                 # however it ends (even cancelled before its first step, when no `finally` runs).
-                slot = _Slot(self, d, plan, host, leases)
+                slot = _Slot(self, d, plan, host, leases, adm.slots)
                 self.stats["sessions"] += 1
                 self._spawn(self._session(slot)).add_done_callback(slot.release)
         finally:
@@ -317,6 +367,7 @@ class Queue:
 
     def _unpause(self, d: Dest) -> None:
         d.paused = None
+        d.shaping_hold = ""
         self._kick(d)
 
     def _poll_later(self, d: Dest, plan: Plan) -> None:
@@ -333,6 +384,21 @@ class Queue:
             self._kick(d)
 
         asyncio.get_running_loop().call_later(limits.SHARED_POLL_INTERVAL, poll)
+
+    def _unthrottled(self, d: Dest, plan: Plan) -> Plan | None:
+        """Momentum's Host-scope outbound_throttle_connections: a throttled MX is skipped for a
+        sibling (same preference first, then the next level, as for a host at its connection
+        limit); with every host throttled, the destination waits for the first one's next token
+        (None: held), not for retry_interval."""
+        waits = {h: self.shaping.host_wait([hop.name, hop.ip], d.binding) for h, hop in plan.hops.items()}
+        throttled = {h for h, w in waits.items() if w > 0}
+        if not throttled:
+            return plan
+        narrowed = self.router.without(plan, throttled)
+        if narrowed is None:
+            d.shaping_hold = "host throttle"
+            self._pause(d, min(waits.values()))
+        return narrowed
 
     def _narrow(self, d: Dest, plan: Plan) -> Plan:
         """The plan without the hosts this destination's TLS policy refused lately; a RouteError
@@ -395,7 +461,7 @@ class Queue:
         except SpoolError as e:
             self._retry_later(it, e)
         except Exception:
-            # RELIABILITY.md case 50: a bug must not lose the message nor kill the scheduler.
+            # docs/reliability.md case 50: a bug must not lose the message nor kill the scheduler.
             it.errors += 1
             log.exception("internal error handling message %d (%d/%d)", it.id, it.errors, MAX_INTERNAL_ERRORS)
             await self._internal_error(it)
@@ -413,9 +479,13 @@ class Queue:
         d, plan, host = slot.dest, slot.plan, slot.host
         hop = plan.hops[host]
         conn: D.Connection | None = None
+        settings = self._settings(d)
+        if plan.sts_enforce and hop.proto == "smtp":
+            # RFC 8461 §5: a policy in enforce mode needs TLS with a certificate valid for the MX.
+            settings = dataclasses.replace(settings, tls="required", tls_verify="host", tls_fallback=False)
         try:
             try:
-                conn = await self.connect(hop, self._settings(d))
+                conn = await self.connect(hop, settings)
             except D.ConnectError as e:
                 log.info("%s: host %s:%s unusable: %s %s", d.domain, hop.ip, hop.port, e.code, e.text)
                 if e.policy:
@@ -423,7 +493,7 @@ class Queue:
                     # avoids it (for host_failure_retry); other domains keep using it.
                     d.avoid[host] = (time.monotonic() + self.router.failure_wait(plan, host), e.code, e.text)
                     return
-                # RELIABILITY.md cases 38-39: this host is avoided for a while; the messages stay
+                # docs/reliability.md cases 38-39: this host is avoided for a while; the messages stay
                 # ready and the next session tries another host (or finds ALL_DOWN and defers).
                 self._host_errors[host] = (e.code, e.text)
                 self.router.host_failed(plan, host)
@@ -436,7 +506,8 @@ class Queue:
                 return
             self.router.host_ok(plan, host)
             slot.connected()
-            keep = self.cfg.get("Connection_Cache_Time", d.domain, d.binding)
+            keep = self.cfg.get("idle_timeout", d.domain, d.binding)
+            throttled = self.shaping.has_message_throttle(d.domain, d.binding)
             while conn.usable and not self._stopping:
                 it = self._take(d)
                 if it is None:
@@ -444,9 +515,32 @@ class Queue:
                         break
                     d.connecting -= 1  # woken for a message: it takes one now (or finds none)
                     continue
+                wait = self.shaping.before_message(d.domain, d.binding, [hop.name, hop.ip])
+                if 0 < wait <= keep:
+                    d.token_waits += 1
+                    try:
+                        while 0 < wait <= keep and conn.usable and not self._stopping:
+                            # Throttled by message rate: the connection stays open for a wait
+                            # within idle_timeout (no retry scheduled, the message stays taken).
+                            await asyncio.sleep(wait)
+                            wait = self.shaping.before_message(d.domain, d.binding, [hop.name, hop.ip])
+                    finally:
+                        d.token_waits -= 1
+                if wait > 0:
+                    # A longer wait: the message goes back to the front of the ready queue, the
+                    # connection closes, and the destination waits on a timer.
+                    it.busy = False
+                    d.ready.appendleft(it)
+                    d.shaping_hold = "throttle"
+                    self._pause(d, wait)
+                    break
                 if self.cluster is not None:
                     await self.cluster.before_message(d.domain, d.binding)
                 await self._deliver_one(it, conn, hop)
+                if throttled and not d.token_waits and len(d.ready) > d.connecting:
+                    # The token was there without waiting: the throttle is not what limits this
+                    # destination now, so the pump may open another connection (see _pump).
+                    self._kick(d)
         finally:
             if conn is not None:
                 try:
@@ -457,7 +551,7 @@ class Queue:
 
     async def _idle(self, d: Dest, keep: float, plan: Plan | None = None) -> bool:
         """Keep an open connection for `keep` seconds in case more mail comes for its destination
-        (Postfix's smtp_connection_cache_time_limit): a new connection costs a handshake, a
+        (Momentum's outbound idle_timeout): a new connection costs a handshake, a
         greeting and an EHLO. True if woken for a message, False when the time is up. With
         workers, also False as soon as another worker waits for a slot of this site: an idle
         connection here must not keep the relay-wide limit from its mail."""
@@ -511,9 +605,12 @@ class Queue:
                 # (this spool's node, this entry's id) if a lost 200 makes us send it again.
                 results = await conn.transfer(env, idx, body, (self.spool.node_id, str(it.id)))
             else:
+                # XCLIENT (issue #10): the original client goes along where the option asks.
+                kw = {"client": client_of(env)} if hop.proto == "smtp" and \
+                    self._settings(self._dest(it)).xclient != "no" else {}
                 results = await conn.deliver(
                     env.sender, env.mail_params,
-                    [(env.recipients[i].address, env.recipients[i].params) for i in idx], body,
+                    [(env.recipients[i].address, env.recipients[i].params) for i in idx], body, **kw,
                 )
             crashpoint("after_remote_ok")
             # A next hop that took the DSN parameters reports success itself (RFC 3461 §5.2.1);
@@ -521,14 +618,15 @@ class Queue:
             success = None if hop.proto == "xfer" or getattr(conn, "takes_dsn", True) else \
                 (DELIVERED_ACTION if hop.proto == "lmtp" else RELAYED_ACTION)
             await self._apply(it, env, body, idx, results, f"{hop.ip}:{hop.port}",
-                              ok_kind="X" if hop.proto == "xfer" else "D", mta=mta_name(hop), success=success)
+                              ok_kind="X" if hop.proto == "xfer" else "D", mta=mta_name(hop), success=success,
+                              tls=getattr(conn, "tls_info", None))
         except SpoolError as e:
             # The spool could not read or write this message now: not the message's fault, so it
             # does not count towards quarantine; nothing changed on disk, so it is simply tried again.
             self._retry_later(it, e)
         except Exception:
             # A bug or an unexpected failure must not kill the worker or lose the message
-            # (RELIABILITY.md case 50): retry later; quarantine a message that keeps failing.
+            # (docs/reliability.md case 50): retry later; quarantine a message that keeps failing.
             it.errors += 1
             log.exception("internal error delivering message %d (%d/%d)", it.id, it.errors, MAX_INTERNAL_ERRORS)
             conn.usable = False
@@ -639,7 +737,8 @@ class Queue:
 
     # --- outcomes -----------------------------------------------------------------------------
     async def _apply(self, it: Item, env: Envelope, body: bytes, idx: list[int], results: list, remote: str,
-                     ok_kind: str = "D", mta: str = "", success: str | None = None) -> None:
+                     ok_kind: str = "D", mta: str = "", success: str | None = None,
+                     tls: str | None = None) -> None:
         """`remote` (ip:port) is for the mainlog; `mta` (the host's name) for DSNs' Remote-MTA;
         `success` the DSN action (delivered, relayed) owed to NOTIFY=SUCCESS, None if none is."""
         size = len(body)
@@ -653,7 +752,7 @@ class Queue:
                 r.state = DELIVERED
                 ok.append(i)
                 self.stats["delivered"] += 1
-                self.mainlog.outcome(ok_kind, env, r.address, size, remote, res.response)
+                self.mainlog.outcome(ok_kind, env, r.address, size, remote, res.response, tls=tls)
             elif res.status == D.PERM:
                 r.state = FAILED
                 failed.append(i)
@@ -803,7 +902,7 @@ class Queue:
                       retry_until: float | None = None) -> None:
         """A DSN to the sender for these recipients (a failure unless `action` says otherwise),
         for those whose NOTIFY asks for it; never for the null sender (RFC 5321 §6.1,
-        RELIABILITY.md case 18). It is durable before the recipients are marked failed, so a
+        docs/reliability.md case 18). It is durable before the recipients are marked failed, so a
         crash in between gives a duplicate DSN, never a lost one."""
         if not env.sender or not idx or self.submit is None:
             return
@@ -817,7 +916,7 @@ class Queue:
     def drain_to(self, route) -> int:
         """Move every queued message to the XFER peer `route` (an xfer:// Route), keeping its
         schedule, attempts and binding. The peer dedupes on (this node, this id), so a drain cut
-        short by kill -9 and run again delivers each message once (RELIABILITY.md case 36).
+        short by kill -9 and run again delivers each message once (docs/reliability.md case 36).
         Returns how many messages are queued to go."""
         self.router.overrides[DRAIN_DOMAIN] = [route]
         self.draining = {"to": route.text, "since": time.time(), "queued_at_start": len(self.items)}
@@ -1225,6 +1324,11 @@ class Queue:
         sessions of the old ones finish the message they hold, find nothing more and close: so
         new mail takes the new route at once, and nothing in flight is cut."""
         self.cfg = cfg
+        # Throttles and Server_Max_Outbound_Connections as the new conf says (issue 10), on the
+        # same backend: slots held now are released where they were taken, and a throttle keeps
+        # its place in time (no free burst from a reload).
+        self.shaping = OutboundShaping(cfg, self.shaping.backend, self.shaping.clock)
+        self._host_throttled = has_host_throttles(cfg)
         old = self.dests
         self.dests = {}
         for d in old.values():
@@ -1245,28 +1349,54 @@ class Queue:
         self._api_kick_all()
 
 
+def _path(cfg: Config, option: str, domain: str, binding: str) -> str | None:
+    """A file option, relative to the directory of the conf file that set it."""
+    s = cfg.lookup(option, domain, binding)
+    if s.value is None or s.value == "none" or os.path.isabs(s.value) or s.pos is None:
+        return s.value
+    return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
+
+
 def delivery_settings(cfg: Config, domain: str, binding: str, hostname: str) -> D.Settings:
+    from fastrelay.delivery.auth import outbound_auth
+
     g = cfg.get
+    ehlo = g("EHLO_Hostname", domain, binding)
     return D.Settings(
-        helo_name=hostname,
+        # Momentum's ehlo_hostname: "__hostname__" is this relay's name. "__message__" (the
+        # sender's domain) cannot be per message on a shared connection: the relay's name too.
+        helo_name=hostname if ehlo in ("__hostname__", "__message__") else ehlo,
+        bind_address=g("Bind_Address", domain, binding),
+        tls_implicit=g("TLS_Implicit", domain, binding),
+        session_timeout=g("Session_Timeout", domain, binding),
+        binding=binding,
+        xclient=g("XCLIENT", domain, binding),
+        tls_cert=_path(cfg, "TLS_Certificate", domain, binding),
+        tls_key=_path(cfg, "TLS_Key", domain, binding),
+        tls_protocols=g("TLS_Protocols", domain, binding),
+        tls_ciphers=g("TLS_Ciphers", domain, binding),
         esmtp=g("Delivery_Method", domain, binding) != "SMTP",
         connect_timeout=g("Connect_Timeout", domain, binding),
         greeting_timeout=g("Greeting_Timeout", domain, binding),
         ehlo_timeout=g("EHLO_Timeout", domain, binding),
         tls_timeout=g("TLS_Timeout", domain, binding),
-        mail_timeout=g("Mail_From_Timeout", domain, binding),
-        rcpt_timeout=g("Rcpt_To_Timeout", domain, binding),
+        mail_timeout=g("mailfrom_timeout", domain, binding),
+        rcpt_timeout=g("rcptto_timeout", domain, binding),
         data_timeout=g("Data_Timeout", domain, binding),
-        done_timeout=g("Delivery_Response_Timeout", domain, binding),
+        # Momentum: body_timeout is the wait for the reply after an SMTP/LMTP final dot,
+        # delivery_response_timeout the wait for an HTTP delivery's response (XFER).
+        done_timeout=g("body_timeout", domain, binding),
+        xfer_timeout=g("Delivery_Response_Timeout", domain, binding),
         rset_timeout=g("RSET_Timeout", domain, binding),
         tls=g("TLS", domain, binding),
         tls_verify=g("TLS_Verify", domain, binding),
         tls_fallback=g("TLS_Ifavailable_Fallback", domain, binding),
-        tls_ca=g("TLS_CA", domain, binding),
+        tls_ca=_path(cfg, "TLS_CA", domain, binding),
         http_uri=g("HTTP_URI", domain, binding),
         http_method=g("HTTP_METHOD", domain, binding),
         http_host=g("HTTP_HOST", domain, binding),
         teleport=g("teleport_enabled", domain, binding),
         xfer_secret=g("xfer_secret", domain, binding),
         xfer_token=g("xfer_token", domain, binding),
+        auth=outbound_auth(cfg, domain, binding),
     )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastrelay import _impl, shards
+from fastrelay.bindings import Assigner
 from fastrelay.config import Config
 from fastrelay.mainlog import MainLog
 from fastrelay.message import Envelope
@@ -27,13 +27,19 @@ class StartupError(Exception):
 class WorkerInfo:
     """What a worker process gets from its supervisor (fastrelay.supervisor): its number, how many
     workers there are, its listening sockets (one per Listen, in conf order) and the
-    relay-wide shared counters."""
+    relay-wide shared counters. The admin (fastrelay.admin.workers): worker 0 gets the
+    Admin_Listener sockets; every other worker its internal admin socket (peer_socket); all of
+    them every worker's internal socket address (peers, by index) and the run's secret."""
 
     index: int
     count: int
     esmtp_sockets: list[socket.socket] = field(default_factory=list)
     http_sockets: list[socket.socket] = field(default_factory=list)
     shared: Any = None
+    admin_sockets: list[socket.socket] = field(default_factory=list)
+    peer_socket: socket.socket | None = None
+    peers: list[str] = field(default_factory=list)
+    secret: str = ""
 
 
 class Relay:
@@ -55,15 +61,33 @@ class Relay:
         self.smtp_servers: list[SMTPServer] = []
         self.xfer_servers: list = []
         self.admin_servers: list = []  # fastrelay.admin: the admin API on each Admin_Listener address
+        self.internal_admin = None  # Workers > 1, worker K >= 1: its queue API for worker 0's front
         self.recovered = 0
         self.resolver = None
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
         self.hostname = cfg.get("Hostname") or socket.gethostname()
+        self.binder = Assigner(cfg)  # binding assignment (issue #10), shared by the listeners
+        self._prebound: dict[int, socket.socket] = {}  # listener sockets bound before a privilege drop
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
         self._check_config()
+        # Security { User Group } (Momentum): bind every listener as root, then drop to the user
+        # before the spool and the mainlog are opened, so their files belong to that user. A worker
+        # (issue 13) drops too; its listener sockets were bound by the supervisor.
+        user = cfg.security.get("user")
+        if user is not None and self.drain_to is None:
+            from fastrelay import privileges
+
+            group = cfg.security.get("group")
+            if self.worker is None:
+                self._prebind()
+            try:
+                privileges.drop(user[0], group[0] if group else None)
+            except (privileges.PrivilegeError, OSError) as e:
+                self._close_prebound()
+                raise StartupError(str(e)) from None
         self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
         try:
             await self.spool.open()
@@ -92,11 +116,13 @@ class Relay:
             srv = SMTPServer(settings, self)
             if self.worker is not None and self.worker.shared is not None:
                 srv.share(self.worker.shared, self.worker.index, str(listen.address))
+            srv.binder = self.binder.for_listener(listen)
             try:
                 if self.worker is not None:  # sockets bound by the supervisor (SO_REUSEPORT)
                     await srv.start(None, 0, sock=self.worker.esmtp_sockets[i])
                 else:
-                    await srv.start(listen.address.host or None, listen.address.port)
+                    await srv.start(listen.address.host or None, listen.address.port,
+                                    sock=self._prebound.pop(id(listen), None))
             except OSError as e:
                 raise StartupError(f"ESMTP listener {listen.address}: {e.strerror or e}") from None
             self.smtp_servers.append(srv)
@@ -109,9 +135,10 @@ class Relay:
 
     async def _start_admin(self) -> None:
         """Issue 12: the admin API, /metrics and the status page on each Admin_Listener address."""
-        from fastrelay.admin.server import start_admin
+        from fastrelay.admin.server import start_admin, start_internal
 
         self.admin_servers = await start_admin(self)
+        self.internal_admin = await start_internal(self)
 
     async def reload(self, new_cfg: Config | None = None) -> dict:
         """Validate and apply a configuration (re-read from the conf file when None) without a
@@ -119,6 +146,28 @@ class Relay:
         from fastrelay.admin.reload import reload_relay
 
         return await reload_relay(self, new_cfg)
+
+    def _prebind(self) -> None:
+        """Bind (and listen on) every listener's socket now, while still root (port 25)."""
+        listens = list(self.cfg.esmtp_listens) + (list(self.cfg.http_listens) if self.cfg.xfer_server_enabled else [])
+        for listen in listens:
+            host, port = listen.address.host, listen.address.port
+            try:
+                if not host and socket.has_dualstack_ipv6():
+                    sock = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                                                backlog=1024, reuse_port=False)
+                else:
+                    family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
+                    sock = socket.create_server((host or "", port), family=family, backlog=1024)
+            except OSError as e:
+                self._close_prebound()
+                raise StartupError(f"listener {listen.address}: {e.strerror or e}") from None
+            self._prebound[id(listen)] = sock
+
+    def _close_prebound(self) -> None:
+        for sock in self._prebound.values():
+            sock.close()
+        self._prebound.clear()
 
     def _check_config(self) -> None:
         """The whole-conf checks `check-config` makes (fastrelay.config.model.check_runnable), so a
@@ -143,11 +192,12 @@ class Relay:
                      j, src, n, self.shard)
 
     async def _start_delivery(self, entries: list) -> None:
-        """Start the scheduler; with suspend_delivery, accepted mail just stays queued."""
+        """Start the scheduler. suspend_delivery is the queue's to apply per destination (a Domain
+        may set it off under a global on, Momentum's fallback): accepted mail just stays queued."""
         cfg = self.cfg
         if cfg.get("suspend_delivery") and self.drain_to is None:
-            log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only")
-            return
+            log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only, except "
+                     "for scopes that set it off")
         from fastrelay.delivery.connect import connect
         from fastrelay.dns import Resolver
         from fastrelay.queue import Queue
@@ -193,18 +243,14 @@ class Relay:
                 if self.worker is not None:
                     await srv.start(None, 0, sock=self.worker.http_sockets[i])
                 else:
-                    await srv.start(listen.address.host or None, listen.address.port)
+                    await srv.start(listen.address.host or None, listen.address.port,
+                                    sock=self._prebound.pop(id(listen), None))
             except OSError as e:
                 raise StartupError(f"HTTP listener {listen.address}: {e.strerror or e}") from None
             self.xfer_servers.append(srv)
 
     def _mainlog_path(self) -> str:
-        s = self.cfg.lookup("Mainlog")
-        if s.value is None:
-            return os.path.join(os.path.dirname(self.cfg.spool_dir), "mainlog")
-        if os.path.isabs(s.value) or s.pos is None:
-            return s.value
-        return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
+        return self.cfg.mainlog_path
 
     def describe_listeners(self) -> list[str]:
         out = []
@@ -248,6 +294,10 @@ class Relay:
         for asrv in self.admin_servers:
             await asrv.stop()
         self.admin_servers.clear()
+        self._close_prebound()  # a start that failed after binding them
+        if self.internal_admin is not None:
+            await self.internal_admin.stop()
+            self.internal_admin = None
         for srv in self.smtp_servers:
             await srv.stop()
         self.smtp_servers.clear()
@@ -288,7 +338,7 @@ class Relay:
         return self.spool.node_id
 
     async def submit_transfer(self, items: list[tuple[Envelope, bytes]], key: tuple[str, str]) -> tuple[str, bool]:
-        """Make a transfer durable at most once per (origin node, origin id) (RELIABILITY.md case
+        """Make a transfer durable at most once per (origin node, origin id) (docs/reliability.md case
         36); returns (our msgid, duplicate). Only then may the XFER server answer 200 (P1)."""
         entries, dup = await self.spool.add_once(items, key)
         if dup is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -69,6 +70,7 @@ class Plan:
     expires: float  # monotonic
     tiers: tuple[Tier, ...] = ()  # the order the route table walks, most preferred first
     failed: tuple[str, ...] = ()  # entries that gave no usable host this time, and why
+    sts_enforce: bool = False  # an MTA-STS policy in enforce mode: verified TLS is required
 
 
 @dataclass
@@ -114,6 +116,53 @@ def order_entries(routes: list[Route]) -> list[tuple[int | None, list[int]]]:
     return out
 
 
+def _v6(hop: Hop) -> bool:
+    return ":" in hop.ip
+
+
+def shape_groups(groups: list[list[Hop]], strategy: str, max_mx: int = 0, max_addr: int = 0) -> list[list[Hop]]:
+    """One route entry's groups under seed 003's ip-strategy and transport limits.
+
+    - `max_mx`: only the first this many host names (in plan order) are kept ("the maximum number
+      of MX hosts to try on each delivery attempt"); 0 keeps all.
+    - `strategy`: "ipv4-only"/"ipv6-only" drop the other family; "X-then-Y" puts each group's Y
+      addresses in a group of their own after its X ones, so the route table (which walks groups
+      in order and skips hosts marked down) reaches Y only when no X address is usable or all of
+      them failed ("fallback to IPv4 if unavailable").
+    - `max_addr`: of each host name, only the first this many addresses, counted in strategy order
+      ("the maximum number of IP addresses to try on each delivery attempt"); 0 keeps all.
+    """
+    names: list[str] = []
+    out: list[list[Hop]] = []
+    then = strategy in ("ipv6-then-ipv4", "ipv4-then-ipv6")
+    first_v6 = strategy == "ipv6-then-ipv4"
+    for group in groups:
+        by_name: dict[str, list[Hop]] = {}
+        for h in group:
+            if h.name not in by_name:
+                if h.name not in names:
+                    if max_mx and len(names) >= max_mx:
+                        continue
+                    names.append(h.name)
+                by_name[h.name] = []
+            by_name[h.name].append(h)
+        first: list[Hop] = []
+        second: list[Hop] = []
+        for hops in by_name.values():
+            if strategy == "ipv4-only":
+                hops = [h for h in hops if not _v6(h)]
+            elif strategy == "ipv6-only":
+                hops = [h for h in hops if _v6(h)]
+            elif then:
+                hops = [h for h in hops if _v6(h) == first_v6] + [h for h in hops if _v6(h) != first_v6]
+            if max_addr:
+                hops = hops[:max_addr]
+            for h in hops:
+                (second if then and _v6(h) != first_v6 else first).append(h)
+        out.extend(g for g in (first, second) if g)
+    return out
+
+
 class Router:
     def __init__(self, cfg: Config, resolver: Resolver, table=None, worker: int = 0):
         self.cfg = cfg
@@ -134,6 +183,7 @@ class Router:
         # peer, issue #14): routing domain -> routes.
         self.overrides: dict[str, list[Route]] = {}
         self._pending: dict[tuple[str, str], asyncio.Future] = {}
+        self._sts = None  # fastrelay.mta_sts.MTASTS, made when a destination first needs it
 
     # --- plans --------------------------------------------------------------------------------
     async def plan(self, domain: str, binding: str = "default") -> Plan:
@@ -184,6 +234,20 @@ class Router:
         # Seed 004: one entry that cannot be used does not fail the destination while another
         # can; so each entry is expanded on its own and its failure kept with it.
         expanded = [await self._expand_entry(domain, r, i, method, default_port) for i, r in enumerate(routes)]
+        strategy = cfg.get("IP_Strategy", domain, binding)
+        max_mx = cfg.get("Max_MX_Hosts", domain, binding)
+        max_addr = cfg.get("Max_MX_Addresses", domain, binding)
+        if strategy != "any" or max_mx or max_addr:
+            for e in expanded:
+                if e.groups:
+                    e.groups = shape_groups(e.groups, strategy, max_mx, max_addr)
+                    if not e.groups:
+                        e.error = RouteError(False, 451, f"4.4.4 No address of {e.route.text} fits "
+                                                         f"IP_Strategy {strategy}")
+        sts_enforce = False
+        if method != "delay_xfer" and any(e.route.scheme == "mx" and e.groups for e in expanded) and \
+                cfg.get("use_mta_sts", domain, binding):
+            sts_enforce = await self._apply_sts(domain, expanded, cfg.get("enable_mta_sts", domain, binding))
         now = time.monotonic()
         t = self.table
         ids: dict[int, Hop] = {}
@@ -231,9 +295,48 @@ class Router:
         failed = tuple(f"{e.route.text}: {e.error.code} {e.error.text}" for e in failures)
         if failed:
             log.warning("%s: route entries skipped: %s", domain, "; ".join(failed))
+        if binding != "default":
+            groups.append([self._binding_marker(binding)])
         site = t.site(groups, cfg.get("max_outbound_connections", domain, binding))
         ttl = min((e.ttl for e in expanded), default=STATIC_PLAN_TTL)
-        return Plan(domain, binding, site, ids, method, now + ttl, tuple(tiers), failed)
+        return Plan(domain, binding, site, ids, method, now + ttl, tuple(tiers), failed, sts_enforce)
+
+    def sts(self):
+        """The relay's MTA-STS policy cache (fastrelay.mta_sts), made on first use."""
+        if self._sts is None:
+            from fastrelay.mta_sts import MTASTS
+
+            ca = self.cfg.lookup("MTA_STS_CA")
+            path = ca.value
+            if path and not os.path.isabs(path) and ca.pos is not None:
+                path = os.path.join(os.path.dirname(os.path.abspath(ca.pos.file)), path)
+            self._sts = MTASTS(self.dns, self.cfg.get("MTA_STS_Timeout"), path, self.cfg.get("MTA_STS_Port"))
+        return self._sts
+
+    async def _apply_sts(self, domain: str, expanded: list[_Expanded], enable: bool = True) -> bool:
+        """RFC 8461 §4.1 and §5: in enforce mode keep only the MX hosts the policy names (and say
+        so when none is left: 4.7.0, deferred); testing mode (or enable_mta_sts = false) only
+        logs. True if enforced."""
+        policy = await self.sts().policy(domain)
+        if policy is None or policy.mode == "none":
+            return False
+        mode = policy.mode if enable else "testing"
+        for e in expanded:
+            if e.route.scheme != "mx" or not e.groups:
+                continue
+            names = sorted({h.name for g in e.groups for h in g})
+            refused = [n for n in names if not policy.allows(n)]
+            if not refused:
+                continue
+            if mode == "testing":
+                log.warning("%s: MTA-STS (testing): MX %s not in the policy (%s); delivering anyway",
+                            domain, ", ".join(refused), " ".join(policy.mx))
+                continue
+            e.groups = [kept for g in e.groups if (kept := [h for h in g if policy.allows(h.name)])]
+            if not e.groups:
+                e.error = RouteError(False, 451, f"4.7.0 MTA-STS policy of {domain} (enforce) allows none of its "
+                                                 f"MX hosts ({', '.join(names)}; policy: {' '.join(policy.mx)})")
+        return mode == "enforce"
 
     async def _expand_entry(self, domain: str, r: Route, position: int, method: str,
                             default_port: int) -> _Expanded:
@@ -248,7 +351,7 @@ class Router:
             return out
         except DNSNotFound as e:
             if r.scheme == "mx":
-                # RELIABILITY.md case 46: NXDOMAIN for the recipient domain bounces (5.4.4).
+                # docs/reliability.md case 46: NXDOMAIN for the recipient domain bounces (5.4.4).
                 out.error = RouteError(True, 550, f"5.4.4 Host or domain name not found: {e}")
             else:
                 out.error = RouteError(False, 451, f"4.4.4 Route host not found: {e}")
@@ -340,7 +443,7 @@ class Router:
     async def _exchanges(self, mx: list[tuple[int, str]], ttl: float) -> list:
         out = []
         for pref, exch in mx:
-            # An MX whose name resolves to nothing is skipped (RELIABILITY.md case 46); one whose
+            # An MX whose name resolves to nothing is skipped (docs/reliability.md case 46); one whose
             # lookup fails for now is skipped too, so the next MX is tried, and noted so that the
             # entry defers rather than bounces when no MX is left.
             try:
@@ -365,6 +468,15 @@ class Router:
     def _prohibited(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
         return any(addr.version == n.version and addr in n for n in self.prohibited)
+
+    def _binding_marker(self, binding: str) -> int:
+        """Issue #10 (Momentum's max_outbound_connections per binding and domain): each binding
+        counts its own connections to an MX set. The route table keys a site by its hosts, so a
+        binding's plan gets, as its last group, a host of its own that is never up: the site is
+        the binding's, while the real hosts (and their Host limits) stay shared by everyone."""
+        hid = self.table.host(f"binding:{binding}")
+        self.table.mark_down(hid, float("inf"))
+        return hid
 
     # --- slots ---------------------------------------------------------------------------------
     def acquire(self, plan: Plan) -> int:
@@ -426,6 +538,8 @@ class Router:
                 tiers.append(replace(tier, groups=tuple(kept)))
         if not groups:
             return None
+        if plan.binding != "default":
+            groups.append([self._binding_marker(plan.binding)])
         site = self.table.site(groups, self.table.site_limit(plan.site))
         hops = {h: hop for h, hop in plan.hops.items() if h not in avoid}
         return replace(plan, site=site, hops=hops, tiers=tuple(tiers))

@@ -1,6 +1,6 @@
 """The spool: make accepted mail durable before the 250, record per-recipient progress, survive crashes."""
 
-# Durability design (RELIABILITY.md part (a), P1-P7)
+# Durability design (docs/reliability.md part (a), P1-P7)
 # ==================================================
 #
 # Storage is one SQLite database, <directory>/spool.db, in WAL mode. SQLite gives the "one atomic
@@ -16,7 +16,7 @@
 # torn or corrupt entry with a reason and a time (P6: never delivered truncated, never silently
 # deleted). meta holds the node_id made when the spool was created and the id high-water mark.
 #
-# Group commit (P1 + PERF.md: one fsync per message caps near 2,000/s, a group of 100 reaches
+# Group commit (P1 + docs/performance.md: one fsync per message caps near 2,000/s, a group of 100 reaches
 # ~154,000 records/s): one writer thread owns the write connection. It blocks for the first queued
 # operation, takes everything else waiting (up to max_batch), runs it all in ONE transaction
 # (BEGIN IMMEDIATE ... COMMIT, multi-row statements for runs of the same kind), and then wakes every waiting
@@ -48,7 +48,7 @@
 # msgid from them). Deviation from "max(id)+1 at open": a high-water mark in meta is advanced in the
 # same transaction as each add, so an id (and the msgid derived from it) is never reused after the
 # newest message was removed or quarantined and the spool restarted: logs, DSNs and XFER dedupe
-# (origin node, origin id: RELIABILITY.md case 36) can rely on it.
+# (origin node, origin id: docs/reliability.md case 36) can rely on it.
 #
 # msgid (when the caller left it empty) is "<id in hex>.<node_id>", unique across nodes too.
 #
@@ -67,7 +67,7 @@
 # already copied, which a checkpointer racing a busy writer never achieves), and when it has been
 # idle for a second (_idle: the WAL is copied whole and truncated to 0 bytes).
 #
-# A full disk (RELIABILITY.md recipe step 7, case 17) must not stop the spool: progress updates (P3)
+# A full disk (docs/reliability.md recipe step 7, case 17) must not stop the spool: progress updates (P3)
 # and removals must still be written, or delivered mail would be sent again and nothing could free
 # space. With SQLite in WAL mode that needs care: spool.db never shrinks, and a WAL whose new pages
 # cannot be copied into spool.db (which must grow for them) can never restart, so then even a
@@ -143,7 +143,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS quarantine(qid INTEGER PRIMARY KEY, id INTEGER, reason TEXT, at REAL,"
     " domain TEXT, env TEXT, data BLOB, len INTEGER, crc INTEGER)",
     "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v)",
-    # XFER idempotency (RELIABILITY.md case 36): a transfer already taken, by (origin node, origin id).
+    # XFER idempotency (docs/reliability.md case 36): a transfer already taken, by (origin node, origin id).
     "CREATE TABLE IF NOT EXISTS xfer_seen(node TEXT, origin TEXT, msgid TEXT, at REAL, PRIMARY KEY(node, origin))",
 )
 _SEL_XFER = "SELECT msgid FROM xfer_seen WHERE node = ? AND origin = ?"
@@ -625,7 +625,7 @@ class Spool:
                        key: tuple[str, str]) -> tuple[list[IndexEntry], str | None]:
         """As add(), but at most once per `key` (origin node, origin id): the check and the insert
         are one transaction. Returns (entries, None) when stored now, or ([], msgid) with the msgid
-        given the first time when the key was seen before (RELIABILITY.md case 36)."""
+        given the first time when the key was seen before (docs/reliability.md case 36)."""
         return await self._add(items, key)
 
     async def _add(self, items: list[tuple[Envelope, bytes]],

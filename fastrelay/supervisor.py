@@ -15,6 +15,11 @@ and then only waits for signals:
   supervisor exits once all have stopped (they are killed after WORKER_STOP_TIMEOUT);
 - SIGHUP: forwarded to every worker.
 
+The admin (fastrelay.admin.workers): each Admin_Listener address is bound here once and handed to
+worker 0 only, whose admin is a front over every worker's queue; every other worker serves its
+queue API on an internal loopback socket (bound here too, so a restarted worker's successor
+answers on the same address), guarded by a secret made for this run.
+
 Workers = 1 never gets here: `fastrelay run` is then the single process it always was.
 """
 
@@ -24,6 +29,7 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import select
 import signal
 import socket
@@ -92,6 +98,10 @@ class Supervisor:
         self.log_level = log_level
         self.esmtp: list[list[socket.socket]] = []  # per Listen: one socket per worker
         self.http: list[list[socket.socket]] = []
+        self.admin: list[socket.socket] = []  # per Admin_Listener Listen: one socket, for worker 0
+        self.peer: list[socket.socket] = []  # per worker: its internal admin socket
+        self.peer_names: list[str] = []
+        self.secret = secrets.token_urlsafe(32)
         self.shared = None
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.started: dict[int, float] = {}  # worker index -> monotonic start time
@@ -117,6 +127,22 @@ class Supervisor:
                     self.http.append(bind_shared(listen.address.host, listen.address.port, self.n))
                 except OSError as e:
                     raise OSError(f"HTTP listener {listen.address}: {e.strerror or e}") from None
+        for listen in self.cfg.admin_listens:
+            try:
+                self.admin.append(bind_shared(listen.address.host, listen.address.port, 1)[0])
+            except OSError as e:
+                raise OSError(f"Admin listener {listen.address}: {e.strerror or e}") from None
+        if self.admin:
+            for _k in range(self.n):
+                # Loopback TCP on a port the kernel picks (uvloop cannot reach an abstract unix
+                # socket, and a socket file's path may be too long); the secret keeps other
+                # local clients out.
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                self.peer.append(s)
+                s.bind(("127.0.0.1", 0))
+                s.listen(128)
+                s.setblocking(False)
+                self.peer_names.append(f"127.0.0.1:{s.getsockname()[1]}")
 
     def _make_shared(self) -> None:
         make = getattr(_impl, "SharedCounters", None)
@@ -148,6 +174,8 @@ class Supervisor:
         for group in self.esmtp + self.http:
             for s in group:
                 s.close()
+        for s in self.admin + self.peer:
+            s.close()
 
     def _spawn(self, k: int) -> None:
         pid = os.fork()
@@ -177,12 +205,18 @@ class Supervisor:
         if os.getppid() == 1:
             return 0
         os.close(self._ready_r)
-        for group in self.esmtp + self.http:
+        for group in [*self.esmtp, *self.http, self.peer]:
             for i, s in enumerate(group):
                 if i != k:
                     s.close()
+        if k != 0:
+            for s in self.admin:
+                s.close()
         runner.setup_logging(self.log_level, f"fastrelay[w{k}]")
-        info = WorkerInfo(k, self.n, [g[k] for g in self.esmtp], [g[k] for g in self.http], self.shared)
+        info = WorkerInfo(k, self.n, [g[k] for g in self.esmtp], [g[k] for g in self.http], self.shared,
+                          admin_sockets=list(self.admin) if k == 0 else [],
+                          peer_socket=self.peer[k] if self.peer and k != 0 else None,
+                          peers=list(self.peer_names), secret=self.secret)
         ready_w = self._ready_w
 
         def ready() -> None:
@@ -289,6 +323,7 @@ class Supervisor:
             self.ready.add(int(line))
         if not self.announced and len(self.ready) >= self.n:
             self.announced = True
-            listeners = [_describe("smtp", g[0]) for g in self.esmtp] + [_describe("xfer", g[0]) for g in self.http]
+            listeners = ([_describe("smtp", g[0]) for g in self.esmtp] + [_describe("xfer", g[0]) for g in self.http]
+                         + [_describe("admin", s) for s in self.admin])
             log.info("fastrelay %s ready (%d workers, %s hot paths, pid %d): %s", __version__, self.n, _impl.IMPL,
                      os.getpid(), ", ".join(listeners) or "no listeners")

@@ -1,4 +1,4 @@
-"""The kill -9 chaos test of RELIABILITY.md (a), short form: nothing acked is lost, nothing torn."""
+"""The kill -9 chaos test of docs/reliability.md (a), short form: nothing acked is lost, nothing torn."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def test_check_config_prints_every_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
         f"{f}:2:3: unknown option 'Rotues'; did you mean 'Routes'?",
-        f"{f}:3:17: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000",
+        f"{f}:3:17: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000, \"auto\" or \"none\"",
     ]
     assert "Traceback" not in out.stderr
 
@@ -66,8 +66,12 @@ def test_check_config_syntax_errors_exit_2(tmp_path, text, needle):
 
 
 def test_check_config_missing_file(tmp_path):
-    out = fr("check-config", str(tmp_path / "none.conf"))
-    assert out.returncode == 2 and "cannot read the file" in out.stderr and "Traceback" not in out.stderr
+    """Issue 15: "A missing conf file gets a plain message, not `:1:1`"."""
+    for argv in (["check-config", str(tmp_path / "none.conf")], ["run", "-c", str(tmp_path / "none.conf")],
+                 ["config", "show", "-c", str(tmp_path / "none.conf")]):
+        out = fr(*argv)
+        assert (out.returncode, out.stderr) == (
+            2, f"{tmp_path / 'none.conf'}: cannot read the conf file: No such file or directory\n"), argv
 
 
 def test_config_eval(tmp_path):
@@ -89,6 +93,28 @@ def test_config_eval_binding(tmp_path):
     f.write_text("Gateway = a.example\nBinding b1 { Gateway = b.example }\n")
     out = fr("config", "eval", "-c", str(f), "--binding", "b1", "--domain", "x.com", "Gateway")
     assert out.stdout == f"Gateway = b.example\t# {f}:2 (Binding b1)\n"
+
+
+def test_config_eval_says_where_a_shared_throttle_lives():
+    """Issue #10: "`fastrelay config eval --binding B --domain D OPTION` answers for throttles,
+    saying in which scope the shared throttle lives"."""
+    ex = "conf/examples/momentum_throttle_by_reference.conf"
+    out = fr("config", "eval", "-c", ex, "--binding", "mybinding2", "--domain", "mydomain1",
+             "outbound_throttle_messages")
+    assert out.returncode == 0
+    assert out.stdout == (f'outbound_throttle_messages = "10/1"\t# {ex}:4 (Binding_Group mygroup); one throttle '
+                          "shared by everything that falls back to Binding_Group mygroup\n")
+    out = fr("config", "eval", "-c", ex, "--binding", "separate", "outbound_throttle_messages")
+    assert out.stdout.endswith("falls back to Binding separate\n")
+    out = fr("config", "eval", "-c", ex, "--domain", "www.example.co.uk", "outbound_throttle_messages")
+    assert "(Domain /(?:^|[.])example[.](com|co[.]uk)$/); one throttle" in out.stdout
+    out = fr("config", "eval", "-c", ex, "--host", "smtp.example.com", "outbound_throttle_connections")
+    assert out.stdout == (f'outbound_throttle_connections = "5/10"\t# {ex}:19 (Host smtp.example.com); one '
+                          "throttle shared by everything that falls back to Host smtp.example.com\n")
+    out = fr("config", "eval", "-c", ex, "--host", "mx.other.test", "outbound_throttle_connections")
+    assert out.stdout == "outbound_throttle_connections = (unset)\t# no Host stanza for mx.other.test sets it\n"
+    out = fr("config", "eval", "-c", ex, "--domain", "a.test", "outbound_throttle_messages")
+    assert out.stdout == "outbound_throttle_messages = (unset)\t# default\n"
 
 
 def _start(conf: str, *extra: str) -> tuple[subprocess.Popen, list[str], str]:
@@ -163,14 +189,14 @@ def test_run_bad_conf_exits_2(tmp_path):
 
 AGREE = {
     "no listener": 'Spool_Base = "spool"\nDomain a.test { Gateway = "10.0.0.1" }\n',
-    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Concurrency = 10\n}\n',
+    "ESMTP_Listener without Listen": 'Spool_Base = "spool"\nESMTP_Listener {\n  Listener_Sessions = 10\n}\n',
     "delay_xfer without msys.xfer.client": (
         'Spool_Base = "spool"\nDomain xfer.test {\n  Delivery_Method = "delay_xfer"\n}\n'
         'ESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
     "msys.xfer.server without HTTP_Listener": (
         'Spool_Base = "spool"\nscriptlet "scriptlet" {\n  script xfer_server {\n    source = "msys.xfer.server"\n'
         '  }\n}\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n'),
-    "Momentum option": 'Spool_Base = "spool"\nehlo_hostname = "mx.test"\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n',
+    "Momentum option": 'Spool_Base = "spool"\ntls_verify_mode = "mx.test"\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n',
 }
 
 
@@ -197,7 +223,7 @@ def test_check_config_errors_name_the_place(tmp_path):
     assert fr("check-config", str(f)).stderr.startswith(f"{f}:1:1: no listener: nothing would receive mail")
     f.write_text(AGREE["Momentum option"])
     assert fr("check-config", str(f)).stderr == (
-        f"{f}:2:1: ehlo_hostname is a Momentum option that fastrelay does not support; expected an option or "
+        f"{f}:2:1: tls_verify_mode is a Momentum option that fastrelay does not support; expected an option or "
         "stanza of docs/config.md (--lenient ignores it with a warning)\n")
 
 
@@ -206,14 +232,14 @@ def test_lenient_check_config_and_run_warn_about_momentum_names_and_go_on(tmp_pa
     operators migrating a Momentum configuration." run --lenient starts on the same file."""
     f = tmp_path / "r.conf"
     f.write_text(AGREE["Momentum option"] + 'ac_auth { }\n')
-    warning = f"{f}:2:1: warning: ehlo_hostname is a Momentum option that fastrelay does not support"
+    warning = f"{f}:2:1: warning: tls_verify_mode is a Momentum option that fastrelay does not support"
     check = fr("check-config", "--lenient", str(f))
     assert check.returncode == 0 and check.stdout == f"{f}: OK\n"
     assert [ln.split(";")[0] for ln in check.stderr.splitlines()] == [
         warning, f"{f}:4:1: warning: ac_auth is a Momentum module that fastrelay does not support"]
     proc, lines, _ready = _start(str(f), "--lenient")
     try:
-        assert any(f"{f}:2:1: ehlo_hostname is a Momentum option" in ln for ln in lines)
+        assert any(f"{f}:2:1: tls_verify_mode is a Momentum option" in ln for ln in lines)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
@@ -270,11 +296,11 @@ def test_seed_xfer_server_conf_runs_as_written_and_takes_a_transfer_from_loopbac
 def test_config_eval_names_a_momentum_option_without_a_guess(tmp_path):
     """Issue 9: a real Momentum option "gets "unknown option" or a misleading "did you mean"
     (`ehlo_hostname` suggests `Hostname`)"."""
-    out = fr("config", "eval", "-c", "conf/fastrelay.conf", "ehlo_hostname")
+    out = fr("config", "eval", "-c", "conf/fastrelay.conf", "tls_verify_mode")
     assert (out.returncode, out.stderr) == (
-        2, "fastrelay: ehlo_hostname is a Momentum option that fastrelay does not support\n")
+        2, "fastrelay: tls_verify_mode is a Momentum option that fastrelay does not support\n")
     f = tmp_path / "m.conf"
-    f.write_text('ehlo_hostname = "mx.test"\nmax_retries = 4\n')
+    f.write_text('tls_verify_mode = "mx.test"\nmax_retries = 4\n')
     assert fr("config", "eval", "-c", str(f), "max_retries").returncode == 2
     out = fr("config", "eval", "--lenient", "-c", str(f), "max_retries")
     assert out.stdout == f"max_retries = 4\t# {f}:2 (global)\n"
@@ -305,3 +331,58 @@ def test_xfer_server_open_beyond_loopback_without_a_secret_starts_with_a_warning
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("argv", "err"),
+    [
+        (["--listen", "nowhere"], "--listen: nowhere: got 'nowhere' with no port; expected an address and port"),
+        (["--route", "sink.test"], "--route: sink.test: expected DOMAIN=ROUTE"),
+        (["--route", "sink.test=smtp://[::1"], "--route: sink.test=smtp://[::1: "),
+    ],
+)
+def test_run_overrides_with_a_bad_value_exit_2(tmp_path, argv, err):
+    out = fr("run", "--spool", str(tmp_path / "spool"), *argv, cwd=str(tmp_path))
+    assert out.returncode == 2 and out.stderr.startswith(err), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_config_show_non_default_prints_what_the_conf_sets(tmp_path):
+    """Issue 15: "`fastrelay config show [--non-default]` prints the whole effective configuration,
+    as `postconf -n` and Momentum's `config showrecurse` do"."""
+    f = tmp_path / "relay.conf"
+    f.write_text('retry_interval = 5m\nDomain a.test {\n  Routes = ( "10.0.0.1" )\n}\n'
+                 'ESMTP_Listener {\n  Listen "127.0.0.1:2600" {\n    max_message_size = 1m\n  }\n}\n')
+    out = fr("config", "show", "-n", "-c", str(f))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == ["# global", f"retry_interval = 5m\t# {f}:1"]
+    assert f'Routes = ( "10.0.0.1" )\t# {f}:3' in out.stdout
+    assert f"max_message_size = 1048576\t# {f}:7" in out.stdout
+    assert "Connect_Timeout" not in out.stdout
+    full = fr("config", "show", "-c", str(f))
+    assert "Connect_Timeout = 5m\t# default" in full.stdout and f"retry_interval = 5m\t# {f}:1" in full.stdout
+
+
+def _all_parsers(p):
+    import argparse
+
+    yield p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                yield from _all_parsers(sp)
+
+
+def test_every_argument_has_help_and_every_command_examples():
+    """Issue 15: "Help text for every argument, with examples in the epilog"."""
+    import argparse
+
+    from fastrelay.cli import build_parser
+
+    for p in _all_parsers(build_parser()):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, (p.prog, a.dest)
+        if p.prog.split()[-1] not in ("fastrelay", "config"):
+            assert "example" in (p.epilog or ""), p.prog

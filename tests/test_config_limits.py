@@ -124,7 +124,7 @@ def test_include_of_dev_stdin_on_a_pipe_is_an_error_not_a_hang(tmp_path):
 def test_a_conf_file_that_is_not_a_regular_file_is_an_error():
     out = check_config("/dev/zero")
     assert (out.returncode, out.stderr) == (
-        2, "/dev/zero:1:1: cannot read the file: it is a character device; expected a regular file\n")
+        2, "/dev/zero: cannot read the conf file: it is a character device; expected a regular file\n")
 
 
 def test_an_include_larger_than_the_limit_is_an_error(tmp_path, conf_impl):

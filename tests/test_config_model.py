@@ -222,7 +222,7 @@ def test_issue_options_typed(conf_impl, option, text, value):
     ("line", "message"),
     [
         ("Delivery_Method = FTP", "t.conf:1:19: bad value for 'Delivery_Method': got 'FTP'; expected one of ESMTP, SMTP, LMTP, delay_xfer"),
-        ("max_retries = many", "t.conf:1:15: bad value for 'max_retries': got 'many'; expected a whole number from 0 to 1000000"),
+        ("max_retries = many", "t.conf:1:15: bad value for 'max_retries': got 'many'; expected a whole number from 0 to 1000000, \"auto\" or \"none\""),
         ("teleport_enabled = maybe", "t.conf:1:20: bad value for 'teleport_enabled': got 'maybe'; expected a boolean (1, 0, true, false, yes, no, on, off)"),
         ("Remote_SMTP_Port = 0", "t.conf:1:20: bad value for 'Remote_SMTP_Port': got 0; expected a whole number from 1 to 65535"),
         ("retry_interval = 0", "t.conf:1:18: bad value for 'retry_interval': got '0' (0ms); expected a time from 1s to 3650d"),
@@ -250,9 +250,10 @@ def test_option_in_wrong_scope(conf_impl):
     assert errors("Domain a.com { Spool_Base = \"/x\" }") == [
         "t.conf:1:16: option 'Spool_Base' is not valid in a Domain stanza; expected it in the global scope"
     ]
-    assert errors("Binding b { Routes = ( __mx__ ) }") == [
-        "t.conf:1:13: option 'Routes' is not valid in a Binding stanza; expected it in the global scope, "
-        "a Domain stanza and a Domain stanza inside a Binding"
+    # Routes is valid in a Binding too (Sender_Domains routing, seed 003's sender-domain rules).
+    assert errors("Host 10.0.0.1 { Routes = ( __mx__ ) }") == [
+        "t.conf:1:17: option 'Routes' is not valid in a Host stanza; expected it in the global scope, "
+        "a Domain stanza, a Binding stanza and a Domain stanza inside a Binding"
     ]
     assert errors("Host 10.0.0.1 { retry_interval = 1 }") == [
         "t.conf:1:17: option 'retry_interval' is not valid in a Host stanza; expected it in the global scope, "
@@ -263,7 +264,8 @@ def test_option_in_wrong_scope(conf_impl):
 def test_stanza_errors(conf_impl):
     assert errors("Domian a.com { }") == ["t.conf:1:1: unknown stanza 'Domian'; did you mean 'Domain'?"]
     assert errors("Domain a.com { Domain b.com { } }") == [
-        "t.conf:1:16: a Domain stanza is not valid in a Domain stanza; expected it in a Binding stanza or the global scope"
+        "t.conf:1:16: a Domain stanza is not valid in a Domain stanza; expected it in a Binding stanza or a "
+        "Binding_Group stanza or the global scope"
     ]
     assert errors("Domain { }") == ["t.conf:1:1: a Domain stanza needs a name; expected Domain NAME { ... }"]
     assert errors("ESMTP_Listener x { }") == [

@@ -38,7 +38,7 @@ def runnable(text: str, **kw) -> tuple[list[str], list[str]]:
     ("ESMTP_Listener { }\n",
      ["t.conf:1:1: ESMTP_Listener has no Listen stanza, so it would listen nowhere; "
       'expected ESMTP_Listener { Listen "ADDRESS:PORT" { } }']),
-    ("ESMTP_Listener {\n  relay_hosts = ( 10.0.0.0/8 )\n  Concurrency = 10\n}\n",
+    ("ESMTP_Listener {\n  relay_hosts = ( 10.0.0.0/8 )\n  Listener_Sessions = 10\n}\n",
      ["t.conf:1:1: ESMTP_Listener has no Listen stanza, so it would listen nowhere; "
       'expected ESMTP_Listener { Listen "ADDRESS:PORT" { } }']),
     (ESMTP + "esmtp_listener {\n}\n",
@@ -118,15 +118,19 @@ def test_xfer_server_without_a_secret_warns_only_for_a_non_loopback_allow_list(c
 # --- Momentum names fastrelay does not support -------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ('ehlo_hostname = "mx.example"\n', "t.conf:1:1: ehlo_hostname is a Momentum option that fastrelay does not "
+    ('tls_verify_mode = "mx.example"\n', "t.conf:1:1: tls_verify_mode is a Momentum option that fastrelay does not "
                                        "support; expected an option or stanza of docs/config.md (--lenient "
                                        "ignores it with a warning)"),
-    ('Domain a.test {\n  Outbound_Throttle_Messages = "10/60"\n}\n',
-     "t.conf:2:3: Outbound_Throttle_Messages is a Momentum option that fastrelay does not support;"),
+    ('Domain a.test {\n  Adaptive_Retry_Interval = "60"\n}\n',
+     "t.conf:2:3: Adaptive_Retry_Interval is a Momentum option that fastrelay does not support;"),
     ('ESMTP_Listener {\n  Listen ":25" { }\n  SMTP_Extensions = ( "AUTH LOGIN" )\n}\n',
      "t.conf:3:3: SMTP_Extensions is a Momentum option that fastrelay does not support;"),
     ('ESMTP_Listener {\n  Listen ":25" { }\n  AuthLoginParameters = [ uri = "ac_auth://" ]\n}\n',
-     "t.conf:3:3: AuthLoginParameters is a Momentum option that fastrelay does not support;"),
+     "t.conf:3:33: AuthLoginParameters: 'ac_auth://' is a Momentum authentication backend (auth_ds); "
+     "fastrelay reads password files only"),
+    ('HTTP_Listener {\n  Listen ":8080" { }\n  Enable_Authentication = true\n}\n',
+     "t.conf:3:3: Enable_Authentication in an HTTP_Listener stanza is a Momentum option that fastrelay does "
+     "not support there"),
     ("ac_auth { }\n", "t.conf:1:1: ac_auth is a Momentum module that fastrelay does not support;"),
     ('pathway "p1" { }\n', "t.conf:1:1: pathway is a Momentum stanza that fastrelay does not support;"),
     ('Threadpool "cpu" { concurrency = 4 }\n', "t.conf:1:1: Threadpool is a Momentum stanza that fastrelay"),
@@ -148,7 +152,7 @@ def test_names_neither_fastrelay_nor_momentum_knows_are_still_unknown(conf_impl,
 
 
 def test_lenient_turns_momentum_names_and_only_them_into_warnings(conf_impl):
-    text = ('ehlo_hostname = "mx.example"\n'
+    text = ('tls_verify_mode = "mx.example"\n'
             'ac_auth { uri = "x" deep { a = b } }\n'
             'Domain a.test {\n  adaptive_enabled = true\n  max_retries = 7\n}\n' + ESMTP)
     assert len(errors(text)) == 3
@@ -158,7 +162,7 @@ def test_lenient_turns_momentum_names_and_only_them_into_warnings(conf_impl):
     assert cfg.get("max_retries", "a.test") == 7
     # A real error next to them stays an error, alone.
     assert errors(text + "max_retries = x\n", lenient=True) == [
-        "t.conf:8:15: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000"]
+        "t.conf:8:15: bad value for 'max_retries': got 'x'; expected a whole number from 0 to 1000000, \"auto\" or \"none\""]
 
 
 def test_momentum_names_file_is_derived_and_holds_the_reference_names():

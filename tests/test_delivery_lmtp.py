@@ -1,4 +1,4 @@
-"""The LMTP delivery client against a real LMTP sink on loopback: RELIABILITY.md cases 3, 27, 38-45, 48.
+"""The LMTP delivery client against a real LMTP sink on loopback: docs/reliability.md cases 3, 27, 38-45, 48.
 
 Every test runs on both framing implementations (`impl`: the pure-Python twin and the Cython one),
 swapped in where the client looks them up (fastrelay._impl).

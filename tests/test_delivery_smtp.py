@@ -1,4 +1,4 @@
-"""The SMTP delivery client against real sinks on loopback: RELIABILITY.md cases 3, 19, 22-24, 27, 38-45."""
+"""The SMTP delivery client against real sinks on loopback: docs/reliability.md cases 3, 19, 22-24, 27, 38-45."""
 
 from __future__ import annotations
 
@@ -400,7 +400,7 @@ async def test_null_sender():
 
 
 async def test_control_characters_in_the_envelope_are_never_sent():
-    # RELIABILITY.md case 22: aiosmtplib refuses them; they fail only what they are in.
+    # docs/reliability.md case 22: aiosmtplib refuses them; they fail only what they are in.
     async with Sink(host="127.0.0.5") as sink:
         conn = await open_conn(sink)
         evil = "b\r\nRCPT TO:<evil@d.test>@d.test"
@@ -623,7 +623,7 @@ async def test_pipelined_group_is_one_packet_and_rset_joins_it():
 
 
 async def test_pipelined_mixed_rcpt_results():
-    # (b) RELIABILITY.md case 42: each RCPT reply of the group counts for its own recipient.
+    # (b) docs/reliability.md case 42: each RCPT reply of the group counts for its own recipient.
     async with Pipe() as pipe:
         conn = await connect(pipe.hop, FAST)
         rcpts = ["ok1@d.test", "temp@d.test", "perm@d.test", "ok2@d.test"]
@@ -671,7 +671,7 @@ async def test_pipelined_354_although_nobody_was_accepted():
 
 @pytest.mark.parametrize(("reply", "status"), [("451 4.3.0 try later", TEMP), ("550 5.7.1 go away", PERM)])
 async def test_pipelined_mail_refused(reply, status):
-    # (e) RELIABILITY.md case 41: the MAIL result is every recipient's; the 503s that follow for the
+    # (e) docs/reliability.md case 41: the MAIL result is every recipient's; the 503s that follow for the
     # RCPTs and DATA of the group are read and decide nothing.
     async with Sink(host="127.0.0.4") as sink:
         sink.faults.set("mail", reply=reply, times=1)
@@ -697,7 +697,7 @@ async def test_pipelined_mail_421_ends_the_session():
 
 
 async def test_pipelined_452_split():
-    # (f) RELIABILITY.md case 42: past a remote 452 the rest go in new pipelined transactions;
+    # (f) docs/reliability.md case 42: past a remote 452 the rest go in new pipelined transactions;
     # replies after the 452 in the same group still count (permfail is answered at once).
     async with Sink(host="127.0.0.8", max_rcpts=2) as sink:
         rcpts = [f"r{i}@d.test" for i in range(5)] + ["permfail@d.test"]
@@ -723,7 +723,7 @@ async def test_pipelined_452_split():
 
 @pytest.mark.parametrize(("verb", "extra"), [("RCPT", b"250 2.1.5 me too\r\n"), ("DATA", b"25"), ("MAIL", b"2")])
 async def test_pipelined_reply_data_nobody_asked_for(verb, extra):
-    # RELIABILITY.md case 44: a whole extra reply, or bytes after the last reply of the group (even
+    # docs/reliability.md case 44: a whole extra reply, or bytes after the last reply of the group (even
     # a part of a line): the replies are out of step; no body goes out, nothing is trusted.
     async with Pipe(extra={verb: extra}) as pipe:
         conn = await connect(pipe.hop, FAST)

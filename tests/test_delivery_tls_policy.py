@@ -4,6 +4,7 @@ real TLS sinks on loopback; a policy refusal is marked as the destination's, not
 from __future__ import annotations
 
 import dataclasses
+import ssl
 
 import pytest
 
@@ -92,3 +93,58 @@ async def test_a_dead_host_is_not_a_policy_failure():
     with pytest.raises(ConnectError) as e:
         await connect(Hop("127.0.0.4", port, "smtp", "x.test", 10), dataclasses.replace(FAST, tls="required"))
     assert e.value.policy is False
+
+
+@pytest.mark.parametrize("where", ["global", "Domain d.test", "Binding default", "Binding_Group g",
+                                   "Binding default::Domain d.test"])
+def test_an_outbound_client_certificate_in_momentums_scopes(tmp_path, where):
+    """Issue 15: "Scopes Momentum documents and fastrelay refuses: ... `TLS_Certificate` and
+    `TLS_Key` in Binding and Domain"."""
+    opts = 'TLS_Certificate = "client.pem"\nTLS_Key = "client.key"\n'
+    conf = {"global": opts, "Domain d.test": f"Domain d.test {{\n{opts}}}\n",
+            "Binding default": f"Binding default {{\n{opts}}}\n",
+            "Binding_Group g": f"Binding_Group g {{\nBinding default {{ }}\n{opts}}}\n",
+            "Binding default::Domain d.test": f"Binding default {{\nDomain d.test {{\n{opts}}}\n}}\n"}[where]
+    cfg = loads(conf, str(tmp_path / "relay.conf"))
+    s = delivery_settings(cfg, "d.test", "default", "relay.test")
+    assert (s.tls_cert, s.tls_key) == (str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+    other = delivery_settings(cfg, "e.test", "other", "relay.test")
+    assert (other.tls_cert is None) is (where != "global")
+
+
+@pytest.mark.parametrize("present", [True, False])
+async def test_the_client_certificate_is_presented_to_a_next_hop_that_requires_one(tmp_path, present):
+    pair = tls_pair()
+    pair.server.verify_mode = ssl.CERT_REQUIRED  # the sink takes only clients with a certificate of its CA
+    pair.ca.configure_trust(pair.server)
+    client = pair.ca.issue_cert("relay.test")
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    client.cert_chain_pems[0].write_to_path(str(cert))
+    client.private_key_pem.write_to_path(str(key))
+    s = dataclasses.replace(FAST, tls="required", tls_verify="no",
+                            tls_cert=str(cert) if present else None, tls_key=str(key) if present else None)
+    async with Sink(host="127.0.0.6", tls_context=pair.server) as sink:
+        hop = Hop(sink.host, sink.port, "smtp", "sink.test", 10)
+        if present:
+            conn = await connect(hop, s)
+            try:
+                assert conn.tls is True
+            finally:
+                await conn.close()
+        else:
+            with pytest.raises(ConnectError) as e:
+                await connect(hop, s)
+            # TLS 1.3: the server refuses the missing certificate after the client's side of the
+            # handshake is done, so the client sees the handshake fail or the connection drop.
+            assert e.value.code == 451, e.value
+
+
+def test_a_client_certificate_without_its_key_is_an_error(tmp_path):
+    from fastrelay.config.model import check_runnable
+
+    cfg = loads('Domain d.test {\n  TLS_Certificate = "c.pem"\n}\nESMTP_Listener { Listen "127.0.0.1:0" { } }\n',
+                "t.conf")
+    errors, _ = check_runnable(cfg)
+    assert [str(e) for e in errors] == [
+        "t.conf:2:3: TLS_Certificate is set in Domain d.test without TLS_Key; expected both, for the client "
+        "certificate presented outbound"]

@@ -1,5 +1,5 @@
 """The XFER client (fastrelay.delivery.xfer) against the real XFER server storing into a real spool,
-and against small real HTTP servers that answer badly: RELIABILITY.md cases 36, 38, 49 and P4.
+and against small real HTTP servers that answer badly: docs/reliability.md cases 36, 38, 49 and P4.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.support import free_port
 from tests.test_xfer_server import SpoolIntake, open_spool, spooled
 
 SECRET = "s3cret shared by both nodes"
-FAST = Settings(helo_name="a.test", connect_timeout=1.0, done_timeout=2.0, xfer_secret=SECRET)
+FAST = Settings(helo_name="a.test", connect_timeout=1.0, xfer_timeout=2.0, xfer_secret=SECRET)
 BODY = b"Received: from a\r\nSubject: xfer\r\n\r\nbody \x00\xff\r\n..\r\n"
 KEY = ("node-a", "41")
 
@@ -301,7 +301,7 @@ async def test_no_answer_within_the_timeout_is_transient_and_ends_the_connection
     async with FaultServer() as fs:
         fs.delay = 5.0
         t0 = time.monotonic()
-        res, conn = await send(fs.port, s=settings(done_timeout=0.5))
+        res, conn = await send(fs.port, s=settings(xfer_timeout=0.5))
         took = time.monotonic() - t0
         assert 0.4 < took < 1.5, took
         assert (res[0].status, res[0].code) == (TEMP, 451)
@@ -354,7 +354,7 @@ async def test_one_session_per_loop_reused_and_closed(receiver):
     _, c2 = await send(receiver.port, key=("node-a", "99"))
     assert c1.session is c2.session and not c1.session.closed
     await close_sessions()
-    assert c1.session.closed and asyncio.get_running_loop() not in _sessions
+    assert c1.session.closed and not [k for k in _sessions if k[0] is asyncio.get_running_loop()]
     _, c3 = await send(receiver.port, key=("node-a", "100"))
     assert c3.session is not c1.session and not c3.session.closed
 
@@ -378,3 +378,29 @@ def test_under_uvloop_and_the_session_closes_with_the_loop(tmp_path):
 
     uvloop.run(scenario())
     assert seen["session"].closed
+
+
+async def test_bind_address_list_one_source_per_connection():
+    """A Bind_Address list (Stalwart's source-ip.v4/.v6): each XFER connection leaves from one of
+    the addresses of the peer's family, never from one of the other family."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(request.remote)
+        return web.Response(status=503, text="busy")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        s = settings(bind_address=("127.0.0.5", "::1", "127.0.0.6"))
+        for _ in range(4):
+            conn = await connect_xfer(hop(port), s)
+            await conn.transfer(envelope(), [0], BODY, KEY)
+            await conn.close()
+        assert seen and set(seen) <= {"127.0.0.5", "127.0.0.6"}
+    finally:
+        await runner.cleanup()

@@ -136,7 +136,7 @@ async def test_crash_points_around_the_commit(tmp_path, point, in_spool):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 async def test_fsync_precedes_the_250(tmp_path):
-    """Power-loss ordering (RELIABILITY.md recipe step 6): kill -9 cannot test it, strace can."""
+    """Power-loss ordering (docs/reliability.md recipe step 6): kill -9 cannot test it, strace can."""
     relay = RelayProcess(tmp_path).start()
     trace = tmp_path / "trace"
     tracer = subprocess.Popen(["strace", "-f", "-qq", "-tt", "-e", "trace=fsync,fdatasync,write,sendto,writev",

@@ -313,7 +313,7 @@ def test_dot_unstuffing(impl, wire, body):
     assert drain(f) == [(EV_DATA, body, 0)]
 
 
-# Each fake end between "x" and "y": (wire, body after unstuffing, flags). RELIABILITY.md case 1.
+# Each fake end between "x" and "y": (wire, body after unstuffing, flags). docs/reliability.md case 1.
 FAKE_ENDS = {
     "LF.LF": (b"\n.\n", b"x\n\ny\r\n", F_BARE_LF),
     "LF.CRLF": (b"\n.\r\n", b"x\n\r\ny\r\n", F_BARE_LF),
@@ -596,7 +596,7 @@ def test_reset_after_bdat_chunk(impl):
 
 
 def test_discard_pending_after_starttls(impl):
-    # RELIABILITY.md case 6: plaintext sent after STARTTLS must not be read as TLS-protected input.
+    # docs/reliability.md case 6: plaintext sent after STARTTLS must not be read as TLS-protected input.
     f = impl.ServerFramer()
     injected = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\n"
     f.feed(b"STARTTLS\r\n" + injected)
@@ -618,7 +618,7 @@ def test_discard_pending_forgets_a_partly_received_line(impl):
     assert drain(f) == [(EV_COMMAND, b"NOOP")]
 
 
-# -- ReplyParser (RFC 5321 §4.2; RELIABILITY.md case 44) -------------------------------------------
+# -- ReplyParser (RFC 5321 §4.2; docs/reliability.md case 44) -------------------------------------------
 
 
 def replies(parser) -> list:
@@ -754,7 +754,7 @@ def test_several_replies_in_one_feed(impl):
     assert replies(r) == [(250, [b"d"])]
 
 
-# -- encode_data (RELIABILITY.md cases 3, 27; RFC 5321 §4.5.2) -------------------------------------
+# -- encode_data (docs/reliability.md cases 3, 27; RFC 5321 §4.5.2) -------------------------------------
 
 
 @pytest.mark.parametrize(("body", "wire"), [
@@ -799,7 +799,7 @@ def test_encode_data_round_trip(impl):
     assert drain(f) == [(EV_DATA, body, 0)]
 
 
-# -- split invariance (RELIABILITY.md case 8) ------------------------------------------------------
+# -- split invariance (docs/reliability.md case 8) ------------------------------------------------------
 
 
 SESSIONS = {
@@ -860,7 +860,7 @@ def test_split_invariance_sessions_have_the_expected_events(impl):
         (EV_COMMAND, b"DATA"), (EV_DATA, b"", F_TOO_BIG), (EV_COMMAND, b"NOOP"), (EV_OVERFLOW,)]
 
 
-# -- Hypothesis: the twin and the Cython version agree (DESIGN.md, RELIABILITY.md case 8) ---------
+# -- Hypothesis: the twin and the Cython version agree (DESIGN.md, docs/reliability.md case 8) ---------
 
 _COMPILED = None if _impl.NO_EXTENSIONS else _impl.compiled()
 # Twin-vs-Cython comparisons: deselected (not skipped) in the run with FASTRELAY_NO_EXTENSIONS=1 (conftest).
@@ -942,7 +942,7 @@ def test_property_encode_data_agrees_at_every_simd_level(body):
 @given(body=st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"..x"]), max_size=30)
        .map(b"".join))
 def test_property_dot_stuffing_round_trip(body):
-    # RELIABILITY.md case 27: what the twin sends, the framer gives back (line ends normalised).
+    # docs/reliability.md case 27: what the twin sends, the framer gives back (line ends normalised).
     framer = in_data(_impl.PY)
     framer.feed(spec.encode_data(body))
     normalised = b"".join(line + b"\r\n" for line in body.splitlines())

@@ -1,4 +1,4 @@
-"""SMTP smuggling: no fake end-of-data ends DATA, on either implementation (RELIABILITY.md case 1)."""
+"""SMTP smuggling: no fake end-of-data ends DATA, on either implementation (docs/reliability.md case 1)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_fake_end_alone_does_not_end_data(impl, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fake_end_split_anywhere(impl, variant):
-    # RELIABILITY.md case 8: a fake end cut between two TCP segments is still not an end.
+    # docs/reliability.md case 8: a fake end cut between two TCP segments is still not an end.
     fake = VARIANTS[variant][0]
     stream = session(fake)
     expected = run(impl, [stream])
@@ -90,7 +90,7 @@ def test_fake_end_split_anywhere(impl, variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_relayed_body_cannot_smuggle_downstream(impl, variant):
-    # RELIABILITY.md case 3: what we send on is CRLF-normalised and dot-stuffed, so the next hop
+    # docs/reliability.md case 3: what we send on is CRLF-normalised and dot-stuffed, so the next hop
     # sees exactly one end: the one encode_data adds.
     fake = VARIANTS[variant][0]
     body = PREFIX + fake + SMUGGLED

@@ -53,7 +53,7 @@ def test_full_disk_logs_once_and_writes_every_record_once(tiny_fs, caplog):
         ml.close()
     lines = _lines(tiny_fs / "mainlog")
     assert [f[3] for f in lines] == [f"r{i}@dst.test" for i in range(300)]
-    assert all(len(f) == 11 and f[1] == "D" for f in lines)
+    assert all(len(f) == 12 and f[11].startswith("tls=") and f[1] == "D" for f in lines)
 
 
 def test_full_disk_keeps_a_bounded_backlog_of_whole_records(tiny_fs, caplog):
@@ -71,7 +71,9 @@ def test_full_disk_keeps_a_bounded_backlog_of_whole_records(tiny_fs, caplog):
     finally:
         ml.close()
     lines = _lines(tiny_fs / "mainlog")
-    assert all(len(f) == 11 and f[1] == "D" and f[10].startswith("250 2.0.0 ok ") for f in lines)
+    # D records carry tls=... as a twelfth field (the outbound branch, merged here).
+    assert all(len(f) == 12 and f[11].startswith("tls=") and f[1] == "D" and f[10].startswith("250 2.0.0 ok ")
+               for f in lines)
     nums = [int(f[3][1:].split("@")[0]) for f in lines]
     assert nums == sorted(set(nums)), "a record written twice or out of order"
     assert nums[:10] == list(range(10)) and nums[-1] == 2009  # the first ones and the newest survive

@@ -375,7 +375,7 @@ async def test_prohibited_hosts_checks_only_addresses_from_dns(server, conf, ips
 
 
 async def test_loops_back_to_myself_only_for_our_own_listener(server, make):
-    """RELIABILITY.md case 46: "loops back to myself" names a real loop: one of our listeners."""
+    """docs/reliability.md case 46: "loops back to myself" names a real loop: one of our listeners."""
     r = make('Domain lmtp.test { Routes = ( "lmtp://localhost?port=24" ) }\n'
              'Domain me.test { Routes = ( "smtp://localhost?port=2525" ) }\n')
     r.own_addresses.add(("0.0.0.0", 2525))

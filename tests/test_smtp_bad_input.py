@@ -1,4 +1,4 @@
-"""RELIABILITY.md cases 1-31: bad input at the listener, as raw bytes over a real socket.
+"""docs/reliability.md cases 1-31: bad input at the listener, as raw bytes over a real socket.
 
 Each test asserts the reply (by its name in fastrelay.smtp.replies) and what the spool holds
 afterwards, read through the spool's own API once the relay has stopped.
@@ -266,7 +266,7 @@ async def test_case13_messages_per_connection(relay_with):
 
 
 async def test_case13_connections_per_ip_and_in_total(relay_with):
-    h = await relay_with("max_connections_per_ip = 2\nConcurrency = 3\n")
+    h = await relay_with("max_connections_per_ip = 2\nListener_Sessions = 3\n")
     a = await RawClient.connect("127.0.0.1", h.port)
     b = await RawClient.connect("127.0.0.1", h.port)
     await a.expect(220)
@@ -300,7 +300,7 @@ async def test_case14_trickled_command_hits_the_deadline(relay_with):
 
 
 async def test_case14_idle_timeout(relay_with):
-    h = await relay_with("idle_timeout = 1s\n")
+    h = await relay_with("Idle_Time = 1s\n")
     c = await connect(h)
     assert await c.read_reply(timeout=4) == wire(R.IDLE_TIMEOUT)
     assert await c.closed()

@@ -170,8 +170,8 @@ async def test_client_that_never_reads_is_disconnected_and_its_slots_freed(relay
     `transport.close()` waits for a write buffer that never drains. The fd, the buffered replies and
     the session's place in the Concurrency and per-IP counts stay forever. With Concurrency
     non-readers, every new client gets 421 for good. Abort such transports." """
-    h = await relay_with("Concurrency = 2\nmax_connections_per_ip = 2\nwrite_timeout = 1s\n"
-                         "command_deadline = 1s\nidle_timeout = 2s\nerror_sleep_time = 0\n")
+    h = await relay_with("Listener_Sessions = 2\nmax_connections_per_ip = 2\nwrite_timeout = 1s\n"
+                         "command_deadline = 1s\nIdle_Time = 2s\nerror_sleep_time = 0\n")
     socks = await asyncio.gather(*(asyncio.to_thread(_flooder, h.port, FLOODS[flood]) for _ in range(2)))
     try:
         assert await wait_until(lambda: len(h.smtp.sessions) == 2, 5)
@@ -195,7 +195,7 @@ DEADLINE_CONFS = [
     "min_data_rate = 0\ndata_deadline = 1s\n",
     # The rate deadline would be command_deadline (300 s) away: the absolute one comes first.
     "data_deadline = 1s\n",
-    "min_data_rate = 0\ndata_deadline = 1s\nidle_timeout = 300s\ncommand_deadline = 300s\n",
+    "min_data_rate = 0\ndata_deadline = 1s\nIdle_Time = 300s\ncommand_deadline = 300s\n",
 ]
 
 
@@ -416,7 +416,7 @@ async def test_half_close_answers_pipelined_commands(relay_with):
     assert await c.closed()
 
 
-# --- spool_min_free at MAIL and RCPT, in time (issue 9, RELIABILITY.md case 17) ---------------------------------
+# --- spool_min_free at MAIL and RCPT, in time (issue 9, docs/reliability.md case 17) ---------------------------------
 MIN_FREE = 4 * 1024 * 1024
 
 
@@ -497,8 +497,8 @@ async def test_spool_min_free_with_size_at_mail_and_at_rcpt(small_fs, framing):
 def relay_process(request, tmp_path):
     """`fastrelay run` (uvloop) on the Cython framer and on the twins."""
     env = {"FASTRELAY_NO_EXTENSIONS": "1"} if request.param == "py" else {}
-    relay = RelayProcess(tmp_path, "Concurrency = 2\nwrite_timeout = 1s\ncommand_deadline = 1s\n"
-                                   "idle_timeout = 2s\n", env=env).start()
+    relay = RelayProcess(tmp_path, "Listener_Sessions = 2\nwrite_timeout = 1s\ncommand_deadline = 1s\n"
+                                   "Idle_Time = 2s\n", env=env).start()
     yield relay
     try:
         assert relay.stop() == 0

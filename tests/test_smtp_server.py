@@ -67,7 +67,7 @@ async def test_smtplib_sends_and_message_is_spooled_with_received_header(relay):
     # Mainlog R records: one per recipient, with the documented fields.
     recs = [f for f in log if f[1] == "R"]
     assert sorted(f[3] for f in recs) == ["b@example.net", "c@example.net", "d@other.test"]
-    assert all(f[4:] == ["a@example.com", "127.0.0.1", str(len(body)), "esmtp", "default"] for f in recs)
+    assert all(f[4:] == ["a@example.com", "127.0.0.1", str(len(body)), "esmtp", "default", ""] for f in recs)
 
 
 async def test_aiosmtplib_pipelined_several_messages_one_connection(relay):
@@ -97,7 +97,7 @@ async def test_raw_pipelined_group_gets_one_write(relay):
 
 
 async def test_message_fed_one_byte_at_a_time(relay):
-    # RELIABILITY.md case 8 end to end: the framer sees every split; the result is one message.
+    # docs/reliability.md case 8 end to end: the framer sees every split; the result is one message.
     async with await RawClient.connect("127.0.0.1", relay.port) as c:
         await c.expect(220)
         stream = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
@@ -194,3 +194,52 @@ async def test_starttls(tmp_path, framing):
     spooled = await h.spooled()
     assert spooled[0][0].protocol == "esmtps"
     assert b"with ESMTPS id" in spooled[0][1]
+
+
+async def test_starttls_command_in_the_same_segment_as_the_clients_finished(tmp_path, framing):
+    """Under TLS 1.3 the client is done with the handshake first and may send EHLO at once; when
+    its Finished and the EHLO arrive in one read, the EHLO reaches the session before the server's
+    start_tls returns. That EHLO came through TLS and must be answered (3.12's wait_for made it
+    the usual timing for asyncio clients, and the session, dropping it, hung)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ca.issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
+    client_ctx = ssl.create_default_context()
+    client_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ca.configure_trust(client_ctx)
+    h = RelayHarness(tmp_path, HOLD + 'TLS_Certificate = "relay.pem"\nTLS_Key = "relay.pem"\n')
+    async with h:
+        async with await RawClient.connect("127.0.0.1", h.port) as c:
+            await c.expect(220)
+            await c.command("EHLO c")
+            assert await c.command("STARTTLS") == (220, ["2.0.0 Ready to start TLS"])
+            # TLS on memory BIOs, so the test decides what goes into each write.
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = client_ctx.wrap_bio(incoming, outgoing, server_hostname="relay.test")
+
+            async def receive() -> None:
+                data = await asyncio.wait_for(c.reader.read(65536), 5)
+                assert data, "server closed during the handshake"
+                incoming.write(data)
+
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    c.writer.write(outgoing.read())
+                    await receive()
+            assert tls.version() == "TLSv1.3"
+            tls.write(b"EHLO c\r\n")
+            c.writer.write(outgoing.read())  # the client's Finished and the EHLO, one write
+            reply = b""
+            while not reply.endswith(b"250 CHUNKING\r\n"):
+                await receive()
+                try:
+                    reply += tls.read(65536)
+                except ssl.SSLWantReadError:  # only session tickets so far
+                    pass
+            assert reply.startswith(b"250-relay.test\r\n") and b"STARTTLS" not in reply

@@ -1,4 +1,4 @@
-"""kill -9 and crash points against the spool (RELIABILITY.md recipe steps 3-4; P1, P2, P5, P6).
+"""kill -9 and crash points against the spool (docs/reliability.md recipe steps 3-4; P1, P2, P5, P6).
 
 A child process (tests/spool_crash_child.py) adds messages from 30 concurrent writers and prints
 "acked <id> <sha256>" after each add returns. The parent SIGKILLs it at a random moment, several

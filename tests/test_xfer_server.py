@@ -1,4 +1,4 @@
-"""The XFER server over real HTTP on loopback, storing into a real spool: RELIABILITY.md P1 and cases
+"""The XFER server over real HTTP on loopback, storing into a real spool: docs/reliability.md P1 and cases
 7, 32, 33, 35, 36, 37. Every error must be a JSON body with the exact status and code word, and
 nothing may be spooled for a refused transfer.
 """
@@ -462,7 +462,8 @@ async def test_settings_from_a_listen_entry(tmp_path):
 
     assert s == XferServerSettings(uri="/global", method="PUT", secret="sekrit", tokens=("t1", "t2"),
                                    allowed_clients=(ipaddress.ip_network("10.0.0.0/8"),), max_body=2 * 1024 * 1024,
-                                   max_hops=4, replay_window=60.0)
+                                   max_hops=4, replay_window=60.0,
+                                   idle_timeout=300.0)  # Idle_Time's default: Momentum's idle keep-alive
 
 
 def raw_head(payload: bytes, *, version: str = "1", length: str) -> bytes:

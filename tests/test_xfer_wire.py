@@ -1,6 +1,6 @@
 """The XFER wire format (fastrelay.xfer.wire): round trips, every validation failure, HMAC signatures.
 
-RELIABILITY.md cases 22/26 (control bytes), 32 (authentication, replay), 35 (loop guard), 36 (the
+docs/reliability.md cases 22/26 (control bytes), 32 (authentication, replay), 35 (loop guard), 36 (the
 idempotency key), 37 (malformed payloads). Sans-I/O: bytes in, values out, no sockets here.
 """
 

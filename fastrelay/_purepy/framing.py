@@ -2,7 +2,7 @@
 
 SPEC (the Cython version in fastrelay/_framing.pxi must match it exactly). Sans-I/O: bytes in,
 events out; no sockets, no logging. RFC 5321 §4.1.1.4 (only CRLF.CRLF ends DATA), §4.5.2
-(dot-stuffing), §4.5.3.1 (line limits); RFC 3030 (BDAT); RELIABILITY.md cases 1-2, 8-11, 25, 27, 29.
+(dot-stuffing), §4.5.3.1 (line limits); RFC 3030 (BDAT); docs/reliability.md cases 1-2, 8-11, 25, 27, 29.
 
 Module constants (ints):
   EV_COMMAND = 1        (EV_COMMAND, line: bytes)          a command line, CRLF removed
@@ -33,7 +33,7 @@ class ServerFramer(max_line=512, max_text_line=1000, max_size=10240000, hard_cap
                                    mode; buffered input is kept (RSET). A dead framer stays dead.
   pending() -> int                 number of buffered bytes not yet consumed
   discard_pending() -> int         drop buffered bytes not yet consumed, return how many (STARTTLS,
-                                   RELIABILITY.md case 6). A partly received line is forgotten too
+                                   docs/reliability.md case 6). A partly received line is forgotten too
                                    (in every mode), so the next byte fed starts a new line; the
                                    mode and the message (body, flags, BDAT count) are unchanged.
   flags (read-only int)            flags of the message being received so far
@@ -94,7 +94,7 @@ BDAT mode (after begin_bdat(size, last)). The next `size` bytes are raw content,
     (EV_BDAT_CHUNK, size) and back to command mode with the body kept. begin_bdat(0, True) gives
     EV_DATA at the next next_event().
 
-Split invariance (RELIABILITY.md case 8): for any input cut at any offsets and fed piece by piece,
+Split invariance (docs/reliability.md case 8): for any input cut at any offsets and fed piece by piece,
 with the same begin_* calls after the same events, the events are identical.
 
 class ReplyParser(max_line=2048, max_lines=100)     replies from a server, for our own clients
@@ -111,12 +111,12 @@ class ReplyParser(max_line=2048, max_lines=100)     replies from a server, for o
   Precisely: a line may be max_line bytes long, line ending included; b"line too long" comes as
   soon as max_line bytes without LF are buffered. A NUL, or a CR other than the one just before
   the LF, anywhere in a line is b"malformed" (no legitimate server sends them, and they are log
-  and header injection material, RELIABILITY.md case 26). b"too many lines" comes when line
+  and header injection material, docs/reliability.md case 26). b"too many lines" comes when line
   number max_lines of a reply says more lines follow (b"-"). Each line is checked in the order
   too long, malformed, code differs from the first line's (malformed), too many lines.
 
 encode_data(body: bytes) -> bytes
-  What a client sends after a 354 (RELIABILITY.md case 3): every CRLF kept, every bare CR and bare
+  What a client sends after a 354 (docs/reliability.md case 3): every CRLF kept, every bare CR and bare
   LF turned into CRLF, every line that starts with b"." gets another b"." in front, a CRLF added
   if the non-empty body does not end with one, then b".\r\n". encode_data(b"") == b".\r\n".
   (b"\r\r\n" is a bare CR then a CRLF; b"\n\r" is a bare LF then a bare CR. NUL is carried.)
@@ -152,7 +152,7 @@ MODE_DATA = 1
 MODE_BDAT = 2
 MODE_DEAD = 3
 
-# A BDAT count must fit a signed 64-bit integer (RELIABILITY.md case 29: a bounded integer).
+# A BDAT count must fit a signed 64-bit integer (docs/reliability.md case 29: a bounded integer).
 _MAX_CHUNK = 2**63 - 1
 _CR = 13
 _DOT = 46
@@ -240,7 +240,7 @@ class ServerFramer:
             raise RuntimeError("begin_bdat() outside command mode")
         if not isinstance(size, int) or size < 0 or size > _MAX_CHUNK:
             raise ValueError("BDAT chunk size must be an int in 0 .. 2**63-1")
-        # RFC 3030 §2, RELIABILITY.md case 29: a chunk over the limit is still read in full (then 552).
+        # RFC 3030 §2, docs/reliability.md case 29: a chunk over the limit is still read in full (then 552).
         if not self._flags & F_TOO_BIG and len(self._body) + size > self._max_size:
             self._flags |= F_TOO_BIG
         self._remaining = self._chunk = size
@@ -280,7 +280,7 @@ class ServerFramer:
         if not has_cr:
             return (EV_COMMAND_ERROR, ERR_BARE_LF)
         line = line[:-1]
-        # RELIABILITY.md case 2: a CR alone never splits a command; the whole line is refused.
+        # docs/reliability.md case 2: a CR alone never splits a command; the whole line is refused.
         if b"\r" in line:
             return (EV_COMMAND_ERROR, ERR_BARE_CR)
         if b"\0" in line:
@@ -296,7 +296,7 @@ class ServerFramer:
         if n - ends_cr > self._hard_cap - 2:
             return self._overflow()
         if n > self._max_line:
-            # Sure to be ERR_TOO_LONG: keep only its length (RELIABILITY.md case 9).
+            # Sure to be ERR_TOO_LONG: keep only its length (docs/reliability.md case 9).
             self._skipped = n
             self._skipped_cr = ends_cr
             self._pos = self._scan = len(buf)

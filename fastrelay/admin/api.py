@@ -185,10 +185,13 @@ class AdminApp:
     """The aiohttp application of one Admin_Listener. `relay` is a fastrelay.relay.Relay (or
     anything with the same few attributes); `queue` answers the queue calls."""
 
-    def __init__(self, relay: Any, token: str | None, queue: QueueAPI | None = None):
+    def __init__(self, relay: Any, token: str | None, queue: QueueAPI | None = None, front: Any = None):
         self.relay = relay
         self.token = token
         self._queue = queue
+        # With Workers > 1, worker 0's fastrelay.admin.workers.WorkerFront: the queue, reload and
+        # /metrics of every worker, not only this one's.
+        self.front = front
         self.metrics: Any = None  # fastrelay.admin.metrics.RelayMetrics, when serving a started relay
         self.audit: collections.deque[dict] = collections.deque(maxlen=limits.ADMIN_AUDIT_KEEP)
         self.app = web.Application(middlewares=[self._middleware], client_max_size=limits.ADMIN_MAX_REQUEST)
@@ -207,6 +210,8 @@ class AdminApp:
     def queue(self) -> QueueAPI:
         if self._queue is not None:
             return self._queue
+        if self.front is not None:
+            return self.front.queue
         q = getattr(self.relay, "queue", None)
         if q is None:
             raise ApiError(503, "no_queue", "delivery is not running (suspend_delivery is set): the queue API "
@@ -391,7 +396,7 @@ class AdminApp:
     async def h_reload(self, request: web.Request) -> web.Response:
         _Query(request, ())
         await _json_body(request)
-        reload = getattr(self.relay, "reload", None)
+        reload = self.front.reload if self.front is not None else getattr(self.relay, "reload", None)
         if reload is None:
             raise ApiError(503, "no_reload", "this process cannot reload its configuration")
         result = await reload()
@@ -424,7 +429,7 @@ class AdminApp:
 
 class _RequestHandler(web.RequestHandler):
     """aiohttp's per-connection protocol, with the one JSON error shape for the errors it answers
-    itself (a request it cannot parse never reaches the middleware: RELIABILITY.md case 7)."""
+    itself (a request it cannot parse never reaches the middleware: docs/reliability.md case 7)."""
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -446,13 +451,14 @@ class _RequestHandler(web.RequestHandler):
 class AdminServer:
     """One Admin_Listener Listen address serving an AdminApp."""
 
-    def __init__(self, relay: Any, listen: Any, queue: QueueAPI | None = None):
+    def __init__(self, relay: Any, listen: Any, queue: QueueAPI | None = None, front: Any = None):
         self.listen = listen
-        self.api = AdminApp(relay, read_token(listen), queue)
+        self.api = AdminApp(relay, read_token(listen), queue, front)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str | None, port: int) -> None:
+    async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or on `sock` (bound by the supervisor with Workers > 1)."""
         # A request line may carry every list filter at its longest, percent-encoded (RFC 5321
         # §4.5.3.1.3: a path is at most 256 octets): twice aiohttp's default 8190 bytes.
         runner = web.AppRunner(self.api.app, access_log=None, shutdown_timeout=5.0, max_line_size=MAX_LINE)
@@ -465,7 +471,10 @@ class AdminServer:
             return _RequestHandler(server, loop=loop, **server._kwargs)
 
         try:
-            self._server = await loop.create_server(protocol, host, port, reuse_address=True)
+            if sock is not None:
+                self._server = await loop.create_server(protocol, sock=sock)
+            else:
+                self._server = await loop.create_server(protocol, host, port, reuse_address=True)
         except BaseException:
             await runner.cleanup()
             raise
@@ -489,3 +498,5 @@ class AdminServer:
 
             release(self.api.relay)
             self.api.metrics = None
+        if self.api.front is not None:
+            await self.api.front.close()

@@ -63,7 +63,14 @@ class Client:
         from fastrelay.config import ConfigErrors, load
 
         try:
-            cfg = load(path)
+            if path is None:  # the embedded default conf, as `fastrelay run` with no -c (issue 15)
+                from fastrelay.paths import default_conf
+
+                with default_conf() as embedded:
+                    cfg = load(embedded)
+                path = "the embedded default conf"
+            else:
+                cfg = load(path)
         except ConfigErrors as e:
             raise CliError(EXIT_CONFIG, "\n".join(str(x) for x in e.errors)) from None
         if not cfg.admin_listens:
@@ -325,61 +332,77 @@ def _guard(fn: Any) -> Any:
     return run
 
 
-def add_admin_commands(sub: argparse._SubParsersAction, default_conf: str) -> None:
+def add_admin_commands(sub: argparse._SubParsersAction, default_conf: str | None) -> None:
     """Add queue, suspend, resume, reroute-queue and reload to the `fastrelay` parser."""
+    conf_help = ("the relay's conf file, where the Admin_Listener and its token are found (default: "
+                 + (default_conf or "the embedded default conf, as `fastrelay run`") + ")")
 
-    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("-c", "--conf", default=default_conf, help=f"conf file (default {default_conf})")
-        p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    def cmd(parent, name: str, text: str, examples: str) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=text, description=text, epilog="examples:\n" + examples,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-c", "--conf", default=default_conf, metavar="FILE", help=conf_help)
+        p.add_argument("--json", action="store_true", help="print the API's JSON answer (for scripts)")
         return p
 
-    q = sub.add_parser("queue", help="see and steer the queue of the running relay")
+    q = sub.add_parser("queue", help="see and steer the queue of the running relay",
+                       epilog="examples:\n  fastrelay queue summary\n  fastrelay queue list --domain example.com",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     qs = q.add_subparsers(dest="queue_command", required=True, metavar="SUBCOMMAND")
-    common(qs.add_parser("summary", help="counts by domain, state and age (qshape)")).set_defaults(
+    cmd(qs, "summary", "counts by domain, binding, state and age (qshape)",
+        "  fastrelay queue summary\n  fastrelay queue summary --json | jq .domains").set_defaults(
         func=_guard(cmd_summary))
-    ls = common(qs.add_parser("list", help="list queued messages"))
-    ls.add_argument("--domain")
-    ls.add_argument("--binding")
-    ls.add_argument("--state", choices=["ready", "deferred", "held", "in_delivery"])
+    ls = cmd(qs, "list", "list queued messages, filtered and paged",
+             "  fastrelay queue list --domain example.com --state deferred\n"
+             "  fastrelay queue list --min-age 3600 --limit 20 --offset 20")
+    ls.add_argument("--domain", help="only messages to this domain")
+    ls.add_argument("--binding", help="only messages on this binding")
+    ls.add_argument("--state", choices=["ready", "deferred", "held", "in_delivery"], help="only messages in this state")
     ls.add_argument("--sender", help="sender contains this")
     ls.add_argument("--recipient", help="a recipient contains this")
-    ls.add_argument("--min-age", type=float, help="seconds in the queue, at least")
-    ls.add_argument("--max-age", type=float, help="seconds in the queue, at most")
-    ls.add_argument("--offset", type=int, default=0)
-    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--min-age", type=float, metavar="SECONDS", help="seconds in the queue, at least")
+    ls.add_argument("--max-age", type=float, metavar="SECONDS", help="seconds in the queue, at most")
+    ls.add_argument("--offset", type=int, default=0, help="skip this many messages (paging; default 0)")
+    ls.add_argument("--limit", type=int, default=100, help="at most this many messages (default 100)")
     ls.set_defaults(func=_guard(cmd_list))
-    sh = common(qs.add_parser("show", help="one message: envelope, recipients, attempts, headers"))
-    sh.add_argument("id")
+    sh = cmd(qs, "show", "one message: envelope, recipients, attempts, last error, headers",
+             "  fastrelay queue show 42\n  fastrelay queue show 42 --body")
+    sh.add_argument("id", metavar="ID", help="the message id (as queue list prints it)")
     sh.add_argument("--body", action="store_true", help="print the body too")
     sh.set_defaults(func=_guard(cmd_show))
     for name, fn, text in [("delete", cmd_delete, "delete messages (silently; --dsn to bounce)"),
                            ("bounce", cmd_bounce, "delete messages with a DSN to the sender"),
                            ("hold", cmd_hold, "hold messages (not tried until released)"),
                            ("release", cmd_release, "release held messages")]:
-        p = common(qs.add_parser(name, help=text))
-        p.add_argument("ids", nargs="+", metavar="ID")
+        p = cmd(qs, name, text, f"  fastrelay queue {name} 42\n  fastrelay queue {name} 42 43 44")
+        p.add_argument("ids", nargs="+", metavar="ID", help="message ids (as queue list prints them)")
         if name == "delete":
             p.add_argument("--dsn", action="store_true", help="send a DSN to the sender")
         p.set_defaults(func=_guard(fn))
-    fl = common(qs.add_parser("flush", help="retry deferred mail now: all, one DOMAIN, or --id ID"))
-    fl.add_argument("domain", nargs="?")
+    fl = cmd(qs, "flush", "retry deferred mail now: all, one DOMAIN, or --id ID",
+             "  fastrelay queue flush\n  fastrelay queue flush example.com\n  fastrelay queue flush --id 42")
+    fl.add_argument("domain", nargs="?", metavar="DOMAIN", help="only mail to this domain")
     fl.add_argument("--id", action="append", help="one message (repeatable)")
     fl.set_defaults(func=_guard(cmd_flush))
 
-    sp = common(sub.add_parser("suspend", help="stop delivery to a domain, binding or binding::domain"))
-    sp.add_argument("domain", nargs="?")
-    sp.add_argument("--binding")
+    sp = cmd(sub, "suspend", "stop delivery to a domain, binding or binding::domain",
+             "  fastrelay suspend example.com --for 1h\n  fastrelay suspend --binding mkt\n"
+             "  fastrelay suspend example.com --binding mkt")
+    sp.add_argument("domain", nargs="?", metavar="DOMAIN", help="the domain (with --binding: binding::domain)")
+    sp.add_argument("--binding", help="the binding (alone: all its mail)")
     sp.add_argument("--for", dest="for_", metavar="TIME", help="for a while only: 600, 10m, 1h, 2d")
     sp.set_defaults(func=_guard(cmd_suspend))
-    rs = common(sub.add_parser("resume", help="end a suspension"))
-    rs.add_argument("domain", nargs="?")
-    rs.add_argument("--binding")
+    rs = cmd(sub, "resume", "end a suspension",
+             "  fastrelay resume example.com\n  fastrelay resume --binding mkt\n  fastrelay resume --all")
+    rs.add_argument("domain", nargs="?", metavar="DOMAIN", help="the domain suspended")
+    rs.add_argument("--binding", help="the binding suspended")
     rs.add_argument("--all", action="store_true", help="end every suspension")
     rs.set_defaults(func=_guard(cmd_resume))
-    rr = common(sub.add_parser("reroute-queue", help="move the queued mail of domain A to domain B's route"))
-    rr.add_argument("src", metavar="A")
-    rr.add_argument("dst", metavar="B")
+    rr = cmd(sub, "reroute-queue", "move the queued mail of domain A to domain B's route (Momentum's reroute queue)",
+             "  fastrelay reroute-queue old.example new.example --dry-run\n"
+             "  fastrelay reroute-queue old.example new.example")
+    rr.add_argument("src", metavar="A", help="the domain whose queued mail moves")
+    rr.add_argument("dst", metavar="B", help="the domain whose route it takes")
     rr.add_argument("--dry-run", action="store_true", help="only say what would move")
     rr.set_defaults(func=_guard(cmd_reroute))
-    common(sub.add_parser("reload", help="re-read, validate and apply the conf in the running relay")).set_defaults(
-        func=_guard(cmd_reload))
+    cmd(sub, "reload", "re-read, validate and apply the conf in the running relay (as SIGHUP)",
+        "  fastrelay reload -c /etc/fastrelay/fastrelay.conf").set_defaults(func=_guard(cmd_reload))

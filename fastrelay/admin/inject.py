@@ -7,7 +7,7 @@ Two forms (as Momentum's REST injection and KumoMTA's inject API take them):
   (the RFC 5322 message as bytes).
 
 The same policy as SMTP reception: a client outside relay_hosts may only send to relay_domains
-(RELIABILITY.md case 21); max_message_size (552 in SMTP, 413 here); max_recipients_per_message;
+(docs/reliability.md case 21); max_message_size (552 in SMTP, 413 here); max_recipients_per_message;
 the text line limit (case 10) and the hop limit (case 16); the spool's free space (case 17). The
 answer comes after the spool commit (P1: the same durability as the SMTP 250). Bad input is
 refused whole, with every reason: nothing of a refused call is queued.
@@ -83,7 +83,7 @@ def _envelope_fields(env: Any, errors: list[str]) -> tuple[str, list[str], str]:
 
 def _normalize(content: bytes) -> bytes:
     # JSON clients write "\n": every line end becomes CRLF (as Postfix's normalize mode,
-    # RELIABILITY.md case 2), and the message ends with one.
+    # docs/reliability.md case 2), and the message ends with one.
     body = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     return body if body.endswith(b"\r\n") else body + b"\r\n"
 

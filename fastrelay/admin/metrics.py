@@ -288,7 +288,10 @@ def add_routes(admin: Any) -> None:
     m = metrics_for(relay)
 
     async def h_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = generate_latest(m.registry)
+        if getattr(admin, "front", None) is not None:  # Workers > 1: every worker's, added up
+            body = await admin.front.metrics(body)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     admin.app.router.add_get("/metrics", h_metrics)
     admin.metrics = m

@@ -42,6 +42,7 @@ async def reload_relay(relay: Any, new: Config | None = None) -> dict:
 
 
 async def _apply(relay: Any, new: Config) -> dict:
+    from fastrelay.bindings import Assigner
     from fastrelay.smtp.server import ListenSettings, SMTPServer
 
     old: Config = relay.cfg
@@ -80,6 +81,9 @@ async def _apply(relay: Any, new: Config) -> dict:
         return _refused(errors)
 
     changes: list[str] = []
+    # Bindings (issue 10): Binding_Header, a listener's Binding/Binding_Group and the bindings'
+    # Sender_Domains are read again at the switch; mail already queued keeps its binding.
+    binder = Assigner(new)
     # New listeners are bound before the switch, so a port in use refuses the reload whole.
     current = _match(settings, [srv for srv in relay.smtp_servers if srv.sockets])
     started: list = []
@@ -87,6 +91,7 @@ async def _apply(relay: Any, new: Config) -> dict:
         if key in current.values():
             continue
         srv = SMTPServer(s, relay)
+        srv.binder = binder.for_listener(listen)
         try:
             await srv.start(listen.address.host or None, listen.address.port)
         except OSError as e:
@@ -102,6 +107,10 @@ async def _apply(relay: Any, new: Config) -> dict:
     for key, (listen, _tok) in admin_tokens.items():
         if key in admin_current.values():
             continue
+        if getattr(relay, "worker", None) is not None:
+            # Workers > 1: the addresses did not change (checked above); worker 0 serves them on
+            # the supervisor's sockets and the others serve none (fastrelay.admin.workers).
+            continue
         a = AdminServer(relay, listen)
         try:
             await a.start(listen.address.host or None, listen.address.port)
@@ -114,9 +123,11 @@ async def _apply(relay: Any, new: Config) -> dict:
 
     # --- the switch: no await from here to the end, so nothing sees half of it ---------------------
     relay.cfg = new
+    relay.binder = binder
     for srv, key in current.items():
         if key is not None:
             srv.s = settings[key][1]
+            srv.binder = binder.for_listener(settings[key][0])
             _refresh_smtp(srv)
         else:
             changes.append(f"ESMTP listener {_bound(srv)} removed (closing after its last session)")

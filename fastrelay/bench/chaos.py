@@ -1,4 +1,4 @@
-"""Crash chaos (RELIABILITY.md (a)): kill -9 fastrelay at random while injecting; prove no acked mail is lost."""
+"""Crash chaos (docs/reliability.md (a)): kill -9 fastrelay at random while injecting; prove no acked mail is lost."""
 
 # The recipe, steps 1-3 and 5:
 #   sink      fastrelay.bench.sink with an fsynced ledger (id TAB rcpt TAB sha256 per delivered recipient,

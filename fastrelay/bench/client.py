@@ -1,7 +1,7 @@
 """A fast SMTP load generator (asyncio Protocol under uvloop, optionally in several processes)."""
 
 # Why a Protocol and not asyncio streams or aiosmtplib: the client must stay far below the relay's
-# cost per message or it measures itself (PERF.md: smtp-source moves ~10,600 messages/s here).
+# cost per message or it measures itself (docs/performance.md: smtp-source moves ~10,600 messages/s here).
 # One Protocol per connection parses the replies of a whole pipelined group in one data_received
 # and wakes one future; the message bytes are prebuilt (only the X-Test-Id line differs).
 #

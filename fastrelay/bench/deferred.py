@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tool": "fastrelay deferred-queue bench", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": command_line(), "machine": machine_info(line, version, impl),
         "load": {"messages": args.messages, "size": args.size, "concurrency": args.concurrency, "procs": args.procs},
+        "relay_options": list(args.relay_option),
     }
     progress = Progress(args.progress if args.progress is not None else sys.stderr.isatty())
     workdir = Path(tempfile.mkdtemp(prefix="fastrelay-deferred-"))
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         dead_port = free_port("127.0.0.3")  # bound and let go: nothing listens there
         conf = relay_conf("127.0.0.3", dead_port, retry="1d", host_failure_retry="1d",
-                          fsync=args.fsync, extra=["message_expiration = 7d"])
+                          fsync=args.fsync, extra=["message_expiration = 7d", *args.relay_option])
         relay = RelayProcess(workdir, conf, env).start()
         out["rss_empty_mb"] = _mb(relay.rss_kb())
         spec = LoadSpec(host="127.0.0.1", port=relay.port, messages=args.messages, size=args.size, rcpts=1,
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=1, help="client processes")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", help="spool_fsync = 0 (faster queueing)")
     p.add_argument("--impl", choices=["cython", "python"])
+    p.add_argument("--relay-option", action="append", default=[], metavar="'NAME = VALUE'",
+                   help="an extra conf line for the relay, e.g. 'Workers = 2' (repeatable)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for each phase")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--keep", action="store_true")

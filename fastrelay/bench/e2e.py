@@ -1,6 +1,6 @@
 """End-to-end throughput: drive a load through fastrelay (or other relays) into a sink, beside the ceiling."""
 
-# PERF.md's method: the same client and sink for every setup, in the same run, and the relay's
+# docs/performance.md's method: the same client and sink for every setup, in the same run, and the relay's
 # delivered/s as a share of the "ceiling" (client straight into the sink). One sink process serves
 # the whole session; each measurement takes the difference of its counters, so it never restarts
 # between setups. fastrelay gets a fresh temp dir (spool) per run: a spool that grows over the

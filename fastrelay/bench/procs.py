@@ -399,7 +399,7 @@ def relay_conf(route_host: str, route_port: int, *, listen: str = "127.0.0.1:0",
         'Mainlog = "mainlog"',
         'Hostname = "relay.bench"',
         f"spool_fsync = {'1' if fsync else '0'}",
-        # The default forbids loopback next hops (RELIABILITY.md case 46); the sink is on loopback.
+        # The default forbids loopback next hops (docs/reliability.md case 46); the sink is on loopback.
         'Prohibited_Hosts = ( "0.0.0.0/8" )',
         f'Routes = ( "smtp://{route_host}?port={route_port}" )',
         "TLS = disabled",
@@ -407,7 +407,7 @@ def relay_conf(route_host: str, route_port: int, *, listen: str = "127.0.0.1:0",
         f"max_retry_interval = {retry}",
         f"host_failure_retry = {host_failure_retry}",
         "Connect_Timeout = 5s",
-        "Concurrency = 100000",
+        "Listener_Sessions = 100000",
         "max_connections_per_ip = 100000",
         "max_messages_per_connection = 10000000",
         "junk_command_limit = 1000000",
@@ -418,6 +418,7 @@ def relay_conf(route_host: str, route_port: int, *, listen: str = "127.0.0.1:0",
 
 
 _READY = re.compile(r" ready .*smtp on (?:\[[^\]]+\]|[\d.]+):(\d+)")
+# Logged once per start by the relay, and with Workers > 1 once by each worker for its shard.
 _RECOVERED = re.compile(r"recovered (\d+) queued messages")
 
 
@@ -453,7 +454,7 @@ class RelayProcess:
         with open(self.logfile, "ab") as log:
             self.t_start = time.monotonic()
             self.proc = track(subprocess.Popen(
-                [sys.executable, "-m", "fastrelay", "run", "-c", str(self.conf)],
+                [sys.executable, "-m", "fastrelay", "run", "--quiet-messages", "-c", str(self.conf)],
                 cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
                 start_new_session=True,
             ))
@@ -470,8 +471,8 @@ class RelayProcess:
                     *lines, pending = pending.split("\n")
                     for line in lines:
                         m = _RECOVERED.search(line)
-                        if m:
-                            self.t_recovered, self.recovered = now, int(m.group(1))
+                        if m:  # summed over the workers; the time is the last one's
+                            self.t_recovered, self.recovered = now, self.recovered + int(m.group(1))
                         m = _READY.search(line)
                         if m:
                             self.t_ready, self.port = now, int(m.group(1))

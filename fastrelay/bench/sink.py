@@ -6,7 +6,7 @@
 # data_received parses whatever arrived, answers a whole pipelined group with one transport.write,
 # and finds the end of DATA with one bytes search per read.
 #
-# The ledger (for the crash-chaos test, RELIABILITY.md (a)): one line per delivered recipient,
+# The ledger (for the crash-chaos test, docs/reliability.md (a)): one line per delivered recipient,
 #     <X-Test-Id> <TAB> <recipient> <TAB> <sha256 hex>\n
 # written and fsync'd BEFORE the 250 to the final dot, so a line in the ledger means "this sink
 # took responsibility". fsyncs are grouped: every message that ended in the same event-loop tick
@@ -393,17 +393,23 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    # With --print, stdout is the messages alone (a person reads them): the JSON status lines go
+    # to stderr, and only on SIGUSR1 and at exit unless --status-interval asks for more.
+    status_out = sys.stderr if args.print else sys.stdout
+
     def emit(event: str) -> None:
-        sys.stdout.write(status_line(sink, event) + "\n")
-        sys.stdout.flush()
+        status_out.write(status_line(sink, event) + "\n")
+        status_out.flush()
 
     # SIGUSR1: a status line now (the bench asks for a baseline before each run).
     loop.add_signal_handler(signal.SIGUSR1, emit, "status")
-    sys.stdout.write(json.dumps({"event": "listening", "host": host, "port": port_n, "pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
+    status_out.write(json.dumps({"event": "listening", "host": host, "port": port_n, "pid": os.getpid()}) + "\n")
+    status_out.flush()
     if not args.print:
         print(f"sink listening on {host}:{port_n}", file=sys.stderr, flush=True)
     interval = args.status_interval
+    if interval is None:
+        interval = 0.0 if args.print else 1.0
     try:
         while not stop.is_set():
             try:
@@ -420,10 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastrelay.bench.sink", description=__doc__)
     p.add_argument("--listen", default="127.0.0.2:2526", help="ADDR:PORT (port 0 picks a free one)")
     p.add_argument("--ledger", help="append 'id TAB rcpt TAB sha256' per delivered recipient, fsynced before the 250")
-    p.add_argument("--print", action="store_true", help="print every message on stdout")
+    p.add_argument("--print", action="store_true",
+                   help="print every message on stdout (the JSON status lines then go to stderr)")
     p.add_argument("--tempfail-rate", type=float, default=0.0, help="answer this share of messages with 451")
-    p.add_argument("--status-interval", type=float, default=1.0,
-                   help="seconds between JSON status lines on stdout (0: only on SIGUSR1 and at exit)")
+    p.add_argument("--status-interval", type=float, default=None,
+                   help="seconds between JSON status lines (0: only on SIGUSR1 and at exit; default 1, "
+                        "or 0 with --print)")
     args = p.parse_args(argv)
     try:
         import uvloop

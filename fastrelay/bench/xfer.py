@@ -40,7 +40,7 @@ def node_a(http_port: int, connections: int) -> str:
     return "\n".join([
         'Spool_Base = "spool"', 'Mainlog = "mainlog"', 'Hostname = "a.bench"',
         'Prohibited_Hosts = ( "0.0.0.0/8" )',
-        "Concurrency = 100000", "max_connections_per_ip = 100000", "max_messages_per_connection = 10000000",
+        "Listener_Sessions = 100000", "max_connections_per_ip = 100000", "max_messages_per_connection = 10000000",
         'scriptlet "scriptlet" { script xfer_client { source = "msys.xfer.client" } }',
         'Domain xfer.test {',
         '  reroute_domain = "disabled"', '  delayed_reroute_domain = "disabled"',

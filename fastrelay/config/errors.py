@@ -6,7 +6,8 @@ from __future__ import annotations
 class ConfigError(Exception):
     """One configuration error at a position in a conf file.
 
-    str(err) is the one-line form the CLI prints: ``file:line:col: message``.
+    str(err) is the one-line form the CLI prints: ``file:line:col: message``, or ``file: message``
+    for an error about the whole file (line 0: it could not be read, so no position means anything).
     """
 
     def __init__(self, file: str, line: int, col: int, message: str):
@@ -17,6 +18,8 @@ class ConfigError(Exception):
         self.message = message
 
     def __str__(self) -> str:
+        if self.line == 0:
+            return f"{self.file}: {self.message}"
         return f"{self.file}:{self.line}:{self.col}: {self.message}"
 
     def __eq__(self, other: object) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -13,7 +15,7 @@ from fastrelay.config import momentum
 from fastrelay.config import schema as S
 from fastrelay.config.errors import ConfigError, ConfigErrors, UnsupportedMomentumName
 from fastrelay.config.parser import Atom, Option, Pos, Stanza, parse_file, parse_text
-from fastrelay.config.types import DISABLED, HostPort, Invalid
+from fastrelay.config.types import DISABLED, HostPort, Invalid, MomentumValue
 
 
 class Setting(NamedTuple):
@@ -48,6 +50,38 @@ class BindingScope:
     scope: Scope
     group: str | None = None
     domains: dict[str, Scope] = field(default_factory=dict)
+    # Regex Domain stanzas inside this binding, in file order (Momentum's regex domains).
+    regex_domains: list[tuple[re.Pattern, Scope]] = field(default_factory=list)
+    # binding::host (issue #10: the binding's own Host-scope throttles), literal and regex.
+    hosts: dict[str, Scope] = field(default_factory=dict)
+    regex_hosts: list[tuple[re.Pattern, Scope]] = field(default_factory=list)
+
+
+def _is_regex(name: str) -> bool:
+    return len(name) >= 2 and name[0] == "/" and name[-1] == "/"
+
+
+def match_scope(name: str, literal: dict[str, Scope], regexes: list[tuple[re.Pattern, Scope]]) -> Scope | None:
+    """Momentum's domain page: "Option resolution will always match a value defined in a normal
+    domain stanza before looking for a matching regex domain stanza in the same container", and
+    among regexes "in the order that the regex domain stanzas were declared". An unanchored regex
+    matches anywhere in the name (PCRE search), as Momentum warns."""
+    sc = literal.get(name)
+    if sc is not None:
+        return sc
+    for rx, sc in regexes:
+        if rx.search(name):
+            return sc
+    return None
+
+
+def _domain_key(domain: str) -> str:
+    d = domain.lower().rstrip(".")
+    if d.startswith("[") or d[:1].isdigit():
+        lit = S.domain_literal(d)
+        if lit is not None:
+            return lit
+    return d
 
 
 @dataclass
@@ -71,6 +105,23 @@ class ListenScope:
         return self.lookup(option).value
 
 
+def _invisible(ch: str) -> bool:
+    # Format characters (U+FEFF, U+200B...), spaces other than the ASCII one (U+00A0...), controls.
+    return ch != " " and unicodedata.category(ch) in ("Cf", "Zs", "Zl", "Zp", "Cc", "Co", "Cn")
+
+
+def shown(name: str) -> str:
+    """`name` quoted for an error, with each invisible character written as <U+XXXX> and named
+    after it: a UTF-8 BOM or a no-break space in a name otherwise shows as a name that looks right."""
+    bad = [ch for ch in dict.fromkeys(name) if _invisible(ch)]
+    text = "".join(f"<U+{ord(ch):04X}>" if _invisible(ch) else ch for ch in name)
+    if not bad:
+        return f"'{text}'"
+    what = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, 'an unnamed character')}"
+                     + (" (a byte order mark)" if c == "\ufeff" else "") for c in bad)
+    return f"'{text}' (it contains {what}, which does not show)"
+
+
 def _a(word: str) -> str:
     return ("an " if word[0].lower() in "aeiouh" and word.lower() != "host" else "a ") + word
 
@@ -90,12 +141,19 @@ class Config:
         self.global_ = Scope(S.GLOBAL, None, "global")
         self.domains: dict[str, Scope] = {}
         self.binding_groups: dict[str, Scope] = {}
+        # binding_group::domain (Momentum): Domain stanzas inside a Binding_Group, by group name,
+        # literal and regex (file order).
+        self.group_domains: dict[str, dict[str, Scope]] = {}
+        self.group_regex_domains: dict[str, list[tuple[re.Pattern, Scope]]] = {}
         self.bindings: dict[str, BindingScope] = {}
         self.hosts: dict[str, Scope] = {}
+        self.regex_domains: list[tuple[re.Pattern, Scope]] = []  # file order
+        self.regex_hosts: list[tuple[re.Pattern, Scope]] = []
         self.esmtp_listens: list[ListenScope] = []
         self.http_listens: list[ListenScope] = []
         self.admin_listens: list[ListenScope] = []
         self.scripts: dict[str, tuple[str, Pos]] = {}  # source -> (script name, pos)
+        self.security = Scope(S.SECURITY, None, "Security")  # User and Group (Momentum's privilege drop)
         # Momentum names ignored under --lenient (check_runnable() returns its own warnings).
         self.warnings: list[ConfigError] = []
         # eventloop stanzas by lower-cased name: (concurrency, pos of the stanza).
@@ -107,9 +165,11 @@ class Config:
     def lookup(self, option: str, domain: str | None = None, binding: str | None = None) -> Setting:
         """The effective value of `option` for mail to `domain` sent on `binding`, and its origin.
 
-        Fallback (Momentum): binding::domain, binding, binding_group, domain, global, default.
+        Fallback (Momentum's "Configuration Scopes and Fallback"): binding::domain (the binding
+        may be in a group), binding_group::domain, binding, binding_group, domain, global, default.
         """
-        key = (option.lower(), domain.lower() if domain else None, binding.lower() if binding else None)
+        # Binding names are case-sensitive (Momentum); domains are not.
+        key = (option.lower(), _domain_key(domain) if domain else None, binding)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -132,23 +192,47 @@ class Config:
         chain: list[Scope] = []
         b = self.bindings.get(binding) if binding else None
         if b is not None:
-            if domain and domain in b.domains:
-                chain.append(b.domains[domain])
+            if domain:
+                bd = match_scope(domain, b.domains, b.regex_domains)
+                if bd is not None:
+                    chain.append(bd)
+            if domain and b.group:
+                # "Value given in a domain stanza within a binding_group" comes before the
+                # binding's own value (Momentum's precedence list).
+                gd = match_scope(domain, self.group_domains.get(b.group, {}),
+                                 self.group_regex_domains.get(b.group, []))
+                if gd is not None:
+                    chain.append(gd)
             chain.append(b.scope)
             if b.group and b.group in self.binding_groups:
                 chain.append(self.binding_groups[b.group])
-        if domain and domain in self.domains:
-            chain.append(self.domains[domain])
+        if domain:
+            d = match_scope(domain, self.domains, self.regex_domains)
+            if d is not None:
+                chain.append(d)
         chain.append(self.global_)
         return chain
 
-    def host_lookup(self, option: str, host: str) -> Setting | None:
-        """The value set for `option` in the Host stanza of `host`, or None if none sets it."""
-        sc = self.hosts.get(host.lower())
-        if sc is None:
-            return None
-        v = sc.get(_opt(option).key)
-        return None if v is None else Setting(v[0], v[1], sc.description)
+    def binding_scope(self, binding: str | None) -> BindingScope | None:
+        return self.bindings.get(binding) if binding else None
+
+    def group_members(self, group: str) -> list[str]:
+        """The bindings of a Binding_Group, in file order (a group declared twice is merged)."""
+        return [name for name, b in self.bindings.items() if b.group == group]
+
+    def host_lookup(self, option: str, host: str, binding: str | None = None) -> Setting | None:
+        """The value set for `option` in the Host stanza of `host` (binding::host first, then
+        host; no fallback to the binding/domain/global value, as Momentum), or None."""
+        key = _opt(option).key
+        name = host.lower()
+        b = self.bindings.get(binding) if binding else None
+        for sc in (match_scope(name, b.hosts, b.regex_hosts) if b is not None else None,
+                   match_scope(name, self.hosts, self.regex_hosts)):
+            if sc is not None:
+                v = sc.get(key)
+                if v is not None:
+                    return Setting(v[0], v[1], sc.description)
+        return None
 
     def reroute_target(self, option: str, domain: str, binding: str | None = None) -> str | None:
         """reroute_domain / delayed_reroute_domain for `domain`, with "disabled" as None."""
@@ -176,10 +260,37 @@ class Config:
     @property
     def spool_dir(self) -> str:
         s = self.lookup("Spool_Base")
+        if s.value is None:
+            from fastrelay.paths import default_spool
+
+            return default_spool()
         path = s.value
         if not os.path.isabs(path) and s.pos is not None:
             path = os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), path)
         return os.path.normpath(path)
+
+    @staticmethod
+    def conf_path(setting: Setting) -> str | None:
+        """A path option's value, relative to the directory of the conf file that set it."""
+        if setting.value is None:
+            return None
+        if os.path.isabs(setting.value) or setting.pos is None:
+            return setting.value
+        return os.path.join(os.path.dirname(os.path.abspath(setting.pos.file)), setting.value)
+
+    @property
+    def mainlog_path(self) -> str:
+        """The mainlog file: Mainlog, or beside a Spool_Base the conf sets, or the default place."""
+        s = self.lookup("Mainlog")
+        if s.value is None:
+            if self.lookup("Spool_Base").value is None:
+                from fastrelay.paths import default_mainlog
+
+                return default_mainlog()
+            return os.path.join(os.path.dirname(self.spool_dir), "mainlog")
+        if os.path.isabs(s.value) or s.pos is None:
+            return s.value
+        return os.path.join(os.path.dirname(os.path.abspath(s.pos.file)), s.value)
 
 
 class _Builder:
@@ -222,7 +333,7 @@ class _Builder:
         if opt is None and node.key not in S.STANZA_BY_KEY and self.momentum(node.name, node.pos):
             return
         if opt is None:
-            msg = f"unknown option '{node.name}'"
+            msg = f"unknown option {shown(node.name)}"
             close = difflib.get_close_matches(node.key, list(S.BY_KEY), n=1, cutoff=0.75)
             if close:
                 msg += f"; did you mean '{S.BY_KEY[close[0]].name}'?"
@@ -233,7 +344,19 @@ class _Builder:
                 msg += "; expected a known option name (see docs/config.md)"
             self.fail(node.pos, msg)
             return
-        if scope_kind not in opt.scopes:
+        if scope_kind == S.BINDING_HOST and opt.key not in S.BINDING_HOST_OPTIONS:
+            self.fail(node.pos, f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; expected "
+                                "outbound_throttle_connections or outbound_throttle_messages there")
+            return
+        if (opt.key, scope_kind) in S.MOMENTUM_ONLY_SCOPES:
+            self.errors.append(UnsupportedMomentumName(
+                node.pos.file, node.pos.line, node.pos.col,
+                f"{opt.name} in {S.SCOPE_NAMES[scope_kind]} is a Momentum option that fastrelay does "
+                f"not support there (it is valid in {S.valid_in(opt)}; --lenient ignores it with a warning)"))
+            return
+        # A Domain in a Binding_Group takes what a Domain in a Binding takes (Momentum).
+        checked = {S.BINDING_HOST: S.HOST, S.BINDING_GROUP_DOMAIN: S.BINDING_DOMAIN}.get(scope_kind, scope_kind)
+        if checked not in opt.scopes:
             self.fail(
                 node.pos,
                 f"option '{opt.name}' is not valid in {S.SCOPE_NAMES[scope_kind]}; "
@@ -244,7 +367,13 @@ class _Builder:
             value = opt.type.convert(node.value)
         except Invalid as e:
             pos = e.atom.pos if e.atom is not None else node.value.pos
-            self.fail(pos, f"bad value for '{opt.name}': {e.message}")
+            if isinstance(e, MomentumValue):
+                self.errors.append(UnsupportedMomentumName(
+                    pos.file, pos.line, pos.col,
+                    f"{opt.name}: {e.message}, a Momentum feature that fastrelay does not support "
+                    "(--lenient ignores the option with a warning)"))
+            else:
+                self.fail(pos, f"bad value for '{opt.name}': {e.message}")
             return
         scope.values[opt.key] = (value, node.pos)
 
@@ -253,14 +382,19 @@ class _Builder:
         if sdef is None and node.key not in S.BY_KEY and self.momentum(node.type, node.pos):
             return
         if sdef is None:
-            msg = f"unknown stanza '{node.type}'"
-            close = difflib.get_close_matches(node.key, list(S.STANZA_BY_KEY), n=1, cutoff=0.7)
+            msg = f"unknown stanza {shown(node.type)}"
+            # Only the stanzas valid here are offered (a Host inside a Domain would be another error).
+            here = [sd for sd in S.STANZAS if parent_kind in sd.parents]
+            close = difflib.get_close_matches(node.key, [sd.key for sd in here], n=1, cutoff=0.7)
             if node.key in S.BY_KEY:
                 msg += f"; '{S.BY_KEY[node.key].name}' is an option: write {S.BY_KEY[node.key].name} = value"
             elif close:
                 msg += f"; did you mean '{S.STANZA_BY_KEY[close[0]].name}'?"
+            elif here:
+                msg += f"; expected one of the stanzas valid in {S.SCOPE_NAMES[parent_kind]}: " + ", ".join(
+                    sd.name for sd in here)
             else:
-                msg += "; expected one of " + ", ".join(s.name for s in S.STANZAS)
+                msg += f"; {S.SCOPE_NAMES[parent_kind]} holds no stanzas, only options"
             self.fail(node.pos, msg)
             return
         if parent_kind not in sdef.parents:
@@ -287,29 +421,50 @@ class _Builder:
         getattr(self, f"s_{kind}")(node, name, ctx)
 
     # one handler per scope kind -------------------------------------------------------------
+    def _named(self, literal: dict[str, Scope], regexes: list[tuple[re.Pattern, Scope]], kind: str, name: str,
+               description: str) -> Scope:
+        """The scope of a Domain or Host stanza: a literal name, or a "/regex/" kept in file
+        order; one written twice is merged."""
+        if not _is_regex(name):
+            return literal.setdefault(name, Scope(kind, name, description))
+        for _rx, sc in regexes:
+            if sc.name == name:
+                return sc
+        sc = Scope(kind, name, description)
+        regexes.append((re.compile(name[1:-1], re.IGNORECASE), sc))
+        return sc
+
     def s_domain(self, node: Stanza, name: str, ctx: dict) -> None:
-        sc = self.cfg.domains.setdefault(name, Scope(S.DOMAIN, name, f"Domain {name}"))
+        sc = self._named(self.cfg.domains, self.cfg.regex_domains, S.DOMAIN, name, f"Domain {name}")
         self.items(node.children, S.DOMAIN, sc, ctx)
 
     def s_binding_group(self, node: Stanza, name: str, ctx: dict) -> None:
-        sc = self.cfg.binding_groups.setdefault(name.lower(), Scope(S.BINDING_GROUP, name, f"Binding_Group {name}"))
-        self.items(node.children, S.BINDING_GROUP, sc, {**ctx, "group": name.lower()})
+        # Case-sensitive (Momentum); a group declared in several places is one group.
+        sc = self.cfg.binding_groups.setdefault(name, Scope(S.BINDING_GROUP, name, f"Binding_Group {name}"))
+        self.items(node.children, S.BINDING_GROUP, sc, {**ctx, "group": name})
 
     def s_binding(self, node: Stanza, name: str, ctx: dict) -> None:
-        b = self.cfg.bindings.get(name.lower())
+        b = self.cfg.bindings.get(name)
         if b is None:
-            b = self.cfg.bindings[name.lower()] = BindingScope(Scope(S.BINDING, name, f"Binding {name}"))
+            b = self.cfg.bindings[name] = BindingScope(Scope(S.BINDING, name, f"Binding {name}"))
         if ctx.get("group"):
             b.group = ctx["group"]
         self.items(node.children, S.BINDING, b.scope, {**ctx, "binding": b})
 
     def s_binding_domain(self, node: Stanza, name: str, ctx: dict) -> None:
         b: BindingScope = ctx["binding"]
-        sc = b.domains.setdefault(name, Scope(S.BINDING_DOMAIN, name, f"{b.scope.description}::Domain {name}"))
+        sc = self._named(b.domains, b.regex_domains, S.BINDING_DOMAIN, name,
+                         f"{b.scope.description}::Domain {name}")
         self.items(node.children, S.BINDING_DOMAIN, sc, ctx)
 
+    def s_binding_group_domain(self, node: Stanza, name: str, ctx: dict) -> None:
+        g = ctx["group"]
+        sc = self._named(self.cfg.group_domains.setdefault(g, {}), self.cfg.group_regex_domains.setdefault(g, []),
+                         S.BINDING_GROUP_DOMAIN, name, f"Binding_Group {g}::Domain {name}")
+        self.items(node.children, S.BINDING_GROUP_DOMAIN, sc, ctx)
+
     def s_host(self, node: Stanza, name: str, ctx: dict) -> None:
-        sc = self.cfg.hosts.setdefault(name, Scope(S.HOST, name, f"Host {name}"))
+        sc = self._named(self.cfg.hosts, self.cfg.regex_hosts, S.HOST, name, f"Host {name}")
         self.items(node.children, S.HOST, sc, ctx)
 
     def _needs_listen(self, node: Stanza) -> None:
@@ -317,6 +472,10 @@ class _Builder:
         if not any(isinstance(c, Stanza) and c.key == "listen" for c in node.children):
             self.fail(node.pos, f"{node.type} has no Listen stanza, so it would listen nowhere; "
                                 f'expected {node.type} {{ Listen "ADDRESS:PORT" {{ }} }}')
+    def s_binding_host(self, node: Stanza, name: str, ctx: dict) -> None:
+        b: BindingScope = ctx["binding"]
+        sc = self._named(b.hosts, b.regex_hosts, S.BINDING_HOST, name, f"{b.scope.description}::Host {name}")
+        self.items(node.children, S.BINDING_HOST, sc, ctx)
 
     def s_esmtp_listener(self, node: Stanza, name: None, ctx: dict) -> None:
         sc = Scope(S.ESMTP_LISTENER, None, "ESMTP_Listener")
@@ -356,6 +515,7 @@ class _Builder:
 
     def s_admin_listen(self, node: Stanza, addr: HostPort, ctx: dict) -> None:
         self._listen(node, addr, ctx, S.ADMIN_LISTEN, self.cfg.admin_listens)
+
     def s_eventloop(self, node: Stanza, name: str, ctx: dict) -> None:
         """Momentum's `eventloop "NAME" { concurrency = N }` (multi-event-loops.md)."""
         sc = Scope(S.EVENTLOOP, name, f"eventloop {name}")
@@ -414,6 +574,8 @@ class _Builder:
                 return
             n = conc
         cfg.worker_count = min(max(1, n or 1), limits.MAX_WORKERS)
+    def s_security(self, node: Stanza, name: None, ctx: dict) -> None:
+        self.items(node.children, S.SECURITY, self.cfg.security, ctx)
 
     def s_scriptlet(self, node: Stanza, name: str, ctx: dict) -> None:
         sc = Scope(S.SCRIPTLET, name, f"scriptlet {name}")
@@ -452,7 +614,12 @@ def build(nodes: list, files: list[str] | None = None, *, lenient: bool = False)
 
 
 def load(path: str, *, lenient: bool = False) -> Config:
-    """Read, check and model a conf file (and its includes). Raises ConfigErrors with every error."""
+    """Read, check and model a conf file (and its includes). Raises ConfigErrors with every error.
+    A file named *.toml is Stalwart's TOML (fastrelay.config.stalwart), into the same model."""
+    if path.lower().endswith(".toml"):
+        from fastrelay.config.stalwart import load_toml
+
+        return load_toml(path, lenient=lenient)
     try:
         nodes = parse_file(path)
     except ConfigError as e:
@@ -514,6 +681,22 @@ def check_runnable(cfg: Config) -> tuple[list[ConfigError], list[ConfigError]]:
             errors.append(hit[1].error(
                     "Delivery_Method = delay_xfer needs the XFER client, which is not loaded; expected "
                     'scriptlet "scriptlet" { script xfer_client { source = "msys.xfer.client" } }'))
+    for sc in _outbound_scopes(cfg):
+        cert, key = sc.get("tls_certificate"), sc.get("tls_key")
+        if (cert is None) != (key is None):
+            # A client certificate without its key (or a key alone) cannot be presented.
+            have, want = ("TLS_Certificate", "TLS_Key") if cert is not None else ("TLS_Key", "TLS_Certificate")
+            errors.append((cert or key)[1].error(f"{have} is set in {sc.description} without {want}; "
+                                                 "expected both, for the client certificate presented outbound"))
+    for listen in cfg.esmtp_listens:
+        idle = listen.lookup("Idle_Time")
+        if 0 < idle.value < limits.RFC5321_SERVER_TIMEOUT:
+            # RFC 5321 §4.5.3.2.7: "at least 5 minutes". Allowed (a test relay, a trusted
+            # network), but never silently: a Momentum conf's outbound idle_timeout = 5 used to land here.
+            warnings.append((idle.pos or listen.pos).error(
+                f"Idle_Time = {S.BY_KEY['idle_time'].format(idle.value)} on {listen.address} disconnects "
+                "silent clients sooner than RFC 5321 §4.5.3.2.7's 5 minutes; expected at least 5m "
+                "(the outbound idle connection time is idle_timeout)"))
     if xfer_server is not None:
         for listen in cfg.http_listens:
             if listen.get("xfer_secret") or listen.get("xfer_tokens"):

@@ -93,7 +93,8 @@ Node = Option | Stanza
 
 # Words that open stanzas (the parser knows them only to word its errors well).
 STANZA_WORDS = frozenset(
-    {"domain", "binding", "binding_group", "host", "esmtp_listener", "http_listener", "listen", "scriptlet", "script"}
+    {"domain", "binding", "binding_group", "host", "esmtp_listener", "http_listener", "listen", "scriptlet", "script",
+     "security"}
 )
 
 # Includes deeper than this are surely a mistake (and would exhaust the stack).
@@ -160,13 +161,26 @@ class _Parser:
                 return items
             if kind not in (T.WORD, T.STRING):
                 raise _tok_pos(tok).error(f"unexpected {_describe(tok)}; expected an option name or a stanza")
-            if kind == T.WORD and tok[1].lower() == "include":
+            if kind == T.WORD and tok[1].lower() in ("include", "readonly_include"):
+                # Momentum's readonly_include reads the file as include does; "readonly" only keeps
+                # its console from writing changes back into it, and fastrelay writes no conf.
                 self.i += 1
                 items.extend(self.parse_include(tok))
                 continue
-            items.append(self.parse_item(tok))
+            item = self.parse_item(tok, items[-1] if items else None)
+            items.append(item)
 
-    def parse_item(self, name_tok: tuple) -> Node:
+    def _after_value(self, name_tok: tuple, prev: Node | None) -> None:
+        """A word that cannot start an item, on the line of the previous option's value: the value
+        goes on (`retry_interval = 5 minutes`). Say so there, not at the end of the file."""
+        if isinstance(prev, Option) and isinstance(prev.value, Atom) and prev.value.pos.line == name_tok[3] \
+                and prev.value.pos.file == name_tok[2]:
+            v = prev.value
+            raise _tok_pos(name_tok).error(
+                f"unexpected '{name_tok[1]}' after {prev.name} = {v.text}; expected one value per option "
+                "(a time or size takes its unit joined to the number: 5m, 2h, 10k; a value with spaces is quoted)")
+
+    def parse_item(self, name_tok: tuple, prev: Node | None = None) -> Node:
         self.i += 1
         nxt = self.peek()
         if name_tok[0] == T.STRING:
@@ -200,6 +214,7 @@ class _Parser:
             stanza = Stanza(name_tok[1], name, _tok_pos(name_tok))
             stanza.children = self.stanza_body(after, name_tok[1])
             return stanza
+        self._after_value(name_tok, prev)
         if nxt is not None and nxt[0] in (T.WORD, T.STRING, T.NUMBER) and name_tok[1].lower() in STANZA_WORDS:
             # `Domain a b {`: a stanza type and a name, then something other than '{'.
             where = _tok_pos(after) if after is not None else self.eof
@@ -368,9 +383,10 @@ def parse_file(path: str, stack: tuple[str, ...] = (), included_at: Pos | None =
     except ValueError as e:
         if included_at is not None:
             raise included_at.error(f"cannot include '{shown or path}': {e}") from None
-        raise ConfigError(path, 1, 1, f"cannot read the file: {e}") from None
+        raise ConfigError(path, 0, 0, f"cannot read the conf file: {e}") from None
     except OSError as e:
         if included_at is not None:
             raise included_at.error(f"cannot read '{path}': {e.strerror}; expected a readable file") from None
-        raise ConfigError(path, 1, 1, f"cannot read the file: {e.strerror}; expected a readable conf file") from None
+        # The whole file, not a place in it: no :1:1 (issue 15: "a plain message").
+        raise ConfigError(path, 0, 0, f"cannot read the conf file: {e.strerror}") from None
     return parse_text(data, path, (*stack, real), depth)

@@ -20,6 +20,12 @@ class Invalid(Exception):
         self.atom = atom
 
 
+class MomentumValue(Invalid):
+    """A value Momentum documents and fastrelay does not implement (an auth_ds scheme in an
+    Auth*Parameters uri): reported as an unsupported Momentum name, so --lenient warns and ignores
+    the option instead of refusing the conf."""
+
+
 class OptType:
     """A value type: `expected` describes it in error messages, `convert` checks and converts."""
 
@@ -268,8 +274,13 @@ class ListenAddress(OptType):
 
     def convert_atom(self, atom: Atom) -> HostPort:
         # Port 0 asks the kernel for a free port (the ready log line names it): handy for tests.
+        text = atom.text
+        for star in ("*:", "[*]:"):
+            # Momentum's wildcards for every address: "*:25" and "[*]:25" are ":25".
+            if text.strip().startswith(star):
+                text = ":" + text.strip()[len(star):]
         try:
-            host, port = split_host_port(atom.text, min_port=0)
+            host, port = split_host_port(text, min_port=0)
         except ValueError as e:
             raise Invalid(f"{e}; expected {self.expected}", atom) from None
         if port is None:

@@ -4,7 +4,7 @@ The scheduler (fastrelay.queue) calls `connect(hop, settings)` for a connection 
 gave it, then `conn.deliver(...)` once per message, then `conn.close()`. What a next hop said
 about each recipient comes back as a `RcptResult`; trouble with the host itself (refused,
 timeout, 4xx/5xx greeting, TLS required but failed) is a `ConnectError`, so the scheduler can
-mark the host down and try the next one (RELIABILITY.md cases 38, 39, 45).
+mark the host down and try the next one (docs/reliability.md cases 38, 39, 45).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from fastrelay.delivery.auth import OutboundAuth
     from fastrelay.message import Envelope
 
 # Recipient outcomes.
@@ -54,12 +55,23 @@ class Settings:
     mail_timeout: float = 300.0
     rcpt_timeout: float = 300.0
     data_timeout: float = 120.0  # DATA until 354, and each block of the body
-    done_timeout: float = 600.0  # after the final dot (Delivery_Response_Timeout)
+    done_timeout: float = 600.0  # after the final dot (body_timeout)
+    xfer_timeout: float = 5.0  # for an XFER response (Delivery_Response_Timeout)
     rset_timeout: float = 120.0
     tls: str = "ifavailable"  # "ifavailable" (opportunistic), "required" or "no" ("disabled" too)
     tls_verify: str | bool = "no"  # "no", "ca" (the chain) or "host" (chain and name); True = "host"
     tls_fallback: bool = True  # TLS_Ifavailable_Fallback: plaintext at once after a failed handshake
     tls_ca: str | None = None  # extra CA file to trust
+    tls_cert: str | None = None  # TLS_Certificate: client certificate (PEM; may hold the key too)
+    tls_key: str | None = None  # TLS_Key
+    tls_protocols: str | None = None  # TLS_Protocols, normalised ("+ALL:-TLSv1.0")
+    tls_ciphers: str | None = None  # TLS_Ciphers (OpenSSL cipher list)
+    # MultiVIP (issue #10): the binding's source address, bound before connect; None: the kernel's.
+    bind_address: str | tuple[str, ...] | None = None  # a list: one at random per connection, by family
+    tls_implicit: bool = False  # RFC 8314: TLS from the first byte (SMTPS/LMTPS), no STARTTLS
+    session_timeout: float = 0.0  # one bound for a whole session (Stalwart's remote timeout); 0: none
+    binding: str = "default"  # for failure texts
+    xclient: str = "no"  # XCLIENT: "no", "ifavailable" or "required" (Postfix XCLIENT_README)
     # XFER (seeds 000/001)
     http_uri: str = "/delay_message"
     http_method: str = "POST"
@@ -67,6 +79,7 @@ class Settings:
     teleport: bool = False  # teleport_enabled: send the message's context along
     xfer_secret: str | None = None
     xfer_token: str | None = None
+    auth: OutboundAuth | None = None  # SMTP AUTH to the next hop (fastrelay.delivery.auth, issue 17)
     extra: dict = field(default_factory=dict)
 
 
@@ -109,7 +122,7 @@ class Transferring(Protocol):
     async def transfer(self, env: Envelope, idx: list[int], body: bytes, key: tuple[str, str]) -> list[RcptResult]:
         """Send the recipients `idx` of `env` with `body` to the XFER peer; `key` is (origin node,
         origin id) for the peer's idempotency. One result per index: OK only after the peer's
-        200 carrying its own durable id (RELIABILITY.md P4)."""
+        200 carrying its own durable id (docs/reliability.md P4)."""
         ...
 
     async def close(self) -> None: ...

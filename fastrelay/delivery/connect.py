@@ -7,7 +7,7 @@ from fastrelay.delivery import ConnectError, Connection, Hop, Settings, lmtp, sm
 
 async def connect(hop: Hop, settings: Settings) -> Connection:
     """The scheduler's connector (fastrelay.queue.Connector): a ready session, or ConnectError
-    (the host is unusable: RELIABILITY.md cases 38, 39, 45)."""
+    (the host is unusable: docs/reliability.md cases 38, 39, 45)."""
     proto = hop.proto
     if proto == "smtp":
         return await smtp.connect(hop, settings)

@@ -1,6 +1,6 @@
 """LMTP delivery client (RFC 2033): one session to a next hop, one reply per accepted recipient after the dot.
 
-aiosmtplib has no LHLO and reads a single reply after the dot (RELIABILITY.md case 48), so this is
+aiosmtplib has no LHLO and reads a single reply after the dot (docs/reliability.md case 48), so this is
 an own client on the reply wire and session it shares with the SMTP client (`ReplyWire`,
 `WireSession`: fastrelay.delivery.wire); what is LMTP's own is LHLO and the transaction. Replies
 go through the framing hot path's ReplyParser (bounded memory: a hostile reply is a
@@ -96,7 +96,7 @@ class LMTPConnection(WireSession):
             if code != 250:
                 if not 400 <= code < 600:
                     raise Hostile(f"unexpected reply {code}", True)
-                res = self._reply(code, lines)  # RELIABILITY.md case 41: shared by every recipient
+                res = self._reply(code, lines)  # docs/reliability.md case 41: shared by every recipient
                 for i in todo:
                     results[i] = res
                 return []
@@ -106,7 +106,7 @@ class LMTPConnection(WireSession):
                 addr, params = rcpts[i]
                 arg = b" ".join(rcpt_args(addr, params, self._ext))
                 if CONTROL.search(arg):
-                    # RELIABILITY.md case 22: never sent; this address can never be delivered.
+                    # docs/reliability.md case 22: never sent; this address can never be delivered.
                     results[i] = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
                     continue
                 code, lines = await wire.command(b"RCPT " + arg + b"\r\n", s.rcpt_timeout)
@@ -117,11 +117,11 @@ class LMTPConnection(WireSession):
                     rest = list(todo[k:])
                     break
                 else:
-                    results[i] = self._reply(code, lines)  # RELIABILITY.md case 42
+                    results[i] = self._reply(code, lines)  # docs/reliability.md case 42
                     if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
                         return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
             if not accepted:
-                # RELIABILITY.md case 42: nobody to send to; no DATA.
+                # docs/reliability.md case 42: nobody to send to; no DATA.
                 phase = "RSET"
                 code, lines = await wire.command(b"RSET\r\n", s.rset_timeout)
                 wire.check()
@@ -145,7 +145,7 @@ class LMTPConnection(WireSession):
             await wire.drain(s.data_timeout)
             self._dotted = True
             # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order, each on its own
-            # (RELIABILITY.md case 48). If the connection goes after k of them, the first k keep
+            # (docs/reliability.md case 48). If the connection goes after k of them, the first k keep
             # their results and the rest are deferred below (they may be delivered twice).
             for i in accepted:
                 code, lines = await wire.read(s.done_timeout)

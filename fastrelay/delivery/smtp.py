@@ -8,7 +8,7 @@ per 10,000 messages against 7.13 s. aiosmtplib cannot pipeline (read_response mu
 per command written, and data_received drops bytes once a reply is parsed). So this client writes
 RSET, MAIL, every RCPT and DATA in one write, reads the replies in order on the shared reply wire
 (fastrelay.delivery.wire), and sends the body through `_impl.encode_data` (CRLF normalisation,
-dot-stuffing and the final dot in one pass: RELIABILITY.md cases 3, 27).
+dot-stuffing and the final dot in one pass: docs/reliability.md cases 3, 27).
 
 Also holds what the LMTP client shares with it at the command level: MAIL/RCPT parameter
 filtering. What both do alike on the connection (TCP connect, greeting, STARTTLS, QUIT, the
@@ -18,8 +18,11 @@ mapping of replies to `RcptResult`s) is `WireSession` in fastrelay.delivery.wire
 
 from __future__ import annotations
 
+import re
+
 from fastrelay import _impl
-from fastrelay.delivery import PERM, Hop, RcptResult, Settings
+from fastrelay.delivery import PERM, ConnectError, Hop, RcptResult, Settings, xclient
+from fastrelay.delivery.auth import authenticate
 from fastrelay.delivery.wire import (
     CONTROL,
     QUIT_TIMEOUT,
@@ -46,7 +49,7 @@ __all__ = ["QUIT_TIMEOUT", "TEXT_CAP", "SMTPConnection", "clean_text", "connect"
 
 def encode_addr(addr: str) -> bytes:
     # The address as stored, byte for byte: quoted local parts (`"john..doe"@x`) keep their quotes
-    # and case (RELIABILITY.md case 19); surrogateescape gives back any byte the intake kept.
+    # and case (docs/reliability.md case 19); surrogateescape gives back any byte the intake kept.
     return addr.encode("utf-8", "surrogateescape")
 
 
@@ -65,14 +68,14 @@ def mail_args(sender: str, mail_params: str, size: int, ext: dict[str, str]) -> 
             continue
         if key == "BODY":
             # RFC 6152: BODY= only to a host offering 8BITMIME. Without it an 8-bit body still goes
-            # out as it is (RELIABILITY.md case 24: MIME downgrade is out of scope; Postfix notes
+            # out as it is (docs/reliability.md case 24: MIME downgrade is out of scope; Postfix notes
             # that strict 7-bit servers are rare). BINARYMIME needs BDAT, which we do not send.
             if "8bitmime" in ext and value.upper() in ("8BITMIME", "7BIT"):
                 args.append(p.encode("ascii", "surrogateescape"))
             continue
         if key == "SMTPUTF8":
             if "smtputf8" not in ext:
-                # RELIABILITY.md case 23 (RFC 6531 §3.2): no silent downgrade of a UTF-8 envelope.
+                # docs/reliability.md case 23 (RFC 6531 §3.2): no silent downgrade of a UTF-8 envelope.
                 return RcptResult(PERM, 553, "5.6.7 SMTPUTF8 is required, but was not offered by the host")
             args.append(b"SMTPUTF8")
             continue
@@ -105,8 +108,10 @@ def rcpt_args(addr: str, params: str, ext: dict[str, str]) -> list[bytes]:
 _RSET = b"RSET\r\n"
 _DATA = b"DATA\r\n"
 _DOT = b".\r\n"  # an empty message: what encode_data(b"") gives
-# RELIABILITY.md case 22: a control character in an address or parameter is never sent; the
+# docs/reliability.md case 22: a control character in an address or parameter is never sent; the
 # address can never be delivered, the session is unharmed.
+# A HELO name that may be said again after XCLIENT: printable ASCII, no spaces (RFC 5321 §4.1.1.1).
+_HELO_NAME = re.compile(r"[!-~]{1,255}")
 _BAD_SENDER = RcptResult(PERM, 501, "5.1.7 Bad sender address (control characters)")
 _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characters)")
 
@@ -114,7 +119,7 @@ _BAD_RCPT = RcptResult(PERM, 501, "5.1.3 Bad recipient address (control characte
 class SMTPConnection(WireSession):
     """One SMTP session (a `fastrelay.delivery.Connection`)."""
 
-    __slots__ = ("_ehlo", "_helo", "_phase", "_pipelining")
+    __slots__ = ("_auth_failure", "_ehlo", "_helo", "_phase", "_pipelining", "_xclient_sent")
 
     def __init__(self, hop: Hop, settings: Settings):
         name = settings.helo_name.encode("ascii")  # UnicodeEncodeError (a ValueError) for a non-ASCII name
@@ -125,6 +130,16 @@ class SMTPConnection(WireSession):
         self._helo = b"HELO " + name + b"\r\n"
         self._pipelining = False
         self._phase = "RSET"  # the command whose reply is awaited, for the text of a synthetic 451
+        self._xclient_sent: dict[str, str] | None = None  # the XCLIENT attributes in effect
+        self._auth_failure: RcptResult | None = None
+
+    async def _open(self, try_tls: bool) -> None:
+        await super()._open(try_tls)
+        if self._settings.auth is not None:
+            # Issue 17: AUTH after the last EHLO (under TLS). A failure stays with the session: it
+            # answers each message with it (one AUTH per session, not per message: providers lock
+            # accounts that fail too often), and the host is not marked down.
+            self._auth_failure = await authenticate(self, self._settings.auth, self._settings.ehlo_timeout)
 
     # -- session setup (the rest is WireSession's) -----------------------------------------------
 
@@ -151,10 +166,18 @@ class SMTPConnection(WireSession):
     # -- delivery -----------------------------------------------------------------------------------
 
     async def deliver(self, sender: str, mail_params: str, rcpts: list[tuple[str, str]],
-                      body: bytes) -> list[RcptResult]:
+                      body: bytes, client: dict[str, str] | None = None) -> list[RcptResult]:
+        """`client`: the original client's XCLIENT attributes (fastrelay.delivery.xclient), sent
+        before the transaction when the XCLIENT option asks for it."""
         n = len(rcpts)
+        if self._auth_failure is not None:
+            return [self._auth_failure] * n
         if not self.usable or self._wire is None:
             return [temp(f"4.4.2 Connection to {self.remote} is no longer usable")] * n
+        if client is not None and self._settings.xclient != "no":
+            refused = await self._xclient(client)
+            if refused is not None:
+                return [refused] * n
         ext = self._ext
         args = mail_args(sender, mail_params, len(body), ext)
         if isinstance(args, RcptResult):
@@ -214,7 +237,7 @@ class SMTPConnection(WireSession):
         group.append(_DATA)
         self._fresh = False
         self._phase = "RSET" if rset else "MAIL FROM"
-        wire.send(b"".join(group), len(group))  # one write per message (PERF.md: batch writes)
+        wire.send(b"".join(group), len(group))  # one write per message (docs/performance.md: batch writes)
         if rset:
             # RFC 5321 §4.1.1.5: start each message from a clean state, whatever the last one left.
             code, rl = await wire.read(s.rset_timeout)
@@ -226,7 +249,7 @@ class SMTPConnection(WireSession):
         if failed:
             if not 400 <= code < 600:  # a 2xx/3xx other than 250: out of step with the server
                 raise Hostile(f"unexpected reply {code} to MAIL", True)
-            # RELIABILITY.md case 41: every recipient of the transaction shares the MAIL result;
+            # docs/reliability.md case 41: every recipient of the transaction shares the MAIL result;
             # the replies to the RCPTs and DATA (503s) are read to stay in step, and decide nothing.
             res = self._reply(code, rl)
             for i in todo:
@@ -249,7 +272,7 @@ class SMTPConnection(WireSession):
                 # RFC 5321 §4.5.3.1.10: "too many recipients" - this one goes in the next transaction.
                 rest.append(i)
             else:
-                results[i] = self._reply(code, rl)  # RELIABILITY.md case 42
+                results[i] = self._reply(code, rl)  # docs/reliability.md case 42
                 if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
                     return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
         self._phase = "DATA"
@@ -288,7 +311,7 @@ class SMTPConnection(WireSession):
         if code != 250:
             if not 400 <= code < 600:  # a 2xx/3xx other than 250: out of step with the server
                 raise Hostile(f"unexpected reply {code} to MAIL", True)
-            res = self._reply(code, rl)  # RELIABILITY.md case 41: shared by every recipient
+            res = self._reply(code, rl)  # docs/reliability.md case 41: shared by every recipient
             for i in todo:
                 results[i] = res
             return []
@@ -304,11 +327,11 @@ class SMTPConnection(WireSession):
                 rest = todo[k:]
                 break
             else:
-                results[i] = self._reply(code, rl)  # RELIABILITY.md case 42
+                results[i] = self._reply(code, rl)  # docs/reliability.md case 42
                 if not self.usable:  # 421: the server is closing (§3.8); or a 3xx
                     return self._broken(todo, results, f"4.4.2 {self.remote} closed the session")
         if not accepted:
-            # RELIABILITY.md case 42: nobody to send to; RSET and no DATA.
+            # docs/reliability.md case 42: nobody to send to; RSET and no DATA.
             self._phase = "RSET"
             code, rl = await self._ask(_RSET, s.rset_timeout)
             wire.settled()
@@ -320,6 +343,53 @@ class SMTPConnection(WireSession):
         code, rl = await self._ask(_DATA, s.data_timeout)
         return await self._data(code, rl, body, accepted, rest, results)
 
+    async def _xclient(self, client: dict[str, str]) -> RcptResult | None:
+        """Momentum's xclient (Postfix XCLIENT_README) before a message: None to go on, or the
+        result every recipient gets. "required" with a next hop that does not offer XCLIENT or
+        refuses it is a transient failure (4.7.0); "ifavailable" carries on without."""
+        s = self._settings
+        required = s.xclient == "required"
+        if "xclient" not in self._ext:
+            return temp(f"4.7.0 XCLIENT is required, but {self.remote} does not offer it") if required else None
+        if client == self._xclient_sent:
+            return None  # already in effect on this connection
+        line = xclient.command(client, self._ext["xclient"])
+        if line is None:
+            return temp(f"4.7.0 XCLIENT is required, but {self.remote} takes none of its attributes") \
+                if required else None
+        try:
+            if not self._fresh:
+                # XCLIENT_README: not inside a mail transaction; RSET ends whatever the last left.
+                self._phase = "RSET"
+                code, rl = await self._setup(_RSET, s.rset_timeout, "RSET")
+                if code != 250:
+                    self._drop()
+                    return temp(clean_text(f"4.4.2 RSET failed: {code} {reply_text(rl)}"))
+                self._fresh = True
+            self._phase = "XCLIENT"
+            code, rl = await self._setup(line, s.ehlo_timeout, "XCLIENT")
+            if code == 220:
+                # The server starts over as if the original client had connected: EHLO again,
+                # with the original client's HELO name where it is a usable one, because the new
+                # EHLO replaces the HELO attribute (Postfix logs the EHLO's name after XCLIENT).
+                self._xclient_sent = client
+                helo = client.get("HELO", "")
+                if helo != xclient.UNAVAILABLE and _HELO_NAME.fullmatch(helo):
+                    self._ehlo = b"EHLO " + helo.encode("ascii") + b"\r\n"
+                    self._helo = b"HELO " + helo.encode("ascii") + b"\r\n"
+                await self._hello()
+                return None
+        except ConnectError as e:  # timeout, lost connection, bad reply, EHLO refused
+            self._drop()
+            return temp(e.text)
+        if code == 421 or self._wire is None or self._wire.lost:
+            self._drop()
+            return temp(clean_text(f"4.4.2 {self.remote} closed the session after XCLIENT: {code} {reply_text(rl)}"))
+        if required:
+            return temp(clean_text(f"4.7.0 XCLIENT is required, but {self.remote} refused it: "
+                                   f"{code} {reply_text(rl)}"))
+        return None
+
     async def _ask(self, line: bytes, timeout: float) -> tuple[int, list[bytes]]:
         wire = self._wire
         wire.send(line, 1)  # refused if anything came after the last reply (case 44)
@@ -328,13 +398,13 @@ class SMTPConnection(WireSession):
     async def _data(self, code: int, rl: list[bytes], body: bytes, accepted: list[int], rest: list[int],
                     results: list[RcptResult | None]) -> list[int]:
         """From the reply to DATA on: the body, the final reply; one outcome for every accepted
-        recipient (RELIABILITY.md case 43)."""
+        recipient (docs/reliability.md case 43)."""
         wire = self._wire
         if code == 354:
             wire.settled()  # nothing may come with the 354 (case 44): checked before the body goes out
             s = self._settings
             wire.want = 1
-            # RELIABILITY.md cases 3, 27: CRLF-normalised, dot-stuffed, ending in CRLF.CRLF.
+            # docs/reliability.md cases 3, 27: CRLF-normalised, dot-stuffed, ending in CRLF.CRLF.
             wire.write(_impl.encode_data(body))
             await wire.drain(s.data_timeout)
             self._dotted = True

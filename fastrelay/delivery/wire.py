@@ -3,7 +3,7 @@
 aiosmtplib cannot pipeline (RFC 2920): its read_response must be awaited once per command written,
 and its data_received drops bytes once a reply is parsed. This asyncio Protocol instead counts the
 replies still expected (`want`: 1 after a command, N after a pipelined group of N commands), hands
-them out in order, and flags any reply nobody asked for (RELIABILITY.md case 44, "unsolicited").
+them out in order, and flags any reply nobody asked for (docs/reliability.md case 44, "unsolicited").
 Replies go through the framing hot path's ReplyParser (bounded memory: a hostile reply is a
 `(-1, reason)`), looked up on `fastrelay._impl` at use so either implementation can be swapped in.
 
@@ -17,6 +17,8 @@ one reply per accepted recipient after the dot).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import random
 import re
 import socket
 import ssl
@@ -33,10 +35,10 @@ __all__ = ["CONTROL", "QUIT_TIMEOUT", "TEXT_CAP", "Hostile", "Lost", "ReplyWire"
 # QUIT is a courtesy; a peer that does not answer it quickly is simply dropped.
 QUIT_TIMEOUT = 2.0
 
-# Remote reply text goes into logs and DSNs: no control characters, bounded (RELIABILITY.md case 26).
+# Remote reply text goes into logs and DSNs: no control characters, bounded (docs/reliability.md case 26).
 TEXT_CAP = 500
 
-# What may never go out in a command argument (RELIABILITY.md case 22: no command injection).
+# What may never go out in a command argument (docs/reliability.md case 22: no command injection).
 CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
@@ -221,7 +223,7 @@ class ReplyWire(asyncio.Protocol):
             raise Lost
 
     def reset_parser(self) -> None:
-        # RELIABILITY.md case 6 (STARTTLS injection): nothing read before TLS carries over.
+        # docs/reliability.md case 6 (STARTTLS injection): nothing read before TLS carries over.
         self.parser = _impl.ReplyParser()
         self.replies.clear()
         self.want = 0
@@ -238,7 +240,7 @@ class ReplyWire(asyncio.Protocol):
 
 def clean_text(text: str) -> str:
     """Reply text fit for a log line or a DSN: control characters (line breaks of a multi-line
-    reply included) become spaces, length capped (RELIABILITY.md case 26)."""
+    reply included) become spaces, length capped (docs/reliability.md case 26)."""
     text = text[:TEXT_CAP]
     if not text.isprintable():
         text = "".join(c if c.isprintable() else " " for c in text)
@@ -262,15 +264,59 @@ def temp(text: str) -> RcptResult:
     return RcptResult(TEMP, 451, text)
 
 
-async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
-    """A connected non-blocking socket to `hop`, or ConnectError (refused, unreachable, no SYN-ACK
-    within `timeout`: RELIABILITY.md case 38). Done here rather than by aiosmtplib so that the
-    TCP connect and the greeting each get their own timeout (RFC 5321 §4.5.3.2)."""
+async def local_address(bind: str, family: int) -> str:
+    """Bind_Address as an IP of `family`: an IP as written, or a local host name resolved."""
+    try:
+        ip = ipaddress.ip_address(bind)
+    except ValueError:
+        infos = await asyncio.get_running_loop().getaddrinfo(bind, 0, family=family, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"{bind} has no address of this family") from None
+        return infos[0][4][0]
+    if (ip.version == 6) != (family == socket.AF_INET6):
+        raise OSError(f"it is an IPv{ip.version} address and the next hop is not")
+    return str(ip)
+
+
+def pick_source(bind: str | tuple[str, ...] | None, family: int) -> str | None:
+    """The Bind_Address to use for one new connection of `family`. A list of source addresses
+    (Stalwart's queue.outbound.source-ip.v4/.v6): one chosen at random among those of the next
+    hop's family; none of that family lets the kernel choose (as Stalwart with an empty list)."""
+    if not isinstance(bind, tuple):
+        return bind
+    fam6 = family == socket.AF_INET6
+    same = [a for a in bind if (":" in a) == fam6]
+    return random.choice(same) if same else None
+
+
+async def bind_socket(sock: socket.socket, hop: Hop, bind: str | tuple[str, ...] | None, binding: str) -> None:
+    """Issue #10 (Momentum's bind_address): bind the binding's source address before connect,
+    so that the next hop sees the binding's IP. A bind that fails is a transient failure of
+    this binding, not of the host (ConnectError with policy=True: other bindings still use it)."""
+    bind = pick_source(bind, sock.family)
+    if bind is None:
+        return
+    try:
+        ip = await local_address(bind, sock.family)
+        sock.bind((ip, 0))
+    except OSError as e:
+        raise ConnectError(451, clean_text(f"4.4.1 Cannot bind to Bind_Address {bind} of binding {binding} "
+                                           f"to reach {hop.ip}:{hop.port}: {e.strerror or e}"),
+                           hop=hop, policy=True) from None
+
+
+async def tcp_connect(hop: Hop, timeout: float, bind: str | tuple[str, ...] | None = None,
+                      binding: str = "default") -> socket.socket:
+    """A connected non-blocking socket to `hop` (from `bind`, the binding's Bind_Address, if set),
+    or ConnectError (refused, unreachable, no SYN-ACK within `timeout`: docs/reliability.md case 38).
+    Done here rather than by aiosmtplib so that the TCP connect and the greeting each get their
+    own timeout (RFC 5321 §4.5.3.2)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in hop.ip else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await bind_socket(sock, hop, bind, binding)
         await asyncio.wait_for(loop.sock_connect(sock, (hop.ip, hop.port)), timeout)
     except TimeoutError:
         sock.close()
@@ -285,7 +331,44 @@ async def tcp_connect(hop: Hop, timeout: float) -> socket.socket:
     return sock
 
 
-_contexts: dict[tuple[str, str | None], ssl.SSLContext] = {}
+_contexts: dict[tuple, ssl.SSLContext] = {}
+
+# TLS_Protocols tokens -> ssl.TLSVersion, in order (SSLv2 is never negotiated; SSLv3 neither by
+# any OpenSSL Python links today, but its token is kept for the range).
+_VERSIONS = [("SSLv3", ssl.TLSVersion.SSLv3), ("TLSv1.0", ssl.TLSVersion.TLSv1),
+             ("TLSv1.1", ssl.TLSVersion.TLSv1_1), ("TLSv1.2", ssl.TLSVersion.TLSv1_2),
+             ("TLSv1.3", ssl.TLSVersion.TLSv1_3)]
+
+
+def protocol_range(spec: str) -> tuple[ssl.TLSVersion, ssl.TLSVersion] | None:
+    """Momentum's TLS_Protocols ("+ALL:-TLSv1.0:-TLSv1.1") as the (minimum, maximum) version that
+    OpenSSL's context takes; None leaves OpenSSL's default. A hole in the middle cannot be
+    expressed as a range, so the lowest and highest enabled versions bound it."""
+    enabled: set[str] = set()
+    for tok in spec.split(":"):
+        sign, name = tok[0], tok[1:]
+        names = [n for n, _ in _VERSIONS] if name == "ALL" else [name]
+        for n in names:
+            (enabled.add if sign == "+" else enabled.discard)(n)
+    on = [v for n, v in _VERSIONS if n in enabled]
+    if not on:
+        raise ValueError(f"TLS_Protocols {spec!r} enables no protocol")
+    return on[0], on[-1]
+
+
+def _configure(ctx: ssl.SSLContext, settings: Settings) -> None:
+    """The outbound TLS options besides verification: client certificate, protocols, ciphers."""
+    if settings.tls_cert and settings.tls_cert != "none":
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    if settings.tls_protocols:
+        lo, hi = protocol_range(settings.tls_protocols)
+        # Below TLS 1.2 the OpenSSL build and the system crypto policy decide (Momentum's note on
+        # tls_protocols; Python deprecates setting those versions): only a floor of 1.2 or 1.3 is set.
+        if lo >= ssl.TLSVersion.TLSv1_2:
+            ctx.minimum_version = lo
+        ctx.maximum_version = hi
+    if settings.tls_ciphers:
+        ctx.set_ciphers(settings.tls_ciphers)  # ssl.SSLError (an OSError) if none matches
 
 
 def verify_mode(settings: Settings) -> str:
@@ -299,13 +382,15 @@ def verify_mode(settings: Settings) -> str:
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
-    """The client context for STARTTLS, built once per (verify mode, CA file): loading the system
-    store costs milliseconds, too much per connection. Momentum's TLS_Verify: no, ca, host."""
+    """The client context for STARTTLS, built once per (verify mode, CA file, client certificate):
+    loading the system store costs milliseconds, too much per connection. Momentum's TLS_Verify:
+    no, ca, host; TLS_Certificate/TLS_Key: the certificate presented to a next hop that asks."""
     mode = verify_mode(settings)
-    key = (mode, settings.tls_ca)
+    key = (mode, settings.tls_ca, settings.tls_cert, settings.tls_key, settings.tls_protocols, settings.tls_ciphers)
     ctx = _contexts.get(key)
     if ctx is None:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        _configure(ctx, settings)
         if mode in ("ca", "host"):
             if settings.tls_ca:
                 ctx.load_verify_locations(cafile=settings.tls_ca)  # trusted in addition to the system store
@@ -315,6 +400,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
             # Opportunistic TLS (RFC 7435): encrypt without authenticating, as MTAs do by default.
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
+        if settings.tls_cert:
+            ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
         _contexts[key] = ctx
     return ctx
 
@@ -347,7 +434,8 @@ class WireSession:
     where it differs, `_exchange` (how strictly one setup reply is read) and `_GREETING_REFUSED`.
     """
 
-    __slots__ = ("_dotted", "_ext", "_fresh", "_hop", "_settings", "_wire", "remote", "tls", "usable")
+    __slots__ = ("_deadline", "_dotted", "_expired", "_ext", "_fresh", "_hop", "_settings", "_wire", "remote", "tls",
+                 "tls_info", "usable")
 
     # The text of the ConnectError for a refused greeting that says nothing.
     _GREETING_REFUSED = "greeting refused"
@@ -362,6 +450,9 @@ class WireSession:
         self.remote = f"{hop.ip}:{hop.port}"
         self.usable = False
         self.tls = False
+        self.tls_info = ""  # "TLSv1.3:TLS_AES_256_GCM_SHA384" once under TLS
+        self._deadline: asyncio.TimerHandle | None = None  # Session_Timeout's timer
+        self._expired = False  # Session_Timeout passed: the connection was dropped
 
     # -- session setup ---------------------------------------------------------------------------
 
@@ -373,28 +464,77 @@ class WireSession:
 
     async def _open(self, try_tls: bool) -> None:
         hop, s = self._hop, self._settings
-        sock = await tcp_connect(hop, s.connect_timeout)
+        sock = await tcp_connect(hop, s.connect_timeout, s.bind_address, s.binding)
         loop = asyncio.get_running_loop()
-        try:
-            _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
+        if s.tls_implicit:
+            # RFC 8314 §3 (SMTPS/LMTPS, Stalwart's remote tls.implicit): TLS from the first byte,
+            # so the greeting already comes under TLS and STARTTLS is never offered nor asked.
+            wire = await self._implicit_tls(sock)
+        else:
+            try:
+                _, wire = await loop.create_connection(lambda: ReplyWire(loop), sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         self._wire = wire
+        if s.session_timeout:
+            # Stalwart's remote `timeout`: one bound for the whole session, whatever each phase's
+            # own timeout says; past it the connection is dropped and what is left is deferred.
+            self._deadline = loop.call_later(s.session_timeout, self._session_expired)
         try:
             code, lines = await self._setup(None, s.greeting_timeout, "the greeting")
             if code != 220:
-                # RELIABILITY.md case 39: a 4xx/5xx greeting makes the host unusable, never a
+                # docs/reliability.md case 39: a 4xx/5xx greeting makes the host unusable, never a
                 # per-recipient result (Postfix smtp_skip_5xx_greeting).
                 raise self._refusal(code, lines, self._GREETING_REFUSED)
             await self._hello()
-            if try_tls and want_tls(s):
+            if try_tls and want_tls(s) and not s.tls_implicit:
                 await self._starttls()
         except BaseException:
             wire.abort()
             self._wire = None
+            self._cancel_deadline()
             raise
         self.usable = True
+
+    async def _implicit_tls(self, sock: socket.socket) -> ReplyWire:
+        """The TLS handshake of an implicit-TLS next hop (RFC 8314), before any SMTP; a failure is a
+        ConnectError (4.7.5 when the certificate is refused: the host's own policy, not a crash)."""
+        hop, s = self._hop, self._settings
+        loop = asyncio.get_running_loop()
+        try:
+            ctx = tls_context(s)
+        except (OSError, ValueError) as e:
+            sock.close()
+            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop,
+                               policy=True) from None
+        try:
+            transport, wire = await loop.create_connection(
+                lambda: ReplyWire(loop), sock=sock, ssl=ctx, server_hostname=hop.name or hop.ip,
+                ssl_handshake_timeout=s.tls_timeout)
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
+            sock.close()
+            raise ConnectError(451, clean_text(f"4.7.5 Implicit TLS handshake with {self.remote} failed: {e}"),
+                               hop=hop, policy=isinstance(e, ssl.SSLCertVerificationError)) from None
+        except BaseException:
+            sock.close()
+            raise
+        self.tls = True
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            cipher = sslobj.cipher()
+            self.tls_info = f"{sslobj.version()}:{cipher[0] if cipher else '?'}"
+        return wire
+
+    def _session_expired(self) -> None:
+        self._deadline = None
+        self._expired = True
+        self._drop()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     async def _setup(self, line: bytes | None, timeout: float, what: str) -> tuple[int, list[bytes]]:
         """One exchange before any message: every failure is a ConnectError (cases 38, 39, 44)."""
@@ -427,7 +567,7 @@ class WireSession:
         raise NotImplementedError
 
     async def _starttls(self) -> None:
-        """RELIABILITY.md case 45, RFC 3207: the same policy for SMTP and LMTP."""
+        """docs/reliability.md case 45, RFC 3207: the same policy for SMTP and LMTP."""
         s, hop, wire = self._settings, self._hop, self._wire
         required = s.tls == "required"
         if "starttls" not in self._ext:
@@ -437,7 +577,8 @@ class WireSession:
         try:
             ctx = tls_context(s)
         except (OSError, ValueError) as e:
-            raise ConnectError(451, clean_text(f"4.7.5 Cannot load the TLS CA file: {e}"), hop=hop,
+            raise ConnectError(451, clean_text(f"4.7.5 Cannot set up outbound TLS (TLS_CA, TLS_Certificate, "
+                                               f"TLS_Key, TLS_Protocols, TLS_Ciphers): {e}"), hop=hop,
                                policy=True) from None
         code, lines = await self._setup(b"STARTTLS\r\n", s.tls_timeout, "STARTTLS")
         if code != 220:
@@ -448,7 +589,7 @@ class WireSession:
                 raise ConnectError(451, clean_text(f"4.7.4 TLS is required, but STARTTLS was refused: "
                                                    f"{code} {reply_text(lines)}"), hop=hop, policy=True)
             return  # 454 under "ifavailable": carry on in plaintext on this connection
-        wire.reset_parser()  # RELIABILITY.md case 6: nothing read before TLS carries over
+        wire.reset_parser()  # docs/reliability.md case 6: nothing read before TLS carries over
         loop = asyncio.get_running_loop()
         try:
             wire.transport = await loop.start_tls(wire.transport, wire, ctx, server_hostname=hop.name or hop.ip,
@@ -461,6 +602,12 @@ class WireSession:
                                    policy=True) from None
             raise _TLSFailed(str(e)) from None
         self.tls = True
+        sslobj = wire.transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            # For the mainlog D record, as Postfix logs "TLS connection established ... TLSv1.3
+            # with cipher ...".
+            cipher = sslobj.cipher()
+            self.tls_info = f"{sslobj.version()}:{cipher[0] if cipher else '?'}"
         # RFC 3207 §4.2: forget what was learnt before TLS and ask again.
         await self._hello()
 
@@ -468,8 +615,11 @@ class WireSession:
 
     def _trouble(self, phase: str, template: str) -> str:
         """The text of a synthetic 451; `template` has {phase} and {remote}."""
+        if self._expired:
+            template = f"4.4.2 Session with {{remote}} exceeded its Session_Timeout of " \
+                       f"{self._settings.session_timeout:g}s during {{phase}}"
         if self._dotted:
-            # RFC 5321 §3.8 / §4.5.3.2, RELIABILITY.md cases 40, 48: the message may have been taken
+            # RFC 5321 §3.8 / §4.5.3.2, docs/reliability.md cases 40, 48: the message may have been taken
             # (for LMTP: by the recipients not answered yet); retry, knowing it may arrive twice
             # (Postfix: "message may be sent more than once").
             return clean_text(template.format(phase="end of data", remote=self.remote)
@@ -498,6 +648,7 @@ class WireSession:
             self._wire.abort()  # also stops the flood of a hostile peer at once
 
     async def close(self) -> None:
+        self._cancel_deadline()
         wire, self._wire = self._wire, None
         if wire is None:
             return
@@ -529,7 +680,7 @@ async def connect_session(cls: type[_S], hop: Hop, settings: Settings) -> _S:
             # TLS_Ifavailable_Fallback = false (Momentum): back to the queue, retried with TLS.
             raise ConnectError(451, clean_text(f"4.7.5 TLS handshake failed: {e}; no plaintext fallback "
                                                f"(TLS_Ifavailable_Fallback)"), hop=hop, policy=True) from None
-        # RELIABILITY.md case 45: opportunistic TLS that fails in the handshake retries once in
+        # docs/reliability.md case 45: opportunistic TLS that fails in the handshake retries once in
         # plaintext on a new connection ("required" raised ConnectError instead).
         await conn._open(try_tls=False)
     return conn

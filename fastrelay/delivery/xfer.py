@@ -3,7 +3,7 @@
 The scheduler calls `connect_xfer(hop, settings)` for an `xfer://host?port=N` route (seeds 000/001:
 Delivery_Method = "delay_xfer"), then `conn.transfer(env, idx, body, key)` per message. The connect
 is a real TCP connect to the peer within Connect_Timeout, so an unreachable peer is a ConnectError
-and the scheduler marks the host down and fails over exactly as for SMTP (RELIABILITY.md case 38).
+and the scheduler marks the host down and fails over exactly as for SMTP (docs/reliability.md case 38).
 The requests themselves go through one aiohttp ClientSession per event loop, with a connection
 pool, reused by every connection object (a session per transfer would cost a TCP handshake each).
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 from collections.abc import AsyncGenerator
 
 import aiohttp
@@ -60,7 +61,10 @@ _USER_AGENT = f"fastrelay-xfer/{__version__}"
 
 # --- the shared session -------------------------------------------------------------------------
 
-_sessions: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, AsyncGenerator[None, None]]] = {}
+# One pooled session per (event loop, Bind_Address): a binding's transfers leave from its own
+# source address (issue #10), through its own connection pool.
+_sessions: dict[tuple[asyncio.AbstractEventLoop, str | None],
+                tuple[aiohttp.ClientSession, AsyncGenerator[None, None]]] = {}
 
 
 async def _closer(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
@@ -74,15 +78,15 @@ async def _closer(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
             await session.close()
 
 
-async def _session() -> aiohttp.ClientSession:
+async def _session(bind: str | None = None) -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
-    entry = _sessions.get(loop)
+    entry = _sessions.get((loop, bind))
     if entry is not None and not entry[0].closed:
         return entry[0]
-    for old in [lp for lp in _sessions if lp.is_closed()]:
+    for old in [k for k in _sessions if k[0].is_closed()]:
         del _sessions[old]
     connector = aiohttp.TCPConnector(limit=POOL_LIMIT, limit_per_host=POOL_PER_HOST, keepalive_timeout=KEEPALIVE,
-                                     use_dns_cache=False)
+                                     use_dns_cache=False, local_addr=(bind, 0) if bind else None)
     session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,  # a peer's answer is small JSON; never inflate anything
@@ -91,7 +95,7 @@ async def _session() -> aiohttp.ClientSession:
         raise_for_status=False,
     )
     closer = _closer(session)
-    _sessions[loop] = (session, closer)
+    _sessions[(loop, bind)] = (session, closer)
     await closer.__anext__()
     return session
 
@@ -99,13 +103,13 @@ async def _session() -> aiohttp.ClientSession:
 async def close_sessions() -> None:
     """Close the pooled session of the running event loop (call it when delivery stops); the next
     transfer on this loop makes a new one. Never raises."""
-    entry = _sessions.pop(asyncio.get_running_loop(), None)
-    if entry is None:
-        return
-    try:
-        await entry[1].aclose()
-    except Exception:  # pragma: no cover - closing never matters to an outcome
-        log.debug("closing the XFER client session failed", exc_info=True)
+    loop = asyncio.get_running_loop()
+    for key in [k for k in _sessions if k[0] is loop]:
+        entry = _sessions.pop(key)
+        try:
+            await entry[1].aclose()
+        except Exception:  # pragma: no cover - closing never matters to an outcome
+            log.debug("closing the XFER client session failed", exc_info=True)
 
 
 # --- connections --------------------------------------------------------------------------------
@@ -114,9 +118,16 @@ async def close_sessions() -> None:
 async def connect_xfer(hop: Hop, settings: Settings) -> XferConnection:
     """A connection to the XFER peer `hop`, or ConnectError if it does not accept TCP connections
     within settings.connect_timeout (refused, unreachable, blackholed: cases 38-39)."""
-    sock = await tcp_connect(hop, settings.connect_timeout)
-    sock.close()  # the peer is reachable; the requests use the pooled session
-    return XferConnection(hop, settings, await _session())
+    from fastrelay.delivery.wire import local_address, pick_source
+
+    family = socket.AF_INET6 if ":" in hop.ip else socket.AF_INET
+    source = pick_source(settings.bind_address, family)  # one of a list, for this connection
+    sock = await tcp_connect(hop, settings.connect_timeout, source, settings.binding)
+    sock.close()  # the peer is reachable (from this binding's address); the requests use the pooled session
+    bind = None
+    if source:
+        bind = await local_address(source, family)
+    return XferConnection(hop, settings, await _session(bind))
 
 
 def _hostport(hop: Hop) -> str:
@@ -168,7 +179,7 @@ class XferConnection:
             headers["Authorization"] = wire.authorization(s.xfer_secret, self.method, self.uri, digest)
         elif s.xfer_token:
             headers["Authorization"] = wire.bearer(s.xfer_token)
-        wait = s.done_timeout + UPLOAD_SECONDS_PER_MIB * len(payload) / (1024 * 1024)
+        wait = s.xfer_timeout + UPLOAD_SECONDS_PER_MIB * len(payload) / (1024 * 1024)
         timeout = aiohttp.ClientTimeout(total=wait, sock_connect=s.connect_timeout)
         n = len(idx)
         big = len(payload) > EXPECT_CONTINUE_ABOVE

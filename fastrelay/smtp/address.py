@@ -1,6 +1,6 @@
 """Parse MAIL FROM / RCPT TO arguments: the path (RFC 5321 §4.1.2) and the ESMTP parameters.
 
-No `email` package on this hot path (PERF.md: the stdlib header parser cost a naive relay 10% of
+No `email` package on this hot path (docs/performance.md: the stdlib header parser cost a naive relay 10% of
 its time): a compiled regular expression takes the common `<user@example.com>` form, and a small
 scanner handles quoted local parts, source routes and address literals.
 """
@@ -74,7 +74,7 @@ def parse_path(arg: str, bad: R.Reply, allow_null: bool) -> tuple[Path, str]:
 
 def _parse_slow(s: str, bad: R.Reply, allow_null: bool) -> tuple[Path, str]:
     if not s.startswith("<"):
-        raise AddressError(bad)  # RELIABILITY.md case 20: no brackets
+        raise AddressError(bad)  # docs/reliability.md case 20: no brackets
     if s.startswith("<>"):
         if not allow_null:
             raise AddressError(bad)

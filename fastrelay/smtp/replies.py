@@ -94,9 +94,23 @@ TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY = Reply(554, "5.5.1", "TLS already active")
 TLS_NO_PARAMS = Reply(501, "5.5.4", "STARTTLS takes no parameters")
 
-# --- AUTH (case 30): not offered; never in plaintext ---------------------------------------------------
+# --- AUTH (RFC 4954; case 30: never in plaintext; issue 17) ------------------------------------------
 AUTH_NEEDS_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_CONTINUE = Reply(334, "", "")  # RFC 4954 §4: an empty challenge ("334 ")
+AUTH_LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # base64 "Username:"
+AUTH_LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")  # base64 "Password:"
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_LOCKED_OUT = Reply(454, "4.7.0", "Too many failed authentications from your address, try again later")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode the response (base64)")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not permitted during a mail transaction")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first: AUTH is an ESMTP extension")
+AUTH_SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not allowed for the authenticated user")
 
 # --- Transaction limits and local trouble (cases 13, 17) ---------------------------------------------
 TOO_MANY_MESSAGES = Reply(452, "4.5.3", "Too many messages in this connection")  # case 13 (at MAIL)

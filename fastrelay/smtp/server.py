@@ -3,8 +3,8 @@
 One `SMTPServer` per Listen address holds the settings and counters; one `Session` (an
 asyncio.Protocol) per connection runs a small state machine over the events of the sans-I/O
 framer (fastrelay._core or its twin). Replies are gathered per batch of pipelined commands and
-written with one transport.write (PERF.md: per-command work, not bytes, is the cost). A message
-is answered 250 only after the intake says it is durable (RELIABILITY.md P1).
+written with one transport.write (docs/performance.md: per-command work, not bytes, is the cost). A message
+is answered 250 only after the intake says it is durable (docs/reliability.md P1).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 
 from fastrelay import _impl, limits
 from fastrelay.message import Envelope, Recipient
+from fastrelay.smtp import auth as A
 from fastrelay.smtp import replies as R
 from fastrelay.smtp.address import (
     AddressError,
@@ -117,7 +120,7 @@ _dates = _DateCache()
 
 def _clean(text: str, limit: int = 255) -> str:
     """Strip control characters and cap the length of client-supplied text before it goes into
-    Received:, DSNs or logs (RELIABILITY.md case 26)."""
+    Received:, DSNs or logs (docs/reliability.md case 26)."""
     if not text.isprintable():
         text = "".join(c if c.isprintable() else "?" for c in text)
     return text[:limit]
@@ -134,9 +137,9 @@ class ListenSettings:
         self.max_size = g("max_message_size")
         self.max_recipients = g("max_recipients_per_message")
         self.max_messages = g("max_messages_per_connection")
-        self.max_connections = g("Concurrency")
+        self.max_connections = g("Listener_Sessions") or sys.maxsize  # 0: no limit (Momentum)
         self.max_per_ip = g("max_connections_per_ip")
-        self.idle_timeout = g("idle_timeout")
+        self.idle_timeout = g("Idle_Time") or math.inf  # 0: never for silence (Momentum)
         self.overload_idle_timeout = g("overload_idle_timeout")
         self.command_deadline = g("command_deadline")
         self.min_data_rate = g("min_data_rate")
@@ -167,9 +170,31 @@ class ListenSettings:
         if cert and key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(cert, key)
+            _tls_limits(ctx, listen.get("TLS_Protocols"), listen.get("TLS_Ciphers"))
             self.tls = ctx
         elif cert or key:
             raise ValueError("TLS_Certificate and TLS_Key must be set together")
+        # Issue 17: implicit TLS (RFC 8314) and SMTP AUTH (RFC 4954).
+        self.implicit_tls = bool(g("Use_SSL"))
+        if self.implicit_tls and self.tls is None:
+            raise ValueError("Use_SSL needs TLS_Certificate and TLS_Key")
+        self.auth = A.listener_auth(listen, _conf_path)
+        self.auth_bindings: dict[str, str] = g("auth_user_bindings")
+        self.auth_senders: dict[str, frozenset] = g("auth_sender_domains")
+        self.auth_guard = (g("auth_max_failures"), g("auth_lockout_time"), g("auth_failure_delay"))
+
+
+def _tls_limits(ctx: ssl.SSLContext, protocols: str | None, ciphers: str | None) -> None:
+    """TLS_Protocols and TLS_Ciphers for STARTTLS here, as for outbound (Momentum: both scopes)."""
+    if protocols:
+        from fastrelay.delivery.wire import protocol_range
+
+        lo, hi = protocol_range(protocols)
+        if lo >= ssl.TLSVersion.TLSv1_2:  # below 1.2 OpenSSL and the system policy decide
+            ctx.minimum_version = lo
+        ctx.maximum_version = hi
+    if ciphers:
+        ctx.set_ciphers(ciphers)  # ssl.SSLError (an OSError) if it matches no cipher
 
 
 def _conf_path(setting) -> str | None:
@@ -198,6 +223,8 @@ class SMTPServer:
         self.s = settings
         self.intake = intake
         self.binding = binding
+        # Binding assignment by conf (fastrelay.bindings.ListenerBinding), set by the relay.
+        self.binder = None
         self.on_received = on_received
         self.sessions: set[Session] = set()
         self.per_ip: dict[str, int] = {}
@@ -213,6 +240,10 @@ class SMTPServer:
         self.conn_slot = -1
         self._ip_slots: dict[str, int] = {}
         self._share_name = ""
+        mf, lockout, delay = settings.auth_guard
+        # Shared by the relay's listeners: a lockout on one port holds on the others (issue 17).
+        self.auth_guard = A.AuthGuard(mf, lockout, delay, delay * limits.AUTH_FAILURE_DELAY_CAP,
+                                      fails=A.shared_failures(intake))
         # Counters for operators and tests (every one back to zero at teardown where it counts
         # something live).
         self.stats = {"connections": 0, "refused": 0, "messages": 0, "rejected": 0}
@@ -237,11 +268,13 @@ class SMTPServer:
         """Listen on host:port, or on `sock` when given (a worker's share of a listener its
         supervisor bound with SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
+        tls = self.s.tls if self.s.implicit_tls else None  # RFC 8314 §3.3: TLS from the first byte
+        tls_kw = {"ssl": tls, "ssl_handshake_timeout": limits.TLS_HANDSHAKE_TIMEOUT if tls else None}
         if sock is not None:
-            self.server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024)
+            self.server = await loop.create_server(lambda: Session(self), sock=sock, backlog=1024, **tls_kw)
         else:
             self.server = await loop.create_server(lambda: Session(self), host, port, reuse_address=True,
-                                                   backlog=1024)
+                                                   backlog=1024, **tls_kw)
         self._schedule_reaper()
 
     @property
@@ -268,8 +301,8 @@ class SMTPServer:
             await self.server.wait_closed()
             self.server = None
 
-    def ehlo_reply(self, tls_active: bool) -> bytes:
-        cached = self._ehlo_cache.get(tls_active)
+    def ehlo_reply(self, tls_active: bool, auth: bool = False) -> bytes:
+        cached = self._ehlo_cache.get((tls_active, auth))
         if cached is None:
             lines = [
                 f"{self.s.hostname}",
@@ -281,11 +314,13 @@ class SMTPServer:
             ]
             if self.s.tls is not None and not tls_active:
                 lines.append("STARTTLS")
+            if auth:
+                lines.append(f"AUTH {self.s.auth.mechanisms}")  # RFC 4954 §3
             lines += ["SMTPUTF8", "CHUNKING"]
             cached = "".join(
                 f"250{'-' if i < len(lines) - 1 else ' '}{ln}\r\n" for i, ln in enumerate(lines)
             ).encode()
-            self._ehlo_cache[tls_active] = cached
+            self._ehlo_cache[(tls_active, auth)] = cached
         return cached
 
     def client_policy(self, peer_ip: str) -> tuple:
@@ -352,7 +387,7 @@ class Session(asyncio.Protocol):
         self.tx: _Tx | None = None
         self.helo = ""
         self.esmtp = False
-        self.tls = False
+        self.tls = s.implicit_tls  # connection_made comes after the handshake (RFC 8314)
         self.peer_ip = ""
         self.ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.trusted = False
@@ -367,6 +402,8 @@ class Session(asyncio.Protocol):
         self.write_paused = 0.0
         self.closing_at = 0.0  # when transport.close() was called (it waits for the buffer to drain)
         self.peer_eof = False  # the client half-closed: answer what it sent, then close
+        self.auth_user: str | None = None  # RFC 4954: the user of a successful AUTH
+        self._sasl: tuple | None = None  # an AUTH exchange waiting for the client's next line
 
     # --- connection lifecycle ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -375,7 +412,7 @@ class Session(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         srv.stats["connections"] += 1
-        # RELIABILITY.md case 13: refuse beyond the limits at the banner, never an unbounded accept.
+        # docs/reliability.md case 13: refuse beyond the limits at the banner, never an unbounded accept.
         if len(srv.sessions) >= srv.s.max_connections:
             self._refuse(R.TOO_MANY_CONNECTIONS)
             return
@@ -427,13 +464,13 @@ class Session(asyncio.Protocol):
                 srv.shared.release(srv.conn_slot, srv.worker)
                 srv.shared.release(srv.ip_slot(self.peer_ip), srv.worker)
         # A client gone mid-DATA leaves nothing behind: nothing is spooled before the end
-        # (RELIABILITY.md case 31, P5).
+        # (docs/reliability.md case 31, P5).
         self.state = S_CLOSING
         self.tx = None
 
     def pause_writing(self) -> None:
         # A client that does not read its replies: stop reading its commands (bounded write
-        # buffer); the reaper closes it if this lasts (RELIABILITY.md case 14).
+        # buffer); the reaper closes it if this lasts (docs/reliability.md case 14).
         self.write_paused = time.monotonic()
         self.transport.pause_reading()
 
@@ -479,7 +516,7 @@ class Session(asyncio.Protocol):
         return not self.tls
 
     def check_timers(self, now: float, idle: float) -> None:
-        """Called once a second by the server's sweep (RELIABILITY.md case 14)."""
+        """Called once a second by the server's sweep (docs/reliability.md case 14)."""
         s = self.srv.s
         if self.state == S_CLOSING:
             # close() waits for the write buffer to drain, which a client that does not read never
@@ -515,7 +552,7 @@ class Session(asyncio.Protocol):
         if self.state == S_CLOSING:
             return
         if self.state == S_GREETING:
-            # RELIABILITY.md case 5: bytes before the greeting.
+            # docs/reliability.md case 5: bytes before the greeting.
             self.transport.write(R.EARLY_TALKER.wire)
             self._close()
             return
@@ -558,7 +595,7 @@ class Session(asyncio.Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         if self.peer_eof and not self.busy and self.state != S_CLOSING:
             # Every complete command before the EOF is answered; a partial line or an unfinished
-            # message is dropped (nothing spooled: RELIABILITY.md case 31).
+            # message is dropped (nothing spooled: docs/reliability.md case 31).
             self.state = S_CLOSING
             self.tx = None
         if self.state == S_CLOSING:
@@ -593,6 +630,9 @@ class Session(asyncio.Protocol):
 
     # --- commands ---------------------------------------------------------------------------
     def _command(self, line: bytes, out: list[bytes]) -> None:
+        if self._sasl is not None:
+            self._sasl_line(line, out)  # RFC 4954 §4: a response to our 334, not a command
+            return
         sp = line.find(b" ")
         verb = (line if sp < 0 else line[:sp]).upper()
         handler = _HANDLERS.get(verb)
@@ -645,7 +685,7 @@ class Session(asyncio.Protocol):
         self.framer.reset()
         self.state = S_READY
         if esmtp:
-            out.append(self.srv.ehlo_reply(self.tls))
+            out.append(self.srv.ehlo_reply(self.tls, self._auth_offered()))
         else:
             out.append(f"250 {self.srv.s.hostname}\r\n".encode())
 
@@ -671,6 +711,10 @@ class Session(asyncio.Protocol):
             self._error(out)
             return
         reply = self._check_mail_params(params, path)
+        if reply is None and self.auth_user is not None and path.address:
+            allowed = self.srv.s.auth_senders.get(self.auth_user)
+            if allowed is not None and path.domain.lower().rstrip(".") not in allowed:
+                reply = R.AUTH_SENDER_NOT_OWNED  # issue 17 (Postfix reject_sender_login_mismatch)
         if reply is not None:
             out.append(reply.wire)
             self._error(out)
@@ -705,6 +749,10 @@ class Session(asyncio.Protocol):
             elif key == "ENVID":
                 if not valid_envid(value):
                     return R.BAD_DSN_PARAM
+            elif key == "AUTH" and self.srv.s.auth is not None:
+                # RFC 4954 §5: a server offering AUTH takes AUTH=; it is not passed on (mail_args).
+                if not value:
+                    return R.SYNTAX
             else:
                 return R.UNKNOWN_PARAM
         if path.utf8 and "SMTPUTF8" not in params:
@@ -768,7 +816,7 @@ class Session(asyncio.Protocol):
 
     def _may_receive_for(self, path: Path) -> bool:
         """Mail from a client outside relay_hosts: only to relay_domains, and no routing tricks
-        (RELIABILITY.md case 21: Postfix reject_unauth_destination, allow_untrusted_routing=no)."""
+        (docs/reliability.md case 21: Postfix reject_unauth_destination, allow_untrusted_routing=no)."""
         if path.literal:
             return False
         if path.domain.lower().rstrip(".") not in self.srv.s.relay_domains:
@@ -795,7 +843,7 @@ class Session(asyncio.Protocol):
             self._error(out)
             return
         # RFC 2920 §3.1: DATA ends a pipelined group. Content before our 354 is a client that
-        # does not wait: smuggling-prone, refuse and close (RELIABILITY.md case 4).
+        # does not wait: smuggling-prone, refuse and close (docs/reliability.md case 4).
         if self.framer.pending():
             out.append(R.PIPELINING_VIOLATION.wire)
             self.state = S_CLOSING
@@ -871,9 +919,146 @@ class Session(asyncio.Protocol):
         out.append(R.HELP.wire)
 
     def smtp_AUTH(self, arg: str, out: list[bytes]) -> None:
-        # RELIABILITY.md case 30: AUTH is not offered; never invite credentials in plaintext.
-        out.append(R.AUTH_NOT_AVAILABLE.wire if self.tls else R.AUTH_NEEDS_TLS.wire)
-        self._error(out)
+        a = self.srv.s.auth
+        if a is None or not self._auth_offered():
+            # docs/reliability.md case 30: never invite credentials in plaintext.
+            out.append(R.AUTH_NEEDS_TLS.wire if not self.tls else R.AUTH_NOT_AVAILABLE.wire)
+            self._error(out)
+            return
+        if self._need_helo(out):
+            return
+        if not self.esmtp:
+            out.append(R.AUTH_NEEDS_EHLO.wire)  # AUTH is an EHLO extension (RFC 4954 §3)
+            self._error(out)
+            return
+        if self.auth_user is not None:
+            out.append(R.AUTH_ALREADY.wire)  # RFC 4954 §4: once per session
+            self._error(out)
+            return
+        if self.tx is not None:
+            out.append(R.AUTH_IN_TRANSACTION.wire)  # RFC 4954 §4: not during a mail transaction
+            self._error(out)
+            return
+        parts = arg.split(" ")
+        mech = parts[0].upper()
+        if not mech or len(parts) > 2:
+            out.append(R.SYNTAX.wire)
+            self._error(out)
+            return
+        if mech not in a.files:
+            out.append(R.AUTH_UNKNOWN_MECHANISM.wire)
+            self._error(out)
+            return
+        if self.srv.auth_guard.locked(self.peer_ip):
+            log.warning("AUTH from %s refused: locked out after too many failures", self.peer_ip)
+            out.append(R.AUTH_LOCKED_OUT.wire)
+            self._error(out)
+            return
+        initial = parts[1] if len(parts) == 2 else None
+        if mech == "PLAIN":
+            if initial is None:
+                self._sasl = ("PLAIN",)
+                out.append(R.AUTH_CONTINUE.wire)  # "334 " (RFC 4954 §4: an empty challenge)
+            else:
+                self._sasl_step(("PLAIN",), initial, out)
+        elif initial is None:  # LOGIN: user, then password, each asked for with a 334
+            self._sasl = ("LOGIN",)
+            out.append(R.AUTH_LOGIN_USERNAME.wire)
+        else:
+            self._sasl_step(("LOGIN",), initial, out)  # the user name as an initial response
+
+    def _auth_offered(self) -> bool:
+        a = self.srv.s.auth
+        if a is None:
+            return False
+        if self.tls:
+            return True
+        return a.plaintext_loopback and self.ip is not None and self.ip.is_loopback
+
+    def _sasl_line(self, line: bytes, out: list[bytes]) -> None:
+        step, self._sasl = self._sasl, None
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            text = "\x00"  # not base64: answered as such below
+        if text == "*":
+            out.append(R.AUTH_CANCELLED.wire)  # RFC 4954 §4
+            self._error(out)
+            return
+        self._sasl_step(step, text, out)
+
+    def _sasl_step(self, step: tuple, text: str, out: list[bytes]) -> None:
+        """One client response of an AUTH exchange. Nothing of it is logged (issue 17)."""
+        try:
+            data = A.decode_b64(text)
+        except A.SaslError:
+            out.append(R.AUTH_BAD_BASE64.wire)
+            self._error(out)
+            return
+        mech = step[0]
+        if mech == "LOGIN" and len(step) == 1:
+            try:
+                user = data.decode("utf-8")
+            except UnicodeDecodeError:
+                user = ""
+            self._sasl = ("LOGIN", user)
+            out.append(R.AUTH_LOGIN_PASSWORD.wire)
+            return
+        if mech == "LOGIN":
+            user = step[1]
+            try:
+                password = data.decode("utf-8")
+            except UnicodeDecodeError:
+                user = ""
+                password = ""
+        else:
+            try:
+                user, password = A.parse_plain(data)
+            except ValueError:
+                user, password = "", ""
+        self._verify(mech, user, password)
+
+    def _verify(self, mech: str, user: str, password: str) -> None:
+        """Check the password off the event loop (scrypt takes tens of milliseconds); input waits."""
+        pwfile = self.srv.s.auth.files[mech]
+        self.busy = True
+        if not A.valid_username(user):
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            fut.set_result(False)
+        else:
+            fut = asyncio.ensure_future(asyncio.to_thread(pwfile.verify, user, password))
+        del password
+        fut.add_done_callback(lambda f: self._verified(f, mech, user))
+
+    def _verified(self, fut: asyncio.Future, mech: str, user: str) -> None:
+        if self.state == S_CLOSING or self.transport is None or self.transport.is_closing():
+            return
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            log.warning("AUTH %s from %s: cannot check the password: %s", mech, self.peer_ip, exc)
+            self._auth_reply(R.AUTH_TEMP_FAILURE.wire)
+            return
+        if fut.result():
+            self.auth_user = user
+            self.trusted = True  # Postfix permit_sasl_authenticated: may relay from any address
+            self.srv.auth_guard.succeeded(self.peer_ip)
+            log.info("AUTH %s from %s: authenticated as %s", mech, self.peer_ip, _clean(user, 64))
+            self._auth_reply(R.AUTH_OK.wire)
+            return
+        # The user name is not logged either: a password typed into the user field is common.
+        delay = self.srv.auth_guard.failed(self.peer_ip)
+        log.warning("AUTH %s from %s failed", mech, self.peer_ip)
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._auth_reply, R.AUTH_FAILED.wire)
+        else:
+            self._auth_reply(R.AUTH_FAILED.wire)
+
+    def _auth_reply(self, wire: bytes) -> None:
+        self.busy = False
+        if self.state == S_CLOSING or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(wire)
+        self._process()
 
     def smtp_EXPN(self, arg: str, out: list[bytes]) -> None:
         out.append(R.NOT_IMPLEMENTED.wire)
@@ -924,10 +1109,19 @@ class Session(asyncio.Protocol):
         # RFC 3207 §4.2: forget everything learned before TLS; the client must EHLO again.
         self.tls = True
         self.tx = None
+        if self.auth_user is not None:  # authenticated in plaintext (auth_plaintext_loopback)
+            self.auth_user = None
+            self.trusted = self.srv.client_policy(self.peer_ip)[1]
+        self._sasl = None
         self.helo = ""
         self.esmtp = False
+        # No discard_pending() here: the plaintext after STARTTLS was dropped before the handshake
+        # (smtp_STARTTLS), and reading stayed paused until start_tls took the socket over. What the
+        # framer holds now came through TLS: a client may send its EHLO as soon as its side of the
+        # handshake is done, and the SSL protocol delivers it (we are busy, so it is buffered)
+        # before this coroutine resumes. Python 3.12's wait_for, which no longer wraps the client's
+        # start_tls in a task, made that early EHLO usual; dropping it hung the session.
         self.framer.reset()
-        self.framer.discard_pending()
         self.state = S_NEED_HELO
         self.busy = False
         self.last_input = time.monotonic()
@@ -969,7 +1163,7 @@ class Session(asyncio.Protocol):
         self.busy = False
         if self.state == S_CLOSING or self.transport is None or self.transport.is_closing():
             # Committed but the client is gone before reading 250: the message is ours; a
-            # resend is the accepted duplicate (RELIABILITY.md case 31).
+            # resend is the accepted duplicate (docs/reliability.md case 31).
             return
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
         if exc is not None:
@@ -986,6 +1180,8 @@ class Session(asyncio.Protocol):
         msgid = new_msgid()
         now = time.time()
         proto = ("ESMTPS" if self.tls else "ESMTP") if self.esmtp else ("SMTPS" if self.tls else "SMTP")
+        if self.auth_user is not None:
+            proto += "A"  # RFC 3848: ESMTPA, ESMTPSA
         first = tx.rcpts[0][0].address if len(tx.rcpts) == 1 else None
         received = (
             f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
@@ -993,7 +1189,14 @@ class Session(asyncio.Protocol):
             + (f"\r\n\tfor <{first}>" if first else "")
             + f"; {_dates.now()}\r\n"
         ).encode("utf-8", "replace")
+        binding = self.srv.binding
+        if self.srv.binder is not None:
+            # Issue #10: Binding/Binding_Group of this listener, or Binding_Header from a client in
+            # relay_hosts; the header never goes further.
+            binding, body = self.srv.binder.assign(body, self.trusted, tx.sender.address)
         full = received + body
+        if self.auth_user is not None:
+            binding = self.srv.s.auth_bindings.get(self.auth_user, binding)  # issue 17: by user
         by_domain: dict[str, list[Recipient]] = {}
         for path, params in tx.rcpts:
             dom = path.domain.lower().rstrip(".")
@@ -1008,11 +1211,12 @@ class Session(asyncio.Protocol):
                 client_ip=self.peer_ip,
                 helo=self.helo,
                 protocol=proto.lower(),
-                binding=self.srv.binding,
+                binding=binding,
                 msgid=msgid,
                 received_at=now,
                 first_queued=now,
                 next_attempt=now,
+                meta={"auth_user": self.auth_user} if self.auth_user is not None else {},
             )
             items.append((env, full))
         return items
@@ -1028,7 +1232,7 @@ def smtp_number(text: str | None, max_digits: int) -> int | None:
 
 
 def _normalize_line_ends(body: bytes) -> bytes:
-    # Postfix's normalize mode: every bare CR or LF becomes CRLF (RELIABILITY.md case 2). The
+    # Postfix's normalize mode: every bare CR or LF becomes CRLF (docs/reliability.md case 2). The
     # outbound side dot-stuffs again, so a resulting lone "." line cannot end the next hop's DATA.
     return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 

@@ -5,7 +5,7 @@ One `XferServer` per HTTP_Listener Listen address (seeds 000/001: `script ... { 
 checks, in this order, each answered with a JSON error body and the connection closed:
 
     403  the client address is not in xfer_allowed_clients (loopback by default)
-    401  no valid HMAC signature (xfer_secret) or bearer token (xfer_tokens)   (RELIABILITY.md case 32);
+    401  no valid HMAC signature (xfer_secret) or bearer token (xfer_tokens)   (docs/reliability.md case 32);
          with neither configured, xfer_allowed_clients alone authenticates (as relay_hosts does for SMTP)
     404  not HTTP_URI;  405  not HTTP_METHOD
     415  a Content-Encoding other than identity (no decompression bombs, case 33), another media
@@ -120,6 +120,8 @@ class XferServerSettings:
             max_body=int(g("xfer_max_body")),
             max_hops=int(g("xfer_max_hops")),
             replay_window=float(g("xfer_replay_window")),
+            # Idle_Time 0 (Momentum: never for silence): keep-alive connections stay until closed.
+            idle_timeout=float(g("Idle_Time") or 86400 * 365),
         )
 
 

@@ -16,7 +16,7 @@ by both ends (fastrelay.xfer.server, fastrelay.delivery.xfer) so they cannot dri
 
 Why it looks like this:
   * The message travels as raw bytes after a length-delimited JSON part, not base64 inside the
-    JSON: byte-exact (NUL and 8-bit bytes included, RELIABILITY.md case 25), no 33% growth, and
+    JSON: byte-exact (NUL and 8-bit bytes included, docs/reliability.md case 25), no 33% growth, and
     the JSON stays small enough to validate before the body is touched.
   * Decoding validates every field (case 37: 400, nothing spooled) with the same address rules as
     SMTP ingress (fastrelay.smtp.address.parse_path) and refuses control characters everywhere
@@ -363,7 +363,7 @@ def _params(v: str, name: str) -> dict[str, str | None]:
 
 
 def _path(v: str, name: str, code: str, allow_null: bool):
-    # The same rules as MAIL FROM / RCPT TO at SMTP ingress (RELIABILITY.md cases 20, 22), and the
+    # The same rules as MAIL FROM / RCPT TO at SMTP ingress (docs/reliability.md cases 20, 22), and the
     # address must be exactly what the parser makes of it: no source route, no trailing parameters.
     try:
         p, rest = parse_path(f"<{v}>", R.BAD_RCPT_SYNTAX, allow_null)
@@ -537,7 +537,7 @@ def decode_request(data: bytes, envelope_length: str | int | None) -> Transfer:
 
 
 def loop_check(t: Transfer, node_id: str, max_hops: int) -> WireError | None:
-    """The loop guard (RELIABILITY.md case 35; KumoMTA compares xfer_prior_node with its own id):
+    """The loop guard (docs/reliability.md case 35; KumoMTA compares xfer_prior_node with its own id):
     508 if this node already sent the message on, or if it has left `max_hops` nodes already."""
     if node_id in t.hops:
         return _bad("loop_detected", f"this node ({node_id}) is already on the transfer's path", 508)
@@ -595,7 +595,7 @@ def decode_error(body: bytes) -> tuple[str, str]:
     return (code if isinstance(code, str) else "")[:64], (message if isinstance(message, str) else "")[:500]
 
 
-# --- Authentication (RELIABILITY.md case 32) ----------------------------------------------------
+# --- Authentication (docs/reliability.md case 32) ----------------------------------------------------
 
 
 def is_sha256_hex(text: str) -> bool:

@@ -78,9 +78,10 @@ max_retry_interval = 2
 host_failure_retry = 1
 Connect_Timeout = 2s
 Greeting_Timeout = 3s
-Mail_From_Timeout = 3s
-Rcpt_To_Timeout = 3s
+mailfrom_timeout = 3s
+rcptto_timeout = 3s
 Data_Timeout = 3s
+body_timeout = 3s
 Delivery_Response_Timeout = 3s
 max_connections_per_ip = 1000
 """

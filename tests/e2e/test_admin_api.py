@@ -295,7 +295,9 @@ async def test_config_eval_over_http(relay):
     """"the live config (`config eval` over HTTP)"."""
     h = await relay('Domain e.test { retry_interval = 7m }\nAdmin_Token = "t"\n' + ADMIN)
     st, r = await call(h, "GET", "/api/v1/config/eval?option=Retry_Interval&domain=e.test", token="t")
-    assert st == 200 and r["value"] == "7m" and r["origin"].endswith("relay.conf:18")
+    conf = h.conf_path.read_text().splitlines()
+    line = next(i for i, ln in enumerate(conf, 1) if "retry_interval = 7m" in ln)
+    assert st == 200 and r["value"] == "7m" and r["origin"].endswith(f"relay.conf:{line}")
     st, r = await call(h, "GET", "/api/v1/config/eval?option=admin_token", token="t")
     assert r["value"] == "(secret)"
 
@@ -309,7 +311,7 @@ async def test_health_and_readiness(relay):
 
 
 async def test_malformed_http_gets_the_json_error_too(relay):
-    """RELIABILITY.md case 7 on the admin port: bytes that are not HTTP get a JSON 400, not a page."""
+    """docs/reliability.md case 7 on the admin port: bytes that are not HTTP get a JSON 400, not a page."""
     h = await relay(ADMIN)
     port = h.relay.admin_servers[0].sockets[0].getsockname()[1]
     r, w = await asyncio.open_connection("127.0.0.1", port)

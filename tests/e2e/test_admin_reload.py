@@ -179,3 +179,29 @@ async def test_a_tls_policy_change_applies_to_queued_mail(sinks, relay):
     (m,) = await a.wait_for(1)
     assert m.test_id == "tls"
     await drained(h)
+
+
+async def test_bindings_and_throttles_are_reloaded(sinks, relay):
+    """Issue 12: reload applies "throttles ... bindings": a Binding with its Bind_Address and a
+    Binding_Header added by a reload assign new mail; a message throttle added by a reload paces
+    the next mail (generous bound, no exact timing)."""
+    import time
+
+    (a,) = await sinks(1)
+    h = await relay("Domain b.test { Gateway = 127.0.0.2 }\n#BINDINGS\n" + ADMIN)
+    await send(h, ["x@b.test"], b"X-Binding: vip\r\n" + body("before"))
+    await drained(h)
+    assert [(m.test_id, m.peer[0]) for m in a.messages] == [("before", "127.0.0.1")]
+    rewrite(h, "#BINDINGS", 'Binding_Header = "X-Binding"\nBinding "vip" { Bind_Address = "127.0.0.5" }\n'
+                            'Domain t.test { Gateway = 127.0.0.2\n outbound_throttle_messages = "2/1" }')
+    r = await h.relay.reload()
+    assert r["reloaded"] is True, r
+    await send(h, ["x@b.test"], b"X-Binding: vip\r\n" + body("after"))
+    await drained(h)
+    (m,) = [m for m in a.messages if m.test_id == "after"]
+    assert m.peer[0] == "127.0.0.5" and b"x-binding" not in m.data.lower()
+    start = time.monotonic()
+    await asyncio.gather(*(send(h, [f"t{i}@t.test"], body(f"t{i}")) for i in range(5)))
+    await drained(h, 30)
+    assert len([m for m in a.messages if m.test_id.startswith("t")]) == 5
+    assert time.monotonic() - start >= 1.8  # 5 at 2 a second: one every 0.5 s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 
 import pytest
@@ -85,8 +86,8 @@ async def test_cluster_host_limit_names_the_mx(dns, sinks, relay, redis_server):
 
 async def test_cluster_message_throttle_holds(dns, sinks, relay, redis_server):
     """Issue #14: "A message throttle of "50/1" cluster-wide holds within its bounds." 150 messages
-    from three nodes: 50 may pass at once, then 50 a second, so the last can not arrive before
-    about 2 s after the first, whichever node sends it."""
+    from three nodes: one every 20 ms whichever node sends it (no burst, as the local throttles), so
+    no second holds more than 50 of them and the whole takes about 3 s."""
     (mx,) = await sinks(1)
     dns.add_mx("thr.test", 10, "mx.thr.test")
     dns.add_a("mx.thr.test", mx.host)
@@ -96,7 +97,11 @@ async def test_cluster_message_throttle_holds(dns, sinks, relay, redis_server):
     for h in nodes:
         await drained(h, 60)
     assert len(mx.messages) == 150
-    assert time.monotonic() - start >= 1.8
+    assert time.monotonic() - start >= 2.9
+    # The bound itself: in any window of one second, at most 50 messages (plus 2 of slack for the
+    # time between the throttle's decision and the sink's clock reading).
+    times = sorted(m.received_at for m in mx.messages)
+    assert max(bisect.bisect_right(times, t + 1.0) - i for i, t in enumerate(times)) <= 52
 
 
 async def test_redis_down_keeps_delivering_under_the_local_share(dns, sinks, relay, redis_server):

@@ -1,5 +1,5 @@
 """SIGKILL the relay while it delivers, restart it: every accepted message reaches the sink at
-least once, with the same body (RELIABILITY.md P2, at-least-once after the 250)."""
+least once, with the same body (docs/reliability.md P2, at-least-once after the 250)."""
 
 from __future__ import annotations
 

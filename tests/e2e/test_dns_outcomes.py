@@ -1,4 +1,4 @@
-"""RELIABILITY.md case 46: null MX, NXDOMAIN, SERVFAIL, implicit MX, CNAME, MX to loopback."""
+"""docs/reliability.md case 46: null MX, NXDOMAIN, SERVFAIL, implicit MX, CNAME, MX to loopback."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """An MX whose address lookup gets SERVFAIL is skipped and the next MX takes the mail, instead of
-the whole domain being deferred (RELIABILITY.md case 46 applies per MX host)."""
+the whole domain being deferred (docs/reliability.md case 46 applies per MX host)."""
 
 from __future__ import annotations
 

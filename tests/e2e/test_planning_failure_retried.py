@@ -1,5 +1,5 @@
 """No message is ever left without a next step: a failure inside planning gives every ready
-message a T record and a retry, and after MAX_INTERNAL_ERRORS a bounce (RELIABILITY.md case 50)."""
+message a T record and a retry, and after MAX_INTERNAL_ERRORS a bounce (docs/reliability.md case 50)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RELIABILITY.md case 50: a message whose delivery always throws is bounced 5.3.0 after a few
+"""docs/reliability.md case 50: a message whose delivery always throws is bounced 5.3.0 after a few
 tries, and never blocks the queue or kills the worker."""
 
 from __future__ import annotations

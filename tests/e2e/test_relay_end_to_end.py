@@ -16,7 +16,7 @@ async def test_delivered_by_mx(dns, sinks, relay):
     assert sorted(msg.rcpt_tos) == ["b@example.net", "c@example.net"]
     assert msg.mail_from == "a@example.com"
     # The sink gets our body byte for byte after our Received: header (dot-stuffing round trip,
-    # RELIABILITY.md case 27).
+    # docs/reliability.md case 27).
     assert msg.data.startswith(b"Received: from ")
     assert msg.data.endswith(data)
     await drained(h)

@@ -52,6 +52,8 @@ class RelayHarness:
             assert not s.per_ip, f"per-IP counts left: {s.per_ip}"
         if self.relay.queue is not None:
             assert self.relay.queue.router.total_active() == 0, "route-table slots left acquired"
+            held = getattr(self.relay.queue.shaping.backend, "held", None)
+            assert held is None or held() == 0, "Server_Max_Outbound_Connections slots left held"
         if self.relay.cluster is not None:
             assert self.relay.cluster.held() == 0, "cluster leases left held"
         self.relay = None
@@ -84,3 +86,22 @@ class RelayHarness:
             return out
         finally:
             await sp.close()
+
+
+class TomlRelayHarness(RelayHarness):
+    """A relay run from a Stalwart TOML file (fastrelay.config.stalwart): `toml` as written, then a
+    [fastrelay] table with the spool, mainlog and `fastrelay` (ecelerity.conf global options as
+    TOML lines), and a listener on 127.0.0.1 with a kernel-chosen port."""
+
+    def __init__(self, dir: Path, toml: str, fastrelay: str = "", hostname: str | None = "relay.test"):
+        self.dir = Path(dir)
+        self.conf_path = self.dir / "relay.toml"
+        text = (
+            textwrap.dedent(toml)
+            + '\n[fastrelay]\nSpool_Base = "spool"\nMainlog = "mainlog"\n'
+            + (f'Hostname = "{hostname}"\n' if hostname else "")
+            + textwrap.dedent(fastrelay)
+            + '\n[server.listener."test"]\nbind = ["127.0.0.1:0"]\nprotocol = "smtp"\n'
+        )
+        self.conf_path.write_text(text)
+        self.relay = None

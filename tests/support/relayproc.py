@@ -30,7 +30,7 @@ class RelayProcess:
 
     def start(self) -> RelayProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastrelay", "run", "-c", str(self.conf)],
+            [sys.executable, "-m", "fastrelay", "run", "--quiet-messages", "-c", str(self.conf)],
             cwd=ROOT, stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True,
         )
         deadline = time.monotonic() + 30

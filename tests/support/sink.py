@@ -170,6 +170,7 @@ class Message:
     replies: list[str]  # the reply line(s) after the dot, one per recipient for LMTP
     queue_id: str
     received_at: float
+    xclient: dict[str, str] | None = None  # the XCLIENT attributes in effect (xclient=True sinks)
 
     @property
     def size(self) -> int:
@@ -185,6 +186,7 @@ class SessionInfo:
     ehlo: str | None = None
     tls: bool = False
     messages: int = 0  # accepted messages: >1 means the connection was reused
+    xclient: dict[str, str] | None = None  # the last XCLIENT's attributes, decoded
     commands: list[str] = field(default_factory=list)  # every recognised command line, in order
 
 
@@ -371,6 +373,34 @@ class _SinkProtocol:
             await self.push("503 5.5.1 Error: no valid greeting")
         self.drop()
 
+    async def smtp_XCLIENT(self, arg: str) -> None:
+        """Postfix's XCLIENT (XCLIENT_README), offered when the sink has xclient=True: the
+        attributes are xtext-decoded and kept; the reply is a 220 greeting, after which the
+        client must say EHLO again. `xclient_reply` (a full reply line) refuses it instead."""
+        from fastrelay.delivery.xclient import unxtext
+
+        sink = self.sink
+        if not sink.xclient:
+            await self.push("502 5.5.2 Error: command not recognized")
+            return
+        if sink.xclient_reply is not None:
+            await self.push(sink.xclient_reply)
+            return
+        if self.envelope.mail_from:  # type: ignore[attr-defined]
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        attrs = {}
+        for part in (arg or "").split():
+            name, eq, value = part.partition("=")
+            if not eq:
+                await self.push("501 5.5.4 Syntax: XCLIENT attribute=value...")
+                return
+            attrs[name.upper()] = unxtext(value)
+        self.info.xclient = attrs
+        self.session.host_name = None  # type: ignore[attr-defined]  # EHLO is due again
+        self.envelope = self._create_envelope()  # type: ignore[attr-defined]
+        await self.push(f"220 {self.hostname} ESMTP sink")  # type: ignore[attr-defined]
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         if "STARTTLS" in self.sink.faults.hide or not self.tls_context:  # type: ignore[attr-defined]
             await self.push("454 4.7.0 TLS not available")
@@ -463,6 +493,8 @@ class _Handler:
             keywords.append("SMTPUTF8")
         if server.tls_context and not server._tls_protocol:  # type: ignore[attr-defined]
             keywords.append("STARTTLS")
+        if self.sink.xclient:
+            keywords.append("XCLIENT NAME ADDR PROTO HELO LOGIN")
         keywords = [k for k in keywords if k.split()[0] not in hide]
         keywords.append("HELP")
         lines = [f"250-{server.hostname}"] + [f"250-{k}" for k in keywords]  # type: ignore[attr-defined]
@@ -578,8 +610,12 @@ class Sink:
         smtputf8: bool = True,
         idle_timeout: float = 300.0,
         faults: Faults | None = None,
+        xclient: bool = False,
+        xclient_reply: str | None = None,
     ) -> None:
         self.host = host
+        self.xclient = xclient  # offer XCLIENT (Postfix) and record its attributes
+        self.xclient_reply = xclient_reply  # refuse XCLIENT with this reply instead
         self._port = port
         self.lmtp = lmtp
         self.tls_context = tls_context
@@ -706,6 +742,7 @@ class Sink:
             replies=replies,
             queue_id=qid,
             received_at=time.time(),
+            xclient=dict(info.xclient) if info.xclient is not None else None,
         )
 
     def _commit(self, msg: Message, accepted: bool) -> None:
