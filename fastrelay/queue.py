@@ -1329,6 +1329,8 @@ class Queue:
         # its place in time (no free burst from a reload).
         self.shaping = OutboundShaping(cfg, self.shaping.backend, self.shaping.clock)
         self._host_throttled = has_host_throttles(cfg)
+        if self.cluster is not None:
+            self.cluster.cfg = cfg  # Cluster_* limits and throttles as the new conf says (issue 14)
         old = self.dests
         self.dests = {}
         for d in old.values():

@@ -236,3 +236,24 @@ async def test_queue_summary_shows_a_drain_in_progress(dns, sinks, relay):
     h.relay.queue.drain_to(peer)
     st, s = await call(h, "GET", "/api/v1/queue/summary")
     assert st == 200 and s["drain"]["to"] == peer.text and s["drain"]["remaining"] == 3
+
+
+async def test_a_reload_applies_cluster_limits(dns, sinks, relay, redis_server):
+    """Issue 12's reload covers the cluster's limits too: Cluster_Max_Outbound_Connections 1 -> 3
+    takes effect for the next sessions without a restart (sink session peaks)."""
+    (mx,) = await sinks(1)
+    dns.add_mx("rl.test", 10, "mx.rl.test")
+    dns.add_a("mx.rl.test", mx.host)
+    mx.faults.set("dot", delay=0.05)
+    h = await relay(_cluster(redis_server.url, "n0", "Domain rl.test { Cluster_Max_Outbound_Connections = 1 }\n"))
+    await asyncio.gather(*(send(h, [f"a{i}@rl.test"], body(f"a{i}")) for i in range(12)))
+    await drained(h, 30)
+    assert mx.peak_sessions == 1
+    text = h.conf_path.read_text()
+    h.conf_path.write_text(text.replace("Cluster_Max_Outbound_Connections = 1", "Cluster_Max_Outbound_Connections = 3"))
+    assert (await h.relay.reload())["reloaded"] is True
+    mx.reset()
+    await asyncio.gather(*(send(h, [f"b{i}@rl.test"], body(f"b{i}")) for i in range(40)))
+    await drained(h, 30)
+    assert len(mx.messages) == 40
+    assert 1 < mx.peak_sessions <= 3
