@@ -61,6 +61,17 @@ async def _close(resolver: aiodns.DNSResolver) -> None:
             await res
 
 
+def dns_servers(cfg) -> list[str] | None:
+    """DNS_Servers as the "ip:port" strings Resolver takes; None for the system's resolv.conf."""
+    out = [f"{h.host}:{h.port or 53}" if ":" not in h.host else f"[{h.host}]:{h.port or 53}"
+           for h in cfg.get("DNS_Servers")]
+    return out or None
+
+
+# Old c-ares channels being closed after a reconfigure (a reference, so the task is not collected).
+_CLOSING: set = set()
+
+
 class Resolver:
     """MX and address lookups; `servers` are "ip:port" strings (empty: the system's resolv.conf).
 
@@ -84,6 +95,32 @@ class Resolver:
         if self._r is None:
             self._r = aiodns.DNSResolver(**self._kw)
         return self._r
+
+    def reconfigure(self, servers: list[str] | None, timeout: float) -> bool:
+        """Use other servers or another DNS_Timeout from the next question on (a reload, issue
+        12); True if anything changed. The cache is dropped, as the new servers may answer
+        differently; the counters go on (they feed Prometheus counters, which never go down).
+        Questions in flight finish on the old channel, which is closed once they have had time."""
+        if list(servers or []) == list(self._servers or []) and timeout == self.timeout:
+            return False
+        self.timeout = timeout
+        self._servers = servers
+        self._kw = {"timeout": timeout, "tries": self._kw["tries"]}
+        if servers:
+            self._kw["nameservers"] = list(servers)
+        self._cache.clear()
+        old, self._r = self._r, None
+        if old is not None:
+            # Not closed at once: closing a c-ares channel fails the questions still on it.
+            loop = asyncio.get_running_loop()
+
+            def close_old() -> None:
+                t = loop.create_task(_close(old))
+                _CLOSING.add(t)
+                t.add_done_callback(_CLOSING.discard)
+
+            loop.call_later(timeout + HANG_GRACE, close_old)
+        return True
 
     async def close(self) -> None:
         if self._r is not None:

@@ -199,13 +199,11 @@ class Relay:
             log.info("delivery is suspended (suspend_delivery): mail is accepted and queued only, except "
                      "for scopes that set it off")
         from fastrelay.delivery.connect import connect
-        from fastrelay.dns import Resolver
+        from fastrelay.dns import Resolver, dns_servers
         from fastrelay.queue import Queue
         from fastrelay.routing import Router
 
-        servers = [f"{h.host}:{h.port or 53}" if ":" not in h.host else f"[{h.host}]:{h.port or 53}"
-                   for h in cfg.get("DNS_Servers")]
-        self.resolver = Resolver(servers or None, timeout=cfg.get("DNS_Timeout"))
+        self.resolver = Resolver(dns_servers(cfg), timeout=cfg.get("DNS_Timeout"))
         table = None
         w = self.worker
         if w is not None and w.shared is not None:

@@ -470,6 +470,20 @@ def test_nonce_cache_is_bounded_in_time_and_size_without_reopening_replays():
     assert not c.use("late", 200, 205)
 
 
+def test_nonce_cache_resize_on_reload_never_reopens_a_replay():
+    """A reload's wider xfer_replay_window (issue 12) must not accept again a nonce the narrower
+    window already forgot; a smaller size drops the oldest and raises the floor."""
+    c = NonceCache(window=10, max_size=10)
+    assert c.use("old", 100, 100)
+    assert c.use("new", 108, 111)  # at 111, "old" (signed at 100) has expired and is forgotten
+    c.resize(window=60, max_size=10, now=111)
+    assert not c.use("old", 100, 111), "signed before the old window began: still stale"
+    assert not c.use("new", 108, 111)
+    assert c.use("fresh", 110, 111)
+    c.resize(window=60, max_size=1, now=111)
+    assert len(c) == 1 and not c.use("new", 108, 111)
+
+
 # --- Hypothesis: decoding never raises anything but WireError -------------------------------------
 
 JSONISH = st.recursive(

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from fastrelay.config import Config, ConfigErrors, load
+from fastrelay.dns import dns_servers
 
 log = logging.getLogger("fastrelay.reload")
 
@@ -53,6 +54,9 @@ async def _apply(relay: Any, new: Config) -> dict:
                 errors.append(f"Spool_Base changed ({old.spool_dir} -> {new.spool_dir}); that needs a restart")
         elif new.get(opt) != old.get(opt):
             errors.append(f"{opt} changed; that needs a restart")
+    if new.workers != old.workers:
+        # The supervisor forks the workers and splits the spool into shards by their number.
+        errors.append(f"Workers changed ({old.workers} -> {new.workers}); that needs a restart")
     if getattr(relay, "worker", None) is not None:
         # With Workers > 1 the supervisor binds every listening socket and hands it down (issue
         # 13); a worker binding one of its own would clash with its siblings.
@@ -62,6 +66,11 @@ async def _apply(relay: Any, new: Config) -> dict:
         if addrs(new) != addrs(old):
             errors.append("listeners added, removed or moved; with Workers > 1 that needs a restart "
                           "(the supervisor owns the listening sockets)")
+        if new.xfer_server_enabled != old.xfer_server_enabled:
+            errors.append("the XFER server turned on or off; with Workers > 1 that needs a restart")
+    from fastrelay.config.model import check_runnable
+
+    errors += [str(e) for e in check_runnable(new)[0]]  # what `fastrelay run` would refuse
     # Every listener's settings are built before anything changes (a bad TLS file refuses it all).
     settings = {}
     for listen in new.esmtp_listens:
@@ -77,6 +86,15 @@ async def _apply(relay: Any, new: Config) -> dict:
             admin_tokens[str(listen.address)] = (listen, read_token(listen))
         except (OSError, ValueError) as e:
             errors.append(f"Admin listener {listen.address}: {e}")
+    xfer_settings = {}
+    if new.xfer_server_enabled:
+        from fastrelay.xfer.server import XferServerSettings
+
+        for listen in new.http_listens:
+            try:
+                xfer_settings[str(listen.address)] = (listen, XferServerSettings.from_listen(listen))
+            except (OSError, ValueError) as e:
+                errors.append(f"HTTP listener {listen.address}: {e}")
     if errors:
         return _refused(errors)
 
@@ -121,6 +139,26 @@ async def _apply(relay: Any, new: Config) -> dict:
         admin_started.append(a)
         changes.append(f"Admin listener {listen.address} added")
 
+    # XFER (seeds 000/001: HTTP_Listener under `script "msys.xfer.server"`), as for ESMTP.
+    xfer_current = _match(xfer_settings, list(relay.xfer_servers))
+    xfer_started: list = []
+    from fastrelay.xfer.server import XferServer
+
+    for key, (listen, xs) in xfer_settings.items():
+        if key in xfer_current.values():
+            continue
+        if getattr(relay, "worker", None) is not None:
+            continue  # unreachable: the addresses did not change (checked above)
+        x = XferServer(xs, relay)
+        try:
+            await x.start(listen.address.host or None, listen.address.port)
+        except OSError as e:
+            for srv in started + admin_started + xfer_started:
+                await srv.stop()
+            return _refused([f"HTTP listener {listen.address}: {e.strerror or e}"])
+        xfer_started.append(x)
+        changes.append(f"HTTP listener {listen.address} added")
+
     # --- the switch: no await from here to the end, so nothing sees half of it ---------------------
     relay.cfg = new
     relay.binder = binder
@@ -143,6 +181,18 @@ async def _apply(relay: Any, new: Config) -> dict:
             asyncio.get_running_loop().call_later(0.5, lambda a=a: _background(a.stop()))
             changes.append(f"Admin listener {_bound(a)} removed")
     relay.admin_servers.extend(admin_started)
+    for x, key in xfer_current.items():
+        if key is not None:
+            x.update(xfer_settings[key][1])
+        else:
+            relay.xfer_servers.remove(x)
+            # Stops accepting now; requests in flight get their SHUTDOWN_TIMEOUT to commit.
+            _background(x.stop())
+            changes.append(f"HTTP listener {_bound(x)} removed")
+    relay.xfer_servers.extend(xfer_started)
+    resolver = getattr(relay, "resolver", None)
+    if resolver is not None and resolver.reconfigure(dns_servers(new), new.get("DNS_Timeout")):
+        changes.append("DNS resolver: new servers or timeout, cache emptied")
     q = relay.queue
     if q is not None:
         router = q.router
@@ -159,7 +209,7 @@ async def _apply(relay: Any, new: Config) -> dict:
 
     logfmt.apply(new)
     changes += config_diff(old, new)
-    changes.append("configuration applied (routes, limits, TLS policy, relay_hosts, listeners)")
+    changes.append("configuration applied (routes, limits, TLS policy, relay_hosts, listeners, DNS)")
     log.info("configuration reloaded from %s: %s", ", ".join(new.files) or "?", "; ".join(changes))
     return {"reloaded": True, "errors": [], "changes": changes}
 

@@ -42,6 +42,7 @@ import hmac
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -170,8 +171,14 @@ class _RequestHandler(web.RequestHandler):
 
 
 class _Server(web.Server):
+    # The XferServer whose settings each new connection reads (a reload may change them).
+    owner: XferServer | None = None
+
     def __call__(self) -> web.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+        kw = dict(self._kwargs)
+        if self.owner is not None:
+            kw["keepalive_timeout"] = self.owner.s.idle_timeout
+        return _RequestHandler(self, loop=self._loop, **kw)
 
 
 class XferServer:
@@ -186,16 +193,22 @@ class XferServer:
         self._server: asyncio.AbstractServer | None = None
         self._method = settings.method.upper()
 
+    def update(self, settings: XferServerSettings) -> None:
+        """A reload's settings (issue 12), from the next request on. The nonce cache is kept, so
+        a reload never reopens a replay; the keep-alive timeout applies to new connections."""
+        self.s = settings
+        self._method = settings.method.upper()
+        self.nonces.resize(settings.replay_window, settings.nonce_cache_size, time.time())
+
     async def start(self, host: str | None, port: int, sock: socket.socket | None = None) -> None:
         """Listen on host:port (all addresses when host is None), or on `sock` when given (a
         worker's share of a listener its supervisor bound); OSError if it cannot bind."""
         loop = asyncio.get_running_loop()
-        max_body = self.s.max_body
 
         def make_request(message, payload, protocol, writer, task) -> BaseRequest:
             # client_max_size set on purpose (case 33; aiohttp's default is 1 MiB): nothing here
             # calls request.read(), but if anything ever does, it is capped like _read_body.
-            return BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=max_body)
+            return BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=self.s.max_body)
 
         server = _Server(
             self._guard,
@@ -208,6 +221,7 @@ class XferServer:
             lingering_time=0,
             keepalive_timeout=self.s.idle_timeout,
         )
+        server.owner = self
         runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:

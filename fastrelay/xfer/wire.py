@@ -715,6 +715,19 @@ class NonceCache:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def resize(self, window: float, max_size: int, now: float) -> None:
+        """A reload's new xfer_replay_window or size, keeping what was seen: a wider window
+        cannot reopen nonces already forgotten under the narrower one, because requests signed
+        before the old window's start become the floor (they were stale until now anyway)."""
+        if window > self.window:
+            self._floor = max(self._floor, now - self.window)
+        self.window = window
+        self.max_size = max(1, max_size)
+        while len(self._seen) > self.max_size:
+            old_ts, old = heapq.heappop(self._heap)
+            self._seen.discard(old)
+            self._floor = max(self._floor, old_ts)
+
     def use(self, nonce: str, ts: float, now: float) -> bool:
         """Record `nonce` (signed at `ts`); False if it was seen already or cannot be checked."""
         heap = self._heap

@@ -8,7 +8,7 @@ import socket
 import aiosmtplib
 
 from fastrelay.smtp import replies as R
-from tests.e2e.conftest import body, drained, send
+from tests.e2e.conftest import body, drained, records, send
 from tests.e2e.test_admin_api import ADMIN, call, wait_state
 
 
@@ -87,6 +87,10 @@ async def test_reload_refuses_a_listener_it_cannot_bind_and_what_needs_a_restart
     rewrite(h, 'Spool_Base = "spool"', 'Spool_Base = "elsewhere"')
     r = await h.relay.reload()
     assert r["reloaded"] is False and "Spool_Base changed" in r["errors"][0]
+    rewrite(h, 'Spool_Base = "elsewhere"', 'Spool_Base = "spool"\nWorkers = 2')
+    r = await h.relay.reload()
+    assert r["reloaded"] is False and r["errors"] == ["Workers changed (1 -> 2); that needs a restart"]
+    assert h.relay.cfg is cfg
 
 
 async def test_listeners_added_and_removed_without_dropping_a_session(sinks, relay):
@@ -205,3 +209,102 @@ async def test_bindings_and_throttles_are_reloaded(sinks, relay):
     await drained(h, 30)
     assert len([m for m in a.messages if m.test_id.startswith("t")]) == 5
     assert time.monotonic() - start >= 1.8  # 5 at 2 a second: one every 0.5 s
+
+
+async def test_xfer_listeners_added_moved_and_removed_by_reload(sinks, relay, sink_port):
+    """Issue 12: reload applies "listeners added or removed", the XFER ones (seeds 000/001's
+    HTTP_Listener) too: node B gains its XFER server by a reload and A's queued transfer goes
+    through; B's listener then moves to another port, the old one stops answering, the new one
+    takes the next transfer."""
+    from tests.e2e.test_xfer_two_nodes import node_a_conf, node_b_conf
+    from tests.support import free_port
+
+    (sink_b,) = await sinks(1, first=3)
+    http1, http2 = free_port(), free_port()
+    b = await relay(ADMIN + "#XFER\n", subdir="b")
+    a = await relay(node_a_conf(http1, 'domain gmail.com { reroute_domain = "xfer.test" }\n') + ADMIN,
+                    subdir="a")
+    await send(a, ["one@gmail.com"], body("x-before"))
+    for _ in range(100):  # B has no XFER server yet: A's transfer fails and is retried
+        if records(a, "T"):
+            break
+        await asyncio.sleep(0.1)
+    assert records(a, "T") and sink_b.messages == []
+    rewrite(b, "#XFER\n", node_b_conf(http1, sink_port))
+    r = await b.relay.reload()
+    assert r["reloaded"] is True, r
+    assert f"HTTP listener 127.0.0.1:{http1} added" in r["changes"]
+    (m1,) = await sink_b.wait_for(1, timeout=15)
+    assert m1.test_id == "x-before"
+    await drained(a)
+    # Move B's listener; A follows with its own reload.
+    rewrite(b, f'Listen "127.0.0.1:{http1}"', f'Listen "127.0.0.1:{http2}"')
+    r = await b.relay.reload()
+    assert r["reloaded"] is True, r
+    assert f"HTTP listener 127.0.0.1:{http2} added" in r["changes"]
+    assert f"HTTP listener 127.0.0.1:{http1} removed" in r["changes"]
+    await asyncio.sleep(0.3)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", http1)) != 0, "the removed XFER listener still accepts"
+    text = a.conf_path.read_text()
+    a.conf_path.write_text(text.replace(f"port={http1}", f"port={http2}"))
+    assert (await a.relay.reload())["reloaded"] is True
+    await send(a, ["two@gmail.com"], body("x-after"))
+    got = await sink_b.wait_for(2, timeout=15)
+    assert sorted(m.test_id for m in got) == ["x-after", "x-before"]
+    await drained(a)
+    await drained(b)
+    # And a reload that drops the XFER server closes its listener.
+    rewrite(b, 'source = "msys.xfer.server"', 'source = "msys.xfer.client"')
+    r = await b.relay.reload()
+    assert r["reloaded"] is True and f"HTTP listener 127.0.0.1:{http2} removed" in r["changes"], r
+    assert b.relay.xfer_servers == []
+
+
+async def test_an_xfer_setting_change_applies_to_the_running_listener(relay, sink_port):
+    """A reload that keeps the HTTP_Listener's address updates its settings in place: a new
+    xfer_secret is what the next request must be signed with."""
+    from tests.e2e.test_xfer_two_nodes import SECRET, node_b_conf
+    from tests.support import free_port
+
+    http = free_port()
+    b = await relay(node_b_conf(http, sink_port) + ADMIN, subdir="b")
+    (srv,) = b.relay.xfer_servers
+    rewrite(b, f'xfer_secret = "{SECRET}"', 'xfer_secret = "rotated-secret"')
+    r = await b.relay.reload()
+    assert r["reloaded"] is True, r
+    assert b.relay.xfer_servers == [srv], "the same listener, not a new one"
+    assert srv.s.secret == "rotated-secret"
+    assert any("xfer_secret: (secret) -> (secret)" in c for c in r["changes"]), r["changes"]
+
+
+async def test_dns_servers_change_applies_to_the_next_lookups(sinks, relay, dns):
+    """Issue 12: a reload applies DNS_Servers: with the route's MX answered differently by a
+    second DNS server, mail after the reload goes where the new server says."""
+    from tests.support import DNSServer
+
+    a, b = await sinks(2)
+    dns.add_mx("d.test", 10, "mx.d.test")
+    dns.add_a("mx.d.test", "127.0.0.2")
+    other = DNSServer("127.0.0.1", 0)
+    try:
+        other.add_mx("d.test", 10, "mx.d.test")
+        other.add_a("mx.d.test", "127.0.0.3")
+        h = await relay(ADMIN)
+        await send(h, ["x@d.test"], body("old-dns"))
+        await a.wait_for(1)
+        await drained(h)
+        rewrite(h, f'DNS_Servers = ( "{dns.address}" )', f'DNS_Servers = ( "{other.address}" )')
+        r = await h.relay.reload()
+        assert r["reloaded"] is True, r
+        assert "DNS resolver: new servers or timeout, cache emptied" in r["changes"]
+        await send(h, ["y@d.test"], body("new-dns"))
+        (m,) = await b.wait_for(1)
+        assert m.test_id == "new-dns" and [x.test_id for x in a.messages] == ["old-dns"]
+        assert other.queries[("mx.d.test", "A")] >= 1
+        await drained(h)
+        # A reload that changes nothing about DNS keeps the resolver's cache.
+        r = await h.relay.reload()
+        assert r["reloaded"] is True and not any(c.startswith("DNS resolver") for c in r["changes"])
+    finally:
+        other.stop()
