@@ -108,6 +108,8 @@ SPOOL_FAILURE_RETRY = 10.0
 # this many bytes the oldest are dropped, and the count is logged when writing works again.
 # Conf: mainlog_max_pending.
 MAINLOG_MAX_PENDING = 8 * 1024 * 1024
+# Seconds between two hand-backs of freed heap memory to the kernel (fastrelay.memtrim).
+MEMORY_TRIM_INTERVAL = 10.0
 # teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer
 # failure"): bytes of bodies kept in memory for their quick retry, in all (teleport_memory_limit).
 TELEPORT_MEMORY_LIMIT = 64 * 1024 * 1024

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
-import itertools
 import logging
 import os
 import time
@@ -45,10 +44,16 @@ DRAIN_DOMAIN = "__drain__"
 # A message whose delivery crashed the worker this many times is quarantined rather than
 # retried forever (docs/reliability.md case 50: poison message).
 MAX_INTERNAL_ERRORS = 3
+# How many distinct domain and binding names the queue shares between its items before it starts
+# its table over (memory per item, not a limit on domains: an unshared name only costs its copy).
+MAX_SHARED_NAMES = 100_000
 
 
 class Item:
-    """The in-memory record of one spool entry."""
+    """The in-memory record of one spool entry.
+
+    Kept small (issue 13: a million queued messages in under 1 GB): slots, domain and binding
+    strings shared between items (Queue._name), and the item's own id as the heap's tie-breaker."""
 
     __slots__ = ("attempts", "binding", "busy", "domain", "due", "errors", "first_queued", "id", "saving", "size",
                  "unsaved")
@@ -68,6 +73,11 @@ class Item:
         # session takes it (see Queue._save_later).
         self.unsaved: Any = None
         self.saving = False
+
+    def __lt__(self, other: Item) -> bool:
+        # Only reached for two heap entries with the same due time and id (a stale entry of an
+        # item pushed again): any fixed order will do, as long as it never raises.
+        return id(self) < id(other)
 
 
 class Dest:
@@ -158,7 +168,8 @@ class Queue:
         self.items: dict[int, Item] = {}
         self.dests: dict[tuple[str, str], Dest] = {}
         self._heap: list[tuple[float, int, Item]] = []
-        self._seq = itertools.count()
+        # One str object per domain and binding name, however many items carry it (see Item).
+        self._names: dict[str, str] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._tasks: set[asyncio.Task] = set()
@@ -188,10 +199,17 @@ class Queue:
     def enqueue(self, entries: list) -> None:
         """Add spool entries (IndexEntry records) from reception or recovery."""
         now = time.time()
+        name = self._name
         for e in entries:
-            it = Item(e.id, e.domain, e.binding, e.next_attempt, e.attempts, e.first_queued, e.size)
+            it = Item(e.id, name(e.domain), name(e.binding), e.next_attempt, e.attempts, e.first_queued, e.size)
             self.items[e.id] = it
             self._schedule(it, now)
+
+    def _name(self, s: str) -> str:
+        """The queue's one copy of a domain or binding name (a deferred item lives for days)."""
+        if len(self._names) > MAX_SHARED_NAMES:
+            self._names.clear()  # a flood of distinct domains: start over rather than grow
+        return self._names.setdefault(s, s)
 
     def _schedule(self, it: Item, now: float) -> None:
         # A drain moves everything now: the schedule travels with the message (teleport).
@@ -200,7 +218,7 @@ class Queue:
             d.ready.append(it)
             self._kick(d)
         else:
-            heapq.heappush(self._heap, (it.due, next(self._seq), it))
+            heapq.heappush(self._heap, (it.due, it.id, it))
             if it.due < self._timer_at:
                 self._arm()
 
@@ -700,7 +718,7 @@ class Queue:
         again, unless the relay stops before any write succeeds: then a duplicate, never a loss)."""
         self._spool_failed(e)
         self._unsaved[it.id] = env
-        it.domain = env.domain
+        it.domain = self._name(env.domain)
         it.attempts = env.attempts
         it.busy = False
         it.due = env.next_attempt  # its own schedule: the next outcome written makes it durable
@@ -715,7 +733,7 @@ class Queue:
         it.unsaved = unsaved
         it.saving = False
         it.due = now + self._retry_delay(it)
-        heapq.heappush(self._heap, (it.due, next(self._seq), it))
+        heapq.heappush(self._heap, (it.due, it.id, it))
         if it.due < self._timer_at:
             self._arm()
 
@@ -871,7 +889,7 @@ class Queue:
             self._held_bytes -= len(held[1])
 
     def _rescheduled(self, it: Item, env: Envelope) -> None:
-        it.domain = env.domain
+        it.domain = self._name(env.domain)
         it.attempts = env.attempts
         it.due = env.next_attempt
         it.busy = False
@@ -1309,7 +1327,7 @@ class Queue:
                 env.domain = dst
                 await self.spool.reschedule(it.id, env)
                 self._api_unready(it)
-                it.domain = dst
+                it.domain = self._name(dst)
                 moved.append(str(it.id))
             finally:
                 it.busy = False

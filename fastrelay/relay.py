@@ -67,6 +67,7 @@ class Relay:
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
         self.hostname = cfg.get("Hostname") or socket.gethostname()
         self.binder = Assigner(cfg)  # binding assignment (issue #10), shared by the listeners
+        self._memtrim: asyncio.Future | None = None  # fastrelay.memtrim's task
         self._prebound: dict[int, socket.socket] = {}  # listener sockets bound before a privilege drop
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -104,6 +105,13 @@ class Relay:
         except OSError as e:
             raise StartupError(f"mainlog {self.mainlog.path}: {e.strerror or e}") from None
         await self._start_delivery(entries)
+        if entries and cfg.get("memory_trim_interval") > 0:
+            # Recovery built a record per queued message and let them go: hand that back now
+            # rather than at the first memory_trim_interval (a million messages: ~0.2 GB).
+            del entries
+            from fastrelay import memtrim
+
+            await asyncio.to_thread(memtrim.trim)
         if self.drain_to is not None:
             self.queue.drain_to(self.drain_to)
             return
@@ -132,6 +140,12 @@ class Relay:
                     addr = sock.getsockname()
                     self.queue.router.own_addresses.add((addr[0], addr[1]))
         await self._start_admin()
+        self._start_memtrim()
+
+    def _start_memtrim(self) -> None:
+        from fastrelay import memtrim
+
+        self._memtrim = asyncio.ensure_future(memtrim.run(self.cfg.get("memory_trim_interval")))
 
     async def _start_admin(self) -> None:
         """Issue 12: the admin API, /metrics and the status page on each Admin_Listener address."""
@@ -289,6 +303,9 @@ class Relay:
         return len(self.queue.items)
 
     async def stop(self) -> None:
+        if self._memtrim is not None:
+            self._memtrim.cancel()
+            self._memtrim = None
         for asrv in self.admin_servers:
             await asrv.stop()
         self.admin_servers.clear()

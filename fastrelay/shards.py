@@ -71,7 +71,7 @@ async def adopt(src_dir: str, dest: Spool, *, fsync: bool = True, min_free_bytes
                 ids.append(e.id)
             if not items:
                 continue
-            await dest.add(items)  # durable in the new shard first ...
+            await dest.add(items, cache=False)  # durable in the new shard first ...
             for mid in ids:
                 await src.remove(mid)  # ... then gone from the old one
             moved += len(items)

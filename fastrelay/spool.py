@@ -612,13 +612,15 @@ class Spool:
         self._wq.put(op)
         return fut
 
-    async def add(self, items: list[tuple[Envelope, bytes]]) -> list[IndexEntry]:
+    async def add(self, items: list[tuple[Envelope, bytes]], cache: bool = True) -> list[IndexEntry]:
         """Store messages in ONE transaction; return once it is durable (fsync'd commit).
 
         Sets env.msgid (if empty) from the id, and env.first_queued / env.received_at if they are 0.
         Raises SpoolError (SpoolFull for a full disk): then none of the items is stored.
+        `cache=False`: not kept for a first load (messages moved between shards, most of them
+        deferred, would only push out what was just received).
         """
-        entries, _ = await self._add(items, None)
+        entries, _ = await self._add(items, None, cache)
         return entries
 
     async def add_once(self, items: list[tuple[Envelope, bytes]],
@@ -629,7 +631,7 @@ class Spool:
         return await self._add(items, key)
 
     async def _add(self, items: list[tuple[Envelope, bytes]],
-                   key: tuple[str, str] | None) -> tuple[list[IndexEntry], str | None]:
+                   key: tuple[str, str] | None, cache: bool = True) -> tuple[list[IndexEntry], str | None]:
         if not self._open or self._closed:
             raise SpoolError("spool is closed" if self._closed else "spool is not open")
         if not items:
@@ -669,7 +671,8 @@ class Spool:
         if dup is not None:
             return [], dup
         self._added += wal  # for space_ok() until its next statvfs
-        self._remember(entries, items)
+        if cache:
+            self._remember(entries, items)
         return entries, None
 
     async def _update(self, id: int, env: Envelope) -> None:

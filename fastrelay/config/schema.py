@@ -807,6 +807,10 @@ OPTIONS: list[OptionDef] = [
               "While the mainlog cannot be written (full or read-only disk), at most this many bytes of "
               "records wait in memory; past it the oldest are dropped, and the count is logged when "
               "writing works again. No record is ever written twice."),
+    OptionDef("memory_trim_interval", t.Time(lo=0), frozenset({GLOBAL}), limits.MEMORY_TRIM_INTERVAL,
+              "How often freed heap memory is handed back to the kernel (glibc's malloc_trim), so that "
+              "the relay's RSS follows what its queue holds rather than its busiest moment; 0 never. "
+              "Each time costs a millisecond or two, off the event loop."),
     OptionDef("Mainlog", t.String(nonempty=True, expected="a file path"), frozenset({GLOBAL}), None,
               "The mainlog file (R, D, T, P and X records; see docs/operations.md). Relative to the "
               "conf file. Unset: with Spool_Base unset too, /var/log/fastrelay/mainlog when run as root, "
