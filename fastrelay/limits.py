@@ -108,6 +108,8 @@ SPOOL_FAILURE_RETRY = 10.0
 # this many bytes the oldest are dropped, and the count is logged when writing works again.
 # Conf: mainlog_max_pending.
 MAINLOG_MAX_PENDING = 8 * 1024 * 1024
+# Group commit window of the spool writer, in seconds (fastrelay.spool: Spool.commit_delay).
+SPOOL_COMMIT_DELAY = 0.001
 # Seconds between two hand-backs of freed heap memory to the kernel (fastrelay.memtrim).
 MEMORY_TRIM_INTERVAL = 10.0
 # teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer

@@ -89,7 +89,8 @@ class Relay:
             except (privileges.PrivilegeError, OSError) as e:
                 self._close_prebound()
                 raise StartupError(str(e)) from None
-        self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"))
+        self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"),
+                           commit_delay=cfg.get("spool_commit_delay"))
         try:
             await self.spool.open()
             await self._adopt_shards()

@@ -317,6 +317,27 @@ async def test_group_commit_groups(tmp_path):
 
 
 @both_loops
+async def test_commit_delay_gathers_writes_that_arrive_within_the_window(tmp_path):
+    """spool_commit_delay: writes submitted one after another, while the first waits in its
+    window, share its one commit; none is acknowledged before that commit."""
+    sp = await opened(tmp_path, commit_delay=1.0)
+    try:
+        first = asyncio.ensure_future(sp.add([(envelope(0), body(0))]))
+        later = []
+        for i in range(1, 5):
+            await asyncio.sleep(0.02)  # each one well after the last: no batch without the window
+            later.append(asyncio.ensure_future(sp.add([(envelope(i), body(i))])))
+        assert not first.done(), "acknowledged before the window closed"
+        await asyncio.gather(first, *later)
+        assert sp.stats["items"] == 5 and sp.stats["commits"] == 1, sp.stats
+        sp.commit_delay = 0.0  # what a reload does: the next batch commits at once
+        await sp.add([(envelope(9), body(9))])
+        assert sp.stats["commits"] == 2
+    finally:
+        await sp.close()
+
+
+@both_loops
 async def test_fsync_off_works_the_same(tmp_path):
     sp = await opened(tmp_path, fsync=False)
     (e,) = await sp.add([(envelope(1), body(1))])

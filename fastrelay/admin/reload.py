@@ -205,6 +205,8 @@ async def _apply(relay: Any, new: Config) -> dict:
                 addr = sock.getsockname()
                 router.own_addresses.add((addr[0], addr[1]))
         q.api_reconfigure(new)  # fresh destinations: timeouts, TLS policy and routes read again
+    if getattr(relay, "spool", None) is not None:
+        relay.spool.commit_delay = new.get("spool_commit_delay")  # from the writer's next batch
     from fastrelay.admin import logfmt
 
     logfmt.apply(new)
