@@ -592,10 +592,10 @@ class Queue:
             timer.cancel()
             if not waiter.done():
                 waiter.cancel()
-            try:
+            # Usually a waker popped it already. Not remove() and catch ValueError: deque's
+            # ValueError message is built with the future's repr, a measurable cost per message.
+            if waiter in d.idle:
                 d.idle.remove(waiter)
-            except ValueError:
-                pass
 
     def _take(self, d: Dest) -> Item | None:
         if self._suspensions and self._suspended(d):

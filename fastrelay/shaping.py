@@ -126,6 +126,9 @@ class OutboundShaping:
         self.cfg = cfg
         self.backend: Shaper = backend if backend is not None else LocalShaper()
         self.clock = clock
+        # No message throttle anywhere in the conf (the usual case): before_message is a no-op.
+        # A reload builds a new OutboundShaping, so this follows the conf in force.
+        self.message_throttles = cfg.set_anywhere("outbound_throttle_messages")
 
     # --- keys (by reference: the scope that sets the option) ------------------------------------
     def throttle(self, option: str, domain: str, binding: str) -> tuple[str, Rate] | None:
@@ -209,6 +212,8 @@ class OutboundShaping:
     def before_message(self, domain: str, binding: str, hosts: list[str]) -> float:
         """One token of the message throttles of (domain, binding) and of the host: 0.0 if
         taken, else the seconds until they let a message through (nothing taken then)."""
+        if not self.message_throttles:
+            return 0.0
         now = self.clock()
         b = self.backend
         throttles = [t for t in (self.throttle("outbound_throttle_messages", domain, binding),

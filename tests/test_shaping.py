@@ -155,3 +155,38 @@ def test_binding_host_takes_only_the_throttles(bad):
                                            r"Binding; expected outbound_throttle_connections or "
                                            r"outbound_throttle_messages there"):
         loads(bad + "\n")
+
+
+T = 'outbound_throttle_messages = "1/10"'
+
+
+@pytest.mark.parametrize("conf, domain, binding, hosts", [
+    (f"{T}\n", "d.test", "default", []),
+    (f"Domain d.test {{ {T} }}\n", "d.test", "default", []),
+    (f'Domain "/^d\\\\./" {{ {T} }}\n', "d.test", "default", []),
+    (f'Host "mx.d.test" {{ {T} }}\n', "d.test", "default", ["mx.d.test"]),
+    (f'Host "/^mx\\\\./" {{ {T} }}\n', "d.test", "default", ["mx.d.test"]),
+    (f"Binding b {{ {T} }}\n", "d.test", "b", []),
+    (f"Binding b {{ Domain d.test {{ {T} }} }}\n", "d.test", "b", []),
+    (f'Binding b {{ Host "mx.d.test" {{ {T} }} }}\n', "d.test", "b", ["mx.d.test"]),
+    (f"Binding_Group g {{ {T}\n Binding b {{ }} }}\n", "d.test", "b", []),
+    (f"Binding_Group g {{ Domain d.test {{ {T} }}\n Binding b {{ }} }}\n", "d.test", "b", []),
+])
+def test_a_message_throttle_in_any_scope_is_seen_by_the_no_throttle_shortcut(conf, domain, binding, hosts):
+    """before_message skips its lookups when no scope sets outbound_throttle_messages
+    (issue 13, relay CPU per message): a throttle in any scope Momentum allows it in must still
+    apply. Each row: the throttle set in one scope, and mail that scope covers."""
+    cfg = loads(conf)
+    assert cfg.set_anywhere("outbound_throttle_messages")
+    sh = OutboundShaping(cfg, clock=lambda: 0.0)
+    assert sh.before_message(domain, binding, hosts) == 0.0
+    assert sh.before_message(domain, binding, hosts) == pytest.approx(10.0)
+
+
+def test_no_message_throttle_anywhere_takes_the_shortcut():
+    cfg = loads('Domain d.test { max_outbound_connections = 3 }\nBinding b { }\n'
+                'Host "mx.d.test" { outbound_throttle_connections = "5/10" }\n')
+    assert not cfg.set_anywhere("outbound_throttle_messages")
+    assert cfg.set_anywhere("max_outbound_connections")  # has a default
+    sh = OutboundShaping(cfg, clock=lambda: 0.0)
+    assert all(sh.before_message("d.test", "b", ["mx.d.test"]) == 0.0 for _ in range(5))

@@ -188,6 +188,28 @@ class Config:
     def get(self, option: str, domain: str | None = None, binding: str | None = None) -> Any:
         return self.lookup(option, domain, binding).value
 
+    def all_scopes(self) -> list[Scope]:
+        """Every scope an option can be set in: global, Domain, Host, Binding, Binding_Group and
+        the Domain and Host stanzas inside them (literal and regex)."""
+        out = [self.global_, *self.domains.values(), *(sc for _, sc in self.regex_domains),
+               *self.hosts.values(), *(sc for _, sc in self.regex_hosts), *self.binding_groups.values()]
+        for gd in self.group_domains.values():
+            out += gd.values()
+        for grd in self.group_regex_domains.values():
+            out += [sc for _, sc in grd]
+        for b in self.bindings.values():
+            out += [b.scope, *b.domains.values(), *(sc for _, sc in b.regex_domains),
+                    *b.hosts.values(), *(sc for _, sc in b.regex_hosts)]
+        return out
+
+    def set_anywhere(self, option: str) -> bool:
+        """Whether `option` has a value for any mail at all: a default, or a setting in some
+        scope. False lets a per-message check be skipped whole (its lookups cost a message)."""
+        opt = _opt(option)
+        if opt.default is not None:
+            return True
+        return any(sc.get(opt.key) is not None for sc in self.all_scopes())
+
     def _chain(self, domain: str | None, binding: str | None) -> list[Scope]:
         chain: list[Scope] = []
         b = self.bindings.get(binding) if binding else None
