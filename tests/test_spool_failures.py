@@ -147,8 +147,14 @@ async def test_spool_write_failures_while_deferring_strand_nothing(tmp_path, hop
         assert "Task exception was never retrieved" not in log
         assert "Traceback" not in log, log[-4000:]
         # Logged once per failure episode, not once per message and retry.
-        assert log.count("queue: spool write failed") == 1, log[-4000:]
-        assert log.count("spool: batch of") == 1, log[-4000:]
+        q_episodes = log.count("queue: spool write failed")
+        assert 1 <= q_episodes == log.count("queue: the spool works again") <= 3, log[-4000:]
+        # The writer's line is once per episode too: an episode ends when a write succeeds, which
+        # can happen while the limit holds (a commit that only overwrites WAL pages in place does
+        # not grow a file), so each "batch of" line is paired with the "succeed again" that ends it.
+        episodes = log.count("spool: batch of")
+        assert 1 <= episodes == log.count("spool: writes succeed again"), log[-4000:]
+        assert episodes <= 3, log[-4000:]  # not once per batch: several retry rounds ran meanwhile
     finally:
         relay.stop()
         if sink is not None:
