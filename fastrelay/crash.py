@@ -17,6 +17,8 @@ POINTS = frozenset(
         "xfer_mid_post",  # part of an XFER request body sent
         "xfer_after_200",  # the XFER peer said 200, before the local copy is removed
         "mid_reschedule",  # a retry is being saved
+        "xfer_after_claim",  # Workers > 1: an XFER key claimed relay-wide, before the shard's commit
+        "xfer_before_done",  # the shard committed the transfer, before its claim is marked done
     }
 )
 

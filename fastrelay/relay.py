@@ -65,6 +65,7 @@ class Relay:
         self.recovered = 0
         self.resolver = None
         self.cluster = None  # fastrelay.cluster.ClusterLimits when Cluster_Redis is set
+        self.claims = None  # Workers > 1 with XFER: the relay-wide claims (fastrelay.xfer.claims)
         self.hostname = cfg.get("Hostname") or socket.gethostname()
         self.binder = Assigner(cfg)  # binding assignment (issue #10), shared by the listeners
         self._memtrim: asyncio.Future | None = None  # fastrelay.memtrim's task
@@ -93,7 +94,9 @@ class Relay:
                            commit_delay=cfg.get("spool_commit_delay"))
         try:
             await self.spool.open()
+            await self._open_claims()
             await self._adopt_shards()
+            await self._settle_claims()
             entries = self.spool.recover()
         except (SpoolError, OSError) as e:
             raise StartupError(f"spool {self.spool_dir}: {e}") from None
@@ -205,6 +208,33 @@ class Relay:
                                    min_free_bytes=cfg.get("spool_min_free"))
             log.info("adopted spool shard %d (%s): %d queued messages moved into shard %d",
                      j, src, n, self.shard)
+
+    async def _open_claims(self) -> None:
+        """Workers > 1 with an XFER server: open the relay-wide claims and import every shard's
+        XFER keys into them before this worker serves (fastrelay.xfer.claims). Workers = 1 keeps
+        its shard's own keys only, as it always did."""
+        cfg = self.cfg
+        if self.shards <= 1 or not cfg.xfer_server_enabled:
+            return
+        from fastrelay.xfer.claims import ClaimTable
+
+        claims = ClaimTable(cfg.spool_dir, self.shard, self.shards)
+        await claims.open()
+        self.claims = claims
+        # This run's shards, and the ones this worker adopts (imported before they are emptied).
+        todo = [*range(self.shards), *shards.adopted_by(self.shard, self.shards, cfg.spool_dir)]
+        n = await claims.import_shards([(k, shards.shard_dir(cfg.spool_dir, k)) for k in todo])
+        if n:
+            log.info("XFER claims: %d keys imported from the spool shards' own tables", n)
+
+    async def _settle_claims(self) -> None:
+        """The claims this worker's predecessor (or an adopted shard's worker) left pending."""
+        if self.claims is None:
+            return
+        done, deleted = await self.claims.settle(self.spool_dir)
+        if done or deleted:
+            log.info("XFER claims left pending by a previous worker %d: %d were stored (now done), %d were not "
+                     "(freed)", self.shard, done, deleted)
 
     async def _start_delivery(self, entries: list) -> None:
         """Start the scheduler. suspend_delivery is the queue's to apply per destination (a Domain
@@ -332,6 +362,8 @@ class Relay:
             await close_sessions()
         if self.spool is not None:
             await self.spool.close()
+        if self.claims is not None:
+            await self.claims.close()  # after the spool: a store in flight finishes with both
         if self.mainlog is not None:
             self.mainlog.close()
 
@@ -355,7 +387,15 @@ class Relay:
 
     async def submit_transfer(self, items: list[tuple[Envelope, bytes]], key: tuple[str, str]) -> tuple[str, bool]:
         """Make a transfer durable at most once per (origin node, origin id) (docs/reliability.md case
-        36); returns (our msgid, duplicate). Only then may the XFER server answer 200 (P1)."""
+        36); returns (our msgid, duplicate). Only then may the XFER server answer 200 (P1). With
+        Workers > 1 the key is claimed relay-wide first (a resend may reach another worker);
+        fastrelay.xfer.claims.TransferInProgress (a SpoolError: a 503) while another worker stores it."""
+        if self.claims is not None:
+            return await self.claims.store_once(key, lambda: self._store_transfer(items, key))
+        return await self._store_transfer(items, key)
+
+    async def _store_transfer(self, items: list[tuple[Envelope, bytes]], key: tuple[str, str]) -> tuple[str, bool]:
+        """Into this process's own shard, once per key there (Spool.add_once)."""
         entries, dup = await self.spool.add_once(items, key)
         if dup is not None:
             return dup, True

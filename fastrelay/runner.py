@@ -24,6 +24,7 @@ def setup_logging(level: str = "info", tag: str = "fastrelay") -> None:
     """Log to stderr; `tag` names the process (fastrelay, fastrelay[supervisor], fastrelay[w1])."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {tag} %(levelname)s %(name)s: %(message)s"))
+    handler.fastrelay_tag = tag  # type: ignore[attr-defined]  # kept by admin.logfmt.apply (Log_Format)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

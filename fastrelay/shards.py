@@ -6,10 +6,17 @@ did); shard K >= 1 is <spool>/shard-K. Worker K of N owns shard K. When N shrink
 moves its messages into its own shard before it recovers: each batch is made durable in the new
 shard first and only then removed from the old one, so a crash in between gives a duplicate
 delivery, never a lost message (P1/P4). A shard found empty is deleted.
+
+The adopted shard's XFER keys (its xfer_seen table: transfers it stored, by origin node and id,
+docs/reliability.md case 36) are copied into the adopting shard first, so that a resend of one of
+them is still answered as a duplicate once the shard is gone, with Workers = 1 too (which reads
+only its own shard's keys; with Workers > 1 the relay-wide claims know them as well,
+fastrelay.xfer.claims).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -21,6 +28,8 @@ log = logging.getLogger("fastrelay.shards")
 _SHARD_RE = re.compile(r"shard-([1-9][0-9]*)")
 # Messages moved per transaction when a shard is adopted.
 MOVE_BATCH = 256
+# XFER keys copied per transaction when a shard is adopted (a few hundred KB of memory at most).
+KEY_BATCH = 5000
 # The files a spool directory holds (fastrelay/spool.py); an emptied shard loses them all.
 _SPOOL_FILES = ("spool.db", "spool.db-wal", "spool.db-shm", "spool.reserve", "spool.lock")
 
@@ -58,7 +67,14 @@ async def adopt(src_dir: str, dest: Spool, *, fsync: bool = True, min_free_bytes
     await src.open()
     moved = 0
     try:
-        entries = src.recover()
+        entries = src.recover()  # (this also drops its keys older than XFER_KEY_TTL)
+        after = 0
+        while True:  # the keys before the messages: a key is never forgotten before its message is moved
+            rows = await asyncio.to_thread(src.xfer_keys, after, KEY_BATCH)
+            if not rows:
+                break
+            await dest.add_xfer_keys([r[1:] for r in rows])
+            after = rows[-1][0]
         for start in range(0, len(entries), MOVE_BATCH):
             batch = entries[start:start + MOVE_BATCH]
             items = []

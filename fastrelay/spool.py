@@ -149,6 +149,9 @@ _SCHEMA = (
 _SEL_XFER = "SELECT msgid FROM xfer_seen WHERE node = ? AND origin = ?"
 _INS_XFER = "INSERT INTO xfer_seen(node, origin, msgid, at) VALUES (?, ?, ?, ?)"
 _PRUNE_XFER = "DELETE FROM xfer_seen WHERE at < ?"
+# Keys copied from a shard being adopted (fastrelay.shards): a key this shard has already keeps its own.
+_COPY_XFER = "INSERT OR IGNORE INTO xfer_seen(node, origin, msgid, at) VALUES (?, ?, ?, ?)"
+_PAGE_XFER = "SELECT rowid, node, origin, msgid, at FROM xfer_seen WHERE rowid > ? ORDER BY rowid LIMIT ?"
 # How long a transfer's key is remembered: far longer than any sender retries a lost 200.
 XFER_KEY_TTL = 14 * 86400.0
 # Bodies of just-committed messages kept in memory for their first load (the delivery that
@@ -202,7 +205,7 @@ _SEL_LOAD = (
 )
 
 # Operation kinds for the writer thread.
-_ADD, _UPDATE, _REMOVE, _QUARANTINE = range(4)
+_ADD, _UPDATE, _REMOVE, _QUARANTINE, _XFER_KEYS = range(5)
 
 # Envelope JSON: compact, ASCII-escaped (an address decoded with surrogateescape still round-trips
 # and still encodes as UTF-8 for SQLite), no circular check (envelopes are trees).
@@ -682,6 +685,28 @@ class Spool:
             self._remember(entries, items)
         return entries, None
 
+    def xfer_keys(self, after: int = 0, limit: int = 10000) -> list[tuple[int, str, str, str, float]]:
+        """Up to `limit` XFER keys (rowid, origin node, origin id, msgid, time) with a rowid above
+        `after`, in rowid order: a page of what add_once remembers. Reads on a connection of its
+        own, synchronously (run it in a thread)."""
+        if not self._open or self._closed:
+            raise SpoolError("spool is not open")
+        try:
+            conn = self._connect()
+            try:
+                return conn.execute(_PAGE_XFER, (after, limit)).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            raise _spool_error(e, "spool read failed") from e
+
+    async def add_xfer_keys(self, rows: list[tuple[str, str, str, float]]) -> None:
+        """Remember XFER keys (origin node, origin id, msgid, time) stored elsewhere: a shard being
+        adopted (fastrelay.shards), so add_once still answers its resends as duplicates. A key
+        already known keeps its msgid."""
+        if rows:
+            await self._submit([_XFER_KEYS, None, rows])
+
     async def _update(self, id: int, env: Envelope) -> None:
         self._forget_recent(id)
         try:
@@ -1077,6 +1102,10 @@ class Spool:
                 _multi(execute, "del_body", keys)
                 wal_bytes += (j - i) * _PAGE
                 freed = True
+            elif kind == _XFER_KEYS:
+                for k in range(i, j):
+                    executemany(_COPY_XFER, batch[k][2])
+                    wal_bytes += 128 * len(batch[k][2])
             else:  # _QUARANTINE
                 now = time.time()
                 for k in range(i, j):

@@ -1,9 +1,12 @@
-"""Spool.add_once: a transfer's (origin node, origin id) is stored at most once, across restarts."""
+"""Spool.add_once: a transfer's (origin node, origin id) is stored at most once, across restarts,
+and after its shard was adopted."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
+from fastrelay import shards
 from fastrelay.message import Envelope, Recipient
 from fastrelay.spool import Spool
 
@@ -62,3 +65,39 @@ async def test_first_load_after_add_is_served_from_memory_then_from_disk(tmp_pat
     await sp.remove(e.id)
     assert await sp.load(e.id) is None
     await sp.close()
+
+
+async def test_adopting_a_shard_keeps_its_keys(tmp_path):
+    # The last run had 2 workers; shard 1 stored a transfer. Now one process adopts shard 1 (and
+    # deletes it): a resend of that transfer is still a duplicate, with no second copy.
+    base = str(tmp_path / "s")
+    sp1 = Spool(shards.shard_dir(base, 1))
+    await sp1.open()
+    sp1.recover()
+    (e,), _ = await sp1.add_once([item("first")], ("node-a", "17"))
+    msgid = (await sp1.load(e.id))[0].msgid
+    await sp1.add_once([item("other")], ("node-a", "18"))
+    await sp1.close()
+    sp0 = Spool(base)
+    await sp0.open()
+    sp0.recover()
+    assert await shards.adopt(shards.shard_dir(base, 1), sp0) == 2
+    assert not os.path.exists(shards.shard_dir(base, 1))
+    assert await sp0.add_once([item("resend")], ("node-a", "17")) == ([], msgid)
+    assert len(sp0.recover()) == 2
+    assert [r[1:3] for r in await asyncio.to_thread(sp0.xfer_keys)] == [("node-a", "17"), ("node-a", "18")]
+    await sp0.close()
+
+
+async def test_adopted_keys_never_replace_the_adopters_own(tmp_path):
+    base = str(tmp_path / "s")
+    sp0 = Spool(base)
+    await sp0.open()
+    sp0.recover()
+    await sp0.add_once([item("mine")], ("node-a", "17"))
+    (mine,) = sp0.recover()
+    msgid = (await sp0.load(mine.id))[0].msgid
+    await sp0.add_xfer_keys([("node-a", "17", "OTHER.1", 1.0), ("node-a", "19", "X.1", 2.0)])
+    assert await sp0.add_once([item("resend")], ("node-a", "17")) == ([], msgid)
+    assert await sp0.add_once([item("resend")], ("node-a", "19")) == ([], "X.1")
+    await sp0.close()

@@ -447,6 +447,21 @@ async def test_an_unexpected_error_is_a_json_500_and_logged_never_a_traceback(st
     assert "a bug in the intake" in caplog.text
 
 
+async def test_a_transfer_another_worker_is_storing_is_a_503_in_progress(start, http, spool):
+    # Workers > 1 (fastrelay.xfer.claims): a retry-later with its own, short Retry-After.
+    from fastrelay.xfer.claims import IN_PROGRESS_RETRY_AFTER, TransferInProgress
+
+    class Busy(SpoolIntake):
+        async def submit_transfer(self, items, key):
+            raise TransferInProgress(key, holder=1)
+
+    node = await start(intake=Busy(spool))
+    r = await post(http, node, *transfer())
+    assert err(r) == (503, "in_progress")
+    assert r.headers["Retry-After"] == str(IN_PROGRESS_RETRY_AFTER)
+    assert await spooled(spool) == []
+
+
 async def test_settings_from_a_listen_entry(tmp_path):
     from fastrelay.config import loads
 

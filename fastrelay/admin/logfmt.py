@@ -24,13 +24,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-TEXT_FORMAT = "%(asctime)s fastrelay %(levelname)s %(name)s: %(message)s"  # runner.setup_logging's
+# runner.setup_logging's; {tag} names the process (fastrelay, fastrelay[supervisor], fastrelay[w1]).
+TEXT_FORMAT = "%(asctime)s {tag} %(levelname)s %(name)s: %(message)s"
 
 
 def apply(cfg: Any) -> None:
     """Give the process log (the root logger's stderr handlers) the format Log_Format names.
     Handlers others installed (pytest's capture, a syslog handler) are left alone."""
-    fmt: logging.Formatter = JsonFormatter() if cfg.get("Log_Format") == "json" else logging.Formatter(TEXT_FORMAT)
+    json_lines = cfg.get("Log_Format") == "json"
     for h in logging.getLogger().handlers:
         if type(h) is logging.StreamHandler and getattr(h, "stream", None) is sys.stderr:
-            h.setFormatter(fmt)
+            # The text format keeps the handler's process tag: a worker's lines stay fastrelay[wK].
+            tag = getattr(h, "fastrelay_tag", "fastrelay")
+            h.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT.format(tag=tag)))

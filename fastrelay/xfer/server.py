@@ -16,7 +16,9 @@ checks, in this order, each answered with a JSON error body and the connection c
          the read deadline (case 33)
     400  a malformed transfer (fastrelay.xfer.wire.decode_request; case 37): nothing is spooled
     508  a loop: this node is on the transfer's path, or it has passed xfer_max_hops nodes (case 35)
-    503  the spool has no room or cannot commit (case 37), with Retry-After
+    503  the spool has no room or cannot commit (case 37), with Retry-After; or, with Workers > 1,
+         another worker is storing the same transfer right now (in_progress: the resend that
+         follows gets the duplicate answer; fastrelay.xfer.claims)
     200  only after the spool committed it (P1), at most once per (origin node, origin id): a
          resend after a lost 200 gets the same id and "duplicate": true (case 36)
 
@@ -53,6 +55,7 @@ from aiohttp.web_request import BaseRequest
 from fastrelay.message import Envelope
 from fastrelay.spool import SpoolError, SpoolFull
 from fastrelay.xfer import wire
+from fastrelay.xfer.claims import TransferInProgress
 from fastrelay.xfer.wire import WireError
 
 log = logging.getLogger("fastrelay.xfer")
@@ -258,7 +261,7 @@ class XferServer:
             return await self._handle(request)
         except WireError as e:
             self.stats["refused"] += 1
-            return _error(e, self.s.retry_after, self._method)
+            return _error(e, getattr(e, "retry_after", None) or self.s.retry_after, self._method)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -347,6 +350,12 @@ class XferServer:
             env.meta["xfer_origin"]["peer"] = peer
         try:
             msgid, duplicate = await self.intake.submit_transfer(items, t.key)
+        except TransferInProgress as e:
+            log.info("XFER: transfer %s/%s from %s not taken now: worker %d is storing it", t.origin_node,
+                     t.origin_id, peer, e.holder)
+            busy = WireError(503, "in_progress", "this transfer is being stored by this node now; try again shortly")
+            busy.retry_after = e.retry_after  # type: ignore[attr-defined]
+            raise busy from None
         except SpoolFull as e:
             log.warning("XFER: transfer %s/%s from %s not queued: %s", t.origin_node, t.origin_id, peer, e)
             raise WireError(503, "spool_full", "this node's spool is full; try again later") from None
