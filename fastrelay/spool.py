@@ -238,6 +238,15 @@ def _spool_error(e: BaseException, what: str) -> SpoolError:
     return err
 
 
+def rollback(conn: sqlite3.Connection) -> None:
+    """End the open transaction, if any, whatever state the connection is in."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # SQLite may have rolled back by itself (SQLITE_FULL, IOERR)
+
+
 def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
@@ -1032,13 +1041,7 @@ class Spool:
         finally:
             conn.close()
 
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        try:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # SQLite may have rolled back by itself (SQLITE_FULL, IOERR)
+    _rollback = staticmethod(rollback)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
         """Run the operations in order, in one transaction; consecutive ones of a kind share a statement."""

@@ -102,62 +102,40 @@ async def _apply(relay: Any, new: Config) -> dict:
     # Bindings (issue 10): Binding_Header, a listener's Binding/Binding_Group and the bindings'
     # Sender_Domains are read again at the switch; mail already queued keeps its binding.
     binder = Assigner(new)
-    # New listeners are bound before the switch, so a port in use refuses the reload whole.
-    current = _match(settings, [srv for srv in relay.smtp_servers if srv.sockets])
-    started: list = []
-    for key, (listen, s) in settings.items():
-        if key in current.values():
-            continue
-        srv = SMTPServer(s, relay)
-        srv.binder = binder.for_listener(listen)
-        try:
-            await srv.start(listen.address.host or None, listen.address.port)
-        except OSError as e:
-            for x in started:
-                await x.stop()
-            return _refused([f"ESMTP listener {listen.address}: {e.strerror or e}"])
-        started.append(srv)
-        changes.append(f"ESMTP listener {listen.address} added")
-    admin_current = _match(admin_tokens, list(relay.admin_servers))
-    admin_started: list = []
+    # New listeners are bound before the switch, so a port in use refuses the reload whole. With
+    # Workers > 1 the addresses did not change (checked above): the supervisor's sockets serve.
     from fastrelay.admin.api import AdminServer
-
-    for key, (listen, _tok) in admin_tokens.items():
-        if key in admin_current.values():
-            continue
-        if getattr(relay, "worker", None) is not None:
-            # Workers > 1: the addresses did not change (checked above); worker 0 serves them on
-            # the supervisor's sockets and the others serve none (fastrelay.admin.workers).
-            continue
-        a = AdminServer(relay, listen)
-        try:
-            await a.start(listen.address.host or None, listen.address.port)
-        except OSError as e:
-            for x in started + admin_started:
-                await x.stop()
-            return _refused([f"Admin listener {listen.address}: {e.strerror or e}"])
-        admin_started.append(a)
-        changes.append(f"Admin listener {listen.address} added")
-
-    # XFER (seeds 000/001: HTTP_Listener under `script "msys.xfer.server"`), as for ESMTP.
-    xfer_current = _match(xfer_settings, list(relay.xfer_servers))
-    xfer_started: list = []
     from fastrelay.xfer.server import XferServer
 
-    for key, (listen, xs) in xfer_settings.items():
-        if key in xfer_current.values():
-            continue
-        if getattr(relay, "worker", None) is not None:
-            continue  # unreachable: the addresses did not change (checked above)
-        x = XferServer(xs, relay)
-        try:
-            await x.start(listen.address.host or None, listen.address.port)
-        except OSError as e:
-            for srv in started + admin_started + xfer_started:
-                await srv.stop()
-            return _refused([f"HTTP listener {listen.address}: {e.strerror or e}"])
-        xfer_started.append(x)
-        changes.append(f"HTTP listener {listen.address} added")
+    def smtp_server(listen: Any, s: Any) -> Any:
+        srv = SMTPServer(s, relay)
+        srv.binder = binder.for_listener(listen)
+        return srv
+
+    current = _match(settings, [srv for srv in relay.smtp_servers if srv.sockets])
+    admin_current = _match(admin_tokens, list(relay.admin_servers))
+    # XFER (seeds 000/001: HTTP_Listener under `script "msys.xfer.server"`), as for ESMTP.
+    xfer_current = _match(xfer_settings, list(relay.xfer_servers))
+    bound: list = []  # every server this reload started, stopped again if a later one fails
+    started, admin_started, xfer_started = [], [], []
+    for kind, wanted, running, make, out in (
+        ("ESMTP", settings, current, smtp_server, started),
+        ("Admin", admin_tokens, admin_current, lambda listen, _tok: AdminServer(relay, listen), admin_started),
+        ("HTTP", xfer_settings, xfer_current, lambda listen, xs: XferServer(xs, relay), xfer_started),
+    ):
+        for key, (listen, what) in wanted.items():
+            if key in running.values() or getattr(relay, "worker", None) is not None:
+                continue
+            srv = make(listen, what)
+            try:
+                await srv.start(listen.address.host or None, listen.address.port)
+            except OSError as e:
+                for x in bound:
+                    await x.stop()
+                return _refused([f"{kind} listener {listen.address}: {e.strerror or e}"])
+            bound.append(srv)
+            out.append(srv)
+            changes.append(f"{kind} listener {listen.address} added")
 
     # --- the switch: no await from here to the end, so nothing sees half of it ---------------------
     relay.cfg = new

@@ -86,7 +86,7 @@ from typing import Any
 
 from fastrelay import shards as _shards
 from fastrelay.crash import crashpoint
-from fastrelay.spool import XFER_KEY_TTL, SpoolError, _batches
+from fastrelay.spool import XFER_KEY_TTL, SpoolError, _batches, rollback
 
 log = logging.getLogger("fastrelay.xfer.claims")
 
@@ -281,7 +281,7 @@ class ClaimTable:
                 try:
                     results.append(fn(conn))
                 except Exception as e:  # any failure must reach its caller, never stop the thread
-                    self._rollback(conn)
+                    rollback(conn)
                     results.append(e if isinstance(e, ClaimError) else ClaimError(f"{self.path}: {e}"))
                 i += 1
                 continue
@@ -300,20 +300,20 @@ class ClaimTable:
         try:
             out = self._txn(conn, ops)
         except Exception:
-            self._rollback(conn)
+            rollback(conn)
             out = []
             for op in ops:  # one that cannot be written must not fail the others
                 try:
                     out += self._txn(conn, [op])
                 except Exception as e:
-                    self._rollback(conn)
+                    rollback(conn)
                     out.append(ClaimError(f"{self.path}: {e}"))
         for k, res in enumerate(out):
             if isinstance(res, _Stale):
                 try:
                     out[k] = self._takeover(conn, ops[k][2], res)
                 except Exception as e:
-                    self._rollback(conn)
+                    rollback(conn)
                     out[k] = ClaimError(f"{self.path}: {e}")
         return out
 
@@ -388,7 +388,7 @@ class ClaimTable:
                 res = None
             conn.execute("COMMIT")
         except BaseException:
-            self._rollback(conn)
+            rollback(conn)
             raise
         return res
 
@@ -449,7 +449,7 @@ class ClaimTable:
                              (mark, now))
                 conn.execute("COMMIT")
             except BaseException:
-                self._rollback(conn)
+                rollback(conn)
                 raise
         finally:
             self._detach(conn)
@@ -470,7 +470,7 @@ class ClaimTable:
                 conn.execute(_PRUNE, (now - XFER_KEY_TTL,))
                 conn.execute("COMMIT")
             except BaseException:
-                self._rollback(conn)
+                rollback(conn)
                 raise
         finally:
             if attached:
@@ -480,13 +480,6 @@ class ClaimTable:
         self.stats["settled_deleted"] += deleted
         return done, deleted
 
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        try:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
     # --- event-loop side ------------------------------------------------------------------------
     def _submit(self, kind: int, key: Any, arg: Any = None) -> asyncio.Future:
