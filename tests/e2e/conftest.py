@@ -129,6 +129,16 @@ def records(h: RelayHarness, kind: str) -> list[list[str]]:
     return [f for f in h.mainlog() if f[1] == kind]
 
 
+async def until_records(h: RelayHarness, kind: str, n: int, timeout: float = 10.0) -> list[list[str]]:
+    """Wait until the mainlog holds at least n records of `kind` (T: deferred...); returns them."""
+    for _ in range(int(timeout / 0.05)):
+        got = records(h, kind)
+        if len(got) >= n:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {n} {kind} records: {records(h, kind)}")
+
+
 async def drained(h: RelayHarness, timeout: float = 15.0) -> None:
     """Wait until the relay's queue is empty (every message final and removed)."""
     loop = asyncio.get_running_loop()

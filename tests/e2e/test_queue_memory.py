@@ -7,16 +7,8 @@ from __future__ import annotations
 import asyncio
 
 from fastrelay.queue import Item
-from tests.e2e.conftest import body, records, send
+from tests.e2e.conftest import body, send, until_records
 from tests.support import free_port
-
-
-async def _deferred(h, n: int) -> None:
-    for _ in range(200):
-        if len(records(h, "T")) >= n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"fewer than {n} T records")
 
 
 async def test_deferred_items_share_their_domain_and_binding_strings(relay):
@@ -25,7 +17,7 @@ async def test_deferred_items_share_their_domain_and_binding_strings(relay):
                     "host_failure_retry = 1d\nretry_interval = 1d\nmax_retry_interval = 1d\n")
     for i in range(6):
         await send(h, [f"u{i}@down.test"], body(f"m{i}"))
-    await _deferred(h, 6)
+    await until_records(h, "T", 6)
     q = h.relay.queue
     for _ in range(100):  # the T record is written before the reschedule is saved
         if len(q._heap) >= 6:

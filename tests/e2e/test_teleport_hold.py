@@ -3,23 +3,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from tests.e2e.conftest import body, drained, records, send
+from tests.e2e.conftest import body, drained, send, until_records
 from tests.e2e.test_xfer_two_nodes import SECRET, node_a_conf, node_b_conf
 from tests.support import free_port
 
 REROUTE = 'domain gmail.com { reroute_domain = "xfer.test" }\n'
-
-
-async def _until_t_records(h, n: int) -> None:
-    for _ in range(200):
-        if len(records(h, "T")) >= n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"fewer than {n} T records: {records(h, 'T')}")
 
 
 @pytest.mark.parametrize("teleport, failure", [
@@ -37,7 +27,7 @@ async def test_a_temporary_xfer_failure_keeps_the_message_loaded(sinks, relay, s
                     subdir="a")
     data = body("tp1", (b"x" * 70 + b"\r\n") * 70 + b"\r\n")
     await send(a, ["held@gmail.com"], data)
-    await _until_t_records(a, 3)  # the first attempt and two quick retries failed
+    await until_records(a, "T", 3)  # the first attempt and two quick retries failed
     q = a.relay.queue
     if teleport:
         assert a.relay.spool.stats["loads"] == 0  # every retry used the loaded copy
@@ -60,7 +50,7 @@ async def test_memory_kept_loaded_is_bounded(relay):
     a = await relay(node_a_conf(http, REROUTE + "teleport_memory_limit = 16k\n"), subdir="a")
     for i in range(8):
         await send(a, [f"m{i}@gmail.com"], body(f"b{i}", (b"y" * 70 + b"\r\n") * 70 + b"\r\n"))
-    await _until_t_records(a, 24)
+    await until_records(a, "T", 24)
     c = a.relay.queue.counts()
     assert 0 < c["held_bytes"] <= 16 * 1024 and c["held"] < 8
     assert a.relay.spool.stats["loads"] > 0  # those not held were read back for their retry
