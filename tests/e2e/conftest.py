@@ -97,12 +97,14 @@ async def sinks(sink_port):
         await s.stop()
 
 
+# Retries every second (the conf's minimum), with no backoff: the scenarios wait for attempts, not
+# for a schedule; test_backoff_doubles_up_to_max_retry_interval sets its own to check the backoff.
 BASE = """
 DNS_Servers = ( "{dns}" )
 Prohibited_Hosts = ( "0.0.0.0/8" )
 Remote_SMTP_Port = {port}
 retry_interval = 1
-max_retry_interval = 2
+max_retry_interval = 1
 host_failure_retry = 1
 Connect_Timeout = 2s
 Greeting_Timeout = 3s
