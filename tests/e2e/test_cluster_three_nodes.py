@@ -141,7 +141,7 @@ def test_kill_9_of_a_node_returns_its_slots_and_loses_nothing(tmp_path, redis_se
     sink = ThreadedSink("127.0.0.2", sink_port, ledger_path=str(ledger)).start()
     sink.faults.set("dot", delay=0.4)
     (tmp_path / "x").mkdir()
-    conf = (f'Prohibited_Hosts = ( "0.0.0.0/8" )\nretry_interval = 1\nmax_retry_interval = 2\n'
+    conf = (f'Prohibited_Hosts = ( "0.0.0.0/8" )\nretry_interval = 1\nmax_retry_interval = 1\n'
             f'Cluster_Redis = "{redis_server.url}"\nCluster_Node = "x"\nCluster_Lease_Time = 2s\n'
             f'Domain lim.test {{ Routes = ( "smtp://127.0.0.2?port={sink_port}" ) '
             f'Cluster_Max_Outbound_Connections = 3 }}\n')
