@@ -882,7 +882,7 @@ def _cuts(data, stream: bytes) -> list[bytes]:
 
 
 @needs_both
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream=_stream, data=st.data())
 def test_property_framer_twin_and_cython_agree(stream, data):
     pieces = _cuts(data, stream)
@@ -913,7 +913,7 @@ def _replies_of(parser_cls, pieces) -> list:
 
 
 @needs_both
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(stream=_reply_stream, data=st.data())
 def test_property_reply_parser_twin_and_cython_agree(stream, data):
     pieces = _cuts(data, stream)

@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from fastrelay import limits
 from fastrelay.smtp import replies as R
 from tests.support import RawClient, ServerClosed
 from tests.support.relay import RelayHarness
@@ -25,8 +26,10 @@ def wire(reply: R.Reply) -> tuple[int, list[str]]:
 
 
 @pytest.fixture
-async def relay_with(tmp_path):
-    """relay_with(conf) -> a started relay with extra conf; stopped (counters checked) at teardown."""
+async def relay_with(tmp_path, monkeypatch):
+    """relay_with(conf) -> a started relay with extra conf; stopped (counters checked) at teardown.
+    Its timer sweep runs every 0.1 s, not every second: a 1 s deadline fires at ~1.1 s, not ~2 s."""
+    monkeypatch.setattr(limits, "REAPER_INTERVAL", 0.1)
     started: list[RelayHarness] = []
 
     async def make(conf: str) -> RelayHarness:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from fastrelay import _impl
+from fastrelay import _impl, limits
 from fastrelay.smtp import replies as R
 from tests.support import RawClient, ServerClosed, Sink
 from tests.support.relay import RelayHarness
@@ -39,8 +39,13 @@ def framing(impl, monkeypatch):
 
 
 @pytest.fixture
-async def relay_with(tmp_path, framing):
-    """relay_with(conf, hold=True) -> a started relay; stopped (counters checked) at teardown."""
+async def relay_with(tmp_path, framing, monkeypatch):
+    """relay_with(conf, hold=True) -> a started relay; stopped (counters checked) at teardown.
+
+    The listener's timer sweep (deadlines, write_timeout, Idle_Time) runs every 0.1 s instead of
+    every second, so a 1 s deadline ends a session after ~1.1 s rather than ~2 s: the same checks,
+    fired closer to the configured times."""
+    monkeypatch.setattr(limits, "REAPER_INTERVAL", 0.1)
     started: list[RelayHarness] = []
 
     async def make(conf: str = "", hold: bool = True) -> RelayHarness:

@@ -529,12 +529,12 @@ conf_like = st.lists(
 
 @pytest.mark.needs_compiled
 class TestTwinAgreement:
-    @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.binary(max_size=300))
     def test_arbitrary_bytes(self, data):
         assert _outcome(_compiled_tokenize(), data) == _outcome(_impl.PY.tokenize, data)
 
-    @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(conf_like)
     def test_conf_like_text(self, data):
         assert _outcome(_compiled_tokenize(), data) == _outcome(_impl.PY.tokenize, data)

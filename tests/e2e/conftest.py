@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -18,6 +23,29 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "/e2e/" in str(item.path):
             item.add_marker(pytest.mark.slow)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# What a clone may hold that is not source: never copied into a build.
+_NOT_SOURCE = shutil.ignore_patterns(".venv", ".git", "build", "dist", "var", "__pycache__", "*.egg-info",
+                                     "*.so", "*.c", ".pytest_cache", ".ruff_cache", ".hypothesis")
+
+
+def pip(python: str, *args: str, cwd: str | None = None) -> None:
+    out = subprocess.run([python, "-m", "pip", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """`pip wheel .` of a copy of the source tree, built once per session (a build takes 20-30 s):
+    test_install.py checks what the wheel holds, test_privilege_drop.py installs it."""
+    base = tmp_path_factory.mktemp("wheel")
+    shutil.copytree(ROOT, base / "src", ignore=_NOT_SOURCE)
+    pip(sys.executable, "wheel", "--no-deps", "-q", "-w", str(base / "dist"), ".", cwd=str(base / "src"))
+    (wheel,) = (base / "dist").glob("*.whl")
+    return wheel
 
 
 def _port_free_on_all(port: int, hosts: list[str]) -> bool:
@@ -69,12 +97,14 @@ async def sinks(sink_port):
         await s.stop()
 
 
+# Retries every second (the conf's minimum), with no backoff: the scenarios wait for attempts, not
+# for a schedule; test_backoff_doubles_up_to_max_retry_interval sets its own to check the backoff.
 BASE = """
 DNS_Servers = ( "{dns}" )
 Prohibited_Hosts = ( "0.0.0.0/8" )
 Remote_SMTP_Port = {port}
 retry_interval = 1
-max_retry_interval = 2
+max_retry_interval = 1
 host_failure_retry = 1
 Connect_Timeout = 2s
 Greeting_Timeout = 3s

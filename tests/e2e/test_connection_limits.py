@@ -31,7 +31,10 @@ async def test_host_limit_and_shared_site(dns, sinks, relay):
     dns.add_a("mxb.shared.test", "127.0.0.3")
     for s in (a, b):
         s.faults.set("dot", delay=0.05)
-    h = await relay("max_outbound_connections = 4\nHost 127.0.0.2 { max_outbound_connections = 1 }\n")
+    # Cached connections (idle_timeout) keep their slots, as in production, but for 500 ms, not 5 s:
+    # the other domain's mail waits for them.
+    h = await relay("idle_timeout = 500ms\nmax_outbound_connections = 4\n"
+                    "Host 127.0.0.2 { max_outbound_connections = 1 }\n")
     rcpts = [f"r{i}@{'one' if i % 2 else 'two'}.test" for i in range(60)]
     await asyncio.gather(*(send(h, [r], body(r)) for r in rcpts))
     await drained(h, 30)

@@ -11,15 +11,11 @@ import zipfile
 
 import pytest
 
+from tests.e2e.conftest import _NOT_SOURCE, pip
 from tests.e2e.test_default_conf import ROOT, relay_one, start_relay, stop
 from tests.support import Sink
 
 pytestmark = pytest.mark.slow
-
-# What a clone may hold that is not source: never copied into the build.
-_NOT_SOURCE = shutil.ignore_patterns(".venv", ".git", "build", "dist", "var", "__pycache__", "*.egg-info",
-                                     "*.so", "*.c", ".pytest_cache", ".ruff_cache", ".hypothesis")
-
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> str:
@@ -29,17 +25,10 @@ def src(tmp_path_factory) -> str:
     return str(d)
 
 
-def _pip(python: str, *args: str, cwd: str) -> None:
-    out = subprocess.run([python, "-m", "pip", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
-
-def test_the_wheel_carries_the_conf_and_no_sources_or_tests(src, tmp_path):
+def test_the_wheel_carries_the_conf_and_no_sources_or_tests(built_wheel):
     """Issue 15: "The wheel carries no test files, no `.c`, and no `.pyx`/`.pxi` sources, unless a
     documented reason keeps them. It carries the default conf"."""
-    _pip(sys.executable, "wheel", "--no-deps", "-q", "-w", str(tmp_path), ".", cwd=src)
-    (wheel,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
-    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    names = zipfile.ZipFile(built_wheel).namelist()
     assert "fastrelay/data/fastrelay.conf" in names
     assert "fastrelay/config/momentum_names.txt" in names
     assert any(n.startswith("fastrelay/_core.") and n.endswith(".so") for n in names)
@@ -47,7 +36,7 @@ def test_the_wheel_carries_the_conf_and_no_sources_or_tests(src, tmp_path):
            or "/test_" in n or n.startswith(("bench/", "conf/"))]
     assert bad == []
     with open(os.path.join(ROOT, "conf", "fastrelay.conf"), "rb") as f:
-        assert zipfile.ZipFile(tmp_path / wheel).read("fastrelay/data/fastrelay.conf") == f.read()
+        assert zipfile.ZipFile(built_wheel).read("fastrelay/data/fastrelay.conf") == f.read()
 
 
 async def test_pip_install_then_run_from_another_directory_relays(src, tmp_path):
@@ -56,7 +45,7 @@ async def test_pip_install_then_run_from_another_directory_relays(src, tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
-    _pip(python, "install", "-q", ".", cwd=src)
+    pip(python, "install", "-q", ".", cwd=src)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # The wheel must carry the built extension: asked without FASTRELAY_NO_EXTENSIONS (the suite's

@@ -26,6 +26,7 @@ class PolicyServer:
         ca.issue_cert("mta-sts.s.test").configure_cert(self.ctx)
         self.text, self.delay, self.ctype = text, delay, ctype
         self.fetches = 0
+        self._stopping = asyncio.Event()  # ends a slow answer's wait at stop(): no 5 s teardown
         self.runner: web.AppRunner | None = None
         with socket.socket() as s:
             s.bind(("127.0.0.3", 0))
@@ -34,7 +35,10 @@ class PolicyServer:
     async def handle(self, request: web.Request) -> web.Response:
         self.fetches += 1
         if self.delay:
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.delay)
+            except TimeoutError:
+                pass
         return web.Response(body=self.text.encode(), content_type=self.ctype)
 
     async def start(self) -> None:
@@ -45,6 +49,7 @@ class PolicyServer:
         await web.TCPSite(self.runner, "127.0.0.3", self.port, ssl_context=self.ctx).start()
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

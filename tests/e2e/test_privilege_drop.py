@@ -37,16 +37,28 @@ def _privileged_free_port() -> int:
     raise RuntimeError("no privileged port free on 127.0.0.1")
 
 
+def _abi_tag(python: str) -> str:
+    out = subprocess.run([python, "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.strip()
+
+
 @pytest.fixture(scope="module")
-def installed():
-    """fastrelay installed with the system Python in a directory every user may read."""
+def installed(built_wheel):
+    """fastrelay installed with the system Python in a directory every user may read: the
+    session's wheel (test_install.py's) when it was built for that Python's version, else
+    `pip install .` of a copy of the tree."""
     d = tempfile.mkdtemp(prefix="fastrelay-privdrop-")
     os.chmod(d, 0o755)
     try:
-        shutil.copytree(ROOT, os.path.join(d, "src"), ignore=_NOT_SOURCE)
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", os.path.join(d, "venv")], check=True, timeout=300)
-        out = subprocess.run([os.path.join(d, "venv", "bin", "python"), "-m", "pip", "install", "-q", "."],
-                             cwd=os.path.join(d, "src"), capture_output=True, text=True, timeout=900)
+        pip = [os.path.join(d, "venv", "bin", "python"), "-m", "pip", "install", "-q"]
+        if f"-{_abi_tag(SYSTEM_PYTHON)}-" in built_wheel.name:
+            out = subprocess.run([*pip, str(built_wheel)], capture_output=True, text=True, timeout=900)
+        else:
+            shutil.copytree(ROOT, os.path.join(d, "src"), ignore=_NOT_SOURCE)
+            out = subprocess.run([*pip, "."], cwd=os.path.join(d, "src"), capture_output=True, text=True,
+                                 timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
         yield d
     finally:

@@ -97,7 +97,12 @@ async def test_backoff_doubles_up_to_max_retry_interval(dns, sinks, relay):
     dest.faults.set("rcpt", reply="450 4.2.0 busy")
     h = await relay("Domain slow.test { retry_interval = 1 max_retry_interval = 2 }\n")
     await send(h, ["x@slow.test"], body("bo"))
-    await asyncio.sleep(6.5)
+    # Four attempts (about 0, 1, 3 and 5 s): the first gap, one doubled, one capped.
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 20
+    while len(records(h, "T")) < 4:
+        assert loop.time() < end, records(h, "T")
+        await asyncio.sleep(0.05)
     times = [float(r[0]) for r in records(h, "T")]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(gaps) >= 2

@@ -31,7 +31,7 @@ def _free_port() -> int:
 def _conf(sink_port: int, admin_port: int) -> str:
     return (
         f'Workers = 2\nProhibited_Hosts = ( "0.0.0.0/8" )\nGateway = "127.0.0.2:{sink_port}"\nretry_interval = 1\n'
-        "max_retry_interval = 2\nConnect_Timeout = 2s\n"
+        "max_retry_interval = 1\nConnect_Timeout = 2s\n"
         f'Admin_Listener {{ Listen "127.0.0.1:{admin_port}" {{ }} }}\n'
     )
 

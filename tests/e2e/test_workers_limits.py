@@ -19,7 +19,7 @@ from tests.support.workersproc import WorkersProcess
 def _conf(port: int, limit: str) -> str:
     return (
         f'Workers = 2\nProhibited_Hosts = ( "0.0.0.0/8" )\nGateway = "127.0.0.2:{port}"\nretry_interval = 1\n'
-        "max_retry_interval = 2\nhost_failure_retry = 1\nConnect_Timeout = 2s\n" + limit
+        "max_retry_interval = 1\nhost_failure_retry = 1\nConnect_Timeout = 2s\n" + limit
     )
 
 

@@ -107,7 +107,7 @@ def test_one_worker_is_the_single_process_of_before(tmp_path):
 def _gateway_conf(port: int) -> str:
     return (
         f'Prohibited_Hosts = ( "0.0.0.0/8" )\nGateway = "127.0.0.2:{port}"\nretry_interval = 1\n'
-        "max_retry_interval = 2\nhost_failure_retry = 1\nConnect_Timeout = 2s\n"
+        "max_retry_interval = 1\nhost_failure_retry = 1\nConnect_Timeout = 2s\n"
     )
 
 
