@@ -80,12 +80,8 @@ class Resolver:
     early timeout is asked again anyway, see _ask)."""
 
     def __init__(self, servers: list[str] | None = None, timeout: float = DNS_TIMEOUT, tries: int = 1):
-        kw: dict = {"timeout": timeout, "tries": tries}
-        self.timeout = timeout
-        if servers:
-            kw["nameservers"] = list(servers)
-        self._servers = servers
-        self._kw = kw
+        self._tries = tries
+        self._use(servers, timeout)
         self._r: aiodns.DNSResolver | None = None
         self._cache: dict[tuple[str, int], tuple[float, object]] = {}
         self.queries = 0
@@ -96,6 +92,13 @@ class Resolver:
             self._r = aiodns.DNSResolver(**self._kw)
         return self._r
 
+    def _use(self, servers: list[str] | None, timeout: float) -> None:
+        self.timeout = timeout
+        self._servers = servers
+        self._kw: dict = {"timeout": timeout, "tries": self._tries}
+        if servers:
+            self._kw["nameservers"] = list(servers)
+
     def reconfigure(self, servers: list[str] | None, timeout: float) -> bool:
         """Use other servers or another DNS_Timeout from the next question on (a reload, issue
         12); True if anything changed. The cache is dropped, as the new servers may answer
@@ -103,11 +106,7 @@ class Resolver:
         Questions in flight finish on the old channel, which is closed once they have had time."""
         if list(servers or []) == list(self._servers or []) and timeout == self.timeout:
             return False
-        self.timeout = timeout
-        self._servers = servers
-        self._kw = {"timeout": timeout, "tries": self._kw["tries"]}
-        if servers:
-            self._kw["nameservers"] = list(servers)
+        self._use(servers, timeout)
         self._cache.clear()
         old, self._r = self._r, None
         if old is not None:

@@ -118,13 +118,14 @@ async def _apply(relay: Any, new: Config) -> dict:
     xfer_current = _match(xfer_settings, list(relay.xfer_servers))
     bound: list = []  # every server this reload started, stopped again if a later one fails
     started, admin_started, xfer_started = [], [], []
+    in_worker = getattr(relay, "worker", None) is not None
     for kind, wanted, running, make, out in (
         ("ESMTP", settings, current, smtp_server, started),
         ("Admin", admin_tokens, admin_current, lambda listen, _tok: AdminServer(relay, listen), admin_started),
         ("HTTP", xfer_settings, xfer_current, lambda listen, xs: XferServer(xs, relay), xfer_started),
     ):
         for key, (listen, what) in wanted.items():
-            if key in running.values() or getattr(relay, "worker", None) is not None:
+            if in_worker or key in running.values():
                 continue
             srv = make(listen, what)
             try:

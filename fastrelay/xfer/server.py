@@ -261,7 +261,7 @@ class XferServer:
             return await self._handle(request)
         except WireError as e:
             self.stats["refused"] += 1
-            return _error(e, getattr(e, "retry_after", None) or self.s.retry_after, self._method)
+            return _error(e, e.retry_after or self.s.retry_after, self._method)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -353,9 +353,8 @@ class XferServer:
         except TransferInProgress as e:
             log.info("XFER: transfer %s/%s from %s not taken now: worker %d is storing it", t.origin_node,
                      t.origin_id, peer, e.holder)
-            busy = WireError(503, "in_progress", "this transfer is being stored by this node now; try again shortly")
-            busy.retry_after = e.retry_after  # type: ignore[attr-defined]
-            raise busy from None
+            raise WireError(503, "in_progress", "this transfer is being stored by this node now; try again shortly",
+                            retry_after=e.retry_after) from None
         except SpoolFull as e:
             log.warning("XFER: transfer %s/%s from %s not queued: %s", t.origin_node, t.origin_id, peer, e)
             raise WireError(503, "spool_full", "this node's spool is full; try again later") from None

@@ -132,11 +132,12 @@ class WireError(Exception):
     """A request or response that must be refused: `status` is the HTTP status to answer with,
     `code` a stable code word for programs, `message` human text (no secrets, no client bytes)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None):
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # a 503's own Retry-After; None: the server's default
 
 
 def _bad(code: str, message: str, status: int = 400) -> WireError:
@@ -723,8 +724,13 @@ class NonceCache:
             self._floor = max(self._floor, now - self.window)
         self.window = window
         self.max_size = max(1, max_size)
-        while len(self._seen) > self.max_size:
-            old_ts, old = heapq.heappop(self._heap)
+        self._evict_to(self.max_size)
+
+    def _evict_to(self, n: int) -> None:
+        """Drop the oldest entries until n are left; each one's timestamp becomes the floor."""
+        heap = self._heap
+        while len(self._seen) > n:
+            old_ts, old = heapq.heappop(heap)
             self._seen.discard(old)
             self._floor = max(self._floor, old_ts)
 
@@ -735,10 +741,7 @@ class NonceCache:
             self._seen.discard(heapq.heappop(heap)[1])
         if ts <= self._floor or nonce in self._seen:
             return False
-        while len(self._seen) >= self.max_size:
-            old_ts, old = heapq.heappop(heap)
-            self._seen.discard(old)
-            self._floor = max(self._floor, old_ts)
+        self._evict_to(self.max_size - 1)  # room for this one
         if ts <= self._floor:
             return False
         self._seen.add(nonce)

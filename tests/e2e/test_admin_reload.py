@@ -304,7 +304,10 @@ async def test_dns_servers_change_applies_to_the_next_lookups(sinks, relay, dns)
         assert other.queries[("mx.d.test", "A")] >= 1
         await drained(h)
         # A reload that changes nothing about DNS keeps the resolver's cache.
+        cached = set(h.relay.resolver._cache)
+        assert ("mx.d.test", 1) in cached  # T_A of the new server's answer
         r = await h.relay.reload()
         assert r["reloaded"] is True and not any(c.startswith("DNS resolver") for c in r["changes"])
+        assert set(h.relay.resolver._cache) == cached
     finally:
         other.stop()
