@@ -283,6 +283,31 @@ def test_e2e_postfix_tools(tmp_path, capsys):
     assert "latency percentiles are not available from smtp-source" in text.out
 
 
+def test_e2e_postfix_tools_bound(tmp_path, capsys):
+    """--bound: the tool relay (the load into smtp-sink and, at once, smtp-source -d into a second
+    smtp-sink) is a row of its own; it has delivered a message only once both sides have."""
+    out = tmp_path / "bench.json"
+    rc = e2e.main(["--tools", "postfix", "--bound", "--messages", "200", "--concurrency", "4", "--json", str(out),
+                   "--no-progress"])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    rep = json.loads(out.read_text())
+    assert [s["name"] for s in rep["setups"]] == ["ceiling", e2e.BOUND, "fastrelay"]
+    ceiling, bound, _ = (s["runs"][0] for s in rep["setups"])
+    assert bound["accepted"] == bound["delivered"] == 200
+    assert bound["relay_cpu_s"] is None
+    # Two sources and two sinks did the work of one pair each (counted, not timed).
+    assert bound["client_cpu_s"] > 0 and bound["sink_cpu_s"] > 0
+    assert rep["setups"][1]["pct_of_ceiling"] is not None
+    assert e2e.BOUND in text.out and "the most a relay could reach here" in text.out
+
+
+def test_e2e_bound_needs_postfix_tools(capsys):
+    assert e2e.main(["--bound", "--messages", "10", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--bound needs --tools postfix" in err
+
+
 @pytest.mark.slow
 def test_xfer_bench_small_run():
     from fastrelay.bench import xfer

@@ -59,10 +59,21 @@ class Setup:
     name: str
     addr: str | None  # a relay that is already running; None: start fastrelay
     runs: list[dict[str, Any]] = field(default_factory=list)
+    bound: bool = False  # the tool relay (--bound): the load into the sink, a second pair beside it
 
     @property
     def managed(self) -> bool:
-        return self.addr is None
+        return self.addr is None and not self.bound
+
+
+# --bound: what a relay as cheap as Postfix's own test tools would reach on this machine. A relay's
+# inbound side does what smtp-sink does for the client's load (a new connection per message, if the
+# load has that), its outbound side what smtp-source -d does into the next hop (a connection it
+# keeps). So the load runs into the sink as for the ceiling while a second smtp-source -d sends the
+# same messages into a second smtp-sink, both pairs at once on the same cores: no spool, no fsync,
+# no routing, nothing but the protocol in C. Its "% of ceiling" is the most any relay could get
+# here; a goal above it cannot be met on this machine, one near it needs a relay as cheap as these.
+BOUND = "tool relay (bound)"
 
 
 class Progress:
@@ -148,6 +159,7 @@ class Bench:
         self.notes: list[str] = []
         self.workdir = Path()
         self.sink: SinkProcess | PostfixSink | None = None
+        self.sink2: PostfixSink | None = None  # --bound: the outbound side's next hop
         self.tools: tuple[str, str] | None = None
         self.env = child_env()
         if args.impl == "python":
@@ -165,6 +177,8 @@ class Bench:
                 where = path if path is not None else "$PATH:/usr/sbin:/usr/local/sbin:/sbin"
                 raise ToolError(f"--tools postfix: smtp-source and smtp-sink not found in {where}"
                                 " (Debian/Ubuntu: apt-get install postfix; they run without starting Postfix)")
+        if a.bound and a.tools != "postfix":
+            raise ToolError("--bound needs --tools postfix: it measures a relay made of smtp-source and smtp-sink")
         if (a.target or a.compare) and split_addr(a.sink_listen)[1] == 0:
             raise ToolError("with --target/--compare, give --sink-listen ADDR:PORT with a fixed port: "
                             "the other relays must be set up to deliver there")
@@ -181,8 +195,9 @@ class Bench:
                     s.runs.append(self._one(s, k))
         finally:
             self.progress.stop()
-            if self.sink is not None:
-                self.sink.stop()
+            for sink in (self.sink, self.sink2):
+                if sink is not None:
+                    sink.stop()
             if a.keep:
                 print(f"kept {self.workdir}", file=sys.stderr)
             else:
@@ -201,12 +216,17 @@ class Bench:
         a = self.a
         if self.tools:
             self.sink = PostfixSink(self.tools[1], a.sink_listen, self.workdir).start()
+            if a.bound:
+                (self.workdir / "bound").mkdir()
+                self.sink2 = PostfixSink(self.tools[1], "127.0.0.3:0", self.workdir / "bound").start()
         else:
             self.sink = SinkProcess(a.sink_listen, status_interval=0.2, log=self.workdir / "sink.log").start()
 
     def _setups(self) -> list[Setup]:
         a = self.a
         out = [] if a.no_ceiling else [Setup("ceiling", self.sink.addr)]  # type: ignore[union-attr]
+        if a.bound:
+            out.append(Setup(BOUND, self.sink.addr, bound=True))  # type: ignore[union-attr]
         if a.target:
             out.append(Setup(f"target {a.target}", a.target))
             self.notes.append("relay CPU and RSS are measured only for a fastrelay this tool starts")
@@ -237,7 +257,11 @@ class Bench:
             r["target"] = join_addr(host, port)
             sink_cpu0 = self.sink.cpu() or 0.0  # type: ignore[union-attr]
             base = self.sink.snapshot()  # type: ignore[union-attr]
-            load = self._drive_postfix(host, port, label) if self.tools else self._drive_own(host, port, label)
+            sink2 = self.sink2 if setup.bound else None
+            if sink2 is not None:
+                sink_cpu0 += sink2.cpu() or 0.0
+                base2 = sink2.snapshot().get("messages", 0)
+            load = self._drive_postfix(host, port, label, sink2) if self.tools else self._drive_own(host, port, label)
             r.update({k2: v for k2, v in load.items() if not k2.startswith("_")})
             # Our sink counts recipients, smtp-sink only messages.
             key = "rcpts" if not self.tools else "messages"
@@ -250,13 +274,20 @@ class Bench:
             finally:
                 self.progress.stop()
             got = snap.get(key, 0) - sent_base
+            last = snap.get("last") or time.monotonic()
+            sink_cpu1 = self.sink.cpu() or 0.0  # type: ignore[union-attr]
+            if sink2 is not None:
+                # The tool relay has delivered a message once both of its sides have.
+                snap2 = sink2.wait_for("messages", base2 + want, a.timeout)
+                got = min(got, snap2.get("messages", 0) - base2)
+                last = max(last, snap2.get("last") or time.monotonic())
+                sink_cpu1 += sink2.cpu() or 0.0
             per = max(1, a.rcpts) if key == "rcpts" else 1
             r["delivered"] = got // per
             start = load["_start"]
-            last = snap.get("last") or time.monotonic()
             r["delivery_s"] = round(max(last - start, 1e-9), 4)
             r["delivered_per_s"] = round(r["delivered"] / r["delivery_s"], 1) if r["delivered"] else 0.0
-            r["sink_cpu_s"] = round((self.sink.cpu() or 0.0) - sink_cpu0, 3)  # type: ignore[union-attr]
+            r["sink_cpu_s"] = round(sink_cpu1 - sink_cpu0, 3)
             if relay is not None:
                 r["relay_cpu_s"] = round((relay.cpu() or 0.0) - cpu0, 3)
                 r["relay_cpu_ms_per_msg"] = round(1000 * r["relay_cpu_s"] / r["accepted"], 3) if r["accepted"] else None
@@ -305,39 +336,59 @@ class Bench:
             "_units": res.rcpts_accepted, "_start": res.start, "_error": first_err,
         }
 
-    def _drive_postfix(self, host: str, port: int, label: str) -> dict[str, Any]:
+    def _source_cmd(self, host: str, port: int, reuse: bool) -> list[str]:
         a = self.a
-        src = self.tools[0]  # type: ignore[index]
-        cmd = [src, "-c", "-s", str(a.concurrency), "-m", str(a.messages), "-l", str(a.size),
+        cmd = [self.tools[0], "-c", "-s", str(a.concurrency), "-m", str(a.messages), "-l", str(a.size),  # type: ignore[index]
                "-r", str(a.rcpts), "-f", "bench@example.com", "-t", "rcpt@example.com"]
-        if a.reuse:
+        if reuse:
             cmd.append("-d")
         cmd.append(join_addr(host, port))
+        return cmd
+
+    def _drive_postfix(self, host: str, port: int, label: str, beside: PostfixSink | None = None) -> dict[str, Any]:
+        """smtp-source with the load; `beside` (--bound): a second one at once, reusing its
+        connections into that sink, as the tool relay's outbound side (its CPU counts as the
+        client's)."""
+        a = self.a
         # Its output goes to files, read only by the progress bar and at the end: a pipe would wake
         # this process for every message (-c prints a running count, CR-separated).
         out_path, err_path = self.workdir / "smtp-source.out", self.workdir / "smtp-source.err"
         self.progress.start(label, a.messages, lambda: _last_count(out_path))
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            start = time.monotonic()
-            proc = track(subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                          start_new_session=True))
+        procs: list[subprocess.Popen] = []
+        cpu = 0.0
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-            end = time.monotonic()
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                start = time.monotonic()
+                procs.append(track(subprocess.Popen(self._source_cmd(host, port, a.reuse), stdout=out, stderr=err,
+                                                    stdin=subprocess.DEVNULL, start_new_session=True)))
+                if beside is not None:
+                    procs.append(track(subprocess.Popen(self._source_cmd(beside.host, beside.port, True),
+                                                        stdout=subprocess.DEVNULL, stderr=err,
+                                                        stdin=subprocess.DEVNULL, start_new_session=True)))
+            codes = []
+            for k, proc in enumerate(procs):
+                _, status, usage = os.wait4(proc.pid, 0)
+                if k == 0:
+                    end = time.monotonic()
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                codes.append(proc.returncode)
+                cpu += usage.ru_utime + usage.ru_stime
         finally:
-            end_group(proc)  # kills its group only if wait4 did not reap it (an interrupt)
+            for proc in procs:
+                end_group(proc)  # kills its group only if wait4 did not reap it (an interrupt)
             self.progress.stop()
         err_lines = err_path.read_text(errors="replace").strip().splitlines()
         # smtp-source stops at the first error (its messages are "fatal"), so a clean exit means
         # that every message was accepted; otherwise its running count says how far it got.
-        accepted = a.messages if proc.returncode == 0 else _last_count(out_path)
+        accepted = a.messages if codes[0] == 0 else _last_count(out_path)
+        if any(codes[1:]):
+            self.failures.append(f"{label}: the tool relay's outbound smtp-source exited with status {codes[1]}")
         elapsed = max(end - start, 1e-9)
         return {
             "accepted": accepted, "rejected": 0, "failed": a.messages - accepted,
             "load_s": round(elapsed, 4), "accepted_per_s": round(accepted / elapsed, 1),
             "latency_p50_ms": None, "latency_p99_ms": None,
-            "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "client_cpu_s": round(cpu, 3),
             "_units": accepted, "_start": start,
             "_error": err_lines[-1] if err_lines else None,
         }
@@ -348,6 +399,10 @@ class Bench:
         if self.tools:
             self.notes.insert(0, "latency percentiles are not available from smtp-source (it reports none)")
             self.notes.insert(1, "smtp-source sends HELO and does not pipeline; smtp-sink counts messages")
+        if a.bound:
+            self.notes.append(f"{BOUND}: the load into smtp-sink while smtp-source -d sends as many messages into "
+                              "a second smtp-sink, at once; no relay runs: its % of ceiling is the most a relay "
+                              "could reach here (client and sink CPU are both pairs')")
         if not a.fsync:
             self.notes.append("spool_fsync = 0: UNSAFE mode (a power loss may lose acknowledged mail)")
         out_setups = []
@@ -457,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "starting fastrelay (point it at --sink-listen)")
     s.add_argument("--compare", metavar="HOST:PORT", action="append", default=[],
                    help="also drive this relay (repeatable), side by side in the table")
+    s.add_argument("--bound", action="store_true",
+                   help="with --tools postfix: also measure a 'tool relay', the load into the sink while a second "
+                   "smtp-source -d sends as many messages into a second smtp-sink at once: the most any relay "
+                   "could deliver on this machine")
     s.add_argument("--sink-listen", default="127.0.0.2:0", metavar="ADDR:PORT",
                    help="where the sink listens (default 127.0.0.2, a free port)")
     s.add_argument("--tools", choices=["own", "postfix"], default="own",
