@@ -241,6 +241,15 @@ class _Collector:
         g = GaugeMetricFamily("fastrelay_spool_free_bytes", "Free space on the spool's filesystem")
         g.add_metric([], disk["free_bytes"])
         yield g
+        claims = getattr(m.relay, "claims", None)
+        if claims is not None:  # Workers > 1 with XFER (fastrelay.xfer.claims): what the claim table decided
+            c = CounterMetricFamily("fastrelay_xfer_claims", "XFER transfers claimed relay-wide before they are "
+                                    "stored (Workers > 1), keys found already done, transfers refused 503 "
+                                    "in_progress while another worker stored them, and what start-up settled",
+                                    labels=["event"])
+            for ev, n in claims.stats.items():
+                c.add_metric([ev], n)
+            yield c
         cluster = getattr(m.relay, "cluster", None)
         if cluster is not None:  # docs/cluster.md: Redis unreachable = the local share is in force
             h = cluster.health()

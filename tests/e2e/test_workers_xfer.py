@@ -8,10 +8,12 @@ import asyncio
 import json
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastrelay.message import Envelope, Recipient
 from fastrelay.xfer import wire
@@ -46,6 +48,14 @@ async def test_transfers_to_a_node_with_two_workers(sinks, relay, sink_port, tmp
 
 RESENDS = 20
 URI = "/delay_message"
+
+
+def claims_metrics(admin_port: int) -> dict[str, float]:
+    """fastrelay_xfer_claims from the relay's /metrics (worker 0 adds up both workers')."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {s.labels["event"]: s.value for fam in text_string_to_metric_families(text)
+            if fam.name == "fastrelay_xfer_claims" for s in fam.samples if s.name.endswith("_total")}
 
 
 def one_transfer(key: tuple[str, str], rcpt: str = "dedup@gmail.com") -> tuple[bytes, int]:
@@ -89,11 +99,13 @@ async def _delivered_once(sink, d: Path, msgid: str, received: bool = True) -> N
     assert [f[2] for f in _mainlog(d, "D")] == [msgid]
 
 
-def _start_b(tmp_path: Path, sink_port: int, env: dict | None = None) -> tuple[WorkersProcess, int]:
+def _start_b(tmp_path: Path, sink_port: int, env: dict | None = None,
+             admin_port: int | None = None) -> tuple[WorkersProcess, int]:
     http = free_port()
     d = tmp_path / "b"
     d.mkdir()
-    b = WorkersProcess(d, 'Workers = 2\nProhibited_Hosts = ( "0.0.0.0/8" )\n' + node_b_conf(http, sink_port),
+    admin = f'Admin_Listener {{ Listen "127.0.0.1:{admin_port}" {{ }} }}\n' if admin_port else ""
+    b = WorkersProcess(d, 'Workers = 2\nProhibited_Hosts = ( "0.0.0.0/8" )\n' + admin + node_b_conf(http, sink_port),
                        env=env, hold=False)
     b.start()
     b.wait_log(r"ready \(2 workers")
@@ -105,7 +117,8 @@ async def test_resends_over_both_workers_are_stored_once(sinks, sink_port, tmp_p
     the SO_REUSEPORT listener spreads them over both workers, and every answer is 200 with the same
     id, duplicate from the second on; the sink gets the message once."""
     (sink_b,) = await sinks(1, first=3)
-    b, http = await asyncio.to_thread(_start_b, tmp_path, sink_port)
+    admin_port = free_port()
+    b, http = await asyncio.to_thread(_start_b, tmp_path, sink_port, None, admin_port)
     key = ("node-e2e-a", "4242")
     payload, n = one_transfer(key)
     try:
@@ -123,6 +136,9 @@ async def test_resends_over_both_workers_are_stored_once(sinks, sink_port, tmp_p
         lines = b.wait_log(rf"fastrelay\[w(\d)\] INFO fastrelay\.xfer: XFER: (?:accepted|duplicate) transfer "
                            rf"{key[0]}/{key[1]} ", count=RESENDS)
         assert {m.group(1) for m in lines} == {"0", "1"}
+        # /metrics for the whole relay: one claim, the resends found done in the claim table.
+        m = await asyncio.to_thread(claims_metrics, admin_port)
+        assert (m["claimed"], m["duplicates"], m["in_progress"]) == (1, RESENDS - 1, 0), m
         await _delivered_once(sink_b, tmp_path / "b", msgid)
     finally:
         rc = await asyncio.to_thread(b.stop)
@@ -133,7 +149,8 @@ async def test_concurrent_resends_over_both_workers_are_stored_once(sinks, sink_
     """The same, all at once: a worker asked while the other stores it answers 503 in_progress (a
     retry-later); the sender's next try gets the duplicate answer. Never two copies."""
     (sink_b,) = await sinks(1, first=3)
-    b, http = await asyncio.to_thread(_start_b, tmp_path, sink_port)
+    admin_port = free_port()
+    b, http = await asyncio.to_thread(_start_b, tmp_path, sink_port, None, admin_port)
     key = ("node-e2e-a", "4343")
     payload, n = one_transfer(key)
     try:
@@ -155,6 +172,10 @@ async def test_concurrent_resends_over_both_workers_are_stored_once(sinks, sink_
         assert len(ok) == RESENDS and len({doc["id"] for doc in ok}) == 1
         assert sum(1 for doc in ok if not doc["duplicate"]) == 1
         assert len({doc["node"] for doc in ok}) == 2, answers  # both workers answered
+        # Every 503 was counted, on whichever worker gave it; one claim in all.
+        m = await asyncio.to_thread(claims_metrics, admin_port)
+        refused = sum(1 for status, _ in answers if status == 503)
+        assert (m["claimed"], m["in_progress"]) == (1, refused), (m, refused)
         await _delivered_once(sink_b, tmp_path / "b", ok[0]["id"])
     finally:
         rc = await asyncio.to_thread(b.stop)
