@@ -293,12 +293,16 @@ def test_e2e_postfix_tools_bound(tmp_path, capsys):
     assert rc == 0, text.err
     rep = json.loads(out.read_text())
     assert [s["name"] for s in rep["setups"]] == ["ceiling", e2e.BOUND, "fastrelay"]
-    ceiling, bound, _ = (s["runs"][0] for s in rep["setups"])
+    _, bound, _ = (s["runs"][0] for s in rep["setups"])
     assert bound["accepted"] == bound["delivered"] == 200
     assert bound["relay_cpu_s"] is None
     # Two sources and two sinks did the work of one pair each (counted, not timed).
     assert bound["client_cpu_s"] > 0 and bound["sink_cpu_s"] > 0
     assert rep["setups"][1]["pct_of_ceiling"] is not None
+    assert [s["pct_of_bound"] for s in rep["setups"][:2]] == [None, 100.0]
+    assert rep["setups"][2]["pct_of_bound"] == round(100 * rep["setups"][2]["median"]["delivered_per_s"]
+                                                      / rep["setups"][1]["median"]["delivered_per_s"], 1)
+    assert "% bound" in text.out
     assert e2e.BOUND in text.out and "the most a relay could reach here" in text.out
 
 

@@ -406,14 +406,20 @@ class Bench:
         if not a.fsync:
             self.notes.append("spool_fsync = 0: UNSAFE mode (a power loss may lose acknowledged mail)")
         out_setups = []
-        ceiling = next((s for s in setups if s.name == "ceiling"), None)
-        ceil_dps = summarize(ceiling.runs)["median"]["delivered_per_s"] if ceiling and ceiling.runs else None
+        def median_dps(name: str) -> float | None:
+            ref = next((s for s in setups if s.name == name), None)
+            return summarize(ref.runs)["median"]["delivered_per_s"] if ref and ref.runs else None
+
+        ceil_dps, bound_dps = median_dps("ceiling"), median_dps(BOUND)
         for s in setups:
             summ = summarize(s.runs)
             dps = summ["median"]["delivered_per_s"]
             pct = round(100 * dps / ceil_dps, 1) if ceil_dps and dps is not None else None
+            # The relays' delivered/s as a share of the most a relay could reach (the ceiling is no relay).
+            of_bound = round(100 * dps / bound_dps, 1) if bound_dps and dps is not None and s.name != "ceiling" \
+                else None
             out_setups.append({"name": s.name, "target": s.runs[0]["target"] if s.runs else s.addr,
-                               "runs": s.runs, **summ, "pct_of_ceiling": pct})
+                               "runs": s.runs, **summ, "pct_of_ceiling": pct, "pct_of_bound": of_bound})
         return {
             "tool": "fastrelay bench",
             "date": started,
@@ -442,8 +448,9 @@ class Bench:
         print(f"{m['fastrelay_version_line']}; {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, "
               f"load average {m['loadavg_at_start'][0]}; "
               + (f"{runs} runs: median [min-max]" if runs > 1 else "1 run"))
-        cols = ["setup", "accepted/s", "delivered/s", "% ceiling", "p50 ms", "p99 ms", "relay CPU s",
-                "CPU ms/msg", "peak RSS MB", "client CPU s", "sink CPU s"]
+        bound = any(s["pct_of_bound"] is not None for s in rep["setups"])
+        cols = ["setup", "accepted/s", "delivered/s", "% ceiling", *(["% bound"] if bound else []), "p50 ms",
+                "p99 ms", "relay CPU s", "CPU ms/msg", "peak RSS MB", "client CPU s", "sink CPU s"]
         rows = []
         for s in rep["setups"]:
             med, lo, hi = s["median"], s["min"], s["max"]
@@ -455,7 +462,8 @@ class Bench:
                 return v
 
             pct = "" if s["pct_of_ceiling"] is None else f"{s['pct_of_ceiling']:.1f}%"
-            rows.append([s["name"], rng("accepted_per_s"), rng("delivered_per_s"), pct,
+            of_bound = ([] if not bound else [""] if s["pct_of_bound"] is None else [f"{s['pct_of_bound']:.1f}%"])
+            rows.append([s["name"], rng("accepted_per_s"), rng("delivered_per_s"), pct, *of_bound,
                          _fmt(med["latency_p50_ms"], 2), _fmt(med["latency_p99_ms"], 2),
                          _fmt(med["relay_cpu_s"], 2), _fmt(med["relay_cpu_ms_per_msg"], 3),
                          _fmt(med["relay_peak_rss_mb"], 1), _fmt(med["client_cpu_s"], 2), _fmt(med["sink_cpu_s"], 2)])
