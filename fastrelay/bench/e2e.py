@@ -353,6 +353,7 @@ class Bench:
         # Its output goes to files, read only by the progress bar and at the end: a pipe would wake
         # this process for every message (-c prints a running count, CR-separated).
         out_path, err_path = self.workdir / "smtp-source.out", self.workdir / "smtp-source.err"
+        bound_err = self.workdir / "bound" / "smtp-source.err"
         self.progress.start(label, a.messages, lambda: _last_count(out_path))
         procs: list[subprocess.Popen] = []
         cpu = 0.0
@@ -362,9 +363,10 @@ class Bench:
                 procs.append(track(subprocess.Popen(self._source_cmd(host, port, a.reuse), stdout=out, stderr=err,
                                                     stdin=subprocess.DEVNULL, start_new_session=True)))
                 if beside is not None:
-                    procs.append(track(subprocess.Popen(self._source_cmd(beside.host, beside.port, True),
-                                                        stdout=subprocess.DEVNULL, stderr=err,
-                                                        stdin=subprocess.DEVNULL, start_new_session=True)))
+                    with open(bound_err, "wb") as err2:
+                        procs.append(track(subprocess.Popen(self._source_cmd(beside.host, beside.port, True),
+                                                            stdout=subprocess.DEVNULL, stderr=err2,
+                                                            stdin=subprocess.DEVNULL, start_new_session=True)))
             codes = []
             for k, proc in enumerate(procs):
                 _, status, usage = os.wait4(proc.pid, 0)
@@ -382,7 +384,9 @@ class Bench:
         # that every message was accepted; otherwise its running count says how far it got.
         accepted = a.messages if codes[0] == 0 else _last_count(out_path)
         if any(codes[1:]):
-            self.failures.append(f"{label}: the tool relay's outbound smtp-source exited with status {codes[1]}")
+            last = bound_err.read_text(errors="replace").strip().splitlines()
+            self.failures.append(f"{label}: the tool relay's outbound smtp-source exited with status {codes[1]}"
+                                 + (f": {last[-1]}" if last else ""))
         elapsed = max(end - start, 1e-9)
         return {
             "accepted": accepted, "rejected": 0, "failed": a.messages - accepted,
@@ -406,6 +410,7 @@ class Bench:
         if not a.fsync:
             self.notes.append("spool_fsync = 0: UNSAFE mode (a power loss may lose acknowledged mail)")
         out_setups = []
+
         def median_dps(name: str) -> float | None:
             ref = next((s for s in setups if s.name == name), None)
             return summarize(ref.runs)["median"]["delivered_per_s"] if ref and ref.runs else None
