@@ -40,10 +40,35 @@ def test_option_names_are_case_insensitive(conf_impl):
         ("message_expiration", "5d", 432000.0),
         ("host_failure_retry", "1", 1.0),
         ("max_retry_interval", "2", 2.0),
+        # Below a millisecond, for the group commit window (whole numbers of microseconds).
+        ("spool_commit_delay", "500us", 0.0005),
+        ("spool_commit_delay", "250US", 0.00025),
+        ("spool_commit_delay", "2", 0.002),
+        ("spool_commit_delay", "1000us", 0.001),
     ],
 )
 def test_time_values(conf_impl, option, text, seconds):
-    assert loads(f"{option} = {text}").get(option) == seconds
+    assert loads(f"{option} = {text}").get(option) == pytest.approx(seconds, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0005, "500us"), (0.0015, "1500us"), (0.001, "1ms"), (0.25, "250ms"), (1.0, "1s"), (90.0, "90s"),
+     (120.0, "2m"), (0.0, "0ms"), (10 * 365 * 86400.0, "3650d")],
+)
+def test_times_print_in_their_shortest_exact_unit(seconds, text):
+    """config show and the range errors: a sub-millisecond value keeps its microseconds."""
+    from fastrelay.config.types import format_seconds
+
+    assert format_seconds(seconds) == text
+
+
+def test_time_below_a_microsecond_or_with_decimals_is_refused(conf_impl):
+    assert errors("spool_commit_delay = 0.5ms") == [
+        "t.conf:1:22: bad value for 'spool_commit_delay': got '0.5ms'; expected a time: a number of "
+        "milliseconds, or a number with a unit (500ms, 10s, 3m, 2h, 7d)"]
+    assert errors("spool_commit_delay = 2s") == [
+        "t.conf:1:22: bad value for 'spool_commit_delay': got '2s' (2s); expected a time from 0ms to 1s"]
 
 
 def test_defaults_have_no_origin(conf_impl):

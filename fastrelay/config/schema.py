@@ -828,9 +828,9 @@ OPTIONS: list[OptionDef] = [
               "acknowledged with 250 (a process crash still cannot)."),
     OptionDef("spool_commit_delay", t.Time(unit="ms", lo=0, hi=1.0), frozenset({GLOBAL}), limits.SPOOL_COMMIT_DELAY,
               "Group commit window: after the first write of a transaction, the spool waits this long "
-              "for others to share its commit (and its fsync). A plain number is milliseconds; 0 "
-              "commits at once. Each 250 waits up to this much longer; under load, fewer and larger "
-              "commits cost less CPU per message."),
+              "for others to share its commit (and its fsync). A plain number is milliseconds; `500us` "
+              "is half of one; 0 commits at once. Each 250 waits up to this much longer; under load, "
+              "fewer and larger commits cost less CPU per message."),
     # --- Workers (Momentum's multiple event loops, multi-event-loops.md) ----------------------
     OptionDef("Workers", _WorkerCount(), frozenset({GLOBAL}), 1,
               "Worker processes, each with its own event loop, listening on the same sockets "

@@ -107,8 +107,10 @@ class Bool(OptType):
         return "true" if value else "false"
 
 
-_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TIME_RE = re.compile(r"([0-9]+)(ms|s|m|h|d)?", re.IGNORECASE)
+# "us" (microseconds) is for windows shorter than a millisecond, as spool_commit_delay's on a disk
+# whose fsync takes 0.2 ms or less; whole numbers only, as in Momentum's times.
+_TIME_UNITS = {"us": 0.000001, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_TIME_RE = re.compile(r"([0-9]+)(us|ms|s|m|h|d)?", re.IGNORECASE)
 
 
 class Time(OptType):
@@ -139,8 +141,11 @@ class Time(OptType):
 
 
 def format_seconds(seconds: float) -> str:
-    """The shortest exact unit form of a duration: 10000 ms -> 10s, 1200 -> 20m."""
-    ms = round(seconds * 1000)
+    """The shortest exact unit form of a duration: 10000 ms -> 10s, 1200 -> 20m, 0.0005 -> 500us."""
+    us = round(seconds * 1_000_000)
+    if us % 1000:
+        return f"{us}us"
+    ms = us // 1000
     for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
         if ms and ms % size == 0:
             return f"{ms // size}{unit}"
