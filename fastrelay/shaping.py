@@ -111,10 +111,7 @@ class Admission(NamedTuple):
 def has_host_throttles(cfg) -> bool:
     """Whether any Host stanza (plain or in a Binding) sets outbound_throttle_connections: only
     then does the scheduler look for throttled MXs before it picks one."""
-    scopes = [*cfg.hosts.values(), *(sc for _, sc in cfg.regex_hosts)]
-    for b in cfg.bindings.values():
-        scopes += [*b.hosts.values(), *(sc for _, sc in b.regex_hosts)]
-    return any(sc.get("outbound_throttle_connections") is not None for sc in scopes)
+    return any(sc.get("outbound_throttle_connections") is not None for sc in cfg.host_scopes())
 
 
 class OutboundShaping:

@@ -144,6 +144,29 @@ def test_binding_host_throttle_comes_before_host():
     assert not has_host_throttles(loads("Binding b { }\n"))
 
 
+C = 'outbound_throttle_connections = "5/10"'
+
+
+@pytest.mark.parametrize("conf, host_throttled", [
+    (f'Host "mx.d.test" {{ {C} }}\n', True),
+    (f'Host "/^mx\\./" {{ {C} }}\n', True),
+    (f'Binding b {{ Host "mx.d.test" {{ {C} }} }}\n', True),
+    (f'Binding b {{ Host "/^mx\\./" {{ {C} }} }}\n', True),
+    (f'Binding a {{ }}\nBinding b {{ Host "mx.d.test" {{ {C} }} }}\n', True),  # the second binding's
+    (f"{C}\n", False),  # a global connection throttle is not a Host's
+    (f"Domain d.test {{ {C} }}\n", False),
+    (f"Binding b {{ {C} }}\n", False),
+    ('Host "mx.d.test" { outbound_throttle_messages = "1/10" }\n', False),
+])
+def test_host_throttles_are_found_in_every_host_stanza(conf, host_throttled):
+    """The scheduler looks for throttled MXs only when some Host stanza sets
+    outbound_throttle_connections (fastrelay.shaping.has_host_throttles, over Config.host_scopes):
+    each row, the option in one place an operator may write it."""
+    from fastrelay.shaping import has_host_throttles
+
+    assert has_host_throttles(loads(conf)) is host_throttled
+
+
 @pytest.mark.parametrize("bad", [
     'Binding b { Host mx.test { max_outbound_connections = 3 } }',
     'Binding b { Host mx.test { retry_interval = 3 } }',

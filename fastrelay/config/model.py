@@ -188,18 +188,24 @@ class Config:
     def get(self, option: str, domain: str | None = None, binding: str | None = None) -> Any:
         return self.lookup(option, domain, binding).value
 
+    def host_scopes(self) -> list[Scope]:
+        """Every Host stanza, literal and regex, plain and inside a Binding."""
+        out = [*self.hosts.values(), *(sc for _, sc in self.regex_hosts)]
+        for b in self.bindings.values():
+            out += [*b.hosts.values(), *(sc for _, sc in b.regex_hosts)]
+        return out
+
     def all_scopes(self) -> list[Scope]:
         """Every scope an option can be set in: global, Domain, Host, Binding, Binding_Group and
         the Domain and Host stanzas inside them (literal and regex)."""
         out = [self.global_, *self.domains.values(), *(sc for _, sc in self.regex_domains),
-               *self.hosts.values(), *(sc for _, sc in self.regex_hosts), *self.binding_groups.values()]
+               *self.binding_groups.values(), *self.host_scopes()]
         for gd in self.group_domains.values():
             out += gd.values()
         for grd in self.group_regex_domains.values():
             out += [sc for _, sc in grd]
         for b in self.bindings.values():
-            out += [b.scope, *b.domains.values(), *(sc for _, sc in b.regex_domains),
-                    *b.hosts.values(), *(sc for _, sc in b.regex_hosts)]
+            out += [b.scope, *b.domains.values(), *(sc for _, sc in b.regex_domains)]
         return out
 
     def set_anywhere(self, option: str) -> bool:
