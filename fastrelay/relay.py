@@ -92,6 +92,7 @@ class Relay:
                 raise StartupError(str(e)) from None
         self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"),
                            commit_delay=cfg.get("spool_commit_delay"))
+        self.spool.sources = self.clients_sending
         try:
             await self.spool.open()
             await self._open_claims()
@@ -368,6 +369,13 @@ class Relay:
             self.mainlog.close()
 
     # --- intake (what the SMTP server hands complete messages to) --------------------------------
+    def clients_sending(self) -> int:
+        """Clients that may hand this process a message soon: open SMTP sessions and XFER requests
+        being handled (the spool's group commit window waits only when another may come). Called
+        from the spool's writer thread; it only reads sizes."""
+        return sum(len(srv.sessions) for srv in self.smtp_servers) + \
+            sum(xsrv.in_flight for xsrv in self.xfer_servers)
+
     def space_ok(self, need: int = 0) -> bool:
         return self.spool.space_ok(need)
 

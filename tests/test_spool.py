@@ -337,6 +337,63 @@ async def test_commit_delay_gathers_writes_that_arrive_within_the_window(tmp_pat
         await sp.close()
 
 
+# The commit window and how many clients could send (Spool.sources, Spool._window). The seed-style
+# rule, from the docstring: "With other clients sending (under load), or none at all (a queue
+# draining ...), it is the configured one, as before. With one client alone, ... its add commits at
+# once. A removal or an update then still waits, but no longer than until an add joins."
+# Each row: clients the relay reports (None: a spool on its own; "error": the count raises), the
+# operations submitted 20 ms apart, whether the add at the end is acknowledged before the window
+# (1.5 s here) is over, and the commits the operations take. The window's logic runs in the writer
+# thread, whatever the event loop, so these run on the default loop only.
+WINDOW = 1.5
+WINDOW_ROWS = [
+    # clients, operations, add acked early, commits
+    (None, ["add", "add", "add"], False, 1),  # a spool on its own: the window as configured
+    ("error", ["add", "add", "add"], False, 1),  # the count fails: the window as configured
+    (1, ["add"], True, 1),  # a client alone: its add commits at once
+    (1, ["remove", "remove", "add"], True, 1),  # removals wait, until the client's next add joins
+    (1, ["remove", "add", "remove"], True, 2),  # the add ends the window; the removal after it: next
+    (2, ["add", "add"], False, 1),  # two clients: the second's message may come, so wait for it
+    (2, ["remove", "add"], False, 1),  # two clients: an add does not end the window
+    (0, ["add", "add"], False, 1),  # no client (DSNs while draining): nobody waits, gather
+    (0, ["remove", "remove", "add"], False, 1),  # a drain's removals gather for the whole window
+]
+
+
+@pytest.mark.parametrize("clients,ops,early,commits", WINDOW_ROWS)
+async def test_commit_window_by_clients_sending(tmp_path, clients, ops, early, commits):
+    sp = await opened(tmp_path)
+    try:
+        ids = [e.id for e in await sp.add([(envelope(i), body(i)) for i in range(ops.count("remove"))])] \
+            if "remove" in ops else []
+        if clients == "error":
+            sp.sources = lambda: 1 // 0
+        elif clients is not None:
+            sp.sources = lambda: clients
+        sp.commit_delay = WINDOW
+        before = dict(sp.stats)
+        futs = []
+        for k, op in enumerate(ops):
+            if k:
+                await asyncio.sleep(0.02)
+            futs.append(asyncio.ensure_future(sp.add([(envelope(100 + k), body(k))]) if op == "add"
+                                              else sp.remove(ids.pop(0))))
+        add = futs[ops.index("add")]
+        if early:
+            # Well before the window ends (it would be WINDOW - 0.02 * len(ops) seconds from here).
+            await asyncio.wait_for(asyncio.shield(add), WINDOW / 2)
+        else:
+            await asyncio.sleep(0.3)
+            assert not add.done(), "acknowledged before the window closed"
+        await asyncio.gather(*futs)
+        assert sp.stats["commits"] - before["commits"] == commits, sp.stats
+        skipped = sp.stats["windows_skipped"] - before["windows_skipped"]
+        cut = sp.stats["windows_cut"] - before["windows_cut"]
+        assert (skipped, cut) == ((1, 0) if early and ops[0] == "add" else (0, 1) if early else (0, 0)), sp.stats
+    finally:
+        await sp.close()
+
+
 @both_loops
 async def test_fsync_off_works_the_same(tmp_path):
     sp = await opened(tmp_path, fsync=False)

@@ -84,6 +84,8 @@ async def start(spool):
     yield _start
     for srv in servers:
         await srv.stop()
+        # Reserve and release in pairs: every request, refused or failed, is counted out again.
+        assert srv.in_flight == 0, srv.in_flight
 
 
 @pytest.fixture
@@ -129,6 +131,25 @@ def err(r: Resp) -> tuple[int, str]:
 
 
 # --- accepted -------------------------------------------------------------------------------------
+
+
+async def test_a_request_counts_as_a_client_sending_while_it_is_handled(start, http, spool):
+    """XferServer.in_flight is what the relay tells the spool's commit window (Relay.clients_sending):
+    a transfer being handled is a client that may add a message."""
+    seen = []
+
+    class Watching(SpoolIntake):
+        async def submit_transfer(self, items, key):
+            seen.append(node.srv.in_flight)
+            return await super().submit_transfer(items, key)
+
+    node = await start(Watching(spool))
+    assert node.srv.in_flight == 0
+    payload, n = transfer()
+    assert (await post(http, node, payload, n)).status == 200
+    bad = await post(http, node, payload, n, secret="wrong-secret-wrong-secret-wrong!")
+    assert bad.status == 401
+    assert seen == [1] and node.srv.in_flight == 0
 
 
 async def test_accepted_transfer_is_spooled_whole_before_the_200(start, http, spool):

@@ -830,7 +830,8 @@ OPTIONS: list[OptionDef] = [
               "Group commit window: after the first write of a transaction, the spool waits this long "
               "for others to share its commit (and its fsync). A plain number is milliseconds; `500us` "
               "is half of one; 0 commits at once. Each 250 waits up to this much longer; under load, "
-              "fewer and larger commits cost less CPU per message."),
+              "fewer and larger commits cost less CPU per message. A client alone is not made to wait: "
+              "its next message comes only after this 250, so its message commits at once."),
     # --- Workers (Momentum's multiple event loops, multi-event-loops.md) ----------------------
     OptionDef("Workers", _WorkerCount(), frozenset({GLOBAL}), 1,
               "Worker processes, each with its own event loop, listening on the same sockets "

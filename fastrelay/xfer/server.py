@@ -195,6 +195,9 @@ class XferServer:
         self._runner: web.ServerRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._method = settings.method.upper()
+        # Requests being handled now: clients that may add a message to the spool soon (the
+        # spool's group commit window waits for them, fastrelay.spool.Spool._window).
+        self.in_flight = 0
 
     def update(self, settings: XferServerSettings) -> None:
         """A reload's settings (issue 12), from the next request on. The nonce cache is kept, so
@@ -257,6 +260,7 @@ class XferServer:
     # --- one request --------------------------------------------------------------------------
     async def _guard(self, request: BaseRequest) -> web.StreamResponse:
         """The middleware: every refusal and every unexpected error becomes a JSON error body."""
+        self.in_flight += 1
         try:
             return await self._handle(request)
         except WireError as e:
@@ -268,6 +272,8 @@ class XferServer:
             self.stats["refused"] += 1
             log.exception("XFER: internal error on a request from %s", request.remote)
             return _error(WireError(500, "internal_error", "internal error; the transfer was not accepted"))
+        finally:
+            self.in_flight -= 1
 
     def _allowed(self, request: BaseRequest) -> str:
         peer = request.transport.get_extra_info("peername") if request.transport is not None else None
