@@ -31,8 +31,7 @@ async def _session(h, n: int, tid: str) -> float:
 async def test_a_client_alone_does_not_wait_for_the_window(dns, sinks, relay):
     """"With one client alone, its message cannot share a commit with its own next one, which it
     sends only after this 250: so its add commits at once." With a 1 s window, 4 messages one
-    after another took at least 4 s before; the removals of their deliveries still wait, until
-    the client's next message joins them."""
+    after another took at least 4 s before."""
     (sink,) = await sinks(1)
     dns.add_mx("example.net", 10, "mx.example.net")
     dns.add_a("mx.example.net", "127.0.0.2")
@@ -43,8 +42,9 @@ async def test_a_client_alone_does_not_wait_for_the_window(dns, sinks, relay):
     assert took < 2.5, f"4 messages took {took:.2f} s: each waited for the 1 s window"
     await sink.wait_for(4)
     await drained(h)
+    # Whether a delivery's removal reaches the writer before the client's next message is a
+    # race here; tests/test_spool.py's table checks that an add cuts a removal's window.
     assert stats["windows_skipped"] - before["windows_skipped"] >= 1, stats
-    assert stats["windows_cut"] - before["windows_cut"] >= 1, stats
 
 
 async def test_a_second_client_connected_keeps_the_window(dns, sinks, relay):
