@@ -110,6 +110,9 @@ SPOOL_FAILURE_RETRY = 10.0
 MAINLOG_MAX_PENDING = 8 * 1024 * 1024
 # Group commit window of the spool writer, in seconds (fastrelay.spool: Spool.commit_delay).
 SPOOL_COMMIT_DELAY = 0.001
+# Up to this many clients sending, the commit window ends once each one's message has joined the
+# batch (fastrelay.spool: Spool._window). Conf: spool_commit_few_clients.
+SPOOL_COMMIT_FEW_CLIENTS = 4
 # Seconds between two hand-backs of freed heap memory to the kernel (fastrelay.memtrim).
 MEMORY_TRIM_INTERVAL = 10.0
 # teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer

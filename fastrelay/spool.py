@@ -108,6 +108,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fastrelay import limits
 from fastrelay.crash import crashpoint
 from fastrelay.message import Envelope
 
@@ -271,6 +272,7 @@ class Spool:
         min_free_bytes: int = 64 * 1024 * 1024,
         max_batch: int = 4096,
         commit_delay: float = 0.0,
+        few_clients: int = limits.SPOOL_COMMIT_FEW_CLIENTS,
     ) -> None:
         self.directory = directory
         # Group commit window (spool_commit_delay): the writer waits this long after the first
@@ -283,6 +285,9 @@ class Spool:
         # flight), set by the relay; None (a spool on its own) keeps the window always. Read by
         # the writer thread at the start of each batch (see _window).
         self.sources: Callable[[], int] | None = None
+        # Up to this many clients, the window ends once each has a message in the batch (each
+        # wake-up of the writer costs; beyond a few, it sleeps through the window, see _window).
+        self.few_clients = few_clients
         self.path = os.path.join(directory, "spool.db")
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
@@ -303,7 +308,7 @@ class Spool:
             "wal_restarts": 0,  # times the writer started the WAL over after the checkpointer's work
             "disk_full": 0,  # times a write failed for lack of space (the reserve was released)
             "windows_skipped": 0,  # adds committed at once: no other client could join (_window)
-            "windows_cut": 0,  # removal windows ended early by an add joining them (_window)
+            "windows_cut": 0,  # windows ended early: an add from each client had joined (_window)
         }
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_id = 1
@@ -810,15 +815,17 @@ class Spool:
     def _window(self, first: list) -> CommitWindow:
         """The group commit window of a batch that begins with `first`.
 
-        The window is worth its wait only if another write may come in it. With other clients
-        sending (under load), or none at all (a queue draining: nobody waits for a 250, and the
-        removals of concurrent deliveries share commits), it is the configured one, as before.
-        With one client alone, its message cannot share a commit with its own next one, which it
-        sends only after this 250: so its add commits at once (measured: 1.9-2.0 ms a message
-        through the relay with the 1 ms window, 1.0-1.4 ms without, bench/RESULTS.md
-        2026-12-04). A removal or an update (a delivery's outcome) then still waits, but no longer
-        than until an add joins: that is the client's next message, whose 250 would otherwise
-        wait out the rest of the window."""
+        The window is worth its wait only while another write may still come in it. With none
+        sending (a queue draining: nobody waits for a 250, and the removals of concurrent
+        deliveries share commits) or many (under load: the writer sleeps through the window and
+        takes all that came at one wake-up), it is the configured one, as before. With a few
+        clients, it ends as soon as the batch holds one add per client: each has at most one
+        message waiting for its 250 (an SMTP session sends the next only after it, an XFER request
+        carries one), so nothing else can come. Measured: one smtplib session, 1.9-2.0 ms a
+        message with the 1 ms window, 1.0-1.4 ms without (bench/RESULTS.md 2026-12-04); two
+        sessions 2.0 and 1.3. A batch that begins with a removal or an update (a delivery's
+        outcome) waits the same way for the clients' next messages, which would otherwise wait
+        out the rest of the window."""
         delay = self.commit_delay
         if delay <= 0:
             return _NO_WINDOW
@@ -829,18 +836,15 @@ class Spool:
             clients = sources()
         except Exception:  # a relay stopping while the writer asks: keep the configured window
             return CommitWindow(delay)
-        if clients != 1:
+        if clients < 1 or clients > self.few_clients:
             return CommitWindow(delay)
-        if first[0] == _ADD:
+        if clients == 1 and first[0] == _ADD:
             self.stats["windows_skipped"] += 1
             return _NO_WINDOW
-        return CommitWindow(delay, until=self._add_joins)
+        return CommitWindow(delay, counts=_is_add, needed=clients, ended_early=self._window_cut)
 
-    def _add_joins(self, op: list) -> bool:
-        if op[0] == _ADD:
-            self.stats["windows_cut"] += 1
-            return True
-        return False
+    def _window_cut(self) -> None:
+        self.stats["windows_cut"] += 1
 
     def _process(self, conn: sqlite3.Connection, batch: list) -> list | None:
         """Run a batch; return None if all went well, else one error (or None) per operation."""
@@ -1311,11 +1315,18 @@ class CommitWindow:
     """How the writer gathers a batch after its first request (spool_commit_delay)."""
 
     delay: float  # seconds to wait for more requests; 0: take what is queued now and commit
-    # Stop waiting as soon as a request for which this is true joins (None: wait the whole delay).
-    until: Callable[[Any], bool] | None = None
+    # Stop waiting as soon as the batch holds `needed` requests for which `counts` is true, the
+    # first one included (None: wait the whole delay, asleep).
+    counts: Callable[[Any], bool] | None = None
+    needed: int = 0
+    ended_early: Callable[[], None] | None = None  # called when the wait ends before the delay
 
 
 _NO_WINDOW = CommitWindow(0.0)
+
+
+def _is_add(op: list) -> bool:
+    return op[0] == _ADD
 
 
 def _batches(q: queue.SimpleQueue, max_batch: int, idle: Any = None, idle_after: float = 1.0,
@@ -1341,36 +1352,40 @@ def _batches(q: queue.SimpleQueue, max_batch: int, idle: Any = None, idle_after:
             return
         batch = [req]
         win = gather(req) if gather is not None else _NO_WINDOW
-        if win.delay > 0:
-            if win.until is None:
-                time.sleep(win.delay)  # requests that arrive meanwhile do not wake this thread
-            else:
-                # Each request that arrives wakes this thread, so that one `until` names ends the
-                # wait (only with one client: few come, see Spool._window).
+        counts = win.counts
+        have = 0
+        deadline = 0.0  # while set, wait up to it for the requests the window counts
+        if win.delay > 0 and counts is None:
+            time.sleep(win.delay)  # requests that arrive meanwhile do not wake this thread
+        elif win.delay > 0:
+            # Each request that arrives wakes this thread, so that the window ends once the ones
+            # it waits for are in (only with a few clients: few come, see Spool._window).
+            have = 1 if counts(req) else 0
+            if have < win.needed:
                 deadline = monotonic() + win.delay
-                while len(batch) < max_batch:
-                    left = deadline - monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        req = get(timeout=left)
-                    except queue.Empty:
-                        break
-                    if req is None:
-                        yield batch
-                        return
-                    batch.append(req)
-                    if win.until(req):
-                        break
         while len(batch) < max_batch:
             try:
-                req = get_nowait()
+                if deadline:
+                    left = deadline - monotonic()
+                    if left > 0:
+                        req = get(timeout=left)
+                    else:
+                        deadline = 0.0  # the window ran out: take only what is queued already
+                        req = get_nowait()
+                else:
+                    req = get_nowait()
             except queue.Empty:
                 break
             if req is None:
                 yield batch
                 return
             batch.append(req)
+            if deadline and counts(req):
+                have += 1
+                if have >= win.needed:
+                    deadline = 0.0  # take only what is queued already
+                    if win.ended_early is not None:
+                        win.ended_early()
         yield batch
 
 

@@ -71,6 +71,18 @@ def test_time_below_a_microsecond_or_with_decimals_is_refused(conf_impl):
         "t.conf:1:22: bad value for 'spool_commit_delay': got '2s' (2s); expected a time from 0ms to 1s"]
 
 
+def test_spool_commit_few_clients(conf_impl):
+    from fastrelay import limits
+
+    assert loads("").get("spool_commit_few_clients") == limits.SPOOL_COMMIT_FEW_CLIENTS
+    assert loads("spool_commit_few_clients = 0").get("spool_commit_few_clients") == 0
+    assert loads("spool_commit_few_clients = 16").get("spool_commit_few_clients") == 16
+    for text, got in (("-1", "-1"), ("many", "'many'"), ("10001", "10001")):
+        assert errors(f"spool_commit_few_clients = {text}") == [
+            f"t.conf:1:28: bad value for 'spool_commit_few_clients': got {got}; expected a whole number "
+            "from 0 to 10000"]
+
+
 def test_defaults_have_no_origin(conf_impl):
     s = loads("").lookup("retry_interval")
     assert s.value == 1200.0 and s.pos is None and s.origin == "default"

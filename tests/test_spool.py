@@ -17,6 +17,7 @@ import zlib
 import pytest
 import uvloop
 
+from fastrelay import limits
 from fastrelay.message import DELIVERED, FAILED, PENDING, Envelope, Recipient
 from fastrelay.spool import IndexEntry, Spool, SpoolError, SpoolFull
 
@@ -337,32 +338,45 @@ async def test_commit_delay_gathers_writes_that_arrive_within_the_window(tmp_pat
         await sp.close()
 
 
-# The commit window and how many clients could send (Spool.sources, Spool._window). The seed-style
-# rule, from the docstring: "With other clients sending (under load), or none at all (a queue
-# draining ...), it is the configured one, as before. With one client alone, ... its add commits at
-# once. A removal or an update then still waits, but no longer than until an add joins."
-# Each row: clients the relay reports (None: a spool on its own; "error": the count raises), the
-# operations submitted 20 ms apart, whether the add at the end is acknowledged before the window
-# (1.5 s here) is over, and the commits the operations take. The window's logic runs in the writer
-# thread, whatever the event loop, so these run on the default loop only.
+# The commit window and how many clients could send (Spool.sources, Spool._window). The rule, from
+# the docstring: "With none sending (a queue draining ...) or many (under load ...), it is the
+# configured one, as before. With a few clients, it ends as soon as the batch holds one add per
+# client ... A batch that begins with a removal or an update waits the same way for the clients'
+# next messages." and, for one client, "its add commits at once".
+# Each row: clients the relay reports (None: a spool on its own; "error": the count raises),
+# spool_commit_few_clients, the operations submitted 20 ms apart, whether the first add is
+# acknowledged well before the window (1.5 s here) is over, the commits the operations take, and
+# the windows skipped and cut. The window's logic runs in the writer thread, whatever the event
+# loop, so these run on the default loop only.
 WINDOW = 1.5
+F = limits.SPOOL_COMMIT_FEW_CLIENTS
 WINDOW_ROWS = [
-    # clients, operations, add acked early, commits
-    (None, ["add", "add", "add"], False, 1),  # a spool on its own: the window as configured
-    ("error", ["add", "add", "add"], False, 1),  # the count fails: the window as configured
-    (1, ["add"], True, 1),  # a client alone: its add commits at once
-    (1, ["remove", "remove", "add"], True, 1),  # removals wait, until the client's next add joins
-    (1, ["remove", "add", "remove"], True, 2),  # the add ends the window; the removal after it: next
-    (2, ["add", "add"], False, 1),  # two clients: the second's message may come, so wait for it
-    (2, ["remove", "add"], False, 1),  # two clients: an add does not end the window
-    (0, ["add", "add"], False, 1),  # no client (DSNs while draining): nobody waits, gather
-    (0, ["remove", "remove", "add"], False, 1),  # a drain's removals gather for the whole window
+    # clients, few_clients, operations, add acked early, commits, skipped, cut
+    (None, F, ["add", "add", "add"], False, 1, 0, 0),  # a spool on its own: the window as configured
+    ("error", F, ["add", "add", "add"], False, 1, 0, 0),  # the count fails: the window as configured
+    (1, F, ["add"], True, 1, 1, 0),  # a client alone: its add commits at once
+    (1, F, ["remove", "remove", "add"], True, 1, 0, 1),  # removals wait, until the client's next add joins
+    (1, F, ["remove", "add", "remove"], True, 2, 0, 1),  # the add ends the window; the removal after: next
+    (2, F, ["add", "add"], True, 1, 0, 1),  # two clients: ends once the second's message joins
+    (2, F, ["add"], False, 1, 0, 0),  # two clients, one message: the other may still send, so wait
+    (2, F, ["remove", "add"], False, 1, 0, 0),  # two clients: one add is not one from each
+    (2, F, ["remove", "add", "add"], True, 1, 0, 1),  # a removal first, then one add from each
+    (2, F, ["add", "remove", "add"], True, 1, 0, 1),  # a removal between does not count as a client's
+    (3, F, ["add", "add", "add"], True, 1, 0, 1),
+    (F, F, ["add"] * F, True, 1, 0, 1),  # as many clients as few_clients: still ends early
+    (F, F, ["add"] * (F - 1), False, 1, 0, 0),  # one of them has not sent: the whole window
+    (F + 1, F, ["add"] * (F + 1), False, 1, 0, 0),  # more than few_clients: asleep for the window
+    (1, 0, ["add"], False, 1, 0, 0),  # few_clients 0: the whole window always, even for one client
+    (1, 1, ["add"], True, 1, 1, 0),  # few_clients 1: a client alone still commits at once
+    (2, 1, ["add", "add"], False, 1, 0, 0),  # few_clients 1, two clients: the whole window
+    (0, F, ["add", "add"], False, 1, 0, 0),  # no client (DSNs while draining): nobody waits, gather
+    (0, F, ["remove", "remove", "add"], False, 1, 0, 0),  # a drain's removals gather for the whole window
 ]
 
 
-@pytest.mark.parametrize("clients,ops,early,commits", WINDOW_ROWS)
-async def test_commit_window_by_clients_sending(tmp_path, clients, ops, early, commits):
-    sp = await opened(tmp_path)
+@pytest.mark.parametrize("clients,few,ops,early,commits,skipped,cut", WINDOW_ROWS)
+async def test_commit_window_by_clients_sending(tmp_path, clients, few, ops, early, commits, skipped, cut):
+    sp = await opened(tmp_path, few_clients=few)
     try:
         ids = [e.id for e in await sp.add([(envelope(i), body(i)) for i in range(ops.count("remove"))])] \
             if "remove" in ops else []
@@ -387,9 +401,8 @@ async def test_commit_window_by_clients_sending(tmp_path, clients, ops, early, c
             assert not add.done(), "acknowledged before the window closed"
         await asyncio.gather(*futs)
         assert sp.stats["commits"] - before["commits"] == commits, sp.stats
-        skipped = sp.stats["windows_skipped"] - before["windows_skipped"]
-        cut = sp.stats["windows_cut"] - before["windows_cut"]
-        assert (skipped, cut) == ((1, 0) if early and ops[0] == "add" else (0, 1) if early else (0, 0)), sp.stats
+        assert sp.stats["windows_skipped"] - before["windows_skipped"] == skipped, sp.stats
+        assert sp.stats["windows_cut"] - before["windows_cut"] == cut, sp.stats
     finally:
         await sp.close()
 

@@ -186,6 +186,7 @@ async def _apply(relay: Any, new: Config) -> dict:
         q.api_reconfigure(new)  # fresh destinations: timeouts, TLS policy and routes read again
     if getattr(relay, "spool", None) is not None:
         relay.spool.commit_delay = new.get("spool_commit_delay")  # from the writer's next batch
+        relay.spool.few_clients = new.get("spool_commit_few_clients")
     from fastrelay.admin import logfmt
 
     logfmt.apply(new)

@@ -831,7 +831,13 @@ OPTIONS: list[OptionDef] = [
               "for others to share its commit (and its fsync). A plain number is milliseconds; `500us` "
               "is half of one; 0 commits at once. Each 250 waits up to this much longer; under load, "
               "fewer and larger commits cost less CPU per message. A client alone is not made to wait: "
-              "its next message comes only after this 250, so its message commits at once."),
+              "its next message comes only after this 250, so its message commits at once; with up to "
+              "spool_commit_few_clients clients, the window ends once each one's message is in."),
+    OptionDef("spool_commit_few_clients", t.Int(0, 10_000), frozenset({GLOBAL}), limits.SPOOL_COMMIT_FEW_CLIENTS,
+              "Up to this many clients sending (SMTP sessions and XFER requests), the commit window "
+              "ends as soon as a message from each has joined it: none of them can send another "
+              "before its 250. Above it, the spool writer sleeps through the whole window, which costs "
+              "less CPU under load than waking for each message. 0 keeps the whole window always."),
     # --- Workers (Momentum's multiple event loops, multi-event-loops.md) ----------------------
     OptionDef("Workers", _WorkerCount(), frozenset({GLOBAL}), 1,
               "Worker processes, each with its own event loop, listening on the same sockets "

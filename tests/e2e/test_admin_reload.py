@@ -168,6 +168,18 @@ async def test_a_limit_change_applies_to_the_next_sessions(sinks, relay):
     assert 1 < a.peak_sessions <= 4
 
 
+async def test_the_commit_window_options_apply_to_the_running_spool(relay):
+    """spool_commit_delay and spool_commit_few_clients are read by the spool writer per batch, so a
+    reload sets them on the running spool (fastrelay.admin.reload)."""
+    h = await relay("spool_commit_delay = 5ms\nspool_commit_few_clients = 2\n" + ADMIN)
+    assert (h.relay.spool.commit_delay, h.relay.spool.few_clients) == (0.005, 2)
+    rewrite(h, "spool_commit_few_clients = 2", "spool_commit_few_clients = 0")
+    rewrite(h, "spool_commit_delay = 5ms", "spool_commit_delay = 0")
+    assert (await h.relay.reload())["reloaded"] is True
+    assert (h.relay.spool.commit_delay, h.relay.spool.few_clients) == (0.0, 0)
+    await send(h, ["x@example.net"], body("after"))  # the writer still commits with the new ones
+
+
 async def test_a_tls_policy_change_applies_to_queued_mail(sinks, relay):
     """TLS policy is reloaded: a sink without STARTTLS under TLS = required defers; after a reload
     to ifavailable the queued message goes out on the next try."""
