@@ -50,6 +50,12 @@ DATA_DEADLINE = 3600.0
 # is paused, or a close is waiting for the buffer to drain) before the connection is aborted. A
 # close() waits for a drain that never comes (issue 9, docs/reliability.md case 14).
 WRITE_TIMEOUT = 60.0
+# After a reply that closes the connection while the client may still be sending (a deadline, an
+# error limit, an HTTP verb: not QUIT, not a client's own EOF), how long the listener keeps reading
+# and discarding its input after sending FIN. A close() with unread input makes the kernel answer
+# with a reset, and a reset can destroy the 421 before the client reads it: the lingering close of
+# Apache's lingering_close, bounded so a client that never stops cannot hold its slot.
+CLOSE_LINGER = 2.0
 # At shutdown, how long closing connections may take to flush their last reply before they are
 # aborted.
 SHUTDOWN_GRACE = 1.0

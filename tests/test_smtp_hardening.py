@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import smtplib
 import socket
@@ -421,6 +422,111 @@ async def test_half_close_answers_pipelined_commands(relay_with):
     assert await c.closed()
 
 
+# --- A closing reply is not lost to a reset (lingering close) -------------------------------------------------
+def _talk_through_close(port: int, script: bytes, noise: bytes, final: bytes, greet: bool = True,
+                        past: float = 0.2, ready: bytes = b"") -> tuple[bytes, str]:
+    """A client that keeps sending: `script`, then (once `ready` has arrived, as the 354 a message
+    waits for) `noise` every 20 ms until the reply `final`
+    has arrived and for `past` seconds more (so noise reaches the server after its close), then
+    read to the end. Returns what arrived and how the connection ended: "eof" (the server's FIN)
+    or "reset". Blocking: run it in a thread."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    got, eof = b"", False
+    with s:
+        if greet:
+            while b"\n" not in got:
+                got += s.recv(4096)
+        s.sendall(script)
+        while ready not in got:
+            got += s.recv(4096)
+        end = time.monotonic() + 15
+        seen = 0.0
+        try:
+            while time.monotonic() < end:
+                if not seen and final in got:
+                    seen = time.monotonic()
+                if seen and time.monotonic() - seen > past:
+                    break
+                s.sendall(noise)
+                if not eof and select.select([s], [], [], 0.02)[0]:
+                    chunk = s.recv(65536)
+                    got += chunk
+                    eof = not chunk
+                elif eof:
+                    time.sleep(0.02)
+            while not eof:
+                chunk = s.recv(65536)
+                got += chunk
+                eof = not chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return got, "reset"
+    return got, "eof"
+
+
+_ENVELOPE = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+# (the server-initiated close, its conf, what the client sent, what it keeps sending, the reply)
+LINGER_ROWS = {
+    "data-deadline-after-354": ("min_data_rate = 0\ndata_deadline = 1s\n", _ENVELOPE + b"DATA\r\n", b"x",
+                                R.DATA_DEADLINE),
+    "data-deadline-rate": ("min_data_rate = 1000000\ncommand_deadline = 1s\n", _ENVELOPE + b"DATA\r\n", b"x",
+                           R.DATA_TOO_SLOW),
+    "data-deadline-in-bdat": ("data_deadline = 1s\n", _ENVELOPE + b"BDAT 100000 LAST\r\n", b"x", R.DATA_DEADLINE),
+    "command-deadline": ("command_deadline = 1s\n", b"EHLO c\r\n", b"x", R.COMMAND_DEADLINE),
+    "idle-timeout-then-talk": ("Idle_Time = 1s\n", b"EHLO c\r\n", b"", R.IDLE_TIMEOUT),
+    "http-verb": ("", b"GET / HTTP/1.1\r\n", b"Host: x\r\n", R.HTTP_COMMAND),
+    "too-many-errors": ("hard_error_limit = 2\n", b"EHLO c\r\nFOO\r\nFOO\r\n", b"NOOP\r\n", R.TOO_MANY_ERRORS),
+    "early-talker": ("greeting_delay = 1s\n", b"EHLO c\r\n", b"NOOP\r\n", R.EARLY_TALKER),
+}
+
+
+@pytest.mark.parametrize("row", list(LINGER_ROWS))
+async def test_a_closing_reply_reaches_a_client_that_keeps_sending(relay_with, row):
+    """docs/reliability.md case 14 and issue 9 promise a 421 with its enhanced code, never a bare
+    drop. A close() with the client's input unread makes the kernel answer with a reset, and a
+    reset can destroy the reply before the client reads it (CI saw the data-deadline 421 lost so,
+    in tests/test_smtp_hardening.py::test_data_deadline_always_applies[trickle-in-bdat]). The
+    listener half-closes after the reply and discards input until the client's EOF: the client
+    reads the reply, then a clean end, however much it goes on sending."""
+    conf, script, noise, reply = LINGER_ROWS[row]
+    h = await relay_with(conf)
+    greet = row != "early-talker"
+    ready = b"354 " if script.endswith(b"DATA\r\n") else b""
+    got, end = await asyncio.to_thread(_talk_through_close, h.port, script, noise, reply.wire, greet, 0.2, ready)
+    assert got.endswith(reply.wire), got
+    assert end == "eof", got
+    assert await wait_until(lambda: not h.smtp.sessions and not h.smtp.per_ip, 5)
+    assert await spooled_after_stop(h) == []
+
+
+async def test_close_linger_0_closes_at_once(relay_with):
+    """close_linger = 0: the close of before, and a client that keeps sending gets a reset."""
+    h = await relay_with("close_linger = 0\ncommand_deadline = 1s\n")
+    got, end = await asyncio.to_thread(_talk_through_close, h.port, b"EHLO c\r\n", b"x", R.COMMAND_DEADLINE.wire)
+    assert end == "reset", got
+
+
+async def test_lingering_is_bounded_by_close_linger(relay_with):
+    """A client that never stops sending cannot hold its slot: close_linger after the reply the
+    connection is dropped, and its counters are free."""
+    h = await relay_with("close_linger = 500ms\ncommand_deadline = 1s\n")
+    got, end = await asyncio.to_thread(_talk_through_close, h.port, b"EHLO c\r\n", b"x",
+                                       R.COMMAND_DEADLINE.wire, True, 3.0)
+    assert got.endswith(R.COMMAND_DEADLINE.wire), got
+    assert end == "reset", got  # dropped while it was still sending, 0.5 s after the reply
+    assert await wait_until(lambda: not h.smtp.sessions and not h.smtp.per_ip, 5)
+
+
+async def test_quit_is_not_lingered(relay_with):
+    """After 221 nothing more is expected (RFC 5321 §4.1.1.10): the listener closes at once, and a
+    client that keeps its socket open does not keep a slot for close_linger."""
+    h = await relay_with("close_linger = 60s\n")
+    c = await connect(h)
+    assert await c.command("QUIT") == wire(R.BYE)
+    assert await c.closed()
+    assert await wait_until(lambda: not h.smtp.sessions and not h.smtp.per_ip, 5)
+    await c.close()
+
+
 # --- spool_min_free at MAIL and RCPT, in time (issue 9, docs/reliability.md case 17) ---------------------------------
 MIN_FREE = 4 * 1024 * 1024
 
@@ -557,6 +663,13 @@ def test_non_readers_do_not_keep_the_slots_under_uvloop(relay_process):
             s.close()
 
 
+def test_a_closing_reply_reaches_a_client_that_keeps_sending_under_uvloop(relay_process):
+    """The lingering close on the loop `fastrelay run` uses (command_deadline = 1s there)."""
+    got, end = _talk_through_close(relay_process.port, b"EHLO c\r\n", b"x", R.COMMAND_DEADLINE.wire)
+    assert got.endswith(R.COMMAND_DEADLINE.wire), got
+    assert end == "eof", got
+
+
 # --- The new options' conf errors ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("line", "error"),
@@ -565,6 +678,7 @@ def test_non_readers_do_not_keep_the_slots_under_uvloop(relay_process):
         ('Postmaster_Address = "pm@"', "1:22: bad value for 'Postmaster_Address': got 'pm@'; expected an address local@domain"),
         ("data_deadline = 0", "1:17: bad value for 'data_deadline': got '0' (0ms); expected a time from 1s"),
         ("write_timeout = 500ms", "1:17: bad value for 'write_timeout'"),
+        ("close_linger = 11m", "1:16: bad value for 'close_linger': got '11m' (11m); expected a time from 0ms to 10m"),
         ("allow_nul_in_data = maybe", "1:21: bad value for 'allow_nul_in_data': got 'maybe'; expected a boolean"),
     ],
 )

@@ -699,6 +699,11 @@ OPTIONS: list[OptionDef] = [
               "The longest a message's content may take to arrive, from the 354 (or from each BDAT "
               "command) to its end, whatever min_data_rate says; then 421 4.4.2 and the connection "
               "is closed, nothing spooled."),
+    OptionDef("close_linger", t.Time(lo=0, hi=600), LISTENER, limits.CLOSE_LINGER,
+              "After a reply that ends the connection while the client may still be sending (a "
+              "deadline, too many errors, an HTTP verb; not QUIT), how long the listener half-closes "
+              "and discards further input instead of closing at once, so the client reads the 421 "
+              "rather than a reset; 0 closes at once."),
     OptionDef("write_timeout", t.Time(lo=1), LISTENER, limits.WRITE_TIMEOUT,
               "How long replies may wait unread: a client that stops reading them (its write buffer "
               "full, or a close waiting for it to drain) is disconnected after this, and its slot "

@@ -145,6 +145,7 @@ class ListenSettings:
         self.min_data_rate = g("min_data_rate")
         self.data_deadline = g("data_deadline")
         self.write_timeout = g("write_timeout")
+        self.close_linger = g("close_linger")
         self.allow_nul = g("allow_nul_in_data")
         # RFC 5321 §4.5.1: where RCPT TO:<postmaster> goes. A configured value was checked by the
         # conf schema; the default is built from the host name, which may not be a domain.
@@ -402,6 +403,8 @@ class Session(asyncio.Protocol):
         self.write_paused = 0.0
         self.closing_at = 0.0  # when transport.close() was called (it waits for the buffer to drain)
         self.peer_eof = False  # the client half-closed: answer what it sent, then close
+        self.said_bye = False  # QUIT answered: nothing more is expected, close at once
+        self.lingering = False  # half-closed by us, discarding input until the client's EOF
         self.auth_user: str | None = None  # RFC 4954: the user of a successful AUTH
         self._sasl: tuple | None = None  # an AUTH exchange waiting for the client's next line
 
@@ -483,17 +486,33 @@ class Session(asyncio.Protocol):
         if self.state != S_CLOSING and self.transport is not None and not self.transport.is_closing():
             if not self.busy:
                 self.transport.write(R.SHUTTING_DOWN.wire)
-            self._close()
+            # No lingering: a stop must not wait on clients, and its 421 follows their last reply.
+            self._close(linger=False)
 
-    def _close(self) -> None:
+    def _close(self, linger: bool = True) -> None:
         self.state = S_CLOSING
         self.tx = None
-        self._close_transport()
+        self._close_transport(linger)
 
-    def _close_transport(self) -> None:
-        if self.transport is not None and not self.closing_at:
-            self.closing_at = time.monotonic()
-            self.transport.close()
+    def _close_transport(self, linger: bool = True) -> None:
+        tr = self.transport
+        if tr is None or self.closing_at:
+            return
+        self.closing_at = time.monotonic()
+        # A close() with input still unread makes the kernel send a reset, and a reset may reach
+        # the client before it has read our last reply (its stack or its library then discards
+        # it). Unless the client is done sending (QUIT answered, or its EOF seen), send FIN after
+        # the reply and read on, discarding, until the client closes or close_linger runs out.
+        # asyncio's TLS transport cannot half-close.
+        # A refused connection (not in sessions) is not lingered: no sweep would bound it.
+        if (not linger or self.said_bye or self.peer_eof or self.srv.s.close_linger <= 0
+                or self not in self.srv.sessions or tr.is_closing() or not tr.can_write_eof()):
+            tr.close()
+            return
+        self.lingering = True
+        tr.write_eof()
+        if not self.write_paused:
+            tr.resume_reading()
 
     def abort(self) -> None:
         """Drop the connection now, with whatever replies are still unsent (a client that does not
@@ -511,6 +530,8 @@ class Session(asyncio.Protocol):
         # writing. asyncio's TLS transport cannot stay half-open (it closes and warns if asked
         # to), so over TLS what can be answered now is, and the rest is the case 31 duplicate.
         self.peer_eof = True
+        if self.lingering:
+            return False  # the client has read our FIN and closed: the close costs no reset now
         if self.state != S_CLOSING and not self.busy:
             self._process()
         return not self.tls
@@ -522,6 +543,10 @@ class Session(asyncio.Protocol):
             # close() waits for the write buffer to drain, which a client that does not read never
             # lets happen: the fd, the replies and the connection's slots would stay for ever.
             if self.closing_at and now - self.closing_at > s.write_timeout:
+                self.abort()
+            elif (self.lingering and now - self.closing_at > s.close_linger
+                  and not self.transport.get_write_buffer_size()):
+                # The reply and the FIN went out close_linger ago: the client had its time.
                 self.abort()
             return
         if self.write_paused and now - self.write_paused > s.write_timeout:
@@ -1065,6 +1090,7 @@ class Session(asyncio.Protocol):
 
     def smtp_QUIT(self, arg: str, out: list[bytes]) -> None:
         out.append(R.BYE.wire)
+        self.said_bye = True
         self.state = S_CLOSING
 
     def smtp_STARTTLS(self, arg: str, out: list[bytes]) -> None:
