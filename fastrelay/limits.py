@@ -119,6 +119,9 @@ SPOOL_COMMIT_DELAY = 0.001
 # Up to this many clients sending, the commit window ends once each one's message has joined the
 # batch (fastrelay.spool: Spool._window). Conf: spool_commit_few_clients.
 SPOOL_COMMIT_FEW_CLIENTS = 4
+# The CPU scheduling policy of the spool writer's thread (fastrelay.cpu): "batch" (SCHED_BATCH,
+# no wake-up preemption) or "inherit". Conf: cpu_scheduling.
+CPU_SCHEDULING = "batch"
 # Seconds between two hand-backs of freed heap memory to the kernel (fastrelay.memtrim).
 MEMORY_TRIM_INTERVAL = 10.0
 # teleport_enabled (seed 000: "don't swap out xfer message context if there is a temporary xfer

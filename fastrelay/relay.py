@@ -92,7 +92,8 @@ class Relay:
                 raise StartupError(str(e)) from None
         self.spool = Spool(self.spool_dir, fsync=cfg.get("spool_fsync"), min_free_bytes=cfg.get("spool_min_free"),
                            commit_delay=cfg.get("spool_commit_delay"),
-                           few_clients=cfg.get("spool_commit_few_clients"))
+                           few_clients=cfg.get("spool_commit_few_clients"),
+                           cpu_scheduling=cfg.get("cpu_scheduling"))
         self.spool.sources = self.clients_sending
         try:
             await self.spool.open()

@@ -108,7 +108,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastrelay import limits
+from fastrelay import cpu, limits
 from fastrelay.crash import crashpoint
 from fastrelay.message import Envelope
 
@@ -273,8 +273,11 @@ class Spool:
         max_batch: int = 4096,
         commit_delay: float = 0.0,
         few_clients: int = limits.SPOOL_COMMIT_FEW_CLIENTS,
+        cpu_scheduling: str = cpu.INHERIT,
     ) -> None:
         self.directory = directory
+        # The writer thread's CPU policy (fastrelay.cpu: why SCHED_BATCH), set as it starts.
+        self.cpu_scheduling = cpu_scheduling
         # Group commit window (spool_commit_delay): the writer waits this long after the first
         # operation of a batch for others to join it. Measured (docs in bench/RESULTS.md): with
         # 20 sessions, a fast fsync (~0.2 ms) left 2.5 operations per transaction, so each message
@@ -783,6 +786,9 @@ class Spool:
     # ------------------------------------------------------------------ writer thread
 
     def _writer_main(self, ready: concurrent.futures.Future) -> None:
+        cpu.name_thread("spool-writer")
+        ok, what = cpu.apply(self.cpu_scheduling)  # before the checkpointer starts: it inherits it
+        log.log(logging.INFO if ok else logging.WARNING, "spool writer CPU scheduling: %s", what)
         try:
             try:
                 conn, node_id, next_id = self._setup()
@@ -1061,6 +1067,7 @@ class Spool:
         RESTART (copying the few frames left, then the WAL starts over) when the backlog passes
         _backlog_limit. A RESTART here would hold the writer off for its whole duration instead.
         """
+        cpu.name_thread("spool-ckpt")
         try:
             conn = self._connect()
         except sqlite3.Error as e:
@@ -1232,6 +1239,7 @@ class Spool:
         return None
 
     def _reader_main(self, ready: concurrent.futures.Future) -> None:
+        cpu.name_thread("spool-reader")
         try:
             try:
                 conn = self._connect()

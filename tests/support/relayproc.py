@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 class RelayProcess:
     """`fastrelay run` in its own process group, on a conf in `dir` with a free port."""
 
-    def __init__(self, dir: Path, extra: str = "", env: dict | None = None, hold: bool = True):
+    def __init__(self, dir: Path, extra: str = "", env: dict | None = None, hold: bool = True,
+                 prefix: list[str] | None = None):
         self.dir = dir
         self.conf = dir / "relay.conf"
         self.conf.write_text(
@@ -24,13 +25,14 @@ class RelayProcess:
             + 'ESMTP_Listener { Listen "127.0.0.1:0" { } }\n'
         )
         self.env = {**os.environ, **(env or {})}
+        self.prefix = prefix or []  # e.g. ["chrt", "--idle", "0"]: what the relay is started under
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log: list[str] = []
 
     def start(self) -> RelayProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastrelay", "run", "--quiet-messages", "-c", str(self.conf)],
+            [*self.prefix, sys.executable, "-m", "fastrelay", "run", "--quiet-messages", "-c", str(self.conf)],
             cwd=ROOT, stderr=subprocess.PIPE, text=True, env=self.env, start_new_session=True,
         )
         deadline = time.monotonic() + 30
