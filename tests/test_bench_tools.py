@@ -15,7 +15,14 @@ import pytest
 
 from fastrelay.bench import e2e
 from fastrelay.bench.client import ACKED, LoadSpec, percentile_ms, run_load, run_load_procs
-from fastrelay.bench.procs import RelayProcess, SinkProcess, find_postfix_tools, free_port, relay_conf
+from fastrelay.bench.procs import (
+    RelayProcess,
+    SinkProcess,
+    find_postfix_tools,
+    free_port,
+    proc_cpu_seconds,
+    relay_conf,
+)
 from fastrelay.bench.sink import find_test_id, strip_received
 
 
@@ -351,3 +358,22 @@ def test_tools_run_as_fastrelay_bench_modules(tool, tmp_path):
     assert out.returncode == 0, out.stderr
     prog = "fastrelay bench" if tool == "e2e" else f"python -m fastrelay.bench.{tool}"
     assert out.stdout.startswith(f"usage: {prog}")
+
+
+def test_cpu_of_another_process_is_read_finer_than_a_clock_tick():
+    """A short run's tools use less than a clock tick (10 ms) of CPU: CI once read the bound's
+    sinks at 0.0 s from /proc/PID/stat. The child spins for 3 ms of its own CPU clock, then
+    waits; what the bench reads of it is at least that."""
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.003: pass\n"
+         "print(time.process_time(), flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        own = float(child.stdout.readline())
+        seen = proc_cpu_seconds(child.pid)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert seen is not None and seen >= own >= 0.003
+    assert proc_cpu_seconds(child.pid) is None  # reaped: gone
