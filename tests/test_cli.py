@@ -54,6 +54,10 @@ def test_check_config_prints_every_error(tmp_path):
         ("Domain a.com {\n", ":1:14: unclosed '{'"),
         ('include "missing.conf"\n', ":1:9: cannot include 'missing.conf'"),
         ("/* never closed\n", ":1:1: unterminated comment"),
+        # cpu_scheduling (fastrelay.cpu): a bad word, and the option outside the global scope.
+        ("cpu_scheduling = fast\n", ":1:18: bad value for 'cpu_scheduling': got 'fast'; expected one of batch, inherit"),
+        ("Domain d.test {\n  cpu_scheduling = batch\n}\n",
+         ":2:3: option 'cpu_scheduling' is not valid in a Domain stanza; expected it in the global scope"),
     ],
 )
 def test_check_config_syntax_errors_exit_2(tmp_path, text, needle):
