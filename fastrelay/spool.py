@@ -786,11 +786,11 @@ class Spool:
     # ------------------------------------------------------------------ writer thread
 
     def _writer_main(self, ready: concurrent.futures.Future) -> None:
-        cpu.name_thread("spool-writer")
-        ok, what = cpu.apply(self.cpu_scheduling)  # before the checkpointer starts: it inherits it
-        log.log(logging.INFO if ok else logging.WARNING, "spool writer CPU scheduling: %s", what)
         try:
             try:
+                cpu.name_thread("spool-writer")
+                ok, what = cpu.apply(self.cpu_scheduling)  # before the checkpointer starts: it inherits it
+                log.log(logging.INFO if ok else logging.WARNING, "spool writer CPU scheduling: %s", what)
                 conn, node_id, next_id = self._setup()
             except BaseException as e:
                 ready.set_exception(e if isinstance(e, SpoolError) else SpoolError(str(e)))

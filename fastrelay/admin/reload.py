@@ -20,7 +20,7 @@ log = logging.getLogger("fastrelay.reload")
 # How often a removed listener is checked for its last session, and for how long at most.
 DRAIN_POLL = 0.2
 # Options a running process cannot change: the spool is open, the scheduler is started or not,
-# the threads' CPU policy was set at the start (fastrelay.cpu).
+# the spool writer's CPU policy was set as it started (fastrelay.cpu).
 RESTART_ONLY = ("Spool_Base", "suspend_delivery", "spool_fsync", "Mainlog", "cpu_scheduling")
 
 
