@@ -29,15 +29,15 @@ def apply(setting: str) -> tuple[bool, str]:
     fsync returned) and handing the results to the event loop. Under SCHED_OTHER that wake-up
     preempts whatever runs on the core, often the relay's own event loop (with Workers = 2 each
     loop was preempted 5.5 times a message, with one 0.6), which then also waits for the GIL
-    the writer holds. A SCHED_BATCH thread
-    gets the same CPU share (the nice value is kept) but does not preempt on wake-up; it runs
-    when the loop waits, and takes the GIL uncontended. Measured (bench/RESULTS.md, 2026-12-06,
-    20 sessions, 3 interleaved runs): Workers = 2, relay CPU 0.32-0.34 ms a message against
-    0.39-0.41 and 3,203-3,428 delivered/s against 2,815-2,944; Workers = 1, 0.23-0.24 against
-    0.25-0.26 ms. Putting every thread of the relay under SCHED_BATCH gained no more. The cost:
-    while other programs keep every core busy, a commit waits for the running one's time slice,
-    so a lone sender's messages take longer (2.3-7.8 ms each against 1.7-3.1, with two CPU
-    hogs); on an idle core nothing changes (0.7 ms either way).
+    the writer holds. A SCHED_BATCH thread gets the same CPU share (the nice value is kept) but
+    does not preempt on wake-up: it runs when the loop waits. Measured (bench/RESULTS.md,
+    2026-12-06, 20 sessions, 3 interleaved runs): Workers = 2, relay CPU 0.32-0.34 ms a message
+    against 0.39-0.41 and 3,203-3,428 delivered/s against 2,815-2,944; Workers = 1, 0.23-0.24
+    against 0.25-0.26 ms. Every thread of the relay under SCHED_BATCH gained no more; the event
+    loop alone under it gained nothing. The cost: while other programs keep every core busy, a
+    commit waits for the running one's time slice, so a lone sender's messages take longer
+    (2.3-7.8 ms each against 1.7-3.1, with two CPU hogs); on an idle core nothing changes
+    (0.7 ms either way).
     A policy the relay was started under other than SCHED_OTHER (chrt, systemd's
     CPUSchedulingPolicy=) is the operator's choice and is kept."""
     if setting != BATCH:

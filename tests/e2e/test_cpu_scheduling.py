@@ -16,9 +16,9 @@ from tests.support.workersproc import WorkersProcess
 OTHER, BATCH, IDLE = os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_IDLE
 
 # What an operator writes and what the relay is started under, against the policy the spool
-# writer's threads must end up with and the log line that says so. The option's text: "A relay started
-# under another policy (chrt, systemd's CPUSchedulingPolicy=) keeps it. "inherit" keeps whatever
-# it was started under."
+# writer's threads must end up with and the log line that says so. The option's text: "A relay
+# started under another policy (chrt, systemd's CPUSchedulingPolicy=) keeps it; "inherit" keeps
+# whatever it was started under."
 ROWS = [
     # (id, conf line, started under, Workers, expected writer policy, log line)
     ("default", "", [], 1, BATCH, "SCHED_BATCH (cpu_scheduling = batch)"),
@@ -61,7 +61,7 @@ def _send_one(port: int) -> None:
 
 
 @pytest.mark.parametrize("conf,prefix,workers,expected,line", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
-def test_every_relay_thread_runs_under_the_expected_policy(tmp_path, conf, prefix, workers, expected, line):
+def test_each_relay_thread_runs_under_the_expected_policy(tmp_path, conf, prefix, workers, expected, line):
     extra = conf + (f"Workers = {workers}\n" if workers > 1 else "")
     cls = WorkersProcess if workers > 1 else RelayProcess
     relay = cls(tmp_path, extra, prefix=prefix).start()
@@ -83,7 +83,7 @@ def test_every_relay_thread_runs_under_the_expected_policy(tmp_path, conf, prefi
         assert threads.pop("spool-writer") == {expected}, (pid, threads)
         assert threads.pop("spool-ckpt") == {expected}, (pid, threads)  # the writer starts it
         # The event loop's thread, the spool reader and any other: as the relay was started.
-        assert "spool-reader" in threads and threads, (pid, threads)
+        assert "spool-reader" in threads, (pid, threads)
         assert set().union(*threads.values()) == {started}, (pid, threads)
     text = "".join(relay.log)
     assert text.count("spool writer CPU scheduling: " + line) == len(pids), text
